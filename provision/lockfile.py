@@ -1,0 +1,169 @@
+"""The lock file, ``forge-volume.lock``: the spec with every ref, revision and checksum pinned.
+
+JSON, sorted and indented so that a diff of two locks reads well. ``check_matches`` names every
+place where the spec was edited after locking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from provision import __version__
+from provision.errors import LockError
+from provision.spec import ModelSpec, Spec
+
+LOCK_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LockedForge:
+    repo: str
+    ref: str
+    commit: str
+    python: str
+    torch: list[str]
+    torch_index_url: str | None
+    args: list[str]
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LockedExtension:
+    name: str
+    repo: str
+    ref: str
+    commit: str
+    pip: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LockedModel:
+    kind: str
+    name: str
+    source: str  # as written in the spec
+    path: str  # relative to the volume root
+    sha256: str | None  # None only until the first download pins it (trust on first use)
+    size: int | None
+    revision: str | None = None  # hf:// sources: the commit the file was resolved at
+    pinned_by: str = "spec"  # spec | hub | server | first-download
+
+
+@dataclass(frozen=True)
+class Lock:
+    forge: LockedForge
+    extensions: list[LockedExtension] = field(default_factory=list)
+    models: list[LockedModel] = field(default_factory=list)
+    lock_version: int = LOCK_VERSION
+
+    def to_json(self) -> str:
+        data = {"lock_version": self.lock_version, "generated_by": f"forge-volume {__version__}", **{
+            "forge": asdict(self.forge),
+            "extensions": [asdict(e) for e in self.extensions],
+            "models": [asdict(m) for m in self.models],
+        }}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def with_model(self, model: LockedModel) -> Lock:
+        """The lock with one model entry replaced (same kind and name), e.g. once its hash is pinned."""
+        models = [model if (m.kind, m.name) == (model.kind, model.name) else m for m in self.models]
+        return replace(self, models=models)
+
+
+def lock_from_json(text: str, path: Path) -> Lock:
+    try:
+        data = json.loads(text)
+        if data.get("lock_version") != LOCK_VERSION:
+            raise LockError(f"{path}: lock version {data.get('lock_version')!r} is not {LOCK_VERSION}")
+        return Lock(
+            forge=LockedForge(**data["forge"]),
+            extensions=[LockedExtension(**e) for e in data.get("extensions", [])],
+            models=[LockedModel(**m) for m in data.get("models", [])],
+        )
+    except LockError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LockError(f"{path}: not a forge-volume lock file ({type(exc).__name__}: {exc})") from None
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(f"lock file {path} does not exist") from None
+    except OSError as exc:
+        raise LockError(f"cannot read lock file {path}: {exc}") from None
+    return lock_from_json(text, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_lock(path: Path, lock: Lock) -> None:
+    write_atomic(path, lock.to_json())
+
+
+def lock_path_for(spec_path: Path) -> Path:
+    """The lock lives next to the spec: ``x/forge-volume.toml`` -> ``x/forge-volume.lock``."""
+    return spec_path.with_suffix(".lock")
+
+
+def _model_matches(spec: ModelSpec, locked: LockedModel) -> bool:
+    if str(spec.source) != locked.source:
+        return False
+    if spec.sha256 and spec.sha256 != locked.sha256:
+        return False
+    return not (spec.size is not None and spec.size != locked.size)
+
+
+def spec_differences(spec: Spec, lock: Lock) -> list[str]:
+    """Every way the spec differs from what was locked; empty when the lock still fits."""
+    out: list[str] = []
+    f, lf = spec.forge, lock.forge
+    pairs: list[tuple[str, Any, Any]] = [
+        ("repo", f.repo, lf.repo), ("ref", f.ref, lf.ref), ("python", f.python, lf.python),
+        ("torch", list(f.torch), lf.torch), ("torch_index_url", f.torch_index_url, lf.torch_index_url),
+        ("args", list(f.args), lf.args), ("env", f.env, lf.env),
+    ]
+    out += [f"forge.{k} is {a!r} in the spec but {b!r} in the lock" for k, a, b in pairs if a != b]
+    locked_ext = {e.name: e for e in lock.extensions}
+    for ext in spec.extensions:
+        le = locked_ext.pop(ext.name, None)
+        if le is None:
+            out.append(f"extension {ext.name!r} is in the spec but not in the lock")
+        elif (ext.repo, ext.ref, list(ext.pip)) != (le.repo, le.ref, le.pip):
+            out.append(f"extension {ext.name!r} changed (repo, ref or pip) since it was locked")
+    out += [f"extension {name!r} is in the lock but no longer in the spec" for name in locked_ext]
+    remaining = list(lock.models)
+    for model in spec.models:
+        match = next((m for m in remaining if m.kind == model.kind and
+                      (m.name == model.name if model.name else m.source == str(model.source))), None)
+        if match is None:
+            out.append(f"model {model.key} is in the spec but not in the lock")
+            continue
+        remaining.remove(match)
+        if not _model_matches(model, match):
+            out.append(f"model {model.key} changed (source, sha256 or size) since it was locked")
+    out += [f"model {m.kind}/{m.name} is in the lock but no longer in the spec" for m in remaining]
+    return out
+
+
+def check_matches(spec: Spec, lock: Lock, lock_path: Path) -> None:
+    diffs = spec_differences(spec, lock)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise LockError(f"{lock_path} no longer matches {spec.path}: {diffs[0]}{more}")

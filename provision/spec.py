@@ -1,0 +1,224 @@
+"""The spec file, ``forge-volume.toml``: parsed and checked into frozen dataclasses.
+
+Every error names the file, the key and what was expected, so a user can fix it in one go.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from provision.errors import SourceError, SpecError
+from provision.sources import Source, parse_source
+from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FORGE_REPO = "https://github.com/lllyasviel/stable-diffusion-webui-forge.git"
+DEFAULT_TORCH = ("torch==2.3.1", "torchvision==0.18.1")
+DEFAULT_TORCH_INDEX = "https://download.pytorch.org/whl/cu121"
+PRESETS = ("minimal", "sdxl", "seed")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ForgeSpec:
+    repo: str = FORGE_REPO
+    ref: str = "main"
+    python: str = "3.10"
+    torch: tuple[str, ...] = DEFAULT_TORCH
+    torch_index_url: str | None = DEFAULT_TORCH_INDEX
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def python_is_path(self) -> bool:
+        """`python = "/usr/bin/python3"` names an interpreter; `python = "3.10"` a version to install."""
+        return "/" in self.python
+
+
+@dataclass(frozen=True)
+class ExtensionSpec:
+    name: str
+    repo: str
+    ref: str = "main"
+    pip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    source: Source
+    name: str | None = None  # None only for civitai:// until the lock names it
+    sha256: str | None = None
+    size: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Identifies the model across spec and lock: its target on the volume, or its source."""
+        return f"{self.kind}/{self.name}" if self.name else f"{self.kind}?{self.source}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    forge: ForgeSpec
+    extensions: tuple[ExtensionSpec, ...] = ()
+    models: tuple[ModelSpec, ...] = ()
+
+
+class _Reader:
+    """Checks one TOML table's keys and types, naming file and key in every error."""
+
+    def __init__(self, path: Path, where: str, table: Any) -> None:
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            self.fail("", f"must be a table, not {type(table).__name__}")
+        self.table: dict[str, Any] = table
+
+    def fail(self, key: str, problem: str) -> None:
+        name = f"{self.where}.{key}" if key else self.where
+        raise SpecError(f"{self.path}: `{name}` {problem}")
+
+    def only(self, *allowed: str) -> None:
+        for key in self.table:
+            if key not in allowed:
+                self.fail(key, f"is not a known key; allowed here: {', '.join(allowed)}")
+
+    def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
+        if key not in self.table:
+            if required:
+                self.fail(key, "is missing (a string is required)")
+            return default
+        value = self.table[key]
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"must be a non-empty string, not {value!r}")
+        return value.strip()
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            self.fail(key, f"must be a list of non-empty strings, not {value!r}")
+        return tuple(v.strip() for v in value)
+
+    def mapping(self, key: str) -> dict[str, str]:
+        value = self.table.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            self.fail(key, f"must be a table of strings, e.g. {{ NAME = \"value\" }}, not {value!r}")
+        return dict(value)
+
+    def integer(self, key: str) -> int | None:
+        value = self.table.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            self.fail(key, f"must be a non-negative integer (bytes), not {value!r}")
+        return value
+
+
+def _forge(path: Path, table: Any) -> ForgeSpec:
+    r = _Reader(path, "forge", table)
+    r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env")
+    index = r.string("torch_index_url", DEFAULT_TORCH_INDEX)
+    return ForgeSpec(
+        repo=r.string("repo", FORGE_REPO) or FORGE_REPO,
+        ref=r.string("ref", "main") or "main",
+        python=r.string("python", "3.10") or "3.10",
+        torch=r.strings("torch", DEFAULT_TORCH),
+        torch_index_url=index,
+        args=r.strings("args"),
+        env=r.mapping("env"),
+    )
+
+
+def _extension(path: Path, i: int, table: Any) -> ExtensionSpec:
+    r = _Reader(path, f"extensions[{i}]", table)
+    r.only("name", "repo", "ref", "pip")
+    repo = r.string("repo", required=True) or ""
+    default_name = repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    name = r.string("name", default_name) or default_name
+    try:
+        check_file_name(name)
+    except LayoutError as exc:
+        r.fail("name", f"is not usable as a folder name: {exc}")
+    return ExtensionSpec(name=name, repo=repo, ref=r.string("ref", "main") or "main", pip=r.strings("pip"))
+
+
+def _model(path: Path, i: int, table: Any) -> ModelSpec:
+    r = _Reader(path, f"models[{i}]", table)
+    r.only("kind", "source", "name", "sha256", "size")
+    kind = r.string("kind", required=True) or ""
+    if kind not in MODEL_KIND_DIRS:
+        r.fail("kind", f"is {kind!r}, not a known kind; known kinds: {known_kinds()}")
+    text = r.string("source", required=True) or ""
+    try:
+        source = parse_source(text)
+    except SourceError as exc:
+        r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
+               "https://..., http://..., civitai://MODEL_VERSION_ID")
+        raise  # unreachable: fail() raises
+    name = r.string("name") or source.default_name
+    if name is not None:
+        try:
+            check_file_name(name)
+        except LayoutError as exc:
+            r.fail("name", f"is not usable as a file name: {exc}")
+    sha = r.string("sha256")
+    if sha is not None:
+        sha = sha.lower()
+        if not _SHA256.match(sha):
+            r.fail("sha256", "must be 64 hexadecimal digits")
+    return ModelSpec(kind=kind, source=source, name=name, sha256=sha, size=r.integer("size"))
+
+
+def parse_spec(text: str, path: Path) -> Spec:
+    """Parse spec text (``path`` names it in errors)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    top = _Reader(path, "spec", data)
+    top.only("forge", "extensions", "models")
+    for key in ("extensions", "models"):
+        if key in data and not isinstance(data[key], list):
+            top.fail(key, f"must be an array of tables ([[{key}]]), not {type(data[key]).__name__}")
+    forge = _forge(path, data.get("forge", {}))
+    extensions = tuple(_extension(path, i, t) for i, t in enumerate(data.get("extensions", [])))
+    models = tuple(_model(path, i, t) for i, t in enumerate(data.get("models", [])))
+    _no_duplicates(path, "extensions", [e.name for e in extensions], "name")
+    _no_duplicates(path, "models", [m.key for m in models], "kind + name")
+    return Spec(path=path, forge=forge, extensions=extensions, models=models)
+
+
+def _no_duplicates(path: Path, where: str, keys: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for i, key in enumerate(keys):
+        if key in seen:
+            raise SpecError(f"{path}: `{where}[{i}]` repeats {what} {key!r}; each must be unique")
+        seen.add(key)
+
+
+def load_spec(path: Path) -> Spec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(
+            f"spec file {path} does not exist",
+            "write one with `forge-volume init --preset sdxl`, or pass --spec FILE",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    return parse_spec(text, path)
+
+
+def preset_text(name: str) -> str:
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}", "pick one of the presets")
+    return resources.files("provision.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")

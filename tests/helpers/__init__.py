@@ -1,0 +1,1 @@
+"""Test helpers: fixture git repositories, local wheels, loopback servers."""

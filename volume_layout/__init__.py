@@ -1,0 +1,180 @@
+"""Where everything lives on a forge-volume network volume (layout version 1).
+
+This module is the only place that knows the volume's layout: the provisioning toolkit and
+the worker both ask it for paths and neither joins a volume path by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+LAYOUT_VERSION = 1
+
+POD_MOUNT = Path("/workspace")
+SERVERLESS_MOUNT = Path("/runpod-volume")
+
+SPEC_NAME = "forge-volume.toml"
+LOCK_NAME = "forge-volume.lock"
+
+# Model kinds and their folders under models/ (the names Forge and its extensions look for).
+MODEL_KIND_DIRS: dict[str, str] = {
+    "checkpoint": "Stable-diffusion",
+    "lora": "Lora",
+    "vae": "VAE",
+    "controlnet": "ControlNet",
+    "upscaler": "ESRGAN",
+    "embedding": "embeddings",
+    "hypernetwork": "hypernetworks",
+    "text_encoder": "text_encoder",
+    "insightface": "insightface",
+    "adetailer": "adetailer",
+    "clip_vision": "clip_vision",
+}
+
+
+class LayoutError(ValueError):
+    """A path or name that does not fit the volume layout."""
+
+
+def known_kinds() -> str:
+    return ", ".join(MODEL_KIND_DIRS)
+
+
+def provisioning_volume(env: Mapping[str, str] | None = None) -> Path:
+    """The volume the CLI works on: $FORGE_VOLUME, else /workspace (a pod's mount)."""
+    env = os.environ if env is None else env
+    value = env.get("FORGE_VOLUME")
+    return Path(value) if value else POD_MOUNT
+
+
+def worker_volume(env: Mapping[str, str] | None = None, serverless_mount: Path = SERVERLESS_MOUNT) -> Path:
+    """The volume a worker serves from: $FORGE_VOLUME, else /runpod-volume if it exists, else /workspace."""
+    env = os.environ if env is None else env
+    value = env.get("FORGE_VOLUME")
+    if value:
+        return Path(value)
+    return serverless_mount if serverless_mount.exists() else POD_MOUNT
+
+
+def check_file_name(name: str) -> str:
+    """A model file name: one path component, no traversal, no hidden tricks."""
+    if not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name:
+        raise LayoutError(f"{name!r} is not a plain file name (no folders, no '..')")
+    if len(name.encode()) > 255:
+        raise LayoutError(f"file name {name[:40]!r}... is longer than 255 bytes")
+    return name
+
+
+@dataclass(frozen=True)
+class VolumeLayout:
+    """Every path on one volume, rooted at ``root``."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / SPEC_NAME
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / ".forge-volume"
+
+    @property
+    def state(self) -> Path:
+        return self.meta_dir / "state.json"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.meta_dir / "locks"
+
+    def lock_file(self, name: str) -> Path:
+        """A lock file for one concurrent writer target (``install``, a model path...)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        return self.locks_dir / f"{safe}.lock"
+
+    @property
+    def prepare_data_dir(self) -> Path:
+        """Forge's --data-dir during install-time environment preparation."""
+        return self.meta_dir / "prepare-data"
+
+    @property
+    def python_dir(self) -> Path:
+        return self.root / "python"
+
+    @property
+    def venv(self) -> Path:
+        return self.root / "venv"
+
+    @property
+    def venv_python(self) -> Path:
+        return self.venv / "bin" / "python"
+
+    @property
+    def forge_dir(self) -> Path:
+        return self.root / "stable-diffusion-webui-forge"
+
+    @property
+    def launch_py(self) -> Path:
+        return self.forge_dir / "launch.py"
+
+    @property
+    def extensions_dir(self) -> Path:
+        return self.root / "extensions"
+
+    def extension_dir(self, name: str) -> Path:
+        return self.extensions_dir / check_file_name(name)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def kind_dir(self, kind: str) -> Path:
+        try:
+            return self.models_dir / MODEL_KIND_DIRS[kind]
+        except KeyError:
+            raise LayoutError(f"unknown model kind {kind!r}; known kinds: {known_kinds()}") from None
+
+    def model_path(self, kind: str, name: str) -> Path:
+        return self.kind_dir(kind) / check_file_name(name)
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    def relative(self, path: Path) -> str:
+        """A path on the volume as recorded in state.json (POSIX, relative to the root)."""
+        return path.relative_to(self.root).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def inside_models(self, candidate: str | Path) -> Path:
+        """Resolve a caller-given path (relative to models/ or absolute) and insist it stays in models/.
+
+        Symbolic links are followed, so a link inside models/ that points out is refused too.
+        """
+        raw = Path(candidate)
+        path = raw if raw.is_absolute() else self.models_dir / raw
+        models = self.models_dir.resolve()
+        resolved = path.resolve()
+        if resolved == models or models not in resolved.parents:
+            raise LayoutError(f"{str(candidate)!r} is outside the volume's models folder {self.models_dir}")
+        return resolved
+
+    def kind_of(self, path: Path) -> str | None:
+        """The model kind whose folder holds ``path`` (directly or below), if any."""
+        try:
+            top = path.resolve().relative_to(self.models_dir.resolve()).parts[0]
+        except (ValueError, IndexError):
+            return None
+        for kind, folder in MODEL_KIND_DIRS.items():
+            if folder == top:
+                return kind
+        return None
