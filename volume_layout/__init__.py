@@ -100,6 +100,11 @@ class VolumeLayout:
         return self.locks_dir / f"{safe}.lock"
 
     @property
+    def tmp_dir(self) -> Path:
+        """Scratch on the volume itself (same filesystem), so finished clones move into place with one rename."""
+        return self.meta_dir / "tmp"
+
+    @property
     def prepare_data_dir(self) -> Path:
         """Forge's --data-dir during install-time environment preparation."""
         return self.meta_dir / "prepare-data"
