@@ -63,6 +63,12 @@ class CommandError(ForgeVolumeError):
     hint = "read the command's output above; fix the cause and re-run: install resumes where it stopped"
 
 
+class UvMissingError(ForgeVolumeError):
+    """The spec asks for a Python version to install, and uv (which installs it) is missing."""
+
+    hint = "install it with `pip install 'forge-volume[uv]'`, or set `python` in the spec to an interpreter path"
+
+
 class GitError(CommandError):
     """A git operation failed (unknown ref, unreachable repository, local changes)."""
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from provision.errors import GitError
 from provision.proc import run
@@ -36,13 +37,21 @@ def git(*args: str, cwd: Path | None = None, timeout: float = LOCAL_TIMEOUT, wha
     return result.stdout.strip()
 
 
+def redact_url(url: str) -> str:
+    """A repository URL fit for logs and state.json: any user:token@ part is dropped."""
+    parts = urlsplit(url)
+    if not parts.netloc or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def is_full_sha(text: str) -> bool:
     return bool(_FULL_SHA.match(text))
 
 
 def ls_remote(repo: str) -> dict[str, str]:
     """Every ref the remote advertises, name -> commit (annotated tags peeled to their commit)."""
-    out = git("ls-remote", "--", repo, timeout=LS_REMOTE_TIMEOUT, what=f"git ls-remote {repo}")
+    out = git("ls-remote", "--", repo, timeout=LS_REMOTE_TIMEOUT, what=f"git ls-remote {redact_url(repo)}")
     refs: dict[str, str] = {}
     peeled: dict[str, str] = {}
     for line in out.splitlines():
@@ -71,7 +80,7 @@ def _fetch_into_scratch(repo: str, commit_or_refspecs: list[str], shallow: bool)
         # tree:0 fetches commits only: enough to name a commit, a fraction of Forge's history.
         depth = ["--depth", "1"] if shallow else []
         git("fetch", "-q", "--filter=tree:0", *depth, "origin", *commit_or_refspecs, cwd=path,
-            timeout=FETCH_TIMEOUT, what=f"git fetch {repo}")
+            timeout=FETCH_TIMEOUT, what=f"git fetch {redact_url(repo)}")
     except BaseException:
         scratch.cleanup()
         raise
@@ -89,7 +98,7 @@ def resolve_ref(repo: str, ref: str) -> str:
         try:
             _fetch_into_scratch(repo, [ref.lower()], shallow=True).cleanup()
         except GitError as exc:
-            raise GitError(f"commit {ref} is not in {repo}: {exc.message}") from None
+            raise GitError(f"commit {ref} is not in {redact_url(repo)}: {exc.message}") from None
         return ref.lower()
     if _SHORT_SHA.match(ref.lower()):
         scratch = _fetch_into_scratch(
@@ -98,12 +107,12 @@ def resolve_ref(repo: str, ref: str) -> str:
             return git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", cwd=Path(scratch.name),
                        what=f"find commit {ref}")
         except GitError:
-            raise GitError(f"{ref!r} is not a branch, tag or commit of {repo}") from None
+            raise GitError(f"{ref!r} is not a branch, tag or commit of {redact_url(repo)}") from None
         finally:
             scratch.cleanup()
     branches = sorted(n.removeprefix("refs/heads/") for n in refs if n.startswith("refs/heads/"))
     shown = ", ".join(branches[:8]) + (" ..." if len(branches) > 8 else "")
-    raise GitError(f"{ref!r} is not a branch, tag or commit of {repo} (branches: {shown or 'none'})")
+    raise GitError(f"{ref!r} is not a branch, tag or commit of {redact_url(repo)} (branches: {shown or 'none'})")
 
 
 def _git_dir(path: Path) -> Path | None:
@@ -160,13 +169,13 @@ def _fetch_commit(path: Path, repo: str, commit: str) -> None:
     try:
         # By id and shallow: only what this commit needs (GitHub and local repos both allow it).
         git("fetch", "-q", "--depth", "1", "origin", commit, cwd=path, timeout=FETCH_TIMEOUT,
-            what=f"git fetch {repo} {commit[:12]}")
+            what=f"git fetch {redact_url(repo)} {commit[:12]}")
     except GitError:
         # Servers that refuse unadvertised ids: fetch the branches and tags, then look again.
         git("fetch", "-q", "origin", "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*",
-            cwd=path, timeout=FETCH_TIMEOUT, what=f"git fetch {repo}")
+            cwd=path, timeout=FETCH_TIMEOUT, what=f"git fetch {redact_url(repo)}")
     if not _has_commit(path, commit):
-        raise GitError(f"commit {commit} is not in {repo}",
+        raise GitError(f"commit {commit} is not in {redact_url(repo)}",
                        "the commit may have been force-pushed away; run `forge-volume lock` to pin a new one")
 
 

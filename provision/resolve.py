@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from provision.gitops import resolve_ref
+from provision.gitops import redact_url, resolve_ref
 from provision.lockfile import Lock, LockedExtension, LockedForge
 from provision.progress import Progress
 from provision.spec import Spec
@@ -11,14 +11,14 @@ from provision.spec import Spec
 def lock_spec(spec: Spec, progress: Progress) -> Lock:
     """Resolve ``spec`` (network: git ls-remote, and the model hosts when there are models)."""
     f = spec.forge
-    progress.info(f"resolving Forge {f.ref} in {f.repo}")
+    progress.info(f"resolving Forge {f.ref} in {redact_url(f.repo)}")
     forge = LockedForge(
         repo=f.repo, ref=f.ref, commit=resolve_ref(f.repo, f.ref), python=f.python, torch=list(f.torch),
         torch_index_url=f.torch_index_url, args=list(f.args), env=dict(f.env),
     )
     extensions = []
     for ext in spec.extensions:
-        progress.info(f"resolving extension {ext.name} {ext.ref} in {ext.repo}")
+        progress.info(f"resolving extension {ext.name} {ext.ref} in {redact_url(ext.repo)}")
         extensions.append(LockedExtension(name=ext.name, repo=ext.repo, ref=ext.ref,
                                           commit=resolve_ref(ext.repo, ext.ref), pip=list(ext.pip)))
     models = []

@@ -1,0 +1,207 @@
+"""``forge-volume install``: make the volume match the lock, step by step, resumably.
+
+Each finished step is recorded in state.json with its key; a re-run skips what is recorded and
+still in place, and redoes a step (and everything downstream of it) whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provision import gitops, pyenv
+from provision.errors import VolumeError
+from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.progress import Progress
+from provision.spec import load_spec
+from provision.state import State, now, read_state, update_state
+from provision.steps import STEPS, Change, Ctx, dependents, step_keys, why_pending
+from provision.volume_lock import hold_volume
+from volume_layout import VolumeLayout
+
+
+@dataclass
+class InstallReport:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    lock_written: Path | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"wrote the lock {self.lock_written}"] if self.lock_written else []
+        lines += [f"  {note}" for note in self.notes]
+        if self.ran:
+            lines.append(f"installed in {self.seconds:.1f} s: ran {', '.join(self.ran)}"
+                         + (f"; already done: {', '.join(self.skipped)}" if self.skipped else ""))
+        else:
+            lines.append(f"nothing to do: the volume already matches the lock ({self.seconds:.2f} s)")
+        return "\n".join(lines)
+
+
+def require_volume(layout: VolumeLayout) -> None:
+    if not layout.root.is_dir():
+        raise VolumeError(f"the volume {layout.root} does not exist",
+                          "attach the network volume, or pass --volume PATH / set FORGE_VOLUME")
+
+
+def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: bool) -> InstallReport:
+    """Install the spec at ``spec_path`` onto the volume (resolving it into a lock first if there is none)."""
+    started = time.monotonic()
+    spec = load_spec(spec_path)  # before anything touches the volume: a bad spec writes nothing
+    require_volume(layout)
+    lock_path = lock_path_for(spec_path)
+    report = InstallReport()
+    with hold_volume(layout, "install", wait=wait):
+        if lock_path.exists():
+            lock = read_lock(lock_path)
+            check_matches(spec, lock, lock_path)
+        else:
+            from provision.resolve import lock_spec  # network: only when there is no lock yet
+
+            lock = lock_spec(spec, progress)
+            write_lock(lock_path, lock)
+            report.lock_written = lock_path
+        lock = _run_steps(layout, lock, lock_path, progress, report)
+        _record_run(layout, lock)
+        _keep_copies(layout, spec_path, lock_path)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
+               report: InstallReport) -> Lock:
+    ctx = Ctx(layout=layout, lock=lock, lock_path=lock_path, progress=progress, state=read_state(layout) or {})
+    _warn_if_moved(ctx, report)
+    keys = step_keys(lock)
+    ran: set[str] = set()
+    bar = progress.bar(len(STEPS), "install", unit="step", leave=False)
+    try:
+        for step in STEPS:
+            reason = why_pending(step, ctx, keys, ran)
+            if reason is None:
+                report.skipped.append(step.name)
+                bar.update(1)
+                continue
+            progress.info(f"{step.title}: {reason}")
+            downstream = dependents(step.name)
+
+            def forget(state: State, names: list[str] = downstream) -> None:
+                for name in names:
+                    state.setdefault("steps", {}).pop(name, None)
+
+            # Forget downstream records first: if this step fails half way, they must not look done.
+            ctx.state = update_state(layout, forget)
+            change = step.run(ctx)
+            if step.name == "models" and lock.models:
+                # Downloads may pin first-seen checksums into the lock: key on what is locked now.
+                ctx.lock = lock = read_lock(lock_path)
+                keys = step_keys(lock)
+            ctx.state = _record(layout, step.name, keys[step.name], change)
+            ran.add(step.name)
+            report.ran.append(step.name)
+            bar.update(1)
+    finally:
+        bar.close()
+    report.notes += ctx.notes
+    if ran:
+        ctx.state = update_state(layout, lambda s: s.__setitem__("sizes", _sizes(layout)))
+    return lock
+
+
+def _record(layout: VolumeLayout, name: str, key: str, change: Change | None) -> State:
+    def record(state: State) -> None:
+        if change is not None:
+            change(state)
+        state.setdefault("steps", {})[name] = {"key": key, "finished_at": now()}
+
+    return update_state(layout, record)
+
+
+def _warn_if_moved(ctx: Ctx, report: InstallReport) -> None:
+    recorded = ctx.state.get("mount_point")
+    if recorded and recorded != str(ctx.layout.root) and pyenv.venv_ready(ctx.layout.venv_python):
+        report.notes.append(
+            f"warning: this volume was provisioned at {recorded}; its venv's scripts name that path. "
+            f"Mount it there (or link {recorded} to {ctx.layout.root}) when you run Forge from a pod")
+
+
+def _record_run(layout: VolumeLayout, lock: Lock) -> None:
+    """What the worker needs at boot and what status shows, written only when it changed."""
+    wanted = {"forge_args": list(lock.forge.args), "forge_env": dict(lock.forge.env)}
+    state = read_state(layout) or {}
+    if any(state.get(k) != v for k, v in wanted.items()):
+        update_state(layout, lambda s: s.update(wanted))
+
+
+def _keep_copies(layout: VolumeLayout, spec_path: Path, lock_path: Path) -> None:
+    """The volume keeps the spec and lock it was installed from (when they came from elsewhere)."""
+    for source, target in ((spec_path, layout.spec), (lock_path, layout.lock)):
+        text = source.read_text(encoding="utf-8")
+        if source.resolve() != target.resolve() and \
+                (not target.exists() or target.read_text(encoding="utf-8") != text):
+            write_atomic(target, text)
+
+
+def _sizes(layout: VolumeLayout) -> dict[str, int]:
+    return {name: _tree_size(path) for name, path in (
+        ("python", layout.python_dir), ("venv", layout.venv), ("forge", layout.forge_dir),
+        ("extensions", layout.extensions_dir))}
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
+    """One line per way python, the venv, Forge or the extensions differ from ``lock``. Reads files only."""
+    state = read_state(layout)
+    if state is None:
+        return [f"the volume {layout.root} is not provisioned (no {layout.relative(layout.state)})"]
+    problems: list[str] = []
+    python = (state.get("python") or {}).get("path")
+    want = lock.forge.python
+    if not python or not Path(python).exists():
+        problems.append(f"python: the interpreter {python or '(none recorded)'} is missing")
+    elif ("/" in want and python != want) or ("/" not in want and
+                                              not str(state["python"].get("version", "")).startswith(want)):
+        problems.append(f"python: the venv is built on {python} "
+                        f"({state['python'].get('version')}), the lock asks for {want}")
+    if not pyenv.venv_ready(layout.venv_python):
+        problems.append(f"venv: {layout.venv_python} is missing or broken")
+    head = gitops.head_commit(layout.forge_dir)
+    if head is None:
+        problems.append(f"forge: no checkout at {layout.forge_dir}")
+    elif head != lock.forge.commit:
+        problems.append(f"forge: the checkout is at {head[:12]}, the lock says {lock.forge.commit[:12]}")
+    wanted = {e.name for e in lock.extensions}
+    for ext in lock.extensions:
+        ext_head = gitops.head_commit(layout.extension_dir(ext.name))
+        if ext_head is None:
+            problems.append(f"extension {ext.name}: missing from {layout.extensions_dir}")
+        elif ext_head != ext.commit:
+            problems.append(f"extension {ext.name}: at {ext_head[:12]}, the lock says {ext.commit[:12]}")
+    if layout.extensions_dir.is_dir():
+        extra = sorted(e.name for e in os.scandir(layout.extensions_dir)
+                       if e.is_dir() and not e.name.startswith(".") and e.name not in wanted)
+        problems += [f"extension {name}: on the volume but not in the lock" for name in extra]
+    keys = step_keys(lock)
+    recorded = state.get("steps") or {}
+    unfinished = [s.name for s in STEPS if s.name != "models" and recorded.get(s.name, {}).get("key") != keys[s.name]]
+    if unfinished:
+        problems.append(f"install has not finished for this lock: {', '.join(unfinished)} still to run")
+    return problems

@@ -1,0 +1,392 @@
+"""The install steps, in order, each with its inputs, a cheap "already done" check and its work.
+
+A step's key hashes its inputs from the lock together with the keys of the steps it depends on,
+so a change upstream changes every key downstream. A step is skipped when its recorded key
+matches and its check passes; checks read files only, so a no-op install starts no process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision import gitops, pyenv
+from provision.errors import CommandError, SpecError
+from provision.lockfile import Lock
+from provision.proc import run
+from provision.progress import Progress
+from provision.state import State
+from volume_layout import VolumeLayout
+
+# Bump when a step's recipe changes, so volumes installed by older code redo that work.
+RECIPE = 1
+PREPARE_TIMEOUT = 3 * 3600.0
+COMPILE_TIMEOUT = 3600.0
+CONFIG_SEED: dict[str, Any] = {
+    # API callers get images in the response; a serverless worker should not also write them out.
+    "samples_save": False,
+    "grid_save": False,
+    # Previews cost a VAE decode every few steps and nobody watches them on an endpoint.
+    "live_previews_enable": False,
+}
+STYLES_SEED = "name,prompt,negative_prompt\n"
+
+Change = Callable[[State], None]
+
+
+@dataclass
+class Ctx:
+    layout: VolumeLayout
+    lock: Lock
+    lock_path: Path
+    progress: Progress
+    state: State
+    notes: list[str] = field(default_factory=list)
+
+    def recorded(self, key: str) -> Any:
+        return self.state.get(key)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: str
+    deps: tuple[str, ...]
+    inputs: Callable[[Lock], Any]
+    done: Callable[[Ctx], bool]
+    run: Callable[[Ctx], Change | None]
+    describe: Callable[[Ctx], list[str]]
+
+
+# --- python -------------------------------------------------------------------------------------
+
+def _python_done(ctx: Ctx) -> bool:
+    rec = ctx.recorded("python") or {}
+    path = rec.get("path")
+    if not path or not Path(path).exists():
+        return False
+    want = ctx.lock.forge.python
+    return path == want if "/" in want else str(rec.get("version", "")).startswith(want)
+
+
+def _python_run(ctx: Ctx) -> Change:
+    want = ctx.lock.forge.python
+    if "/" in want:
+        python = Path(want)
+        if not python.exists():
+            raise SpecError(f"forge.python = {want!r}: no such interpreter",
+                            "point it at an existing python3, or give a version like \"3.10\" to install one")
+    else:
+        python = pyenv.find_standalone(want, ctx.layout.python_dir) or \
+            pyenv.install_standalone(want, ctx.layout.python_dir)
+    version = pyenv.interpreter_version(python)
+    ctx.notes.append(f"python {version} at {python}")
+
+    def change(state: State) -> None:
+        state["python"] = {"version": version, "path": str(python)}
+
+    return change
+
+
+def _python_describe(ctx: Ctx) -> list[str]:
+    want = ctx.lock.forge.python
+    if "/" in want:
+        return [f"use the interpreter {want}"]
+    return [f"install CPython {want} into {ctx.layout.python_dir} with uv"]
+
+
+# --- venv ---------------------------------------------------------------------------------------
+
+def _venv_run(ctx: Ctx) -> Change:
+    python = Path((ctx.recorded("python") or {})["path"])
+    pyenv.create_venv(python, ctx.layout.venv)
+    root = str(ctx.layout.root)
+
+    def change(state: State) -> None:
+        # The venv's absolute paths are those of this mount point; the worker links it back here.
+        state["mount_point"] = root
+
+    return change
+
+
+# --- torch --------------------------------------------------------------------------------------
+
+def _torch_run(ctx: Ctx) -> None:
+    f = ctx.lock.forge
+    pyenv.pip_install(ctx.layout.venv_python, f.torch, extra_index_url=f.torch_index_url,
+                      what=f"pip install {' '.join(f.torch)}")
+
+
+def _torch_describe(ctx: Ctx) -> list[str]:
+    torch = ctx.lock.forge.torch
+    return [f"pip install {' '.join(torch)} into the venv"] if torch else ["no torch packages in the spec"]
+
+
+# --- forge checkout -----------------------------------------------------------------------------
+
+def _forge_run(ctx: Ctx) -> Change:
+    f = ctx.lock.forge
+    how = gitops.sync_checkout(ctx.layout.forge_dir, f.repo, f.commit, ctx.layout.tmp_dir, "the Forge checkout")
+    ctx.notes.append(f"Forge {how} at {f.commit[:12]}")
+
+    def change(state: State) -> None:
+        state["forge"] = {"repo": gitops.redact_url(f.repo), "commit": f.commit}
+
+    return change
+
+
+def _forge_describe(ctx: Ctx) -> list[str]:
+    f = ctx.lock.forge
+    head = gitops.head_commit(ctx.layout.forge_dir)
+    if head is None:
+        return [f"clone {gitops.redact_url(f.repo)} at {f.commit[:12]} into {ctx.layout.forge_dir}"]
+    if head != f.commit:
+        return [f"update the Forge checkout from {head[:12]} to {f.commit[:12]}"]
+    return ["the Forge checkout is already at the locked commit"]
+
+
+# --- extensions ---------------------------------------------------------------------------------
+
+def _stale_extensions(ctx: Ctx) -> list[str]:
+    """Extensions forge-volume installed earlier that the lock no longer lists and that are still there."""
+    wanted = {e.name for e in ctx.lock.extensions}
+    recorded = [e["name"] for e in ctx.recorded("extensions") or []]
+    return [n for n in recorded if n not in wanted and ctx.layout.extension_dir(n).exists()]
+
+
+def _ext_pip(ctx: Ctx) -> list[str]:
+    return [p for e in ctx.lock.extensions for p in e.pip]
+
+
+def _extensions_done(ctx: Ctx) -> bool:
+    at_commit = all(gitops.head_commit(ctx.layout.extension_dir(e.name)) == e.commit for e in ctx.lock.extensions)
+    return at_commit and not _stale_extensions(ctx) and not pyenv.missing_packages(ctx.layout.venv, _ext_pip(ctx))
+
+
+def _extensions_run(ctx: Ctx) -> Change:
+    layout = ctx.layout
+    for name in _stale_extensions(ctx):
+        _remove_tree(layout.extension_dir(name), layout.tmp_dir)
+        ctx.notes.append(f"removed extension {name} (no longer in the lock)")
+    layout.extensions_dir.mkdir(parents=True, exist_ok=True)
+    for ext in ctx.lock.extensions:
+        how = gitops.sync_checkout(layout.extension_dir(ext.name), ext.repo, ext.commit, layout.tmp_dir,
+                                   f"extension {ext.name}")
+        if how != "unchanged":
+            ctx.notes.append(f"extension {ext.name} {how} at {ext.commit[:12]}")
+    pyenv.pip_install(layout.venv_python, _ext_pip(ctx), what="pip install the extensions' packages")
+    records = [{"name": e.name, "repo": gitops.redact_url(e.repo), "commit": e.commit} for e in ctx.lock.extensions]
+
+    def change(state: State) -> None:
+        state["extensions"] = records
+
+    return change
+
+
+def _extensions_describe(ctx: Ctx) -> list[str]:
+    lines = [f"remove extension {n} (no longer in the lock)" for n in _stale_extensions(ctx)]
+    for ext in ctx.lock.extensions:
+        head = gitops.head_commit(ctx.layout.extension_dir(ext.name))
+        if head is None:
+            lines.append(f"clone extension {ext.name} at {ext.commit[:12]}")
+        elif head != ext.commit:
+            lines.append(f"update extension {ext.name} from {head[:12]} to {ext.commit[:12]}")
+    missing = pyenv.missing_packages(ctx.layout.venv, _ext_pip(ctx))
+    if missing:
+        lines.append(f"pip install {' '.join(missing)} for the extensions")
+    return lines or ["the extensions are at their locked commits"]
+
+
+def _remove_tree(path: Path, scratch: Path) -> None:
+    # Rename first so the extension vanishes in one step; then delete at leisure.
+    scratch.mkdir(parents=True, exist_ok=True)
+    doomed = scratch / f"{path.name}.{os.getpid()}.removing"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+# --- Forge's environment preparation ------------------------------------------------------------
+
+def torch_command(lock: Lock) -> str:
+    """TORCH_COMMAND for Forge's launcher (it runs ``python -m $TORCH_COMMAND`` when torch is missing).
+
+    It installs exactly the locked torch (already in the venv, so pip has nothing to do); with no
+    torch in the spec it is a harmless ``pip --version`` instead of Forge's default download.
+    """
+    f = lock.forge
+    if not f.torch:
+        return "pip --version"
+    index = ["--extra-index-url", f.torch_index_url] if f.torch_index_url else []
+    return shlex.join(["pip", "install", *f.torch, *index])
+
+
+def prepare_argv(layout: VolumeLayout) -> list[str]:
+    return [str(layout.venv_python), str(layout.launch_py), "--exit", "--skip-torch-cuda-test",
+            "--data-dir", str(layout.prepare_data_dir)]
+
+
+def _prepare_done(ctx: Ctx) -> bool:
+    link = ctx.layout.prepare_data_dir / "extensions"
+    return (ctx.layout.forge_dir / "repositories").is_dir() and link.is_symlink() and \
+        link.resolve() == ctx.layout.extensions_dir.resolve()
+
+
+def _prepare_run(ctx: Ctx) -> None:
+    layout = ctx.layout
+    layout.extensions_dir.mkdir(parents=True, exist_ok=True)
+    layout.prepare_data_dir.mkdir(parents=True, exist_ok=True)
+    link = layout.prepare_data_dir / "extensions"
+    if link.is_symlink() or link.exists():
+        if link.is_dir() and not link.is_symlink():
+            raise CommandError(f"{link} is a folder, not the link to {layout.extensions_dir} forge-volume made",
+                               f"remove {link} and re-run")
+        link.unlink()
+    # Forge's launcher runs the installers of <data-dir>/extensions: point it at the volume's extensions.
+    # Relative, so the link still holds when the volume is mounted somewhere else.
+    link.symlink_to(os.path.relpath(layout.extensions_dir, layout.prepare_data_dir))
+    env = {**os.environ, **ctx.lock.forge.env, "TORCH_COMMAND": torch_command(ctx.lock)}
+    run(prepare_argv(layout), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
+        what="Forge's environment preparation (launch.py --exit)")
+
+
+def _prepare_describe(ctx: Ctx) -> list[str]:
+    return ["run Forge's launch.py --exit in the venv (requirements, helper repositories, extension installers)"]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def _models_done(ctx: Ctx) -> bool:
+    return all(ctx.layout.absolute(m.path).is_file() for m in ctx.lock.models)
+
+
+def _models_run(ctx: Ctx) -> None:
+    if not ctx.lock.models:
+        return
+    from provision.models import sync_models  # pulls in huggingface_hub and requests: only when needed
+
+    sync_models(ctx.layout, ctx.lock, ctx.lock_path, ctx.progress)
+
+
+def _models_describe(ctx: Ctx) -> list[str]:
+    if not ctx.lock.models:
+        return []
+    from provision.models import plan_models
+
+    return plan_models(ctx.layout, ctx.lock) or [f"check {len(ctx.lock.models)} model(s) against the lock"]
+
+
+# --- config seed --------------------------------------------------------------------------------
+
+def _config_files(layout: VolumeLayout) -> dict[Path, str]:
+    return {layout.config_dir / "config.json": json.dumps(CONFIG_SEED, indent=2) + "\n",
+            layout.config_dir / "styles.csv": STYLES_SEED}
+
+
+def _config_done(ctx: Ctx) -> bool:
+    return all(p.is_file() for p in _config_files(ctx.layout))
+
+
+def _config_run(ctx: Ctx) -> None:
+    from provision.lockfile import write_atomic
+
+    for path, text in _config_files(ctx.layout).items():
+        if not path.exists():  # a user's edited settings are theirs: never overwritten
+            write_atomic(path, text)
+            ctx.notes.append(f"seeded {ctx.layout.relative(path)}")
+
+
+def _config_describe(ctx: Ctx) -> list[str]:
+    return [f"write {ctx.layout.relative(p)}" for p in _config_files(ctx.layout) if not p.exists()]
+
+
+# --- bytecode -----------------------------------------------------------------------------------
+
+def _bytecode_done(ctx: Ctx) -> bool:
+    return any((ctx.layout.forge_dir / "__pycache__").glob("launch.*.pyc"))
+
+
+def _bytecode_run(ctx: Ctx) -> None:
+    layout = ctx.layout
+    targets = [*pyenv.site_packages(layout.venv), layout.forge_dir]
+    if layout.extensions_dir.is_dir():
+        targets.append(layout.extensions_dir)
+    try:
+        run([layout.venv_python, "-m", "compileall", "-q", "-j0", *targets], timeout=COMPILE_TIMEOUT,
+            what="compileall")
+    except CommandError as exc:
+        # Packages ship the odd file that does not compile (templates, py2 leftovers); Python
+        # never imports those, so a few failures must not fail the install.
+        ctx.notes.append(f"warning: some files did not compile: {exc.message[:300]}")
+
+
+# --- the list -----------------------------------------------------------------------------------
+
+def _nothing(ctx: Ctx) -> list[str]:
+    return []
+
+
+STEPS: tuple[Step, ...] = (
+    Step("python", "Python interpreter", (), lambda lock: {"python": lock.forge.python},
+         _python_done, _python_run, _python_describe),
+    Step("venv", "virtual environment", ("python",), lambda lock: {},
+         lambda ctx: pyenv.venv_ready(ctx.layout.venv_python), _venv_run,
+         lambda ctx: [f"create the venv at {ctx.layout.venv}"]),
+    Step("torch", "torch", ("venv",), lambda lock: {"torch": lock.forge.torch, "index": lock.forge.torch_index_url},
+         lambda ctx: not pyenv.missing_packages(ctx.layout.venv, ctx.lock.forge.torch), _torch_run, _torch_describe),
+    Step("forge", "Forge checkout", (), lambda lock: {"repo": lock.forge.repo, "commit": lock.forge.commit},
+         lambda ctx: gitops.head_commit(ctx.layout.forge_dir) == ctx.lock.forge.commit, _forge_run, _forge_describe),
+    Step("extensions", "extensions", ("torch",), lambda lock: [asdict(e) for e in lock.extensions],
+         _extensions_done, _extensions_run, _extensions_describe),
+    Step("prepare", "Forge's environment preparation", ("torch", "forge", "extensions"),
+         lambda lock: {"env": lock.forge.env, "torch_command": torch_command(lock)},
+         _prepare_done, _prepare_run, _prepare_describe),
+    Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
+         _models_done, _models_run, _models_describe),
+    Step("config", "settings seed", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED},
+         _config_done, _config_run, _config_describe),
+    Step("bytecode", "bytecode", ("prepare",), lambda lock: {},
+         _bytecode_done, _bytecode_run,
+         lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),
+)
+BY_NAME = {s.name: s for s in STEPS}
+
+
+def step_keys(lock: Lock) -> dict[str, str]:
+    """Each step's key: its inputs and its dependencies' keys, hashed."""
+    keys: dict[str, str] = {}
+    for step in STEPS:
+        payload = {"step": step.name, "recipe": RECIPE, "inputs": step.inputs(lock),
+                   "deps": [keys[d] for d in step.deps]}
+        keys[step.name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return keys
+
+
+def dependents(name: str) -> list[str]:
+    """Every step downstream of ``name`` (directly or through others)."""
+    out: list[str] = []
+    for step in STEPS:
+        if any(d == name or d in out for d in step.deps):
+            out.append(step.name)
+    return out
+
+
+def why_pending(step: Step, ctx: Ctx, keys: dict[str, str], pending: set[str]) -> str | None:
+    """Why ``step`` must run, or None when it can be skipped. ``pending``: steps that run before it."""
+    upstream = [d for d in step.deps if d in pending]
+    if upstream:
+        return f"{upstream[0]} changes"
+    record = (ctx.state.get("steps") or {}).get(step.name)
+    if record is None:
+        return "not done yet"
+    if record.get("key") != keys[step.name]:
+        return "the lock changed"
+    if not step.done(ctx):
+        return "its result is missing or out of date on the volume"
+    return None
