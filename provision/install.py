@@ -148,7 +148,7 @@ def _keep_copies(layout: VolumeLayout, spec_path: Path, lock_path: Path) -> None
 def _sizes(layout: VolumeLayout) -> dict[str, int]:
     return {name: _tree_size(path) for name, path in (
         ("python", layout.python_dir), ("venv", layout.venv), ("forge", layout.forge_dir),
-        ("extensions", layout.extensions_dir))}
+        ("extensions", layout.extensions_dir)) if path.exists()}
 
 
 def _tree_size(path: Path) -> int:

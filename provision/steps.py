@@ -276,7 +276,7 @@ def _models_run(ctx: Ctx) -> None:
 
 def _models_describe(ctx: Ctx) -> list[str]:
     if not ctx.lock.models:
-        return []
+        return ["no models in the lock"]
     from provision.models import plan_models
 
     return plan_models(ctx.layout, ctx.lock) or [f"check {len(ctx.lock.models)} model(s) against the lock"]

@@ -2,37 +2,48 @@
 
 Nothing here touches the network: git repositories are local paths, pip installs only from a
 folder of wheels made by the fixture (PIP_NO_INDEX), and servers bind to loopback.
+
+Installing a volume builds a venv (seconds), so one volume is installed per session
+(``provisioned_world``) and ``installed_volume`` hands each test its own copy.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import sys
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.forge_world import (
+    DATA,
+    FIXTURES,
+    World,
+    build_world,
+    extension_files,
+    make_forge_repo,
+    make_helper_repos,
+    make_wheelhouse,
+    offline_pip_env,
+    spec_text,
+)
 from tests.helpers.gitrepo import Repo
-from tests.helpers.wheels import make_wheel
 
-FIXTURES = Path(__file__).parent / "fixtures"
-DATA = Path(__file__).parent / "data"
+__all__ = ["DATA", "FIXTURES", "extension_files", "spec_text"]
 
 # Variables from the developer's shell that would leak into a test's behaviour.
 _SCRUB = ("FORGE_VOLUME", "FORGE_PORT", "FORGE_ARGS", "FORGE_BOOT_TIMEOUT", "HF_TOKEN", "CIVITAI_TOKEN",
           "HF_ENDPOINT", "BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
-          "RUNPOD_ENDPOINT_ID", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")
+          "RUNPOD_ENDPOINT_ID", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "COMMANDLINE_ARGS",
+          "VIRTUAL_ENV", "PYTHONPATH")
 
 
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Local wheels for everything the fixture Forge and extensions pip-install."""
-    folder = tmp_path_factory.mktemp("wheelhouse")
-    for name in ("forge-req-dep", "ext-dep", "ext-extra", "fake-torch"):
-        make_wheel(folder, name)
-    make_wheel(folder, "forge-req-dep", "2.0")
-    return folder
+    return make_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
 
 
 @pytest.fixture(autouse=True)
@@ -42,10 +53,8 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Pa
     monkeypatch.setenv("FORGE_VOLUME", str(tmp_path / "volume"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
-    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    for name, value in offline_pip_env(wheelhouse).items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
@@ -64,39 +73,16 @@ def make_repo(tmp_path: Path) -> Callable[[str], Repo]:
 
 
 @pytest.fixture
-def forge_repo(make_repo: Callable[[str], Repo]) -> Repo:
+def forge_repo(tmp_path: Path) -> Repo:
     """A git repository that looks like Forge: launch.py (the stand-in), requirements, extensions-builtin."""
-    repo = make_repo("stable-diffusion-webui-forge")
-    repo.copy_tree(FIXTURES / "forge_repo")
-    responses = DATA / "forge" / "responses"
-    repo.write({f"responses/{p.name}": p.read_text() for p in responses.glob("*.json")})
-    repo.commit("forge")
-    repo.tag("v1.0")
-    return repo
+    return make_forge_repo(tmp_path / "repos" / "stable-diffusion-webui-forge")
 
 
 @pytest.fixture
-def helper_repos(make_repo: Callable[[str], Repo]) -> dict[str, str]:
+def helper_repos(tmp_path: Path) -> dict[str, str]:
     """Forge's helper repositories (huggingface_guess, BLIP, assets) as local repos, named the way
     Forge's launcher reads them from the environment."""
-    env: dict[str, str] = {}
-    for var, name in (("HUGGINGFACE_GUESS_REPO", "huggingface_guess"), ("BLIP_REPO", "BLIP"),
-                      ("ASSETS_REPO", "stable-diffusion-webui-assets")):
-        repo = make_repo(name)
-        repo.commit("init", {"README.md": name})
-        env[var] = repo.url
-    return env
-
-
-def extension_files(name: str, pip_package: str = "ext-dep") -> dict[str, str | bytes]:
-    """An extension whose install.py pip-installs a package with the launcher's helpers, as real ones do."""
-    installer = (
-        "import subprocess, sys\n"
-        "from pathlib import Path\n"
-        f"subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', {pip_package!r}], check=True)\n"
-        "Path(__file__).with_name('install-ran.txt').write_text('ok')\n"
-    )
-    return {"install.py": installer, "scripts/ext.py": f"NAME = {name!r}\n", ".gitignore": "install-ran.txt\n"}
+    return make_helper_repos(tmp_path / "repos")
 
 
 @pytest.fixture
@@ -109,25 +95,53 @@ def ext_repo(make_repo: Callable[[str], Repo]) -> Callable[[str], Repo]:
     return make
 
 
-def spec_text(forge: Repo, helper_env: dict[str, str], *, extensions: list[tuple[str, str]] | None = None,
-              ref: str = "main", extra: str = "") -> str:
-    """A spec that provisions from local repositories with this interpreter and no torch."""
-    env = ", ".join(f'{k} = "{v}"' for k, v in sorted(helper_env.items()))
-    text = (
-        "[forge]\n"
-        f'repo = "{forge.url}"\n'
-        f'ref = "{ref}"\n'
-        f'python = "{sys.executable if not hasattr(sys, "_base_executable") else sys._base_executable}"\n'
-        "torch = []\n"
-        'args = ["--always-cpu"]\n'
-        f"env = {{ {env} }}\n"
-    )
-    for name, url in extensions or []:
-        text += f'\n[[extensions]]\nname = "{name}"\nrepo = "{url}"\nref = "main"\npip = ["ext-extra"]\n'
-    return text + extra
-
-
 @pytest.fixture
 def cli_env() -> Iterator[dict[str, str]]:
     """The environment a subprocess of the CLI should see (the isolated one)."""
     yield dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def provisioned_world(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> World:
+    """Repositories (Forge, helpers, extensions ext-one and ext-two) and ONE volume installed from them
+    with the real installer, at ``world.root / "volume"``. Read-only for tests: copy it first."""
+    from provision.install import install
+    from provision.progress import QUIET
+    from volume_layout import VolumeLayout
+
+    world = build_world(tmp_path_factory.mktemp("world"))
+    volume = world.root / "volume"
+    volume.mkdir()
+    (volume / "forge-volume.toml").write_text(world.spec(), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _SCRUB:
+            mp.delenv(name, raising=False)
+        for name, value in offline_pip_env(wheelhouse).items():
+            mp.setenv(name, value)
+        report = install(VolumeLayout(volume), volume / "forge-volume.toml", progress=QUIET, wait=False)
+    (world.root / "install-summary.txt").write_text(report.summary(), encoding="utf-8")
+    return world
+
+
+def copy_volume(source: Path, target: Path) -> Path:
+    """Copy an installed volume, keeping symlinks, and record the copy's path as its mount point.
+
+    Test volumes are built on an interpreter outside the volume, so a copied venv works where it
+    lands; recording the new mount point keeps the worker from linking the old path back.
+    """
+    shutil.copytree(source, target, symlinks=True)
+    state_path = target / ".forge-volume" / "state.json"
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    state["mount_point"] = str(target)
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return target
+
+
+@pytest.fixture
+def installed_volume(provisioned_world: World, tmp_path: Path) -> Path:
+    """This test's own copy of the installed volume, at tmp_path/volume (= $FORGE_VOLUME).
+
+    Holds the fixture Forge checkout (launch.py serves with the worker's flags), extensions
+    ext-one and ext-two, a venv, config seed and state.json; no models.
+    """
+    return copy_volume(provisioned_world.root / "volume", tmp_path / "volume")
