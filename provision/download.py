@@ -1,0 +1,413 @@
+"""Streaming, verified, resumable HTTP downloads into a final path, replaced in one rename.
+
+Bytes go to a unique temporary sibling ``.<name>.<random>.part``; sha256 is computed while they
+arrive (in a second thread, so hashing, socket reads and disk writes overlap); size and sha256 are
+checked; then one ``os.replace`` puts the file in place. The final path therefore only ever holds
+a complete, verified file, and a file already there is replaced only by a good one.
+
+An interrupted download keeps its bytes under the stable name ``.<name>.partial``. The next
+attempt *claims* that partial by renaming it to its own unique name (an atomic step only one
+process can win), so even where file locks silently fail (network volumes) two processes never
+append to one file: the loser starts its own copy, which costs bandwidth, never data.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+
+from provision import __version__
+from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+
+CHUNK = 1 << 20  # large reads straight off the socket keep Python's per-chunk cost negligible
+TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
+MAX_REDIRECTS = 10
+USER_AGENT = f"forge-volume/{__version__}"
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.SSLError,
+    ConnectionError, TimeoutError,
+)
+
+OnBytes = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A bearer token, the variable it came from (named in errors; the value never is), and where it may go."""
+
+    env_name: str
+    hosts: tuple[str, ...]
+    token: str | None = None
+
+    def applies_to(self, url: str) -> bool:
+        host = (urlsplit(url).hostname or "").lower()
+        return any(host == h or host.endswith("." + h) for h in self.hosts)
+
+    def __repr__(self) -> str:  # never show the token, even in a traceback's locals
+        return f"Credential(env_name={self.env_name!r}, hosts={self.hosts!r}, token={'set' if self.token else None})"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Transient failures (timeouts, resets, 408/429/5xx) are retried with exponential backoff."""
+
+    attempts: int = 6
+    base: float = 0.5
+    cap: float = 20.0
+
+    def delay(self, attempt: int, retry_after: str | None = None) -> float:
+        if retry_after and retry_after.strip().isdigit():
+            return min(float(retry_after), self.cap)
+        return min(self.base * (2 ** attempt), self.cap)
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    sha256: str
+    size: int
+    transferred: int  # bytes received over the network by this call (resumed bytes excluded)
+    resumed_from: int  # bytes taken over from a kept partial
+
+
+def display_url(url: str) -> str:
+    """A URL fit for messages: no query string (signed URLs and tokens live there), no user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def sibling(target: Path, suffix: str) -> Path:
+    """A hidden sibling ``.<name><suffix>``, shortened when the name would pass 255 bytes."""
+    name = f".{target.name}{suffix}"
+    if len(name.encode()) > 255:
+        name = f".{hashlib.sha1(target.name.encode()).hexdigest()[:20]}{suffix}"
+    return target.with_name(name)
+
+
+def partial_path(target: Path) -> Path:
+    return sibling(target, ".partial")
+
+
+def is_download_temp(name: str) -> bool:
+    """Whether a file name is one of this module's temporary or resumable files."""
+    return name.startswith(".") and (name.endswith(".part") or name.endswith(".partial"))
+
+
+class _Hasher:
+    """sha256 in a second thread: hashlib releases the GIL, so hashing overlaps reading and writing."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+    def feed(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self._hash.hexdigest()
+
+
+def _check_scheme(url: str) -> None:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"refusing to fetch {display_url(url)!r}: only http and https are allowed, not {scheme!r}",
+                            "check the source URL (a redirect to another scheme is refused too)")
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DiskFullError(f"{what} needs {needed:,} bytes but {folder} has {free:,} free")
+
+
+def _status_error(resp: requests.Response, url: str, credential: Credential | None, what: str) -> DownloadError:
+    where = display_url(url)
+    status = resp.status_code
+    if status in (401, 403):
+        if credential is None:
+            return AuthError(f"{what}: {where} answered {status} (it needs credentials)",
+                             "use a public URL, or an hf:// or civitai:// source with its token variable set")
+        if not credential.applies_to(url):
+            return AuthError(f"{what}: {where} answered {status}",
+                             "the link may have expired or need credentials forge-volume cannot send; retry later")
+        if credential.token:
+            return AuthError(f"{what}: {where} answered {status}: the token in {credential.env_name} was refused",
+                             f"check {credential.env_name}: it must be valid and have access to this file "
+                             "(gated models need their terms accepted)")
+        return AuthError(f"{what}: {where} answered {status}: it needs a token",
+                         f"set {credential.env_name} to a token with access to this file")
+    if status in (404, 410):
+        return NotFoundError(f"{what}: {where} answered {status} (the file is not there)")
+    return DownloadError(f"{what}: {where} answered HTTP {status} {resp.reason or ''}".rstrip())
+
+
+def _open(session: requests.Session, url: str, offset: int, credential: Credential | None,
+          headers: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
+    """GET with manual redirects, so every hop's scheme is checked and a token only goes where it belongs."""
+    first_scheme = urlsplit(url).scheme.lower()
+    for _ in range(MAX_REDIRECTS + 1):
+        _check_scheme(url)
+        hop = {"User-Agent": USER_AGENT, **headers, "Accept-Encoding": "identity"}
+        if offset:
+            hop["Range"] = f"bytes={offset}-"
+        downgraded = first_scheme == "https" and urlsplit(url).scheme.lower() == "http"
+        if credential and credential.token and credential.applies_to(url) and not downgraded:
+            hop["Authorization"] = f"Bearer {credential.token}"
+        resp = session.get(url, headers=hop, stream=True, timeout=timeout, allow_redirects=False)
+        if resp.is_redirect:
+            url = urljoin(resp.url, resp.headers["Location"])
+            resp.close()
+            continue
+        return resp
+    raise DownloadError(f"more than {MAX_REDIRECTS} redirects fetching {display_url(url)}")
+
+
+def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | None:
+    value = resp.headers.get("Content-Range", "")
+    try:
+        unit, _, rest = value.partition(" ")
+        span, _, total = rest.partition("/")
+        start = int(span.split("-")[0])
+        return (start, int(total) if total.strip().isdigit() else None) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
+def _hash_existing(fh: BinaryIO, hasher: _Hasher, length: int) -> None:
+    fh.seek(0)
+    remaining = length
+    while remaining > 0:
+        chunk = fh.read(min(CHUNK, remaining))
+        if not chunk:
+            break
+        hasher.feed(chunk)
+        remaining -= len(chunk)
+    fh.seek(length)
+    fh.truncate()
+
+
+def _write_all(fh: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view) or 0:]
+
+
+class _Attempt:
+    """One download into one open temporary file, across retries."""
+
+    def __init__(self, fh: BinaryIO, folder: Path, offset: int, on_bytes: OnBytes | None) -> None:
+        self.fh = fh
+        self.folder = folder
+        self.hasher = _Hasher()
+        self.written = 0
+        self.resumed_from = offset
+        self.transferred = 0
+        self.on_bytes = on_bytes
+        if offset:
+            _hash_existing(fh, self.hasher, offset)
+            self.written = offset
+            self._report(offset)
+
+    def _report(self, n: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def restart(self) -> None:
+        """The server sent the whole file again (it ignored Range): start over with a fresh hash."""
+        self.hasher.hexdigest()
+        self.hasher = _Hasher()
+        self.fh.seek(0)
+        self.fh.truncate()
+        self._report(-self.written)
+        self.written = 0
+        self.resumed_from = 0
+
+    def pump(self, resp: requests.Response, what: str) -> None:
+        raw = resp.raw
+        fh, hasher = self.fh, self.hasher
+        while True:
+            chunk = raw.read(CHUNK)
+            if not chunk:
+                return
+            try:
+                _write_all(fh, chunk)
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    raise DiskFullError(f"{what}: the volume filled up after {self.written:,} bytes "
+                                        f"({os.strerror(exc.errno)})") from None
+                raise
+            hasher.feed(chunk)
+            n = len(chunk)
+            self.written += n
+            self.transferred += n
+            self._report(n)
+
+
+def download(
+    url: str,
+    target: Path,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    credential: Credential | None = None,
+    headers: dict[str, str] | None = None,
+    on_bytes: OnBytes | None = None,
+    retry: Retry = Retry(),
+    timeout: tuple[float, float] = TIMEOUT,
+    what: str | None = None,
+) -> Downloaded:
+    """Fetch ``url`` into ``target``: verified against ``sha256``/``size`` when given, then renamed in place.
+
+    ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
+    Raises AuthError, NotFoundError, ChecksumError, DiskFullError or DownloadError; ``target`` is
+    untouched unless the whole call succeeds.
+    """
+    label = what or target.name
+    _check_scheme(url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(target, f".{secrets.token_hex(4)}.part")
+    try:
+        os.replace(partial_path(target), tmp)  # claim a kept partial; only one process can win
+    except FileNotFoundError:
+        tmp.touch()
+    keep = False
+    try:
+        result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
+                                headers=headers or {}, on_bytes=on_bytes, retry=retry, timeout=timeout,
+                                label=label)
+        os.replace(tmp, target)
+        return result
+    except (ChecksumError, DiskFullError, AuthError, NotFoundError):
+        raise
+    except (DownloadError, KeyboardInterrupt):
+        keep = True  # transient failure or interrupt: the bytes so far are worth resuming from
+        raise
+    finally:
+        if tmp.exists():
+            if keep and tmp.stat().st_size > 0:
+                os.replace(tmp, partial_path(target))
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, size: int | None,
+                   credential: Credential | None, headers: dict[str, str], on_bytes: OnBytes | None,
+                   retry: Retry, timeout: tuple[float, float], label: str) -> Downloaded:
+    offset = tmp.stat().st_size
+    if size is not None and offset > size:
+        offset = 0  # a partial longer than the file is not ours to resume
+    if size is not None:
+        check_free_space(target.parent, size - offset, label)
+    with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
+        attempt = _Attempt(fh, target.parent, offset, on_bytes)
+        failures = 0
+        fresh_retry_done = False
+        while True:
+            try:
+                _one_request(session, url, attempt, size, credential, headers, timeout, label)
+            except _Transient as exc:
+                failures = 0 if exc.progressed else failures + 1
+                if failures >= retry.attempts:
+                    raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
+                time.sleep(retry.delay(failures, exc.retry_after))
+                continue
+            fh.flush()
+            os.fsync(fh.fileno())
+            digest = attempt.hasher.hexdigest()
+            problem = _mismatch(attempt.written, digest, size, sha256)
+            if problem is None:
+                return Downloaded(target, digest, attempt.written, attempt.transferred, attempt.resumed_from)
+            if attempt.resumed_from and not fresh_retry_done:
+                # A kept partial may have come from an older version of the file: one clean retry.
+                fresh_retry_done = True
+                attempt.restart()
+                continue
+            raise ChecksumError(f"{label}: {problem}")
+
+
+def _mismatch(written: int, digest: str, size: int | None, sha256: str | None) -> str | None:
+    if size is not None and written != size:
+        return f"got {written:,} bytes but expected {size:,}"
+    if sha256 is not None and digest != sha256.lower():
+        return f"sha256 is {digest} but expected {sha256.lower()}"
+    return None
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, progressed: bool, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.progressed = progressed
+        self.retry_after = retry_after
+
+
+def _one_request(session: requests.Session, url: str, attempt: _Attempt, size: int | None,
+                 credential: Credential | None, headers: dict[str, str], timeout: tuple[float, float],
+                 label: str) -> None:
+    before = attempt.written
+    offset = attempt.written
+    if size is not None and offset == size:
+        return  # the kept partial is already whole; only verification remains
+    try:
+        resp = _open(session, url, offset, credential, headers, timeout)
+    except _TRANSIENT as exc:
+        raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}", False) from None
+    with resp:
+        status = resp.status_code
+        if status in _RETRY_STATUS:
+            raise _Transient(f"{display_url(url)} answered HTTP {status}", False, resp.headers.get("Retry-After"))
+        if status == 416 and offset:
+            attempt.restart()  # our partial does not fit the server's file: start again cleanly
+            raise _Transient(f"{display_url(url)} refused the resume range", True)
+        if status not in (200, 206):
+            raise _status_error(resp, resp.url, credential, label)
+        if status == 206:
+            span = _content_range_start(resp)
+            if span is None or span[0] != offset:
+                attempt.restart()
+                raise _Transient(f"{display_url(url)} sent an unexpected range", True)
+            total = span[1]
+        else:
+            if offset:
+                attempt.restart()  # the server ignored Range and sends everything: start over cleanly
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if size is not None and total is not None and total != size:
+            raise ChecksumError(f"{label}: the server has {total:,} bytes but {size:,} were expected")
+        if size is None and total is not None:
+            check_free_space(attempt.folder, total - attempt.written, label)
+        try:
+            attempt.pump(resp, label)
+        except _TRANSIENT as exc:
+            raise _Transient(f"connection lost after {attempt.written:,} bytes ({type(exc).__name__})",
+                             attempt.written > before) from None
+        if total is not None and attempt.written < total:
+            raise _Transient(f"connection closed after {attempt.written:,} of {total:,} bytes",
+                             attempt.written > before)
