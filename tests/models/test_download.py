@@ -1,0 +1,209 @@
+"""provision.download against a real loopback server: resume, retries, errors, token scoping, disk full."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provision.download import Credential, Retry, download, partial_path
+from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+from tests.helpers.http_server import FileServer
+
+FAST = Retry(attempts=3, base=0.01, cap=0.05)
+DATA = os.urandom(1 << 20)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_download_verifies_and_renames_into_place(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA)
+    target = tmp_path / "models" / "m.bin"
+    result = download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), retry=FAST)
+    assert target.read_bytes() == DATA
+    assert (result.sha256, result.size, result.transferred) == (SHA, len(DATA), len(DATA))
+    assert leftovers(target.parent) == []
+    assert server.requests_to("/m.bin")[0].headers["accept-encoding"] == "identity"
+
+
+def test_dropped_connection_resumes_with_range(server: FileServer, tmp_path: Path) -> None:
+    route = server.add("/m.bin", DATA, drop_at=0.6)
+    target = tmp_path / "m.bin"
+    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    assert target.read_bytes() == DATA
+    ranges = [r.headers.get("range") for r in server.requests_to("/m.bin")]
+    assert ranges[0] is None and ranges[1] == f"bytes={int(len(DATA) * 0.6)}-"
+    assert route.bytes_sent <= len(DATA) * 1.01  # the second request only sent the missing 40%
+    assert result.transferred == len(DATA)
+
+
+def test_partial_is_kept_across_runs_and_resumed(server: FileServer, tmp_path: Path) -> None:
+    route = server.add("/m.bin", DATA, drop_at=0.6, drop_times=2)
+    target = tmp_path / "m.bin"
+    with pytest.raises(DownloadError, match="giving up"):
+        download(server.url("/m.bin"), target, sha256=SHA, retry=Retry(attempts=1, base=0.01))
+    assert not target.exists()
+    assert partial_path(target).stat().st_size == int(len(DATA) * 0.6)
+    first = route.bytes_sent
+    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    assert target.read_bytes() == DATA and leftovers(tmp_path) == []
+    assert result.resumed_from == int(len(DATA) * 0.6)
+    assert route.bytes_sent - first <= len(DATA) * 0.45
+
+
+def test_server_ignoring_range_restarts_cleanly(server: FileServer, tmp_path: Path) -> None:
+    route = server.add("/m.bin", DATA, drop_at=0.5, ignore_range=True)
+    target = tmp_path / "m.bin"
+    download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    assert target.read_bytes() == DATA
+    assert route.gets == 2 and route.bytes_sent == len(DATA) // 2 + len(DATA)
+
+
+def test_stale_partial_of_another_version_is_replaced(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA)
+    target = tmp_path / "m.bin"
+    partial_path(target).write_bytes(os.urandom(1000))  # left over from an older upstream file
+    download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    assert target.read_bytes() == DATA and leftovers(tmp_path) == []
+
+
+def test_wrong_bytes_are_rejected_and_the_good_file_stays(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA, wrong_bytes=True)
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"the good old file")
+    with pytest.raises(ChecksumError) as info:
+        download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), retry=FAST)
+    assert SHA in str(info.value)
+    bad = bytearray(DATA)
+    bad[len(DATA) // 2] ^= 0xFF
+    assert hashlib.sha256(bad).hexdigest() in str(info.value)
+    assert target.read_bytes() == b"the good old file"
+    assert leftovers(tmp_path) == []
+
+
+def test_401_names_the_token_variable_and_never_the_token(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA, require_token="right")
+    hosts = ("127.0.0.1",)
+    with pytest.raises(AuthError, match="set CIVITAI_TOKEN"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts), retry=FAST)
+    with pytest.raises(AuthError) as info:
+        download(server.url("/m.bin"), tmp_path / "m.bin",
+                 credential=Credential("CIVITAI_TOKEN", hosts, "wrong-secret"), retry=FAST)
+    assert "CIVITAI_TOKEN" in str(info.value) and "wrong-secret" not in str(info.value)
+    assert "wrong-secret" not in repr(Credential("CIVITAI_TOKEN", hosts, "wrong-secret"))
+    download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, "right"))
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+    assert leftovers(tmp_path) == []
+
+
+def test_404_is_not_found(server: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="404"):
+        download(server.url("/gone.bin"), tmp_path / "gone.bin", retry=FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_500_is_retried_then_succeeds(server: FileServer, tmp_path: Path) -> None:
+    route = server.add("/m.bin", DATA, fail_first=2)
+    download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+    assert route.gets == 3 and (tmp_path / "m.bin").read_bytes() == DATA
+
+
+def test_persistent_500_gives_up_and_400_is_not_retried(server: FileServer, tmp_path: Path) -> None:
+    flaky = server.add("/m.bin", DATA, status=503)
+    with pytest.raises(DownloadError, match="giving up after 3"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert len(server.requests_to("/m.bin")) == 3 and flaky.bytes_sent == 0
+    server.add("/bad.bin", DATA, status=400)
+    with pytest.raises(DownloadError, match="HTTP 400"):
+        download(server.url("/bad.bin"), tmp_path / "bad.bin", retry=FAST)
+    assert len(server.requests_to("/bad.bin")) == 1
+
+
+def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: Path) -> None:
+    with FileServer() as cdn:
+        cdn.add("/blob", DATA)
+        # 127.0.0.1 plays civitai.com; the redirect goes to "localhost", another host name.
+        server.add("/api/download/1", redirect=cdn.url("/blob", host="localhost"))
+        cred = Credential("CIVITAI_TOKEN", ("127.0.0.1",), "s3cret")
+        download(server.url("/api/download/1"), tmp_path / "m.bin", sha256=SHA, credential=cred, retry=FAST)
+        assert server.requests_to("/api/download/1")[0].headers.get("authorization") == "Bearer s3cret"
+        assert "authorization" not in cdn.requests_to("/blob")[0].headers
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/m.bin"])
+def test_redirect_to_another_scheme_is_refused(server: FileServer, tmp_path: Path, location: str) -> None:
+    server.add("/m.bin", redirect=location)
+    with pytest.raises(DownloadError, match="only http and https"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_length_is_fine_when_the_body_completes(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA, no_length=True)
+    result = download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert result.sha256 == SHA and (tmp_path / "m.bin").read_bytes() == DATA
+
+
+def test_stalled_server_times_out(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA, delay_per_chunk=1.0)
+    with pytest.raises(DownloadError, match="giving up"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", retry=Retry(attempts=1, base=0.01),
+                 timeout=(2.0, 0.3))
+
+
+def test_not_enough_space_is_refused_before_any_request(server: FileServer, tmp_path: Path) -> None:
+    server.add("/m.bin", DATA)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(DiskFullError, match="free"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", size=free + (1 << 30), retry=FAST)
+    assert server.requests_to("/m.bin") == [] and list(tmp_path.iterdir()) == []
+
+
+_CHILD = """
+import subprocess, sys
+from pathlib import Path
+folder, url = Path(sys.argv[1]), sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], check=True)
+from provision.download import download, Retry
+from provision.errors import DiskFullError
+target = folder / "m.bin"
+target.write_bytes(b"old")
+try:
+    download(url, target, retry=Retry(attempts=1))
+except DiskFullError as exc:
+    print("DISKFULL", exc)
+print("LEFT", sorted(p.name for p in folder.iterdir()), target.read_bytes())
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a private tiny tmpfs")
+def test_volume_filling_up_mid_download(server: FileServer, tmp_path: Path) -> None:
+    """A real tiny filesystem (256 KiB tmpfs in a private mount namespace); the server sends no length,
+    so the free-space check cannot catch it up front and the write itself hits ENOSPC."""
+    server.add("/m.bin", DATA, no_length=True)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces unavailable: {probe.stderr.decode().strip()}")
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _CHILD, str(folder), server.url("/m.bin")],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr
+    assert "DISKFULL m.bin: the volume filled up" in done.stdout
+    assert "LEFT ['m.bin'] b'old'" in done.stdout
