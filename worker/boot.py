@@ -1,0 +1,58 @@
+"""Boot: settings, volume check, mount-point link, scratch, and Forge started in the background.
+
+``build_worker`` never raises: whatever is wrong with the volume or the settings becomes the
+worker's ``boot_error``, every job then fails at once with it, and the worker does not crash-loop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from provision.errors import ForgeVolumeError
+from volume_layout import worker_volume
+from worker.config import ConfigError, Settings, load_settings
+from worker.forge_process import ForgeProcess, find_tcmalloc, forge_command, prepare_scratch
+from worker.handler import Worker
+from worker.proxy import Proxy
+from worker.volume import check_volume, link_mount_point
+
+
+def say(message: str) -> None:
+    sys.stdout.write(f"[worker] {message}\n")
+    sys.stdout.flush()
+
+
+def build_worker(env: Mapping[str, str]) -> Worker:
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        settings = Settings(volume=worker_volume(env).absolute())
+        say(f"error: {exc.one_line()}")
+        return Worker(settings, settings.volume, Path(tempfile.gettempdir()), boot_error=exc)
+    settings.scratch_root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="forge-worker-", dir=settings.scratch_root))
+    atexit.register(shutil.rmtree, scratch, True)
+    worker = Worker(settings, settings.volume, scratch)
+    try:
+        volume = check_volume(settings.volume)
+        link = link_mount_point(volume)
+    except ForgeVolumeError as exc:
+        say(f"error: {exc.one_line()}")
+        worker.boot_error = exc
+        return worker
+    if link:
+        say(f"linked {link} -> {volume.layout.root} (the volume was provisioned at {link})")
+    forge_scratch = prepare_scratch(volume, scratch / "forge")
+    command = forge_command(volume, settings, forge_scratch, env, find_tcmalloc())
+    say(f"starting Forge: {' '.join(command.argv)}")
+    forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout)
+    forge.start()
+    atexit.register(forge.stop)
+    worker.forge = forge
+    worker.proxy = Proxy(settings.forge_url, settings.request_timeout)
+    return worker

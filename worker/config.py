@@ -1,0 +1,98 @@
+"""The worker's settings: a pure function of an environment mapping.
+
+Every variable the worker reads is here, with its default and meaning (the README's table).
+A bad value raises ``ConfigError``; the worker then serves and fails every job with that message.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provision.errors import ForgeVolumeError
+from volume_layout import SERVERLESS_MOUNT, worker_volume
+
+DEFAULT_PORT = 7861
+MB = 1_000_000
+
+
+class ConfigError(ForgeVolumeError):
+    """An environment variable of the worker has a value it cannot use."""
+
+    hint = "fix the endpoint's environment variables in RunPod's console"
+
+
+@dataclass(frozen=True)
+class Settings:
+    volume: Path
+    forge_port: int = DEFAULT_PORT
+    boot_timeout: float = 600.0  # FORGE_BOOT_TIMEOUT: seconds from boot until Forge must answer
+    request_timeout: float = 3600.0  # FORGE_REQUEST_TIMEOUT: a Forge request taking longer means Forge is wedged
+    forge_args: list[str] = field(default_factory=list)  # FORGE_ARGS, appended after the spec's args
+    result_limit: int = 20 * MB  # FORGE_RESULT_LIMIT_MB: RunPod rejects larger job outputs
+    progress_interval: float = 1.0  # FORGE_PROGRESS_INTERVAL: seconds between progress updates
+    scratch_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # FORGE_SCRATCH
+    bucket_endpoint: str | None = None
+    bucket_name: str | None = None  # BUCKET_NAME: else rp_upload's default (the month, "MM-YY")
+    upload: bool = False  # all three BUCKET_* variables are set
+    hf_token: str | None = field(default=None, repr=False)
+    civitai_token: str | None = field(default=None, repr=False)
+
+    @property
+    def forge_url(self) -> str:
+        return f"http://127.0.0.1:{self.forge_port}"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value <= minimum:
+        raise ConfigError(f"{name}={raw!r} must be greater than {minimum:g}")
+    return value
+
+
+def _port(env: Mapping[str, str]) -> int:
+    raw = env.get("FORGE_PORT", "").strip() or str(DEFAULT_PORT)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"FORGE_PORT={raw!r} is not a TCP port (1-65535)")
+    return int(raw)
+
+
+def _args(env: Mapping[str, str]) -> list[str]:
+    raw = env.get("FORGE_ARGS", "")
+    try:
+        return shlex.split(raw)
+    except ValueError as exc:
+        raise ConfigError(f"FORGE_ARGS cannot be split into arguments ({exc}): {raw!r}") from None
+
+
+def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MOUNT) -> Settings:
+    endpoint = env.get("BUCKET_ENDPOINT_URL") or None
+    keys = bool(env.get("BUCKET_ACCESS_KEY_ID")) and bool(env.get("BUCKET_SECRET_ACCESS_KEY"))
+    if endpoint and not keys:
+        raise ConfigError("BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not",
+                          "set all three bucket variables, or none to return images inline")
+    scratch = env.get("FORGE_SCRATCH") or tempfile.gettempdir()
+    return Settings(
+        volume=worker_volume(env, serverless_mount).absolute(),
+        forge_port=_port(env),
+        boot_timeout=_number(env, "FORGE_BOOT_TIMEOUT", 600.0),
+        request_timeout=_number(env, "FORGE_REQUEST_TIMEOUT", 3600.0),
+        forge_args=_args(env),
+        result_limit=int(_number(env, "FORGE_RESULT_LIMIT_MB", 20.0) * MB),
+        progress_interval=_number(env, "FORGE_PROGRESS_INTERVAL", 1.0),
+        scratch_root=Path(scratch),
+        bucket_endpoint=endpoint,
+        bucket_name=env.get("BUCKET_NAME") or None,
+        upload=bool(endpoint and keys),
+        hf_token=env.get("HF_TOKEN") or None,
+        civitai_token=env.get("CIVITAI_TOKEN") or None,
+    )

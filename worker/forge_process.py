@@ -1,0 +1,291 @@
+"""Forge as a child process: its command line, its scratch, its log, and whether it is ready.
+
+``forge_command`` is a pure function of the volume, the settings and a base environment.
+``ForgeProcess`` starts it, passes every output line to the worker's stdout (RunPod's log stream)
+while keeping the last lines for error messages, and watches it: readiness is polled every
+10 ms with a deadline, and an exit is noticed at once. Nothing here writes to the volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from provision.errors import ForgeVolumeError
+from worker.config import DEFAULT_PORT, Settings
+from worker.volume import Volume
+
+PROBE_ROUTE = "/sdapi/v1/samplers"  # cheap: no model scan; Forge has no health route in API-only mode
+PROBE_INTERVAL = 0.01
+LOG_LINES = 200
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+            "/usr/lib/libtcmalloc_minimal.so.4")
+# The worker's own secrets and RunPod's plumbing: Forge has no use for them.
+PRIVATE_PREFIXES = ("BUCKET_", "RUNPOD_")
+
+BOOTING, READY, EXITED, BOOT_TIMEOUT, NOT_STARTED = "booting", "ready", "exited", "boot_timeout", "not_started"
+
+
+class ForgeUnavailable(ForgeVolumeError):
+    """Forge is not running: it exited, never became ready, or could not start."""
+
+    hint = "read forge_log for the cause; the worker asks RunPod for a fresh one"
+
+    def __init__(self, message: str, log: list[str]) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Per-worker folders on local disk for everything Forge writes."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+
+@dataclass(frozen=True)
+class ForgeCommand:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+def forge_command(volume: Volume, settings: Settings, scratch: Scratch, base_env: Mapping[str, str],
+                  tcmalloc: str | None = None) -> ForgeCommand:
+    """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume."""
+    layout = volume.layout
+    argv = [
+        str(layout.venv_python), str(layout.launch_py),
+        "--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
+        "--no-download-sd-model", "--server-name", "127.0.0.1",
+        "--data-dir", str(scratch.data),
+        "--models-dir", str(layout.models_dir),
+        # --data-dir would move these two into the scratch; they are models, so they stay on the volume.
+        "--embeddings-dir", str(layout.kind_dir("embedding")),
+        "--hypernetwork-dir", str(layout.kind_dir("hypernetwork")),
+    ]
+    if settings.forge_port != DEFAULT_PORT:
+        # Only when needed: with --port, Forge's GET /sdapi/v1/cmd-flags fails (port declared str, given int).
+        argv += ["--port", str(settings.forge_port)]
+    argv += volume.forge_args + settings.forge_args
+    env = {k: v for k, v in base_env.items() if not k.startswith(PRIVATE_PREFIXES)}
+    env.update(volume.forge_env)
+    env.update({
+        "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ written into the volume's checkout or venv
+        "PYTHONUNBUFFERED": "1",  # log lines reach RunPod as they happen
+        "VIRTUAL_ENV": str(layout.venv),
+        "PATH": f"{layout.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
+        "HF_HOME": str(scratch.cache / "huggingface"),
+        "TORCH_HOME": str(scratch.cache / "torch"),
+        "XDG_CACHE_HOME": str(scratch.cache),
+        "MPLCONFIGDIR": str(scratch.cache / "matplotlib"),
+        "TMPDIR": str(scratch.tmp),
+        "GRADIO_TEMP_DIR": str(scratch.tmp),
+    })
+    if tcmalloc:
+        env["LD_PRELOAD"] = f"{tcmalloc} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else tcmalloc
+    return ForgeCommand(argv, env, layout.forge_dir)
+
+
+def find_tcmalloc() -> str | None:
+    return next((p for p in TCMALLOC if os.path.exists(p)), None)
+
+
+def prepare_scratch(volume: Volume, root: Path) -> Scratch:
+    """Make the scratch folders: Forge's settings seeded from the volume, extensions linked to the volume's."""
+    scratch = Scratch(root)
+    for folder in (scratch.data, scratch.cache, scratch.tmp):
+        folder.mkdir(parents=True, exist_ok=True)
+    seed = volume.layout.config_dir
+    if seed.is_dir():
+        for item in seed.iterdir():
+            if item.is_file():
+                shutil.copy2(item, scratch.data / item.name)
+    extensions = volume.layout.extensions_dir
+    if extensions.is_dir() and not os.path.lexists(scratch.data / "extensions"):
+        (scratch.data / "extensions").symlink_to(extensions, target_is_directory=True)
+    return scratch
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends SIGTERM to Forge if the worker dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ForgeProcess:
+    def __init__(self, command: ForgeCommand, *, port: int, boot_timeout: float,
+                 out: Callable[[str], None] | None = None) -> None:
+        self.command = command
+        self.port = port
+        self.boot_timeout = boot_timeout
+        self.phase = NOT_STARTED
+        self.returncode: int | None = None
+        self.started_at = 0.0
+        self.ready_at: float | None = None  # time.monotonic() when readiness was noticed
+        self.start_error = ""
+        self._out = out or _to_stdout
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self._lock = threading.Lock()
+        self._waiters: list[Callable[[], None]] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(
+                self.command.argv, env=self.command.env, cwd=self.command.cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            self.start_error = f"cannot start Forge ({self.command.argv[0]}): {exc}"
+            self._set(NOT_STARTED)
+            return
+        self._set(BOOTING)
+        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
+        threading.Thread(target=self._watch, name="forge-watch", daemon=True).start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # -- log ----------------------------------------------------------------------------------
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self._log.append(line)
+            self._out(line)
+
+    def tail(self, lines: int = 20) -> list[str]:
+        return list(self._log)[-lines:]
+
+    # -- readiness ----------------------------------------------------------------------------
+    def _set(self, phase: str) -> None:
+        with self._lock:
+            self.phase = phase
+            if phase == READY:
+                self.ready_at = time.monotonic()
+            waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
+
+    def _probe(self, timeout: float) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", PROBE_ROUTE)
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def _watch(self) -> None:
+        proc = self._proc
+        assert proc is not None
+        deadline = self.started_at + self.boot_timeout
+        while proc.poll() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._set(BOOT_TIMEOUT)
+                self._out(f"[worker] Forge did not answer within {self.boot_timeout:g} s; stopping it")
+                self.stop()
+                self.returncode = proc.poll()
+                return
+            if self._probe(min(2.0, remaining)):
+                self._set(READY)
+                self._out(f"[worker] Forge ready after {self.ready_at - self.started_at:.2f} s")  # type: ignore[operator]
+                break
+            time.sleep(min(PROBE_INTERVAL, max(remaining, 0)))
+        self.returncode = proc.wait()
+        self._set(EXITED)
+
+    def failure(self) -> str:
+        """Why Forge cannot serve, in one line (only meaningful when the phase is not booting or ready)."""
+        if self.phase == NOT_STARTED:
+            return self.start_error or "Forge was not started"
+        if self.phase == BOOT_TIMEOUT:
+            return (f"Forge did not become ready within FORGE_BOOT_TIMEOUT={self.boot_timeout:g} s "
+                    "(raise FORGE_BOOT_TIMEOUT if the volume is slow, else read forge_log)")
+        was = "after it was ready" if self.ready_at is not None else "while booting"
+        last = " | ".join(line for line in self.tail(3) if line.strip())
+        return f"Forge exited with code {self.returncode} {was}" + (f": {last}" if last else "")
+
+    def unavailable(self) -> ForgeUnavailable:
+        return ForgeUnavailable(self.failure(), self.tail())
+
+    async def wait_ready(self) -> None:
+        """Return once Forge answers; raise ForgeUnavailable as soon as it cannot (exit, boot deadline)."""
+        while True:
+            if self.phase == READY:
+                return
+            if self.phase != BOOTING:
+                raise self.unavailable()
+            loop = asyncio.get_running_loop()
+            woken = loop.create_future()
+
+            def wake(loop: asyncio.AbstractEventLoop = loop, fut: asyncio.Future[None] = woken) -> None:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+            with self._lock:
+                if self.phase != BOOTING:
+                    continue
+                self._waiters.append(wake)
+            # The watcher enforces the boot deadline; the margin only guards against a dead watcher.
+            remaining = self.started_at + self.boot_timeout - time.monotonic() + 5.0
+            try:
+                await asyncio.wait_for(woken, max(remaining, 0.1))
+            except asyncio.TimeoutError:
+                raise ForgeUnavailable(self.failure() if self.phase != BOOTING else
+                                       "Forge's readiness watcher stopped", self.tail()) from None
+            finally:
+                with self._lock:
+                    if wake in self._waiters:
+                        self._waiters.remove(wake)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _to_stdout(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

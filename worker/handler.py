@@ -1,0 +1,144 @@
+"""The RunPod handler: normalise the job, then relay it to Forge (or a helper) and map the outcome.
+
+Failures come back as ``{"error": "<one line>", ...detail}``. Caller mistakes (bad envelope,
+unknown route, anything Forge answered) keep the worker; a dead, refused or wedged Forge adds
+``refresh_worker`` so RunPod replaces it. A cancelled or timed-out job interrupts Forge.
+No traceback ever reaches the caller: unexpected errors are logged here and summarised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provision.errors import ForgeVolumeError
+from worker import outputs
+from worker.config import Settings
+from worker.forge_process import ForgeProcess, ForgeUnavailable
+from worker.helpers import run_helper
+from worker.normalise import ForgeCall, HelperCall, InputError, normalise
+from worker.progress import Reporter, log_reporter, report_progress
+from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+INTERRUPT_TIMEOUT = 5.0
+
+
+@dataclass
+class Worker:
+    """Everything a job needs; built once at boot (see ``worker.boot``)."""
+
+    settings: Settings
+    volume_root: Path
+    scratch: Path
+    boot_error: ForgeVolumeError | None = None  # the volume or the settings are unusable: every Forge job fails
+    forge: ForgeProcess | None = None
+    proxy: Proxy | None = None
+    report: Reporter = log_reporter
+
+
+def _error(message: str, *, refresh: bool = False, **detail: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"error": " ".join(message.split()), **detail}
+    if refresh:
+        out["refresh_worker"] = True
+    return out
+
+
+def _forge_message(body: Any) -> str:
+    """The cause Forge gave, from its error shapes: FastAPI's 422 list, its own 500 object, or a string."""
+    if isinstance(body, dict):
+        detail = body.get("detail")
+        if isinstance(detail, list):
+            parts = []
+            for item in detail[:5]:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                    parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            return "; ".join(parts) or str(detail)[:300]
+        message = body.get("message") or detail or body.get("error")
+        if message:
+            return f"{body['error']}: {message}" if body.get("error") and body.get("message") else str(message)
+    return str(body)[:300]
+
+
+async def _finish(worker: Worker, call: ForgeCall, resp: ForgeResponse, job: dict[str, Any]) -> Any:
+    settings = worker.settings
+    try:
+        body = resp.json() if resp.body else None
+    except ValueError:
+        text = resp.body[:300].decode("utf-8", "replace")
+        return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint} with something that is not "
+                      f"JSON: {text}", forge_status=resp.status)
+    if not 200 <= resp.status < 300:
+        cause = _forge_message(body)
+        # Forge answers caller mistakes with 500 too; only a broken CUDA context means this worker is unusable.
+        broken = "CUDA error" in cause and "out of memory" not in cause
+        return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint}: {cause}", refresh=broken,
+                      forge_status=resp.status, forge_response=body)
+    if settings.upload and isinstance(body, dict):
+        body = await outputs.upload_images(body, str(job.get("id")), worker.scratch, settings.bucket_name)
+        size = len(outputs.jsonio_size(body))
+    else:
+        size = len(resp.body)  # Forge's bytes are what RunPod would send: no need to serialise again
+    problem = outputs.too_big(size, settings.result_limit, upload=settings.upload)
+    if problem:
+        return _error(problem, result_bytes=size)
+    # RunPod drops an empty dict output (and its local API answers HTTP 500 for it): say "nothing" instead.
+    return None if body == {} else body
+
+
+async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
+    if worker.boot_error is not None:
+        return _error(worker.boot_error.one_line())
+    forge, proxy = worker.forge, worker.proxy
+    assert forge is not None and proxy is not None  # boot makes both unless boot_error is set
+    try:
+        await forge.wait_ready()
+    except ForgeUnavailable as exc:
+        return _error(exc.one_line(), refresh=True, forge_log=exc.log)
+    progress = (asyncio.create_task(report_progress(proxy, job, worker.report, worker.settings.progress_interval))
+                if call.generates else None)
+    try:
+        resp = await proxy.request(call.method, call.route, call.payload)
+    except ForgeTimeout as exc:
+        await proxy.interrupt()
+        return _error(f"{exc}; Forge looks wedged (raise FORGE_REQUEST_TIMEOUT for longer jobs)", refresh=True,
+                      forge_log=forge.tail())
+    except ForgeDown as exc:
+        await asyncio.sleep(0.05)  # let the watcher see an exit, for a precise cause
+        cause = forge.failure() if forge.phase != "ready" else f"Forge did not answer: {exc}"
+        return _error(cause, refresh=True, forge_log=forge.tail())
+    except asyncio.CancelledError:
+        # RunPod cancelled the job or it timed out: stop Forge's generation so the next job does not queue behind it.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proxy.interrupt()), INTERRUPT_TIMEOUT)
+        raise
+    finally:
+        if progress is not None:
+            progress.cancel()
+    return await _finish(worker, call, resp, job)
+
+
+def make_handler(worker: Worker) -> Handler:
+    async def handler(job: dict[str, Any]) -> Any:
+        try:
+            call = normalise(job.get("input"))
+        except InputError as exc:
+            return _error(str(exc))
+        try:
+            if isinstance(call, HelperCall):
+                return await run_helper(call, worker.volume_root, worker.settings)
+            return await _relay(worker, call, job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the boundary: log the traceback here, never send it to the caller
+            traceback.print_exc(file=sys.stdout)
+            return _error(f"the worker failed unexpectedly ({type(exc).__name__}: {exc}); see the worker's log")
+
+    return handler

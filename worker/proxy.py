@@ -1,0 +1,88 @@
+"""A thin aiohttp client to Forge on loopback: one session per event loop, kept alive between jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from worker import jsonio
+
+CONNECT_TIMEOUT = 5.0
+SIDE_TIMEOUT = 5.0  # progress and interrupt: small requests that must not hold a job up
+
+
+class ForgeDown(Exception):
+    """Forge refused the connection or dropped it mid-request."""
+
+
+class ForgeTimeout(Exception):
+    """Forge accepted the request but did not answer within the request timeout."""
+
+
+@dataclass(frozen=True)
+class ForgeResponse:
+    status: int
+    body: bytes
+    content_type: str
+
+    def json(self) -> Any:
+        return jsonio.loads(self.body)
+
+
+class Proxy:
+    def __init__(self, base_url: str, request_timeout: float) -> None:
+        self.base_url = base_url
+        self.request_timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            # A session belongs to the loop it was made in; RunPod's local API and its job loop differ.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=8), auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=CONNECT_TIMEOUT),
+            )
+            self._loop = loop
+        return self._session
+
+    async def request(self, method: str, route: str, payload: dict[str, Any] | None = None, *,
+                      timeout: float | None = None) -> ForgeResponse:
+        data = None if payload is None else jsonio.dumps(payload)
+        headers = {"content-type": "application/json"} if data is not None else None
+        limit = aiohttp.ClientTimeout(total=timeout or self.request_timeout, sock_connect=CONNECT_TIMEOUT)
+        try:
+            async with self._client().request(method, self.base_url + route, data=data, headers=headers,
+                                              timeout=limit) as resp:
+                body = await resp.read()
+                return ForgeResponse(resp.status, body, resp.content_type)
+        except asyncio.TimeoutError:
+            seconds = timeout or self.request_timeout
+            raise ForgeTimeout(f"no answer from Forge to {method} {route} within {seconds:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise ForgeDown(f"{method} {route} failed: {type(exc).__name__}: {exc}") from None
+
+    async def progress(self) -> dict[str, Any] | None:
+        """Forge's progress report, or None when it does not answer in time."""
+        try:
+            resp = await self.request("GET", "/sdapi/v1/progress?skip_current_image=true", timeout=SIDE_TIMEOUT)
+            value = resp.json() if resp.status == 200 else None
+        except (ForgeDown, ForgeTimeout, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def interrupt(self) -> bool:
+        """Ask Forge to stop the running generation; True when it acknowledged."""
+        try:
+            resp = await self.request("POST", "/sdapi/v1/interrupt", timeout=SIDE_TIMEOUT)
+        except (ForgeDown, ForgeTimeout):
+            return False
+        return resp.status == 200
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
