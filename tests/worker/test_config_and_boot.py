@@ -1,0 +1,189 @@
+"""Pure boot pieces: settings from an environment, Forge's command line, the mount-point rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from provision.errors import StateError, VolumeError
+from tests.worker.conftest import free_port
+from volume_layout import LAYOUT_VERSION, VolumeLayout
+from worker.config import ConfigError, Settings, load_settings
+from worker.forge_process import READY, ForgeCommand, ForgeProcess, ForgeUnavailable, Scratch, forge_command
+from worker.volume import Volume, check_volume, link_mount_point
+
+
+def test_defaults_follow_the_design(tmp_path: Path) -> None:
+    settings = load_settings({}, serverless_mount=tmp_path / "absent")
+    assert settings.volume == Path("/workspace")
+    assert (settings.forge_port, settings.boot_timeout, settings.forge_args) == (7861, 600.0, [])
+    assert settings.result_limit == 20_000_000 and not settings.upload
+    assert load_settings({}, serverless_mount=tmp_path).volume == tmp_path  # /runpod-volume when it exists
+
+
+def test_every_variable_is_read(tmp_path: Path) -> None:
+    env = {"FORGE_VOLUME": str(tmp_path), "FORGE_PORT": "7000", "FORGE_BOOT_TIMEOUT": "30",
+           "FORGE_ARGS": "--xformers --lora-dir '/a b'", "FORGE_REQUEST_TIMEOUT": "90", "FORGE_RESULT_LIMIT_MB": "5",
+           "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_ACCESS_KEY_ID": "k", "BUCKET_SECRET_ACCESS_KEY": "s",
+           "HF_TOKEN": "hf_x", "FORGE_SCRATCH": str(tmp_path / "s")}
+    s = load_settings(env)
+    assert (s.volume, s.forge_port, s.boot_timeout, s.request_timeout) == (tmp_path, 7000, 30.0, 90.0)
+    assert s.forge_args == ["--xformers", "--lora-dir", "/a b"]
+    assert s.result_limit == 5_000_000 and s.upload and s.hf_token == "hf_x"
+    assert "hf_x" not in repr(s)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"FORGE_PORT": "http"}, "FORGE_PORT='http' is not a TCP port"),
+    ({"FORGE_PORT": "70000"}, "not a TCP port"),
+    ({"FORGE_BOOT_TIMEOUT": "soon"}, "FORGE_BOOT_TIMEOUT='soon' is not a number"),
+    ({"FORGE_BOOT_TIMEOUT": "0"}, "must be greater than 0"),
+    ({"FORGE_ARGS": "--x 'unclosed"}, "FORGE_ARGS cannot be split"),
+    ({"BUCKET_ENDPOINT_URL": "https://s3.example"}, "BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not"),
+])
+def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def fake_volume(root: Path, **state: object) -> Volume:
+    return Volume(VolumeLayout(root), {"layout_version": LAYOUT_VERSION, "mount_point": str(root), **state})
+
+
+def test_forge_command_is_api_only_on_loopback_with_scratch_and_volume_models(tmp_path: Path) -> None:
+    volume = fake_volume(tmp_path / "vol", forge_args=["--always-cpu"], forge_env={"XFORMERS_PACKAGE": "x==1"})
+    scratch = Scratch(tmp_path / "scratch")
+    base = {"PATH": "/usr/bin", "HF_TOKEN": "hf_x", "BUCKET_SECRET_ACCESS_KEY": "s", "RUNPOD_AI_API_KEY": "k"}
+    cmd = forge_command(volume, Settings(volume=volume.layout.root, forge_args=["--xformers"]), scratch, base,
+                        tcmalloc="/usr/lib/libtcmalloc_minimal.so.4")
+    layout = volume.layout
+    assert cmd.argv[:2] == [str(layout.venv_python), str(layout.launch_py)]
+    for flag in ("--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
+                 "--no-download-sd-model"):
+        assert flag in cmd.argv
+    pairs = dict(zip(cmd.argv, cmd.argv[1:]))
+    assert pairs["--server-name"] == "127.0.0.1" and pairs["--data-dir"] == str(scratch.data)
+    assert pairs["--models-dir"] == str(layout.models_dir)
+    assert pairs["--embeddings-dir"] == str(layout.models_dir / "embeddings")
+    assert pairs["--hypernetwork-dir"] == str(layout.models_dir / "hypernetworks")
+    assert "--port" not in cmd.argv  # 7861: leaving it out keeps Forge's cmd-flags route working
+    assert cmd.argv[-2:] == ["--always-cpu", "--xformers"]  # the spec's args, then FORGE_ARGS
+    assert cmd.cwd == layout.forge_dir
+    env = cmd.env
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["XFORMERS_PACKAGE"] == "x==1"
+    assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4"
+    assert env["HF_HOME"].startswith(str(scratch.root)) and env["TMPDIR"] == str(scratch.tmp)
+    assert env["PATH"].startswith(str(layout.venv / "bin")) and env["HF_TOKEN"] == "hf_x"
+    assert "BUCKET_SECRET_ACCESS_KEY" not in env and "RUNPOD_AI_API_KEY" not in env
+
+
+def test_a_port_other_than_7861_is_passed(tmp_path: Path) -> None:
+    volume = fake_volume(tmp_path)
+    cmd = forge_command(volume, Settings(volume=tmp_path, forge_port=7000), Scratch(tmp_path / "s"), {})
+    assert cmd.argv[cmd.argv.index("--port") + 1] == "7000" and "LD_PRELOAD" not in cmd.env
+
+
+def test_missing_unprovisioned_corrupt_and_future_volumes_say_which(tmp_path: Path) -> None:
+    with pytest.raises(VolumeError, match="no volume at .*attach the network volume"):
+        check_volume(tmp_path / "absent")
+    root = tmp_path / "vol"
+    root.mkdir()
+    with pytest.raises(VolumeError, match="not provisioned.*forge-volume install"):
+        check_volume(root)
+    layout = VolumeLayout(root)
+    layout.meta_dir.mkdir()
+    layout.state.write_text("{not json")
+    with pytest.raises(StateError, match="corrupt"):
+        check_volume(root)
+    layout.state.write_text(json.dumps({"layout_version": LAYOUT_VERSION + 1}))
+    with pytest.raises(StateError, match="layout version 2"):
+        check_volume(root)
+    layout.state.write_text(json.dumps({"layout_version": LAYOUT_VERSION, "forge": {"commit": "abc"}}))
+    with pytest.raises(VolumeError, match="venv is missing"):
+        check_volume(root)
+
+
+def test_mount_point_rule(tmp_path: Path) -> None:
+    root = tmp_path / "runpod-volume"
+    root.mkdir()
+    assert link_mount_point(fake_volume(root)) is None  # same place: nothing to do
+    pod = tmp_path / "workspace"
+    volume = Volume(VolumeLayout(root), {"mount_point": str(pod)})
+    assert link_mount_point(volume) == pod and pod.resolve() == root.resolve()
+    assert link_mount_point(volume) is None  # already linked
+    pod.unlink()
+    pod.mkdir()
+    assert link_mount_point(volume) == pod and pod.is_symlink()  # an empty folder is replaced
+    pod.unlink()
+    (pod / "x").mkdir(parents=True)
+    with pytest.raises(VolumeError, match="exists here as something other than an empty folder"):
+        link_mount_point(volume)
+    other = tmp_path / "other"
+    other.mkdir()
+    (pod / "x").rmdir()
+    pod.rmdir()
+    pod.symlink_to(other)
+    with pytest.raises(VolumeError, match="something other"):
+        link_mount_point(volume)
+
+
+SERVER = """
+import http.server, sys, time
+time.sleep(float(sys.argv[2]))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-length", "2"); self.end_headers(); self.wfile.write(b"[]")
+    def log_message(self, *a): pass
+print("serving", flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def process(tmp_path: Path, code: str, *args: str, boot_timeout: float = 10.0) -> tuple[ForgeProcess, list[str]]:
+    port = free_port()
+    lines: list[str] = []
+    cmd = ForgeCommand([sys.executable, "-c", code, str(port), *args], {"PATH": "/usr/bin"}, tmp_path)
+    return ForgeProcess(cmd, port=port, boot_timeout=boot_timeout, out=lines.append), lines
+
+
+def test_readiness_is_noticed_promptly_and_output_is_passed_through(tmp_path: Path) -> None:
+    forge, lines = process(tmp_path, SERVER, "0.3")
+    forge.start()
+    try:
+        asyncio.run(asyncio.wait_for(forge.wait_ready(), 10))
+        assert forge.phase == READY and "serving" in lines and forge.tail() [0] == "serving"
+        assert 0.3 <= forge.ready_at - forge.started_at < 2.0  # type: ignore[operator]
+    finally:
+        forge.stop()
+
+
+def test_an_exit_during_boot_is_noticed_at_once_with_the_log_tail(tmp_path: Path) -> None:
+    forge, _ = process(tmp_path, "import sys, time; time.sleep(0.2); sys.exit('CUDA error: no kernel image')",
+                       boot_timeout=60)
+    forge.start()
+    started = time.monotonic()
+    with pytest.raises(ForgeUnavailable, match="exited with code 1 while booting: CUDA error: no kernel image"):
+        asyncio.run(forge.wait_ready())
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_hung_boot_fails_at_the_deadline_and_is_stopped(tmp_path: Path) -> None:
+    forge, _ = process(tmp_path, "import time; time.sleep(60)", boot_timeout=0.5)
+    forge.start()
+    started = time.monotonic()
+    with pytest.raises(ForgeUnavailable, match="did not become ready within FORGE_BOOT_TIMEOUT=0.5 s"):
+        asyncio.run(forge.wait_ready())
+    assert time.monotonic() - started < 2.0
+    assert forge._proc is not None and forge._proc.wait(5) is not None
+
+
+def test_a_missing_interpreter_fails_without_raising(tmp_path: Path) -> None:
+    forge = ForgeProcess(ForgeCommand([str(tmp_path / "no-python")], {}, tmp_path), port=free_port(), boot_timeout=5)
+    forge.start()
+    with pytest.raises(ForgeUnavailable, match="cannot start Forge"):
+        asyncio.run(forge.wait_ready())
