@@ -110,3 +110,9 @@ class DiskFullError(DownloadError):
     """Not enough free space on the volume."""
 
     hint = "free space on the volume (`forge-volume refresh-models --prune`) or grow it in RunPod's console"
+
+
+class PathError(ForgeVolumeError):
+    """A destination that is not a usable place under the volume's models folder."""
+
+    hint = "give a path under the volume's models/ folder (or a model kind), with a plain file name"

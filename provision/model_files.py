@@ -1,0 +1,188 @@
+"""Model files on the volume: hashing, state.json records, and whether a file can be trusted unread.
+
+A file whose size and mtime equal its state.json record is trusted without reading it (like
+huggingface_hub's per-file metadata, stale once the mtime moves); any other file is hashed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from provision.download import is_download_temp
+from provision.errors import LockError, PathError
+from provision.lockfile import LockedModel
+from provision.state import now, read_state, record_model, update_state
+from volume_layout import LayoutError, VolumeLayout
+
+READ = 8 << 20
+TARGET_LOCK_WAIT = 4 * 3600.0  # another process may be fetching a big checkpoint over a slow link
+
+Record = dict[str, Any]
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(READ)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+            if on_bytes is not None:
+                on_bytes(n)
+    return digest.hexdigest()
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git object id of a file's content (how the hub names files it keeps in git, not LFS)."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(READ):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def records(layout: VolumeLayout) -> dict[str, Record]:
+    state = read_state(layout) or {}
+    return {r["path"]: r for r in state.get("models") or [] if isinstance(r, dict) and "path" in r}
+
+
+def trusted(path: Path, record: Record | None) -> bool:
+    """The file is exactly as recorded (same size and mtime), so its recorded sha256 still holds."""
+    if not record or not record.get("sha256"):
+        return False
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return st.st_size == record.get("size") and st.st_mtime == record.get("mtime")
+
+
+def make_record(layout: VolumeLayout, path: Path, *, kind: str | None, source: str, sha256: str,
+                revision: str | None = None) -> Record:
+    st = path.stat()
+    entry: Record = {"path": layout.relative(path), "kind": kind, "source": source, "sha256": sha256,
+                     "size": st.st_size, "mtime": st.st_mtime, "recorded": now()}
+    if revision:
+        entry["revision"] = revision
+    return entry
+
+
+def save_records(layout: VolumeLayout, entries: list[Record]) -> None:
+    if not entries:
+        return
+
+    def change(state: dict[str, Any]) -> None:
+        for entry in entries:
+            record_model(state, entry)
+
+    update_state(layout, change)
+
+
+def forget_records(layout: VolumeLayout, paths: set[str]) -> None:
+    if not paths:
+        return
+
+    def change(state: dict[str, Any]) -> None:
+        state["models"] = [m for m in state.get("models") or [] if m.get("path") not in paths]
+
+    update_state(layout, change)
+
+
+def target_lock(layout: VolumeLayout, path: Path, timeout: float = TARGET_LOCK_WAIT) -> FileLock:
+    """The per-target lock: one process at a time fetches a given file (others wait, then find it done)."""
+    layout.locks_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(layout.lock_file("model-" + layout.relative(path))), timeout=timeout)
+
+
+def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
+    """Where a locked model lives; the lock's recorded path must be the one its kind and name give."""
+    try:
+        path = layout.model_path(model.kind, model.name)
+    except LayoutError as exc:
+        raise LockError(f"lock entry {model.kind}/{model.name}: {exc}") from None
+    if layout.relative(path) != model.path:
+        raise LockError(f"lock entry {model.kind}/{model.name} says path {model.path!r}, "
+                        f"but its kind and name put it at {layout.relative(path)!r}")
+    return path
+
+
+def destination(layout: VolumeLayout, dest: str, name: str | None) -> Path:
+    """A caller-given destination (a file, or a folder ending in '/' or existing), which must stay under models/."""
+    try:
+        path = layout.inside_models(dest)
+        if dest.endswith("/") or path.is_dir():
+            if not name:
+                raise PathError(f"{dest!r} is a folder and no file name was given")
+            path = layout.inside_models(path / name)
+    except LayoutError as exc:
+        raise PathError(str(exc)) from None
+    return path
+
+
+def model_files(layout: VolumeLayout) -> Iterator[Path]:
+    """Every model file under models/ (regular files and links, not followed; hidden files skipped)."""
+    for folder, dirs, files in os.walk(layout.models_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def temp_files(layout: VolumeLayout) -> Iterator[Path]:
+    """Temporary and resumable files of downloads (finished, abandoned or in progress)."""
+    for folder, dirs, files in os.walk(layout.models_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if is_download_temp(name):
+                yield Path(folder) / name
+
+
+def temp_target(temp: Path) -> Path | None:
+    """The final path a temporary file belongs to (``.x.safetensors.1a2b3c4d.part`` -> ``x.safetensors``)."""
+    name = temp.name[1:]
+    if name.endswith(".partial"):
+        return temp.with_name(name[: -len(".partial")])
+    stem, _, random = name[: -len(".part")].rpartition(".")
+    return temp.with_name(stem) if stem and len(random) == 8 else None
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a locked model's file looks like on the volume."""
+
+    model: LockedModel
+    path: Path
+    status: str  # ok | missing | wrong-size | wrong-hash | unchecked
+    sha256: str | None = None  # the file's hash, when known
+    size: int | None = None
+    adopt: bool = False  # hashed now and good: record it
+
+
+def check(layout: VolumeLayout, model: LockedModel, recs: dict[str, Record], *, hash_files: bool,
+          deep: bool = False, on_bytes: Callable[[int], None] | None = None) -> Check:
+    """Compare one locked model with its file; reads the file only when it is not trusted (or ``deep``)."""
+    path = locked_target(layout, model)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Check(model, path, "missing")
+    if model.size is not None and size != model.size:
+        return Check(model, path, "wrong-size", size=size)
+    record = recs.get(model.path)
+    if trusted(path, record) and not deep:
+        sha = str(record["sha256"]) if record else None
+        ok = model.sha256 is None or sha == model.sha256
+        return Check(model, path, "ok" if ok else "wrong-hash", sha256=sha, size=size)
+    if not hash_files:
+        return Check(model, path, "unchecked", size=size)
+    sha = sha256_file(path, on_bytes)
+    if model.sha256 is not None and sha != model.sha256:
+        return Check(model, path, "wrong-hash", sha256=sha, size=size)
+    return Check(model, path, "ok", sha256=sha, size=size, adopt=not trusted(path, record))

@@ -1,0 +1,555 @@
+"""Models on the volume: resolve them into the lock, make the volume match it, fetch one, mirror a repo.
+
+Every download goes through ``provision.download`` under a per-target file lock, and is recorded
+in state.json (path, kind, source, sha256, size, mtime) so later runs trust it without reading it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
+
+from provision import model_files as mf
+from provision.download import Downloaded, download
+from provision.errors import ChecksumError, DownloadError, ForgeVolumeError, PathError, SourceError, VolumeError
+from provision.hub import RemoteFile, Tokens, head_size, hf_credential, hf_file_url, list_hf_repo, remote_for
+from provision.lockfile import Lock, LockedModel, read_lock, write_lock
+from provision.progress import Progress
+from provision.sources import CivitaiSource, HfSource, parse_source
+from provision.spec import ModelSpec
+from provision.volume_lock import hold_volume
+from volume_layout import LayoutError, VolumeLayout, check_file_name
+
+POOL = 4  # parallel downloads: enough to fill a pod's link, few enough to be kind to the hosts
+RESOLVE_POOL = 8
+STALE_TEMP = 3600.0  # a temporary file untouched this long, with its target lock free, is abandoned
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DUMMY = VolumeLayout(Path("/volume"))
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def relative_model_path(kind: str, name: str) -> str:
+    """A model's path relative to the volume root, e.g. ``models/Lora/x.safetensors``."""
+    return _DUMMY.relative(_DUMMY.model_path(kind, name))
+
+
+@dataclass
+class ModelsReport:
+    """What a sync or refresh did (or, in a dry run, would do), in files and bytes."""
+
+    dry_run: bool = False
+    fetched: list[tuple[str, int]] = field(default_factory=list)
+    repaired: list[tuple[str, int]] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    pinned: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256) trusted on first use
+    pruned: list[tuple[str, int]] = field(default_factory=list)
+    unchanged: int = 0
+    transferred: int = 0  # bytes received over the network
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        dry = self.dry_run
+        verbs = {"fetched": "would fetch" if dry else "fetched", "repaired": "would repair" if dry else "repaired",
+                 "pruned": "would prune" if dry else "pruned"}
+        parts = [f"{verbs[k]} {len(getattr(self, k))} file(s) ({human(sum(s for _, s in getattr(self, k)))})"
+                 for k in ("fetched", "repaired", "pruned") if getattr(self, k) or k != "pruned"]
+        if self.adopted:
+            parts.append(f"adopted {len(self.adopted)} already present")
+        head = "models: " + ", ".join(parts) + f"; {self.unchanged} already correct"
+        if not dry:
+            head += f"; {human(self.transferred)} transferred in {self.seconds:.1f} s"
+        lines = [head]
+        for key in ("fetched", "repaired", "pruned"):
+            lines += [f"  {verbs[key]} {path} ({human(size)})" for path, size in getattr(self, key)]
+        lines += [f"  pinned {path} at sha256 {sha} (trust on first use: measured at its first download, "
+                  "now written into the lock)" for path, sha in self.pinned]
+        if dry:
+            lines.append("dry run: nothing was changed")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("fetched", "repaired", "pruned"):
+            data[key] = [{"path": p, "bytes": s} for p, s in getattr(self, key)]
+        data["pinned"] = [{"path": p, "sha256": s} for p, s in self.pinned]
+        data["summary"] = self.summary()
+        return data
+
+
+# --- lock ------------------------------------------------------------------------------------------
+
+def _resolve_one(spec: ModelSpec) -> LockedModel:
+    source = spec.source
+    if isinstance(source, HfSource):
+        remote = remote_for(source)
+        pinned_by = "hub" if remote.sha256 else ("spec" if spec.sha256 else "first-download")
+        return _locked(spec, remote, pinned_by)
+    if isinstance(source, CivitaiSource):
+        return _locked(spec, remote_for(source), "server")
+    if spec.sha256:
+        size = spec.size if spec.size is not None else head_size(source.url)
+        return _locked(spec, RemoteFile(source.url, None, size), "spec")
+    size = spec.size if spec.size is not None else head_size(source.url)
+    return _locked(spec, RemoteFile(source.url, None, size), "first-download")
+
+
+def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
+    if spec.sha256 and remote.sha256 and spec.sha256 != remote.sha256:
+        raise ChecksumError(f"{spec.source}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
+    if spec.size is not None and remote.size is not None and spec.size != remote.size:
+        raise ChecksumError(f"{spec.source}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
+    name = spec.name or remote.name
+    if not name:
+        raise SourceError(f"{spec.source}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
+    return LockedModel(kind=spec.kind, name=name, source=str(spec.source), path=relative_model_path(spec.kind, name),
+                       sha256=spec.sha256 or remote.sha256, size=spec.size if spec.size is not None else remote.size,
+                       revision=remote.revision, pinned_by=pinned_by)
+
+
+def _parallel(items: Sequence[T], work: Callable[[T], R], workers: int) -> list[R | ForgeVolumeError]:
+    """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised."""
+    def guarded(item: T) -> R | ForgeVolumeError:
+        try:
+            return work(item)
+        except ForgeVolumeError as exc:
+            return exc
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(guarded, items))
+
+
+def _raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
+    if len(failures) == 1:
+        raise failures[0][1]
+    if failures:
+        detail = "; ".join(f"{what}: {exc.message}" for what, exc in failures)
+        raise DownloadError(f"{len(failures)} models failed: {detail}", failures[0][1].hint)
+
+
+def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[LockedModel]:
+    """Pin every model: hf:// to revision, sha256 and size; civitai from its API; URLs from the spec or a HEAD."""
+    bar = progress.bar(len(models), "resolving models", unit="model")
+
+    def one(spec: ModelSpec) -> LockedModel:
+        try:
+            return _resolve_one(spec)
+        finally:
+            bar.update(1)
+
+    results = _parallel(models, one, RESOLVE_POOL)
+    bar.close()
+    _raise_failures([(str(m.source), r) for m, r in zip(models, results, strict=True)
+                     if isinstance(r, ForgeVolumeError)])
+    locked = [r for r in results if isinstance(r, LockedModel)]
+    for model in locked:
+        if model.sha256 is None:
+            progress.info(f"{model.path}: no sha256 known yet; it will be pinned at its first download "
+                          "(trust on first use)")
+    return locked
+
+
+# --- making the volume match the lock ----------------------------------------------------------------
+
+class _LazyBar:
+    """A bar that appears only if something reports progress (hashing is rare once files are recorded)."""
+
+    def __init__(self, progress: Progress, desc: str) -> None:
+        self.progress, self.desc = progress, desc
+        self.bar: Any = None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = self.progress.bar(None, self.desc)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Bars:
+    """A bar per file plus a total; a cancel flag stops every download at its next chunk."""
+
+    def __init__(self, progress: Progress, total: int | None, desc: str = "total") -> None:
+        self.progress = progress
+        self.total = progress.bar(total, desc, leave=True) if total is not None else None
+        self.cancelled = threading.Event()
+
+    def file(self, size: int | None, name: str) -> tuple[Any, Callable[[int], None]]:
+        bar = self.progress.bar(size, name)
+
+        def on_bytes(n: int) -> None:
+            if self.cancelled.is_set():
+                raise DownloadError("cancelled")
+            bar.update(n)
+            if self.total is not None:
+                self.total.update(n)
+
+        return bar, on_bytes
+
+    def close(self) -> None:
+        if self.total is not None:
+            self.total.close()
+
+
+def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: _Bars, tokens: Tokens | None
+                  ) -> tuple[LockedModel, Downloaded | None]:
+    """Fetch one locked model under its target lock; None when another process got it there first."""
+    path = mf.locked_target(layout, model)
+    with _target_lock(layout, path, model.path):
+        again = mf.check(layout, model, mf.records(layout), hash_files=True)
+        if again.status == "ok":
+            if again.adopt and again.sha256:
+                mf.save_records(layout, [mf.make_record(layout, path, kind=model.kind, source=model.source,
+                                                        sha256=again.sha256, revision=model.revision)])
+            return _pin(model, again.sha256, again.size), None
+        remote = remote_for(parse_source(model.source), revision=model.revision, tokens=tokens)
+        bar, on_bytes = bars.file(model.size, model.name)
+        try:
+            got = download(remote.url, path, sha256=model.sha256, size=model.size, credential=remote.credential,
+                           on_bytes=on_bytes, what=model.path)
+        finally:
+            bar.close()
+        mf.save_records(layout, [mf.make_record(layout, path, kind=model.kind, source=model.source,
+                                                sha256=got.sha256, revision=model.revision)])
+        return _pin(model, got.sha256, got.size), got
+
+
+def _target_lock(layout: VolumeLayout, path: Path, what: str) -> FileLock:
+    lock = mf.target_lock(layout, path)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DownloadError(f"{what}: another process has been fetching it for {mf.TARGET_LOCK_WAIT / 3600:.0f} h",
+                            "check the other pod or worker; remove its lock file under .forge-volume/locks if it is "
+                            "gone") from None
+    return lock
+
+
+def _pin(model: LockedModel, sha: str | None, size: int | None) -> LockedModel:
+    if model.sha256 is not None or sha is None:
+        return model
+    return replace(model, sha256=sha, size=size if size is not None else model.size, pinned_by="first-download")
+
+
+def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress, *, dry_run: bool,
+          tokens: Tokens | None) -> ModelsReport:
+    started = time.monotonic()
+    report = ModelsReport(dry_run=dry_run)
+    recs = mf.records(layout)
+    hashing = _LazyBar(progress, "checking unrecorded files")
+    try:
+        checks = [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
+    finally:
+        hashing.close()
+    todo = [c for c in checks if c.status != "ok"]
+    ok = [c for c in checks if c.status == "ok"]
+    report.unchanged = len(ok)
+    pins = [_pin(c.model, c.sha256, c.size) for c in ok if c.model.sha256 is None and c.sha256]
+    for c in todo:
+        size = c.model.size or 0
+        (report.fetched if c.status == "missing" else report.repaired).append((c.model.path, size))
+    if dry_run:
+        return report
+    adopted = [c for c in ok if c.adopt and c.sha256]
+    mf.save_records(layout, [mf.make_record(layout, c.path, kind=c.model.kind, source=c.model.source,
+                                            sha256=str(c.sha256), revision=c.model.revision) for c in adopted])
+    report.adopted = [c.model.path for c in adopted]
+    if todo:
+        total = sum(c.model.size or 0 for c in todo) if all(c.model.size for c in todo) else None
+        progress.info(f"fetching {len(todo)} model file(s)" + (f" ({human(total)})" if total else ""))
+        bars = _Bars(progress, total)
+        try:
+            results = _parallel(todo, lambda c: _fetch_locked(layout, c.model, bars, tokens), POOL)
+        except BaseException:
+            bars.cancelled.set()
+            raise
+        finally:
+            bars.close()
+        failures = []
+        for c, result in zip(todo, results, strict=True):
+            if isinstance(result, ForgeVolumeError):
+                failures.append((c.model.path, result))
+                continue
+            model, got = result
+            if model is not c.model:
+                pins.append(model)
+            if got is not None:
+                report.transferred += got.transferred
+                entry = (c.model.path, got.size)
+                target = report.fetched if c.status == "missing" else report.repaired
+                target[:] = [entry if p == c.model.path else (p, s) for p, s in target]
+    else:
+        failures = []
+    if pins:
+        new_lock = lock
+        for model in pins:
+            new_lock = new_lock.with_model(model)
+        write_lock(lock_path, new_lock)
+        report.pinned = [(m.path, str(m.sha256)) for m in pins]
+    report.seconds = time.monotonic() - started
+    _raise_failures(failures)
+    return report
+
+
+def sync_models(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
+                tokens: Tokens | None = None) -> ModelsReport:
+    """Make every locked model present and verified (the caller holds the volume's writer lock)."""
+    report = _sync(layout, lock, lock_path, progress, dry_run=False, tokens=tokens)
+    if report.fetched or report.repaired or report.pinned or report.adopted:
+        progress.info(report.summary())
+    return report
+
+
+def _require_volume(layout: VolumeLayout) -> None:
+    if not layout.root.is_dir():
+        raise VolumeError(f"the volume {layout.root} does not exist")
+
+
+def refresh_models(layout: VolumeLayout, lock_path: Path, *, prune: bool, dry_run: bool, progress: Progress,
+                   tokens: Tokens | None = None) -> ModelsReport:
+    """Fetch what is missing, repair what fails its checksum, optionally prune files the lock does not list."""
+    _require_volume(layout)
+    lock = read_lock(lock_path)
+    if dry_run:  # writes nothing, so it need not wait for (or block) a writer
+        report = _sync(layout, lock, lock_path, progress, dry_run=True, tokens=tokens)
+        if prune:
+            report.pruned = _prune(layout, lock, dry_run=True)
+        return report
+    with hold_volume(layout, "refresh-models"):
+        report = _sync(layout, lock, lock_path, progress, dry_run=False, tokens=tokens)
+        if prune:
+            report.pruned = _prune(layout, lock, dry_run=False)
+    return report
+
+
+def _prune(layout: VolumeLayout, lock: Lock, *, dry_run: bool) -> list[tuple[str, int]]:
+    """Delete model files under models/ that the lock does not list, and abandoned download temporaries.
+
+    A temporary file is left alone while its target's lock is held (a download in progress, here or
+    on another pod) or while it was touched within the last hour (where locks do not hold across
+    machines); a resumable partial of a model the lock lists is kept for the next fetch.
+    """
+    listed = {m.path for m in lock.models}
+    pruned: list[tuple[str, int]] = []
+    for path in mf.model_files(layout):
+        rel = layout.relative(path)
+        if rel not in listed:
+            pruned.append((rel, path.lstat().st_size))
+            if not dry_run:
+                path.unlink()
+    now = time.time()
+    for temp in mf.temp_files(layout):
+        target = mf.temp_target(temp)
+        if target is not None and temp.name.endswith(".partial") and layout.relative(target) in listed:
+            continue
+        try:
+            st = temp.lstat()
+        except FileNotFoundError:
+            continue  # its download just finished or claimed it
+        if now - st.st_mtime < STALE_TEMP or (target is not None and _busy(layout, target)):
+            continue
+        pruned.append((layout.relative(temp), st.st_size))
+        if not dry_run:
+            temp.unlink(missing_ok=True)
+    if not dry_run:
+        mf.forget_records(layout, {p for p, _ in pruned})
+    return pruned
+
+
+def _busy(layout: VolumeLayout, target: Path) -> bool:
+    lock = mf.target_lock(layout, target, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
+    """What install would fetch or repair; offline and fast (no file is read)."""
+    recs = mf.records(layout)
+    lines = []
+    for model in lock.models:
+        c = mf.check(layout, model, recs, hash_files=False)
+        size = f" ({human(model.size)})" if model.size else ""
+        if c.status == "missing":
+            lines.append(f"fetch {model.path}{size} from {model.source}")
+        elif c.status in ("wrong-size", "wrong-hash"):
+            lines.append(f"repair {model.path}{size}: {c.status.replace('-', ' ')}")
+        elif c.status == "unchecked":
+            lines.append(f"check {model.path}: not recorded on the volume; it will be hashed and re-fetched "
+                         "if it differs from the lock")
+        elif model.sha256 is None:
+            lines.append(f"pin {model.path}: its sha256 will be written into the lock")
+    return lines
+
+
+# --- the worker's helpers ----------------------------------------------------------------------------
+
+def _check_sha(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if not _SHA256.match(value):
+        raise SourceError(f"sha256 {value[:80]!r} is not 64 hexadecimal digits", "pass the file's sha256, or none")
+    return value
+
+
+def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
+                sha256: str | None = None, dest: str | None = None, progress: Progress,
+                tokens: Tokens | None = None) -> dict[str, Any]:
+    """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
+
+    Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
+    state.json. A file already there with the right content is not fetched again.
+    """
+    _require_volume(layout)
+    expected = _check_sha(sha256)
+    parsed = parse_source(source)
+    remote = remote_for(parsed, tokens=tokens)
+    if expected and remote.sha256 and expected != remote.sha256:
+        raise ChecksumError(f"{parsed}: the request pins sha256 {expected} but the host says {remote.sha256}")
+    expected = expected or remote.sha256
+    file_name = name or remote.name or parsed.default_name
+    try:
+        if file_name is not None:
+            check_file_name(file_name)
+        if dest:
+            path = mf.destination(layout, dest, file_name)
+            kind = kind or layout.kind_of(path)
+        elif kind is None:
+            raise PathError("a model kind or a destination path is required")
+        elif file_name is None:
+            raise PathError(f"cannot tell a file name for {parsed}; pass one")
+        else:
+            path = layout.model_path(kind, file_name)
+    except LayoutError as exc:
+        raise PathError(str(exc)) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = layout.relative(path)
+    with _target_lock(layout, path, rel):
+        record = mf.records(layout).get(rel)
+        have = None
+        if mf.trusted(path, record) and record:
+            same_source = record.get("source") == str(parsed)
+            have = record["sha256"] if (expected is None and same_source) or record["sha256"] == expected else None
+        elif expected and path.is_file() and (remote.size is None or path.stat().st_size == remote.size):
+            have = expected if mf.sha256_file(path) == expected else None
+            if have:
+                mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=have,
+                                                        revision=remote.revision)])
+        if have:
+            return {"path": rel, "kind": kind, "source": str(parsed), "sha256": have, "size": path.stat().st_size,
+                    "downloaded": False, "bytes": 0}
+        bars = _Bars(progress, None)
+        bar, on_bytes = bars.file(remote.size, path.name)
+        try:
+            got = download(remote.url, path, sha256=expected, size=remote.size, credential=remote.credential,
+                           on_bytes=on_bytes, what=rel)
+        finally:
+            bar.close()
+        mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,
+                                                revision=remote.revision)])
+    return {"path": rel, "kind": kind, "source": str(parsed), "sha256": got.sha256, "size": got.size,
+            "downloaded": True, "bytes": got.transferred}
+
+
+def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = None, kind: str | None = None,
+                 dest: str | None = None, progress: Progress, token: str | None = None) -> dict[str, Any]:
+    """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right."""
+    _require_volume(layout)
+    try:
+        if dest:
+            base = layout.inside_models(dest)
+        elif kind:
+            base = layout.kind_dir(kind)
+        else:
+            raise PathError("a model kind or a sync path under models/ is required")
+    except LayoutError as exc:
+        raise PathError(str(exc)) from None
+    tokens = {"HF_TOKEN": token} if token else None
+    commit, entries = list_hf_repo(repo_id, revision, tokens)
+    jobs: list[tuple[Path, Any]] = []
+    for entry in entries:
+        try:
+            for part in entry.path.split("/"):
+                check_file_name(part)
+            target = layout.inside_models(base / entry.path)
+        except LayoutError as exc:
+            raise PathError(f"hf://{repo_id}: file {entry.path!r} cannot be placed: {exc}") from None
+        jobs.append((target, entry))
+    file_kind = kind or layout.kind_of(base)
+    recs = mf.records(layout)
+    total = sum(e.size or 0 for _, e in jobs)
+    bars = _Bars(progress, total)
+
+    def one(job: tuple[Path, Any]) -> tuple[bool, int]:
+        target, entry = job
+        source = f"hf://{repo_id}/{entry.path}@{commit}"
+        with _target_lock(layout, target, layout.relative(target)):
+            if _hf_file_current(layout, target, entry, recs.get(layout.relative(target)), file_kind, source):
+                if bars.total is not None:
+                    bars.total.update(entry.size or 0)
+                return False, 0
+            bar, on_bytes = bars.file(entry.size, entry.path)
+            try:
+                got = download(hf_file_url(repo_id, entry.path, commit), target, sha256=entry.sha256,
+                               size=entry.size, credential=hf_credential(tokens),
+                               on_bytes=on_bytes, what=layout.relative(target))
+            finally:
+                bar.close()
+            mf.save_records(layout, [mf.make_record(layout, target, kind=file_kind, source=source,
+                                                    sha256=got.sha256, revision=commit)])
+            return True, got.transferred
+
+    try:
+        results = _parallel(jobs, one, POOL)
+    finally:
+        bars.close()
+    _raise_failures([(layout.relative(t), r) for (t, _), r in zip(jobs, results, strict=True)
+                     if isinstance(r, ForgeVolumeError)])
+    done = [r for r in results if isinstance(r, tuple)]
+    return {"repo_id": repo_id, "revision": commit, "path": layout.relative(base), "files": len(jobs),
+            "downloaded": sum(1 for fetched, _ in done if fetched),
+            "skipped": sum(1 for fetched, _ in done if not fetched), "bytes": sum(n for _, n in done)}
+
+
+def _hf_file_current(layout: VolumeLayout, target: Path, entry: Any, record: mf.Record | None,
+                     kind: str | None, source: str) -> bool:
+    """Whether a mirrored file already holds the hub's content (recorded, else hashed once and adopted)."""
+    if not target.is_file() or (entry.size is not None and target.stat().st_size != entry.size):
+        return False
+    if entry.sha256:
+        if mf.trusted(target, record) and record:
+            return bool(record["sha256"] == entry.sha256)
+        sha = mf.sha256_file(target)
+        if sha != entry.sha256:
+            return False
+    else:  # a file kept in git: the hub gives its git blob id, not a sha256
+        if entry.blob_id and mf.git_blob_sha1(target) != entry.blob_id:
+            return False
+        sha = mf.sha256_file(target)
+    mf.save_records(layout, [mf.make_record(layout, target, kind=kind, source=source, sha256=sha)])
+    return True

@@ -1,0 +1,47 @@
+"""``forge-volume verify``: the volume against its lock, one line per problem, writing nothing.
+
+Fast mode trusts a model file whose size and mtime match its state.json record (so a volume of
+tens of GB verifies in well under a second) and hashes only files it has no valid record for;
+``deep`` re-hashes every model file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provision import model_files as mf
+from provision.lockfile import read_lock
+from provision.progress import Progress
+
+
+def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progress: Progress) -> list[str]:
+    lock = read_lock(lock_path)
+    from provision.install import installation_problems  # python, venv, Forge, extensions: the installer's
+
+    problems = installation_problems(layout, lock)
+    recs = mf.records(layout)
+    to_hash = sum(m.size or 0 for m in lock.models) if deep else None
+    bar = progress.bar(to_hash, "hashing models") if deep else None
+    try:
+        for model in lock.models:
+            c = mf.check(layout, model, recs, hash_files=True, deep=deep,
+                         on_bytes=bar.update if bar is not None else None)
+            if c.status == "missing":
+                problems.append(f"missing: {model.path} ({model.kind} from {model.source})")
+            elif c.status == "wrong-size":
+                problems.append(f"wrong size: {model.path} is {c.size:,} bytes, the lock says {model.size:,}")
+            elif c.status == "wrong-hash":
+                problems.append(f"wrong hash: {model.path} has sha256 {c.sha256}, the lock says {model.sha256}")
+            elif model.sha256 is None:
+                problems.append(f"not pinned: {model.path} has no sha256 in the lock yet "
+                                "(`forge-volume refresh-models` pins it)")
+    finally:
+        if bar is not None:
+            bar.close()
+    listed = {m.path for m in lock.models}
+    for path in sorted(mf.model_files(layout)):
+        rel = layout.relative(path)
+        if rel not in listed:
+            problems.append(f"unlisted: {rel} ({path.lstat().st_size:,} bytes) is not in the lock "
+                            "(`forge-volume refresh-models --prune` removes it)")
+    return problems
