@@ -1,0 +1,124 @@
+"""Failure cases end to end: Forge crashing, hanging, wedging or dying mid-job, and bad volumes.
+
+Every scenario gets its own worker (RunPod's local API), all started together at module start
+so their boots overlap. A job never waits past its deadline, the message says what failed and
+what to do, and the worker itself keeps serving (no crash loop).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.worker.conftest import WorkerProc, start_worker, worker_env
+from volume_layout import LAYOUT_VERSION
+
+SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
+TXT2IMG = {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {"prompt": "a cat", "steps": 40}}
+VOLUME = {"api": {"method": "GET", "endpoint": "/v1/volume"}}
+
+
+def bad_volumes(root: Path) -> dict[str, Path]:
+    empty = root / "empty-volume"
+    empty.mkdir()
+    future = root / "future-volume"
+    (future / ".forge-volume").mkdir(parents=True)
+    (future / ".forge-volume" / "state.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION + 1}))
+    corrupt = root / "corrupt-volume"
+    (corrupt / ".forge-volume").mkdir(parents=True)
+    (corrupt / ".forge-volume" / "state.json").write_text("{\"layout_version\": 1,")
+    return {"missing": root / "no-such-volume", "empty": empty, "future": future, "corrupt": corrupt}
+
+
+@pytest.fixture(scope="module")
+def workers(worker_volume: Path, module_tmp: Path) -> Iterator[dict[str, WorkerProc]]:
+    scratch, logs = module_tmp / "scratch", module_tmp / "logs"
+    envs = {
+        "crash": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="crash_at_boot"),
+        "hang": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="hang", FORGE_BOOT_TIMEOUT="4"),
+        "slow": worker_env(worker_volume, scratch, FORGE_STANDIN_BOOT_SECONDS="10"),
+        "exit": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="exit_mid_generation"),
+        "wedge": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="wedge_generation",
+                            FORGE_REQUEST_TIMEOUT="1.5"),
+        "bad_port": worker_env(worker_volume, scratch, FORGE_PORT="eighty"),
+    }
+    envs.update({name: worker_env(path, scratch) for name, path in bad_volumes(module_tmp).items()})
+    procs = {name: start_worker(env, logs, wait=False) for name, env in envs.items()}
+    try:
+        for proc in procs.values():
+            proc.wait_api(60)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def timed(worker: WorkerProc, job: dict[str, object], timeout: float = 60) -> tuple[dict[str, object], float]:
+    started = time.monotonic()
+    out = worker.runsync(job, timeout)
+    return out, time.monotonic() - started
+
+
+def test_helpers_answer_while_forge_boots_and_forge_jobs_wait_for_it(workers: dict[str, WorkerProc]) -> None:
+    worker = workers["slow"]
+    status, seconds = timed(worker, VOLUME)
+    assert status["status"] == "COMPLETED", status
+    log = worker.log()
+    assert "Forge ready" not in log or log.index(f"{status['id']} | Started") < log.index("Forge ready")
+    out, _ = timed(worker, SAMPLERS)
+    assert out["status"] == "COMPLETED" and out["output"]
+
+
+def test_forge_crashing_at_boot_fails_jobs_with_its_last_lines(workers: dict[str, WorkerProc]) -> None:
+    out, seconds = timed(workers["crash"], SAMPLERS)
+    assert out["status"] == "FAILED", out
+    assert "Forge exited with code 1 while booting" in str(out["error"]) and "CUDA error" in str(out["error"])
+    assert seconds < 5
+    assert workers["crash"].proc.poll() is None  # the worker stays up: no crash loop
+    assert "RuntimeError: CUDA error" in workers["crash"].log()  # Forge's output is in the worker's log
+
+
+def test_a_hung_boot_fails_at_forge_boot_timeout(workers: dict[str, WorkerProc]) -> None:
+    worker = workers["hang"]
+    out, _ = timed(worker, SAMPLERS)
+    assert out["status"] == "FAILED" and "did not become ready within FORGE_BOOT_TIMEOUT=4 s" in str(out["error"])
+    assert time.monotonic() - worker.started < 4 + 10  # the deadline, plus the worker's own start
+    again, seconds = timed(worker, SAMPLERS)
+    assert again["status"] == "FAILED" and seconds < 1
+
+
+def test_forge_dying_mid_generation_fails_the_job_and_the_next(workers: dict[str, WorkerProc]) -> None:
+    worker = workers["exit"]
+    out, _ = timed(worker, TXT2IMG)
+    assert out["status"] == "FAILED" and "Forge exited with code 3 after it was ready" in str(out["error"]), out
+    assert "simulated crash" in str(out["error"])
+    again, seconds = timed(worker, SAMPLERS)
+    assert again["status"] == "FAILED" and "exited with code 3" in str(again["error"]) and seconds < 1
+
+
+def test_a_wedged_forge_fails_at_the_request_timeout(workers: dict[str, WorkerProc]) -> None:
+    out, seconds = timed(workers["wedge"], TXT2IMG)
+    assert out["status"] == "FAILED" and "within 1.5 s" in str(out["error"]) and "wedged" in str(out["error"])
+    assert seconds < 5
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("missing", "no volume at .*no-such-volume.*attach the network volume"),
+    ("empty", "is not provisioned .*run `forge-volume install`"),
+    ("future", "layout version 2"),
+    ("corrupt", "is corrupt"),
+    ("bad_port", "FORGE_PORT='eighty' is not a TCP port"),
+])
+def test_a_bad_volume_or_setting_fails_every_job_within_a_second(workers: dict[str, WorkerProc], name: str,
+                                                                  message: str) -> None:
+    import re
+
+    for job in (SAMPLERS, TXT2IMG):
+        out, seconds = timed(workers[name], job)
+        assert out["status"] == "FAILED" and re.search(message, str(out["error"])), out
+        assert seconds < 1.0
+    assert workers[name].proc.poll() is None
