@@ -159,8 +159,8 @@ def head_commit(path: Path) -> str | None:
 
 def local_changes(path: Path) -> list[str]:
     """Tracked files modified, added or deleted in the checkout (untracked files are not changes)."""
-    out = git("status", "--porcelain", "--untracked-files=no", cwd=path, what=f"git status in {path}")
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    out = git("diff", "--name-only", "HEAD", "--", cwd=path, what=f"git diff in {path}")
+    return [line for line in out.splitlines() if line.strip()]
 
 
 def _fetch_commit(path: Path, repo: str, commit: str) -> None:

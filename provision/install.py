@@ -65,7 +65,7 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
             write_lock(lock_path, lock)
             report.lock_written = lock_path
         lock = _run_steps(layout, lock, lock_path, progress, report)
-        _record_run(layout, lock)
+        _record_run(layout, lock, report)
         _keep_copies(layout, spec_path, lock_path)
     report.seconds = time.monotonic() - started
     return report
@@ -128,12 +128,13 @@ def _warn_if_moved(ctx: Ctx, report: InstallReport) -> None:
             f"Mount it there (or link {recorded} to {ctx.layout.root}) when you run Forge from a pod")
 
 
-def _record_run(layout: VolumeLayout, lock: Lock) -> None:
-    """What the worker needs at boot and what status shows, written only when it changed."""
+def _record_run(layout: VolumeLayout, lock: Lock, report: InstallReport) -> None:
+    """Forge's launch args and env, which the worker reads at boot; written only when they changed."""
     wanted = {"forge_args": list(lock.forge.args), "forge_env": dict(lock.forge.env)}
     state = read_state(layout) or {}
     if any(state.get(k) != v for k, v in wanted.items()):
         update_state(layout, lambda s: s.update(wanted))
+        report.notes.append("recorded Forge's launch args and environment for the worker")
 
 
 def _keep_copies(layout: VolumeLayout, spec_path: Path, lock_path: Path) -> None:

@@ -60,3 +60,19 @@ class Repo:
 
     def tag(self, name: str) -> None:
         git(self.path, "tag", name)
+
+    def switch(self, branch: str, create: bool = False) -> None:
+        """Check out ``branch`` in the working repository (``create``: start it at the current HEAD)."""
+        git(self.path, "checkout", "-q", *(["-b"] if create else []), branch)
+
+    def commit_on_branch(self, branch: str, files: dict[str, str | bytes], message: str = "change") -> str:
+        """Commit ``files`` on a new branch started from HEAD, then come back; returns the new commit.
+
+        Session-shared repositories stay put on main, so other tests' `ref = "main"` is unaffected.
+        """
+        back = git(self.path, "rev-parse", "--abbrev-ref", "HEAD")
+        self.switch(branch, create=True)
+        try:
+            return self.commit(message, files)
+        finally:
+            self.switch(back)
