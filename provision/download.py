@@ -75,7 +75,7 @@ class Retry:
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         if retry_after and retry_after.strip().isdigit():
             return min(float(retry_after), self.cap)
-        return min(self.base * (2 ** attempt), self.cap)
+        return min(self.base * (2 ** max(attempt - 1, 0)), self.cap)
 
 
 @dataclass(frozen=True)

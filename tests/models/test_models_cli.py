@@ -1,0 +1,251 @@
+"""Models through the real CLI: lock, refresh-models (missing, repair, --prune, --dry-run), verify.
+
+The volume is a copy of the session's installed volume; the model hosts are loopback servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.forge_world import World
+from tests.models.conftest import CIVITAI_TOKEN, Hosts, cli, lock_models, sha, state_models
+
+
+@pytest.fixture
+def locked(installed_volume: Path, provisioned_world: World, hosts: Hosts) -> Path:
+    """The installed volume with a spec naming one model of every source kind, locked through the CLI."""
+    (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=hosts.models_toml()))
+    result = cli(installed_volume, "lock")
+    assert result.exit_code == 0, result.output
+    return installed_volume
+
+
+def test_lock_pins_every_source(locked: Path, hosts: Hosts) -> None:
+    models = lock_models(locked)
+    assert set(models) == set(hosts.sources)
+    hub = models["models/Stable-diffusion/model.safetensors"]
+    blob = hosts.blobs["models/Stable-diffusion/model.safetensors"]
+    assert (hub["revision"], hub["sha256"], hub["size"]) == (hosts.commit, sha(blob), len(blob))
+    assert hub["pinned_by"] == "hub"
+    readme = models["models/text_encoder/config.json"]  # kept in git on the hub: no sha256 there
+    assert (readme["sha256"], readme["revision"], readme["pinned_by"]) == (None, hosts.commit, "first-download")
+    tofu = models["models/embeddings/tofu.pt"]
+    assert (tofu["sha256"], tofu["size"], tofu["pinned_by"]) == (None, 50_000, "first-download")  # size from HEAD
+    assert models["models/ESRGAN/upscaler.pth"]["pinned_by"] == "spec"
+    civ = models["models/Lora/civitai-lora.safetensors"]
+    lora = hosts.blobs["models/Lora/civitai-lora.safetensors"]
+    assert (civ["name"], civ["sha256"], civ["size"]) == ("civitai-lora.safetensors", sha(lora), len(lora))
+    assert not (locked / "models" / "Lora").exists()  # locking downloads nothing
+
+
+def test_refresh_fetches_everything_then_does_nothing_offline(locked: Path, hosts: Hosts) -> None:
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    assert "fetched 6 file(s)" in result.output
+    assert "trust on first use" in result.output
+    for path, data in hosts.blobs.items():
+        assert (locked / path).read_bytes() == data, path
+    records = state_models(locked)
+    for path, data in hosts.blobs.items():
+        rec = records[path]
+        assert (rec["sha256"], rec["size"], rec["mtime"]) == (sha(data), len(data), (locked / path).stat().st_mtime)
+        assert rec["source"] == hosts.sources[path]
+    pinned = lock_models(locked)
+    assert pinned["models/embeddings/tofu.pt"]["sha256"] == sha(hosts.blobs["models/embeddings/tofu.pt"])
+    assert pinned["models/text_encoder/config.json"]["sha256"] == sha(hosts.blobs["models/text_encoder/config.json"])
+    # civitai got the token; its storage host (reached by redirect) did not
+    assert hosts.files.requests_to("/api/download/models/4242")[0].headers["authorization"] == f"Bearer {CIVITAI_TOKEN}"
+    assert "authorization" not in hosts.cdn.requests_to("/civitai-blob")[0].headers
+    assert CIVITAI_TOKEN not in result.output
+    assert not [p for p in (locked / "models").rglob(".*")]  # no temporaries left behind
+
+    before = hosts.total_requests()
+    started = time.monotonic()
+    again = cli(locked, "refresh-models")
+    assert again.exit_code == 0, again.output
+    assert time.monotonic() - started < 2
+    assert "fetched 0 file(s)" in again.output and "6 already correct" in again.output
+    assert hosts.total_requests() == before  # nothing to do means no network I/O
+    ok = cli(locked, "verify")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_lock_pins_the_hub_revision(locked: Path, hosts: Hosts) -> None:
+    hosts.hub.commit("org/sd", {"model.safetensors": b"a newer upload", "vae/vae.safetensors": b"x",
+                                "config.json": b"{}"})
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    path = "models/Stable-diffusion/model.safetensors"
+    assert (locked / path).read_bytes() == hosts.blobs[path]
+    assert all(f"/resolve/{hosts.commit}/" in p for p in hosts.hub.resolve_requests()[-3:])
+
+
+def test_missing_and_broken_files_are_fetched_and_repaired(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    missing, broken = "models/VAE/sd-vae.safetensors", "models/ESRGAN/upscaler.pth"
+    (locked / missing).unlink()
+    (locked / broken).write_bytes(b"truncated")
+    dry = cli(locked, "refresh-models", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"would fetch {missing}" in dry.output and f"would repair {broken}" in dry.output
+    assert not (locked / missing).exists() and (locked / broken).read_bytes() == b"truncated"
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    assert "fetched 1 file(s)" in result.output and "repaired 1 file(s)" in result.output
+    assert (locked / missing).read_bytes() == hosts.blobs[missing]
+    assert (locked / broken).read_bytes() == hosts.blobs[broken]
+
+
+def test_broken_file_is_replaced_only_by_a_good_one(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    path = "models/ESRGAN/upscaler.pth"
+    good = hosts.blobs[path]
+    changed = bytes([good[0] ^ 1]) + good[1:]  # same size, other content: changed behind our back
+    (locked / path).write_bytes(changed)
+    hosts.files.routes["/files/upscaler.pth"].wrong_bytes = True  # and the server now sends wrong bytes
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 1
+    served = bytearray(good)
+    served[len(good) // 2] ^= 0xFF
+    assert sha(bytes(served)) in result.output and sha(good) in result.output
+    assert (locked / path).read_bytes() == changed  # kept: nothing complete and verified replaced it
+    assert not [p for p in (locked / "models").rglob(".*")]
+
+
+def test_verify_fast_and_deep(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli(locked, "verify").exit_code == 0
+    path = "models/Lora/civitai-lora.safetensors"
+    target = locked / path
+    st = target.stat()
+    good = target.read_bytes()
+    target.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only a re-hash can tell
+    assert cli(locked, "verify").exit_code == 0  # fast mode trusts the record, by design
+    deep = cli(locked, "verify", "--deep")
+    assert deep.exit_code == 1
+    assert f"wrong hash: {path}" in deep.output and sha(good) in deep.output
+    os.utime(target)  # an ordinary edit moves the mtime: now fast mode re-hashes it
+    fast = cli(locked, "verify")
+    assert fast.exit_code == 1 and f"wrong hash: {path}" in fast.output
+    (locked / "models" / "VAE" / "sd-vae.safetensors").unlink()
+    (locked / "models" / "Lora" / "stray.safetensors").write_bytes(b"stray")
+    fast = cli(locked, "verify")
+    assert "missing: models/VAE/sd-vae.safetensors" in fast.output
+    assert "unlisted: models/Lora/stray.safetensors" in fast.output
+    assert cli(locked, "refresh-models").exit_code == 0
+    assert target.read_bytes() == good
+    assert "unlisted" in cli(locked, "verify").output
+
+
+def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    lora = locked / "models" / "Lora"
+    stray = lora / "stray.safetensors"
+    stray.write_bytes(b"s" * 1000)
+    (locked / "models" / "ControlNet").mkdir(parents=True)
+    (locked / "models" / "ControlNet" / "old.pth").write_bytes(b"o" * 10)
+    abandoned = lora / ".gone.safetensors.0a1b2c3d.part"
+    abandoned.write_bytes(b"a")
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+    fresh = lora / ".new.safetensors.1a2b3c4d.part"  # another process is writing this right now
+    fresh.write_bytes(b"f")
+    busy = lora / ".busy.safetensors.partial"  # old, but its target lock is held by another process
+    busy.write_bytes(b"b")
+    os.utime(busy, (time.time() - 7200, time.time() - 7200))
+    lock_file = locked / ".forge-volume" / "locks" / "model-models_Lora_busy.safetensors.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+                               "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)",
+                               str(lock_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        dry = cli(locked, "refresh-models", "--prune", "--dry-run")
+        assert dry.exit_code == 0, dry.output
+        assert "would prune 3 file(s)" in dry.output and stray.exists() and abandoned.exists()
+        result = cli(locked, "refresh-models", "--prune")
+        assert result.exit_code == 0, result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "pruned 3 file(s)" in result.output
+    assert not stray.exists() and not abandoned.exists()
+    assert not (locked / "models" / "ControlNet" / "old.pth").exists()
+    assert fresh.exists() and busy.exists()
+    for path, data in hosts.blobs.items():
+        assert (locked / path).read_bytes() == data
+    assert "models/Lora/stray.safetensors" not in state_models(locked)
+    assert cli(locked, "verify").exit_code == 0
+
+
+def test_token_errors_name_the_variable(installed_volume: Path, provisioned_world: World, hosts: Hosts,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts.hub.add_repo("org/private", {"p.safetensors": b"p" * 100}, token="hf_right")
+    spec = installed_volume / "forge-volume.toml"
+    spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "hf://org/private/p.safetensors"\n'))
+    result = cli(installed_volume, "lock")
+    assert result.exit_code == 1 and "HF_TOKEN" in result.output
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_value")
+    result = cli(installed_volume, "lock")
+    assert result.exit_code == 1 and "HF_TOKEN" in result.output and "hf_wrong_value" not in result.output
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    assert cli(installed_volume, "lock").exit_code == 0
+    monkeypatch.setenv("CIVITAI_TOKEN", "civ-wrong")
+    spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "civitai://4242"\n'))
+    assert cli(installed_volume, "lock").exit_code == 0
+    result = cli(installed_volume, "refresh-models")
+    assert result.exit_code == 1 and "CIVITAI_TOKEN" in result.output and "civ-wrong" not in result.output
+
+
+def test_missing_files_are_clear_errors(installed_volume: Path, provisioned_world: World, hosts: Hosts) -> None:
+    spec = installed_volume / "forge-volume.toml"
+    for source, words in ((hosts.files.url("/files/gone.pth"), "404"),
+                          ("hf://org/sd/gone.safetensors", "no such file"),
+                          ("hf://org/nothere/x.safetensors", "repository not found")):
+        spec.write_text(provisioned_world.spec(extra=f'\n[[models]]\nkind = "lora"\nsource = "{source}"\n'))
+        result = cli(installed_volume, "lock")
+        assert result.exit_code == 1 and words in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+def test_transient_500_is_retried(locked: Path, hosts: Hosts) -> None:
+    route = hosts.files.routes["/files/upscaler.pth"]
+    route.fail_first = route.gets + 1
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    assert (locked / "models/ESRGAN/upscaler.pth").read_bytes() == hosts.blobs["models/ESRGAN/upscaler.pth"]
+
+
+def test_plan_lists_what_install_would_fetch(locked: Path, hosts: Hosts) -> None:
+    from provision.lockfile import read_lock
+    from provision.models import plan_models
+    from volume_layout import VolumeLayout
+
+    lock = read_lock(locked / "forge-volume.lock")
+    before = hosts.total_requests()
+    lines = plan_models(VolumeLayout(locked), lock)
+    assert len([line for line in lines if line.startswith("fetch ")]) == 6
+    assert hosts.total_requests() == before
+    assert cli(locked, "refresh-models").exit_code == 0
+    assert plan_models(VolumeLayout(locked), read_lock(locked / "forge-volume.lock")) == []
+    (locked / "models/ESRGAN/upscaler.pth").write_bytes(b"x")
+    assert plan_models(VolumeLayout(locked), read_lock(locked / "forge-volume.lock")) == [
+        "repair models/ESRGAN/upscaler.pth (195.3 KiB): wrong size"]
+
+
+def test_refresh_report_is_json(locked: Path, hosts: Hosts) -> None:
+    from provision.models import refresh_models
+    from provision.progress import QUIET
+    from volume_layout import VolumeLayout
+
+    report = refresh_models(VolumeLayout(locked), locked / "forge-volume.lock", prune=False, dry_run=False,
+                            progress=QUIET)
+    data = json.loads(json.dumps(report.as_dict()))
+    assert len(data["fetched"]) == 6 and data["transferred"] == sum(len(b) for b in hosts.blobs.values())
+    assert {p["path"] for p in data["pinned"]} == {"models/embeddings/tofu.pt", "models/text_encoder/config.json"}
