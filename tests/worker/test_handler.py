@@ -1,0 +1,134 @@
+"""The handler in-process against a real Forge stand-in: what RunPod gets back beyond the local API's view.
+
+RunPod's local API strips ``refresh_worker`` and cannot cancel, so those are checked here by
+calling the handler directly, with the same boot code ``python -m worker`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import time
+import urllib.request
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.worker.conftest import free_port, worker_env
+from worker.boot import build_worker
+from worker.handler import Worker, make_handler
+
+T = TypeVar("T")
+
+
+def job(method: str, endpoint: str, payload: Any = None, job_id: str = "job-1") -> dict[str, Any]:
+    body: dict[str, Any] = {"api": {"method": method, "endpoint": endpoint}}
+    if payload is not None:
+        body["payload"] = payload
+    return {"id": job_id, "input": body}
+
+
+def run(worker: Worker, coro: Awaitable[T]) -> T:
+    async def go() -> T:
+        try:
+            return await coro
+        finally:
+            if worker.proxy is not None:
+                await worker.proxy.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def live(worker_volume: Path, module_tmp: Path) -> Iterator[Worker]:
+    worker = build_worker(worker_env(worker_volume, module_tmp / "scratch", FORGE_STANDIN_STEP_SECONDS="0.01"))
+    yield worker
+    assert worker.forge is not None
+    worker.forge.stop()
+
+
+def test_caller_mistakes_never_ask_for_a_fresh_worker(live: Worker) -> None:
+    handler = make_handler(live)
+    for bad in (job("POST", "/sdapi/v1/txt2img", {"steps": "many"}),
+                job("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "nope"}),
+                job("GET", "/nope"), {"id": "x", "input": None}):
+        out = run(live, handler(bad))
+        assert out["error"] and "refresh_worker" not in out, out
+    out = run(live, handler(job("POST", "/sdapi/v1/txt2img", {"steps": "many"})))
+    assert out["forge_status"] == 422 and out["forge_response"]["detail"][0]["loc"] == ["body", "steps"]
+
+
+def test_progress_is_reported_while_generating(live: Worker) -> None:
+    updates: list[dict[str, Any]] = []
+    worker = dataclasses.replace(live, report=lambda j, u: updates.append(u),
+                                 settings=dataclasses.replace(live.settings, progress_interval=0.1))
+    out = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 100})))
+    assert len(out["images"]) == 1
+    steps = [u["sampling_step"] for u in updates]
+    assert len(updates) >= 3 and steps == sorted(steps) and updates[0]["sampling_steps"] == 100
+    assert updates[0]["job"] == "scripts_txt2img" and 0 < updates[-1]["progress"] <= 1
+
+
+def test_a_cancelled_job_interrupts_forge(live: Worker) -> None:
+    handler = make_handler(live)
+
+    async def cancel_then_generate() -> tuple[float, Any]:
+        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000})))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = time.monotonic()  # without the interrupt this would queue behind ~9 s of generation
+        out = await handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "b", "steps": 2}))
+        return time.monotonic() - started, out
+
+    seconds, out = run(live, cancel_then_generate())
+    assert len(out["images"]) == 1 and seconds < 2.0
+
+
+def test_a_result_over_the_limit_fails_with_its_size_and_the_fix(live: Worker) -> None:
+    worker = dataclasses.replace(live, settings=dataclasses.replace(live.settings, result_limit=50_000))
+    out = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/txt2img", {"steps": 2, "batch_size": 6})))
+    assert "the result is 0.1 MB, over RunPod's 0 MB limit" in out["error"] and "BUCKET_ENDPOINT_URL" in out["error"]
+    assert out["result_bytes"] > 50_000 and "refresh_worker" not in out
+
+
+def test_images_become_bucket_urls_when_upload_is_configured(live: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for name, value in (("BUCKET_ENDPOINT_URL", endpoint), ("BUCKET_ACCESS_KEY_ID", "test-key"),
+                            ("BUCKET_SECRET_ACCESS_KEY", "test-secret"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            monkeypatch.setenv(name, value)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test-key", aws_secret_access_key="test-secret",
+                     region_name="us-east-1").create_bucket(Bucket="outputs")
+        worker = dataclasses.replace(live, settings=dataclasses.replace(
+            live.settings, upload=True, bucket_endpoint=endpoint, bucket_name="outputs", result_limit=50_000))
+        out = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/txt2img", {"steps": 2, "batch_size": 6})))
+        assert len(out["images"]) == 6 and all(u.startswith(endpoint + "/outputs/job-1/") for u in out["images"])
+        with urllib.request.urlopen(out["images"][0], timeout=10) as resp:
+            assert resp.read()[:4] == b"\x89PNG"
+        assert out["parameters"]["batch_size"] == 6  # the rest of Forge's answer is unchanged
+        single = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/extra-single-image",
+                                                      {"image": base64.b64encode(b"\x89PNG..").decode()})))
+        assert single["image"].startswith(endpoint)
+    finally:
+        server.stop()
+
+
+def test_a_dead_forge_asks_for_a_fresh_worker_and_a_bad_volume_does_not(worker_volume: Path, module_tmp: Path) -> None:
+    crashed = build_worker(worker_env(worker_volume, module_tmp / "scratch", FORGE_STANDIN_MODE="crash_at_boot"))
+    out = run(crashed, make_handler(crashed)(job("GET", "/sdapi/v1/samplers")))
+    assert out["refresh_worker"] is True and "exited with code 1 while booting" in out["error"]
+    assert any("CUDA error" in line for line in out["forge_log"])
+    missing = build_worker(worker_env(module_tmp / "absent", module_tmp / "scratch"))
+    out = run(missing, make_handler(missing)(job("GET", "/sdapi/v1/samplers")))
+    assert "no volume at" in out["error"] and "refresh_worker" not in out
