@@ -55,9 +55,14 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
+def _given(tokens: Tokens | None, *keys: str) -> str | None:
+    """A token a caller passed (e.g. from a job payload), under its variable name or its short name."""
+    return next((tokens[k] for k in keys if tokens and tokens.get(k)), None)
+
+
 def _hf_token(tokens: Tokens | None) -> str | None:
-    if tokens and tokens.get("HF_TOKEN"):
-        return tokens["HF_TOKEN"]
+    if given := _given(tokens, "HF_TOKEN", "hf"):
+        return given
     from huggingface_hub import get_token
 
     return get_token()  # HF_TOKEN from the environment, else the token saved by `hf auth login`
@@ -73,7 +78,7 @@ def civitai_api_base() -> str:
 
 
 def civitai_credential(tokens: Tokens | None = None) -> Credential:
-    token = (tokens or {}).get("CIVITAI_TOKEN") or os.environ.get("CIVITAI_TOKEN") or None
+    token = _given(tokens, "CIVITAI_TOKEN", "civitai") or os.environ.get("CIVITAI_TOKEN") or None
     host = urlsplit(civitai_api_base()).hostname or "civitai.com"
     return Credential("CIVITAI_TOKEN", tuple(dict.fromkeys(("civitai.com", host))), token)
 

@@ -19,7 +19,7 @@ from provision.download import is_download_temp
 from provision.errors import LockError, PathError
 from provision.lockfile import LockedModel
 from provision.state import now, read_state, record_model, update_state
-from volume_layout import LayoutError, VolumeLayout
+from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout
 
 READ = 8 << 20
 TARGET_LOCK_WAIT = 4 * 3600.0  # another process may be fetching a big checkpoint over a slow link
@@ -113,13 +113,15 @@ def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
     return path
 
 
-def destination(layout: VolumeLayout, dest: str, name: str | None) -> Path:
-    """A caller-given destination (a file, or a folder ending in '/' or existing), which must stay under models/."""
+def destination(layout: VolumeLayout, dest: str | Path, name: str | None) -> Path:
+    """A caller-given destination, which must stay under models/: a file path, or a folder (one that
+    exists, ends in '/', or is a kind's folder such as models/Lora) to put ``name`` in."""
     try:
         path = layout.inside_models(dest)
-        if dest.endswith("/") or path.is_dir():
+        kind_folders = {layout.kind_dir(k).resolve() for k in MODEL_KIND_DIRS}
+        if str(dest).endswith("/") or path.is_dir() or path in kind_folders:
             if not name:
-                raise PathError(f"{dest!r} is a folder and no file name was given")
+                raise PathError(f"{str(dest)!r} is a folder and no file name was given")
             path = layout.inside_models(path / name)
     except LayoutError as exc:
         raise PathError(str(exc)) from None

@@ -418,7 +418,7 @@ def _check_sha(value: str | None) -> str | None:
 
 
 def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
-                sha256: str | None = None, dest: str | None = None, progress: Progress,
+                sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
                 tokens: Tokens | None = None) -> dict[str, Any]:
     """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
 
@@ -477,7 +477,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
 
 
 def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = None, kind: str | None = None,
-                 dest: str | None = None, progress: Progress, token: str | None = None) -> dict[str, Any]:
+                 dest: str | Path | None = None, progress: Progress, token: str | None = None) -> dict[str, Any]:
     """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right."""
     _require_volume(layout)
     try:

@@ -1,0 +1,140 @@
+"""The worker's model helpers (fetch_model, sync_hf_repo) and concurrent writers on one volume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from provision.download import Retry, download
+from provision.errors import ChecksumError, PathError
+from provision.models import fetch_model, sync_hf_repo
+from provision.progress import QUIET
+from tests.helpers.fake_hub import FakeHub
+from tests.helpers.http_server import FileServer
+from tests.models.conftest import CIVITAI_TOKEN, Hosts, sha, state_models
+from volume_layout import VolumeLayout
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_fetch_model_from_every_source(volume: Path, hosts: Hosts) -> None:
+    layout = VolumeLayout(volume)
+    for path, source in hosts.sources.items():
+        kind = {"Stable-diffusion": "checkpoint", "VAE": "vae", "ESRGAN": "upscaler", "embeddings": "embedding",
+                "Lora": "lora", "text_encoder": "text_encoder"}[path.split("/")[1]]
+        name = "sd-vae.safetensors" if kind == "vae" else None
+        got = fetch_model(layout, source=source, kind=kind, name=name, progress=QUIET)
+        assert (got["path"], got["sha256"], got["downloaded"]) == (path, sha(hosts.blobs[path]), True)
+        assert (volume / path).read_bytes() == hosts.blobs[path]
+    records = state_models(volume)
+    assert set(records) == set(hosts.blobs)
+    before = hosts.total_requests()
+    again = fetch_model(layout, source="hf://org/sd/model.safetensors", kind="checkpoint", progress=QUIET)
+    assert again["downloaded"] is False and again["bytes"] == 0
+    assert hosts.total_requests() == before + 1  # one HEAD to learn the hub's checksum, no download
+    assert CIVITAI_TOKEN not in json.dumps(records)
+
+
+def test_fetch_model_into_a_caller_path_and_refusals(volume: Path, hosts: Hosts) -> None:
+    layout = VolumeLayout(volume)
+    url = hosts.sources["models/ESRGAN/upscaler.pth"]
+    got = fetch_model(layout, source=url, dest="ESRGAN/", name="mine.pth", progress=QUIET)
+    assert got["path"] == "models/ESRGAN/mine.pth" and got["kind"] == "upscaler"
+    got = fetch_model(layout, source=url, dest=volume / "models" / "Lora", progress=QUIET)
+    assert got["path"] == "models/Lora/upscaler.pth" and got["kind"] == "lora"
+    (volume / "elsewhere").mkdir()
+    (volume / "models" / "escape").symlink_to(volume / "elsewhere")
+    for dest in ("../forge-volume.toml", "/etc/passwd", str(volume / "venv" / "x.pth"), "escape/x.pth"):
+        with pytest.raises(PathError, match="outside the volume's models folder"):
+            fetch_model(layout, source=url, dest=dest, progress=QUIET)
+    with pytest.raises(PathError, match="plain file name"):
+        fetch_model(layout, source=url, kind="lora", name="../x.pth", progress=QUIET)
+    wrong = "0" * 64
+    with pytest.raises(ChecksumError, match=wrong):
+        fetch_model(layout, source=url, kind="vae", sha256=wrong, progress=QUIET)
+    assert not (volume / "models" / "VAE" / "upscaler.pth").exists()
+    assert list((volume / "elsewhere").iterdir()) == []
+
+
+def test_sync_hf_repo_mirrors_and_skips(volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"README.md": b"# loras\n", "a.safetensors": os.urandom(40_000), "sub/b.safetensors": os.urandom(30_000),
+             "sub/notes.txt": b"notes"}
+    layout = VolumeLayout(volume)
+    with FakeHub() as hub:
+        commit = hub.add_repo("org/loras", files)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        got = sync_hf_repo(layout, repo_id="org/loras", kind="lora", progress=QUIET)
+        assert (got["revision"], got["files"], got["downloaded"], got["skipped"]) == (commit, 4, 4, 0)
+        assert got["bytes"] == sum(len(d) for d in files.values())
+        for name, data in files.items():
+            assert (volume / "models" / "Lora" / name).read_bytes() == data
+        served = hub.blob(files["a.safetensors"]).bytes_sent
+        again = sync_hf_repo(layout, repo_id="org/loras", kind="lora", progress=QUIET)
+        assert (again["downloaded"], again["skipped"], again["bytes"]) == (0, 4, 0)
+        assert hub.blob(files["a.safetensors"]).bytes_sent == served
+        (volume / "models" / "Lora" / "sub" / "b.safetensors").write_bytes(b"damaged")
+        fixed = sync_hf_repo(layout, repo_id="org/loras", dest="Lora", progress=QUIET)
+        assert (fixed["downloaded"], fixed["skipped"]) == (1, 3)
+        assert (volume / "models" / "Lora" / "sub" / "b.safetensors").read_bytes() == files["sub/b.safetensors"]
+        other = sync_hf_repo(layout, repo_id="org/loras", revision=commit, dest="adetailer/mirror", progress=QUIET)
+        assert other["path"] == "models/adetailer/mirror" and other["downloaded"] == 4
+        with pytest.raises(PathError):
+            sync_hf_repo(layout, repo_id="org/loras", dest="../../x", progress=QUIET)
+
+
+_FETCH = """
+import json, sys
+from pathlib import Path
+from provision.models import fetch_model
+from provision.progress import QUIET
+from volume_layout import VolumeLayout
+got = fetch_model(VolumeLayout(Path(sys.argv[1])), source=sys.argv[2], kind="checkpoint", sha256=sys.argv[3],
+                  progress=QUIET)
+print(json.dumps(got))
+"""
+
+
+def test_two_processes_fetching_one_model(volume: Path) -> None:
+    data = os.urandom(2 << 20)
+    with FileServer() as server:
+        route = server.add("/big.safetensors", data, delay_per_chunk=0.02)  # about 0.7 s: the two overlap
+        procs = [subprocess.Popen([sys.executable, "-c", _FETCH, str(volume), server.url("/big.safetensors"),
+                                   sha(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert sorted(r["downloaded"] for r in results) == [False, True]  # one fetched, the other found it done
+    target = volume / "models" / "Stable-diffusion" / "big.safetensors"
+    assert target.read_bytes() == data and route.gets == 1
+    assert [p.name for p in target.parent.iterdir()] == ["big.safetensors"]
+    assert list(state_models(volume)) == ["models/Stable-diffusion/big.safetensors"]
+
+
+def test_without_a_working_lock_two_writers_cost_bandwidth_not_data(tmp_path: Path) -> None:
+    """Where file locks silently fail (some network volumes) both download; unique temporaries keep it safe."""
+    data = os.urandom(1 << 20)
+    target = tmp_path / "m.safetensors"
+    errors: list[BaseException] = []
+    with FileServer() as server:
+        route = server.add("/m", data, delay_per_chunk=0.01)
+
+        def fetch() -> None:
+            try:
+                download(server.url("/m"), target, sha256=sha(data), retry=Retry(attempts=2, base=0.01))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fetch) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert errors == [] and route.gets == 3
+    assert target.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
