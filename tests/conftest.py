@@ -129,7 +129,21 @@ def copy_volume(source: Path, target: Path) -> Path:
     Test volumes are built on an interpreter outside the volume, so a copied venv works where it
     lands; recording the new mount point keeps the worker from linking the old path back.
     """
-    shutil.copytree(source, target, symlinks=True)
+    site = str(source / "venv" / "lib") + os.sep
+
+    def copy(src: str, dst: str) -> object:
+        # The venv's packages are the bulk of the files; only pip writes there, and pip (like
+        # compileall and Python's bytecode cache) replaces files rather than rewriting them, so
+        # sharing them by hard link keeps the template intact while making copies cheap.
+        if src.startswith(site):
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:
+                pass  # another filesystem: copy instead
+        return shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, symlinks=True, copy_function=copy)
     state_path = target / ".forge-volume" / "state.json"
     state = json.loads(state_path.read_text(encoding="utf-8"))
     state["mount_point"] = str(target)
