@@ -20,7 +20,7 @@ from typing import Any
 from provision.errors import ForgeVolumeError
 from worker import outputs
 from worker.config import Settings
-from worker.forge_process import ForgeProcess, ForgeUnavailable
+from worker.forge_process import READY, ForgeProcess, ForgeUnavailable
 from worker.helpers import run_helper
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
 from worker.progress import Reporter, log_reporter, report_progress
@@ -28,6 +28,9 @@ from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 INTERRUPT_TIMEOUT = 5.0
+CHANGES_MODELS = frozenset({"/v1/download", "/v1/sync", "/v1/refresh-models"})
+REFRESH_ROUTES = ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
+                  "/sdapi/v1/refresh-embeddings")
 
 
 @dataclass
@@ -112,7 +115,7 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
                       forge_log=forge.tail())
     except ForgeDown as exc:
         await asyncio.sleep(0.05)  # let the watcher see an exit, for a precise cause
-        cause = forge.failure() if forge.phase != "ready" else f"Forge did not answer: {exc}"
+        cause = forge.failure() if forge.phase != READY else f"Forge did not answer: {exc}"
         return _error(cause, refresh=True, forge_log=forge.tail())
     except asyncio.CancelledError:
         # RunPod cancelled the job or it timed out: stop Forge's generation so the next job does not queue behind it.
@@ -125,6 +128,17 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
     return await _finish(worker, call, resp, job)
 
 
+async def _refresh_forge(worker: Worker) -> bool:
+    """After a helper changed the models: make a running Forge list them (never waits for a booting one)."""
+    if worker.forge is None or worker.proxy is None or worker.forge.phase != READY:
+        return False
+    try:
+        answers = [await worker.proxy.request("POST", route, timeout=60) for route in REFRESH_ROUTES]
+    except (ForgeDown, ForgeTimeout):
+        return False
+    return all(a.status == 200 for a in answers)
+
+
 def make_handler(worker: Worker) -> Handler:
     async def handler(job: dict[str, Any]) -> Any:
         try:
@@ -133,7 +147,10 @@ def make_handler(worker: Worker) -> Handler:
             return _error(str(exc))
         try:
             if isinstance(call, HelperCall):
-                return await run_helper(call, worker.volume_root, worker.settings)
+                out = await run_helper(call, worker.volume_root, worker.settings)
+                if "error" not in out and call.endpoint in CHANGES_MODELS:
+                    out["forge_refreshed"] = await _refresh_forge(worker)
+                return out
             return await _relay(worker, call, job)
         except asyncio.CancelledError:
             raise

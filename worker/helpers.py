@@ -8,6 +8,8 @@ environment; a token in the payload is used for that job only and scrubbed from 
 from __future__ import annotations
 
 import asyncio
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -53,30 +55,23 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     source = _text(payload, "source") or _text(payload, "source_url")
     if not source:
         raise InputError("'source' (or the original 'source_url') is required: hf://..., https://... or civitai://ID")
+    download_path = _text(payload, "download_path")  # the original form; the library keeps it inside models/
     kind = _text(payload, "kind")
-    name = _text(payload, "name")
-    dest: Path | None = None
-    download_path = _text(payload, "download_path")
-    if download_path:  # the original form: a folder (or file) that must be inside models/
-        dest = layout.inside_models(_relative_to_models(layout, download_path))
-        kind = kind or layout.kind_of(dest)
-    if not kind:
-        raise InputError("'kind' is required (or a 'download_path' inside a models folder)")
-    return fetch_model(layout, kind=kind, source=source, name=name, sha256=_text(payload, "sha256"),
-                       dest=dest, progress=QUIET, tokens=_tokens(payload, settings))
+    if not kind and not download_path:
+        raise InputError("'kind' is required (or a 'download_path' inside the volume's models folder)")
+    dest = _relative_to_models(layout, download_path) if download_path else None
+    return fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
+                       sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings))
 
 
 def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
     from provision.models import sync_hf_repo
 
     repo_id = _text(payload, "repo_id", required=True)
-    dest = None
     sync_path = _text(payload, "sync_path")
-    if sync_path:
-        dest = layout.inside_models(_relative_to_models(layout, sync_path))
-    token = _tokens(payload, settings).get("hf")
+    dest = _relative_to_models(layout, sync_path) if sync_path else None
     return sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"), kind=_text(payload, "kind"),
-                        dest=dest, progress=QUIET, token=token)
+                        dest=dest, progress=QUIET, token=_tokens(payload, settings).get("hf"))
 
 
 def _refresh(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -134,4 +129,7 @@ async def run_helper(call: HelperCall, volume_root: Path, settings: Settings) ->
         return {"error": scrub(f"{call.endpoint} failed: {exc.one_line()}", secrets)}
     except ImportError as exc:
         return {"error": f"{call.endpoint} is not available in this build of the worker ({exc})"}
+    except Exception as exc:  # the helpers' boundary: secrets are scrubbed from the log line and the answer
+        sys.stdout.write(scrub(traceback.format_exc(), secrets))
+        return {"error": scrub(f"{call.endpoint} failed unexpectedly ({type(exc).__name__}: {exc})", secrets)}
     return scrub(result, secrets)
