@@ -263,7 +263,11 @@ def _prepare_describe(ctx: Ctx) -> list[str]:
 # --- models -------------------------------------------------------------------------------------
 
 def _models_done(ctx: Ctx) -> bool:
-    return all(ctx.layout.absolute(m.path).is_file() for m in ctx.lock.models)
+    if not ctx.lock.models:
+        return True
+    from provision.models import plan_models  # stats files only: still no process, no network
+
+    return not plan_models(ctx.layout, ctx.lock)
 
 
 def _models_run(ctx: Ctx) -> None:
@@ -279,7 +283,7 @@ def _models_describe(ctx: Ctx) -> list[str]:
         return ["no models in the lock"]
     from provision.models import plan_models
 
-    return plan_models(ctx.layout, ctx.lock) or [f"check {len(ctx.lock.models)} model(s) against the lock"]
+    return plan_models(ctx.layout, ctx.lock) or [f"{len(ctx.lock.models)} model(s) already match the lock"]
 
 
 # --- config seed --------------------------------------------------------------------------------
