@@ -36,6 +36,7 @@ from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadEr
 CHUNK = 1 << 20  # large reads straight off the socket keep Python's per-chunk cost negligible
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
 MAX_REDIRECTS = 10
+ORPHAN_AGE = 300.0  # seconds without a write after which a temporary file's writer is presumed dead
 USER_AGENT = f"forge-volume/{__version__}"
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -113,24 +114,40 @@ def is_download_temp(name: str) -> bool:
 
 
 class _Hasher:
-    """sha256 in a second thread: hashlib releases the GIL, so hashing overlaps reading and writing."""
+    """sha256 in a second thread over a ring of reusable buffers.
+
+    hashlib releases the GIL, so hashing overlaps socket reads and disk writes; reading into
+    preallocated buffers avoids allocating (and the kernel zeroing) a fresh megabyte per chunk.
+    """
+
+    RING = 8
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.RING):
+            self._free.put(bytearray(CHUNK))
+        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._hash.update(chunk)
+        while (item := self._full.get()) is not None:
+            buf, n = item
+            self._hash.update(memoryview(buf)[:n])
+            self._free.put(buf)
 
-    def feed(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
+    def buffer(self) -> bytearray:
+        """A buffer to fill; blocks while the hasher is a whole ring behind."""
+        return self._free.get()
+
+    def feed(self, buf: bytearray, n: int) -> None:
+        """Hash ``buf[:n]``; the buffer goes back to the ring once hashed."""
+        self._full.put((buf, n))
 
     def hexdigest(self) -> str:
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._full.put(None)
             self._thread.join()
         return self._hash.hexdigest()
 
@@ -205,17 +222,33 @@ def _hash_existing(fh: BinaryIO, hasher: _Hasher, length: int) -> None:
     fh.seek(0)
     remaining = length
     while remaining > 0:
-        chunk = fh.read(min(CHUNK, remaining))
-        if not chunk:
+        buf = hasher.buffer()
+        n = fh.readinto(memoryview(buf)[:min(CHUNK, remaining)])  # type: ignore[attr-defined]
+        if not n:
+            hasher.feed(buf, 0)
             break
-        hasher.feed(chunk)
-        remaining -= len(chunk)
+        hasher.feed(buf, n)
+        remaining -= n
     fh.seek(length)
     fh.truncate()
 
 
-def _write_all(fh: BinaryIO, data: bytes) -> None:
-    view = memoryview(data)
+def _reader(resp: requests.Response) -> Callable[[bytearray], int]:
+    """``readinto`` straight from the socket's HTTP response when urllib3 exposes it, else via raw.read."""
+    inner = getattr(resp.raw, "_fp", None)
+    if inner is not None and callable(getattr(inner, "readinto", None)):
+        return inner.readinto
+    raw = resp.raw
+
+    def copy_into(buf: bytearray) -> int:
+        data = raw.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    return copy_into
+
+
+def _write_all(fh: BinaryIO, view: memoryview) -> None:
     while view:
         view = view[fh.write(view) or 0:]
 
@@ -251,24 +284,59 @@ class _Attempt:
         self.resumed_from = 0
 
     def pump(self, resp: requests.Response, what: str) -> None:
-        raw = resp.raw
+        readinto = _reader(resp)
         fh, hasher = self.fh, self.hasher
         while True:
-            chunk = raw.read(CHUNK)
-            if not chunk:
+            buf = hasher.buffer()
+            try:
+                n = readinto(buf)
+            except BaseException:
+                hasher.feed(buf, 0)
+                raise
+            if not n:
+                hasher.feed(buf, 0)
                 return
             try:
-                _write_all(fh, chunk)
+                _write_all(fh, memoryview(buf)[:n])
             except OSError as exc:
+                hasher.feed(buf, 0)
                 if exc.errno in _DISK_FULL:
                     raise DiskFullError(f"{what}: the volume filled up after {self.written:,} bytes "
                                         f"({os.strerror(exc.errno)})") from None
                 raise
-            hasher.feed(chunk)
-            n = len(chunk)
+            hasher.feed(buf, n)
             self.written += n
             self.transferred += n
             self._report(n)
+
+
+def _claim(target: Path) -> Path:
+    """Our unique temporary file, taking over a kept partial (or a dead process's temporary) if there is one.
+
+    The rename is atomic, so only one process can take over a given file. A temporary untouched for
+    ORPHAN_AGE belonged to a process that was killed (a live download writes at least once per read
+    timeout), so its bytes are resumed too.
+    """
+    tmp = sibling(target, f".{secrets.token_hex(4)}.part")
+    prefix = sibling(target, ".").name
+    cutoff = time.time() - ORPHAN_AGE
+    orphans = []
+    for entry in os.scandir(target.parent):
+        if entry.name.startswith(prefix) and entry.name.endswith(".part") and entry.name != tmp.name:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime < cutoff:
+                orphans.append((st.st_size, entry.path))
+    for candidate in [str(partial_path(target)), *(path for _, path in sorted(orphans, reverse=True))]:
+        try:
+            os.replace(candidate, tmp)
+            return tmp
+        except FileNotFoundError:
+            continue
+    tmp.touch()
+    return tmp
 
 
 def download(
@@ -293,11 +361,7 @@ def download(
     label = what or target.name
     _check_scheme(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling(target, f".{secrets.token_hex(4)}.part")
-    try:
-        os.replace(partial_path(target), tmp)  # claim a kept partial; only one process can win
-    except FileNotFoundError:
-        tmp.touch()
+    tmp = _claim(target)
     keep = False
     try:
         result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
@@ -339,8 +403,10 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
                     raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
                 time.sleep(retry.delay(failures, exc.retry_after))
                 continue
-            fh.flush()
-            os.fsync(fh.fileno())
+            # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
+            # bound the download by the disk's sync speed. A file torn by a host crash is caught by
+            # its size (ext4's ordered mode and NFS's close-to-open never expose unwritten blocks
+            # as data) and, in any case, by `verify --deep`.
             digest = attempt.hasher.hexdigest()
             problem = _mismatch(attempt.written, digest, size, sha256)
             if problem is None:

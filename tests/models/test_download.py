@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def test_partial_is_kept_across_runs_and_resumed(server: FileServer, tmp_path: P
     assert target.read_bytes() == DATA and leftovers(tmp_path) == []
     assert result.resumed_from == int(len(DATA) * 0.6)
     assert route.bytes_sent - first <= len(DATA) * 0.45
+
+
+def test_a_killed_downloads_temporary_is_resumed_once_stale(server: FileServer, tmp_path: Path) -> None:
+    route = server.add("/m.bin", DATA)
+    target = tmp_path / "m.bin"
+    live = tmp_path / ".m.bin.00000001.part"  # another process is writing this one now: hands off
+    live.write_bytes(DATA[:1000])
+    dead = tmp_path / ".m.bin.0badf00d.part"  # a process killed at 60% (SIGKILL: no cleanup ran)
+    dead.write_bytes(DATA[: int(len(DATA) * 0.6)])
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    assert target.read_bytes() == DATA and result.resumed_from == int(len(DATA) * 0.6)
+    assert route.bytes_sent == len(DATA) - int(len(DATA) * 0.6)
+    assert leftovers(tmp_path) == [live.name]
 
 
 def test_server_ignoring_range_restarts_cleanly(server: FileServer, tmp_path: Path) -> None:

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Benchmark the models half of forge-volume and print the figures (not a test; run it by hand).
+
+1. A sha256-verified download of a 1 GiB file over loopback against `curl -o` of the same file,
+   interleaved rounds in one run (median throughput of each; target: ours >= 0.9x curl).
+2. `forge-volume verify` (fast mode) on a volume holding 50 GiB of sparse model files recorded in
+   state.json (target: < 1 s), and `refresh-models` with nothing to do (target: < 2 s).
+3. Resume after a cut at 60%: bytes the server sent again (target: <= 45% of the file).
+
+The file server runs in its own process so it does not share our interpreter's GIL.
+Usage: .venv/bin/python scripts/bench_models.py [--size-mb 1024] [--rounds 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from provision.download import Retry, download, partial_path  # noqa: E402
+from provision.errors import DownloadError  # noqa: E402
+
+SERVER = """
+import json, sys, time
+from pathlib import Path
+from tests.helpers.http_server import FileServer
+src = Path(sys.argv[1])
+srv = FileServer()
+srv.add("/f.bin", file=src)
+srv.add("/cut.bin", file=src, drop_at=0.6, drop_times=1)
+srv.add("/cut-again.bin", file=src, drop_at=0.6, drop_times=2)
+def stats(h, head):
+    if h.path != "/_stats":
+        return False
+    body = {p: {"gets": r.gets, "bytes_sent": r.bytes_sent} for p, r in srv.routes.items()}
+    h.reply(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return True
+srv.custom = stats
+srv.start()
+print(srv.port, flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+def make_source(folder: Path, size: int) -> tuple[Path, str]:
+    src = folder / "source.bin"
+    digest = hashlib.sha256()
+    if not src.exists() or src.stat().st_size != size:
+        with open(src, "wb") as fh:
+            left = size
+            while left:
+                block = os.urandom(min(left, 16 << 20))
+                fh.write(block)
+                left -= len(block)
+    with open(src, "rb") as fh:
+        while block := fh.read(16 << 20):
+            digest.update(block)
+    return src, digest.hexdigest()
+
+
+def stats(port: int) -> dict[str, dict[str, int]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def bench_download(port: int, work: Path, size: int, digest: str, rounds: int) -> None:
+    url = f"http://127.0.0.1:{port}/f.bin"
+    curl_out, ours_out = work / "curl.bin", work / "out" / "ours.bin"
+    curl_rates, our_rates = [], []
+    for i in range(rounds):
+        order = ("curl", "ours") if i % 2 == 0 else ("ours", "curl")
+        for who in order:
+            curl_out.unlink(missing_ok=True)
+            ours_out.unlink(missing_ok=True)
+            subprocess.run(["sync"], check=False)
+            started = time.perf_counter()
+            if who == "curl":
+                subprocess.run(["curl", "-sS", "--fail", "-o", str(curl_out), url], check=True)
+                curl_rates.append(size / (time.perf_counter() - started) / 2**20)
+            else:
+                got = download(url, ours_out, sha256=digest, size=size)
+                our_rates.append(size / (time.perf_counter() - started) / 2**20)
+                assert got.sha256 == digest
+        print(f"  round {i + 1}: curl {curl_rates[-1]:7.0f} MiB/s   forge-volume {our_rates[-1]:7.0f} MiB/s")
+    curl_med, ours_med = statistics.median(curl_rates), statistics.median(our_rates)
+    ratio = ours_med / curl_med
+    print(f"download {size / 2**20:.0f} MiB, sha256-verified: median {ours_med:.0f} MiB/s vs curl -o "
+          f"{curl_med:.0f} MiB/s = {ratio:.2f}x  [target >= 0.90x: {'PASS' if ratio >= 0.9 else 'FAIL'}]")
+    curl_out.unlink(missing_ok=True)
+    ours_out.unlink(missing_ok=True)
+
+
+def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
+    url = f"http://127.0.0.1:{port}/cut.bin"
+    target = work / "out" / "resume.bin"
+    target.unlink(missing_ok=True)
+    download(url, target, sha256=digest, size=size, retry=Retry(attempts=3, base=0.05))
+    sent = stats(port)["/cut.bin"]["bytes_sent"]
+    again = (sent - int(size * 0.6)) / size
+    print(f"resume in one run after a cut at 60%: server sent {sent / size:.2f}x the file in all; "
+          f"{again:.0%} again after the cut  [target <= 45%: {'PASS' if again <= 0.45 else 'FAIL'}]")
+    target.unlink()
+    url = f"http://127.0.0.1:{port}/cut-again.bin"
+    kept = 0
+    try:  # the server cuts at 60%, then refuses to send more: this run gives up and keeps a partial
+        download(url, target, sha256=digest, size=size, retry=Retry(attempts=1, base=0.05))
+    except DownloadError:
+        kept = partial_path(target).stat().st_size
+    before = stats(port)["/cut-again.bin"]["bytes_sent"]
+    download(url, target, sha256=digest, size=size)
+    second = (stats(port)["/cut-again.bin"]["bytes_sent"] - before) / size
+    print(f"resume in a second run (first run gave up at 60%, kept {kept / size:.0%} as a partial): "
+          f"second run downloaded {second:.0%} of the file  [target <= 45%: {'PASS' if second <= 0.45 else 'FAIL'}]")
+    target.unlink()
+
+
+def sparse_volume(work: Path, count: int, each: int) -> Path:
+    """A volume with ``count`` sparse files of ``each`` bytes, locked and recorded as install leaves them."""
+    from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
+    from provision.model_files import make_record, save_records
+    from volume_layout import VolumeLayout
+
+    volume = work / "volume"
+    shutil.rmtree(volume, ignore_errors=True)
+    layout = VolumeLayout(volume)
+    zeros = hashlib.sha256()
+    block = bytes(16 << 20)
+    for _ in range(each // len(block)):
+        zeros.update(block)
+    digest = zeros.hexdigest()
+    models, records = [], []
+    for i in range(count):
+        path = layout.model_path("checkpoint", f"model-{i:02d}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.truncate(each)
+        models.append(LockedModel(kind="checkpoint", name=path.name, source=f"https://example.invalid/{path.name}",
+                                  path=layout.relative(path), sha256=digest, size=each))
+        records.append(make_record(layout, path, kind="checkpoint", source=models[-1].source, sha256=digest))
+    save_records(layout, records)
+    forge = LockedForge(repo="https://example.invalid/forge.git", ref="main", commit="0" * 40, python="3.10",
+                        torch=[], torch_index_url=None, args=[], env={})
+    write_lock(layout.lock, Lock(forge=forge, models=models))
+    return volume
+
+
+def timed_cli(volume: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    exe = Path(sys.executable).with_name("forge-volume")
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "provision.cli"]
+    started = time.perf_counter()
+    done = subprocess.run([*argv, "--volume", str(volume), "--quiet", *args], capture_output=True, text=True,
+                          check=False)
+    return time.perf_counter() - started, done
+
+
+def bench_volume(work: Path) -> None:
+    from provision.progress import QUIET
+    from provision.verify import verify_volume
+    from volume_layout import VolumeLayout
+
+    volume = sparse_volume(work, 50, 1 << 30)
+    layout = VolumeLayout(volume)
+    started = time.perf_counter()
+    problems = verify_volume(layout, layout.lock, deep=False, progress=QUIET)
+    lib = time.perf_counter() - started
+    model_problems = [p for p in problems if "models/" in p]
+    seconds, done = timed_cli(volume, "verify")
+    print(f"verify (fast) on 50 x 1 GiB sparse model files: {lib * 1000:.0f} ms in the library, {seconds:.2f} s for "
+          f"the whole `forge-volume verify` process; {len(model_problems)} model problem(s) "
+          f"[target < 1 s: {'PASS' if seconds < 1 else 'FAIL'}]")
+    if model_problems:
+        print("  " + "\n  ".join(model_problems[:5]))
+    seconds, done = timed_cli(volume, "refresh-models")
+    ok = done.returncode == 0
+    print(f"refresh-models with nothing to do (50 models, 50 GiB): {seconds:.2f} s, exit {done.returncode} "
+          f"[target < 2 s: {'PASS' if ok and seconds < 2 else 'FAIL'}]")
+    if not ok:
+        print("  " + done.stderr.strip())
+    shutil.rmtree(volume)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the test files go (default: a temp dir)")
+    args = parser.parse_args()
+    if shutil.which("curl") is None:
+        sys.exit("curl is needed for the comparison")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-models-"))
+    work.mkdir(parents=True, exist_ok=True)
+    size = args.size_mb << 20
+    print(f"workdir {work}; preparing a {args.size_mb} MiB file")
+    src, digest = make_source(work, size)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(src)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        bench_download(port, work, size, digest, args.rounds)
+        bench_resume(port, work, size, digest)
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(timeout=10)
+    bench_volume(work)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
