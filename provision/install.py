@@ -7,6 +7,7 @@ still in place, and redoes a step (and everything downstream of it) whose inputs
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
     lock_path = lock_path_for(spec_path)
     report = InstallReport()
     with hold_volume(layout, "install", wait=wait):
+        # Leftovers of an install killed mid-clone; only install uses this folder, under the lock.
+        shutil.rmtree(layout.tmp_dir, ignore_errors=True)
         if lock_path.exists():
             lock = read_lock(lock_path)
             check_matches(spec, lock, lock_path)

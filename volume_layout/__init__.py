@@ -101,7 +101,10 @@ class VolumeLayout:
 
     @property
     def tmp_dir(self) -> Path:
-        """Scratch on the volume itself (same filesystem), so finished clones move into place with one rename."""
+        """Install's scratch on the volume (same filesystem: finished clones move into place with one rename).
+
+        Emptied by every install, under the volume's writer lock; nothing else may keep files here.
+        """
         return self.meta_dir / "tmp"
 
     @property

@@ -283,3 +283,27 @@ def test_python_version_without_uv_names_the_extra(provisioned_world: World, vol
     assert result.exit_code == 1
     assert "needs uv, which is not installed" in result.stderr
     assert "pip install 'forge-volume[uv]'" in result.stderr
+
+
+def test_spec_from_elsewhere_is_kept_on_the_volume(provisioned_world: World, installed_volume: Path,
+                                                    tmp_path: Path) -> None:
+    spec = tmp_path / "project" / "forge-volume.toml"
+    spec.parent.mkdir()
+    spec.write_text(provisioned_world.spec().replace('args = ["--always-cpu"]', 'args = ["--always-cpu", "--api"]'))
+
+    result = cli("--spec", str(spec), "install")
+
+    assert result.exit_code == 0, result.output
+    assert f"wrote the lock {spec.with_suffix('.lock')}" in result.stdout  # resolved next to its spec
+    assert (installed_volume / "forge-volume.toml").read_text() == spec.read_text()
+    assert (installed_volume / "forge-volume.lock").read_text() == spec.with_suffix(".lock").read_text()
+    assert state_of(installed_volume)["forge_args"] == ["--always-cpu", "--api"]
+
+
+def test_leftovers_of_a_killed_clone_are_cleared(installed_volume: Path) -> None:
+    partial = installed_volume / ".forge-volume" / "tmp" / "ext-three.1a2b3c4d.partial"
+    (partial / ".git").mkdir(parents=True)
+    (partial / "install.py").write_text("raise SystemExit('must never run')\n")
+    result = cli("install")
+    assert result.exit_code == 0, result.output
+    assert not partial.exists()
