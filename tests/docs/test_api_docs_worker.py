@@ -20,21 +20,11 @@ from typing import Any
 import pytest
 
 from tests.docs.apidocs import RESPONSES, Example, all_examples
-from tests.helpers.fake_hub import FakeHub
-from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
-from tests.worker.conftest import WorkerProc, module_volume, start_worker, worker_env
+from tests.worker.conftest import WorkerProc
 
 pytestmark = pytest.mark.slow
 
-# Checkpoints the examples name (override_settings, set-model): present on the test volume.
-CHECKPOINTS = ("sd_xl_base_1.0.safetensors", "deliberate_v2.safetensors")
-# Hugging Face files the helper examples name, served by the loopback hub.
-HF_REPOS = {
-    "ByteDance/SDXL-Lightning": {"sdxl_lightning_4step_lora.safetensors": b"lora weights " * 100},
-    "latent-consistency/lcm-lora-sdxl": {"pytorch_lora_weights.safetensors": b"lcm lora " * 100,
-                                         "README.md": b"# LCM LoRA\n"},
-}
 PNG = json.loads((RESPONSES / "POST_sdapi_v1_txt2img.json").read_text(encoding="utf-8"))["body"]["images"][0]
 
 EXAMPLES = [e for e in all_examples() if e.responses]
@@ -44,28 +34,6 @@ EXAMPLES = [e for e in all_examples() if e.responses]
 def downloads() -> Iterator[FileServer]:
     with FileServer() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as fake:
-        for repo_id, files in HF_REPOS.items():
-            fake.add_repo(repo_id, files)
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def docs_worker(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory,
-                hub: FakeHub) -> Iterator[WorkerProc]:
-    folder = tmp_path_factory.mktemp("docs-worker")
-    volume = module_volume(provisioned_world, folder)
-    for name in CHECKPOINTS:
-        (volume / "models" / "Stable-diffusion" / name).write_bytes(b"not really a checkpoint\n")
-    env = worker_env(volume, folder / "scratch", HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1",
-                     HF_HOME=str(folder / "hf-home"))
-    proc = start_worker(env, folder / "logs")
-    yield proc
-    proc.stop()
 
 
 def _runnable(value: Any, downloads: FileServer) -> Any:

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.worker.conftest import WorkerProc
+
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "examples" / "client.py"
 RESPONSES = ROOT / "tests" / "data" / "forge" / "responses"
@@ -162,6 +164,35 @@ def test_repository_test_input_is_a_valid_job_file() -> None:
         sys.path.remove(str(CLIENT.parent))
     body = client.build_body(job_file, "POST", None, None, None)
     assert set(body["input"]) >= {"api", "payload"}
+
+
+# --- the real worker on its local API ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_readme_local_run_with_the_real_worker(docs_worker: WorkerProc, tmp_path: Path) -> None:
+    """The README's local test: the worker's local API, the repository's test_input.json, images saved."""
+    out = tmp_path / "out"
+    result = run_client("--base-url", docs_worker.url, "--input", str(ROOT / "test_input.json"), "--out", str(out))
+    assert result.returncode == 0, result.stderr + docs_worker.log()[-2000:]
+    saved = sorted(out.iterdir())
+    assert len(saved) == 1 and saved[0].suffix == ".png"
+    assert saved[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    output = json.loads(result.stdout)
+    assert output["images"] == [str(saved[0])]
+    sent = json.loads((ROOT / "test_input.json").read_text(encoding="utf-8"))["input"]["payload"]
+    assert output["parameters"]["prompt"] == sent["prompt"]
+
+
+@pytest.mark.slow
+def test_real_worker_errors_reach_the_client(docs_worker: WorkerProc) -> None:
+    result = run_client("--base-url", docs_worker.url, "--sync", "--endpoint", "/sdapi/v1/txt2img",
+                        "--payload", '{"prompt": "x", "steps": "many"}')
+    assert result.returncode == 1
+    assert "Forge answered 422 to POST /sdapi/v1/txt2img: steps: Input should be a valid integer" in result.stderr
+    result = run_client("--base-url", docs_worker.url, "--method", "GET", "--endpoint", "/sdapi/v1/sd-vae")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == recorded("GET_sdapi_v1_sd-modules.json")
 
 
 # --- RunPod's hosted API, stood in for on loopback ------------------------------------------------
