@@ -88,7 +88,9 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
                 report.skipped.append(step.name)
                 bar.update(1)
                 continue
-            progress.info(f"{step.title}: {reason}")
+            progress.info(f"==> {step.title} ({reason})")
+            for line in step.describe(ctx):
+                progress.info(f"    {line}")
             downstream = dependents(step.name)
 
             def forget(state: State, names: list[str] = downstream) -> None:

@@ -162,7 +162,7 @@ def _stale_extensions(ctx: Ctx) -> list[str]:
 
 
 def _ext_pip(ctx: Ctx) -> list[str]:
-    return [p for e in ctx.lock.extensions for p in e.pip]
+    return list(dict.fromkeys(p for e in ctx.lock.extensions for p in e.pip))  # once each, in order
 
 
 def _extensions_done(ctx: Ctx) -> bool:
