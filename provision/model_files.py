@@ -98,7 +98,10 @@ def forget_records(layout: VolumeLayout, paths: set[str]) -> None:
 def target_lock(layout: VolumeLayout, path: Path, timeout: float = TARGET_LOCK_WAIT) -> FileLock:
     """The per-target lock: one process at a time fetches a given file (others wait, then find it done)."""
     layout.locks_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(layout.lock_file("model-" + layout.relative(path))), timeout=timeout)
+    key = "model-" + layout.relative(path)
+    if len(key.encode()) > 200:  # keep the lock file's name within the filesystem's 255 bytes
+        key = "model-" + hashlib.sha1(key.encode()).hexdigest()
+    return FileLock(str(layout.lock_file(key)), timeout=timeout)
 
 
 def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
