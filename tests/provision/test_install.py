@@ -266,8 +266,8 @@ def test_python_version_is_installed_with_uv(provisioned_world: World, volume: P
     (volume / "forge-volume.toml").write_text(spec)
     result = cli("install")
     assert result.exit_code == 1
-    assert "uv python install 3.10 failed" in result.stderr
-    assert "Network connectivity is disabled" in result.stderr  # uv's stderr
+    assert "uv python install 3.10 failed with exit code" in result.stderr
+    assert any(word in result.stderr.lower() for word in ("offline", "network"))  # uv's own stderr
     assert (volume / "python").is_dir() and not (volume / "venv").exists()
 
 
