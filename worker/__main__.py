@@ -16,7 +16,9 @@ def main() -> None:
     from worker.handler import make_handler
 
     worker = build_worker(os.environ)  # Forge starts booting now, while the SDK imports
-    import runpod
+    from worker.sdk import import_runpod
+
+    runpod = import_runpod()
 
     if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # on RunPod: progress goes to /status
         worker.report = runpod.serverless.progress_update

@@ -148,6 +148,7 @@ class ForgeProcess:
         self.returncode: int | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None  # time.monotonic() when readiness was noticed
+        self.ready_wall: float | None = None  # the same moment by the wall clock, to compare with Forge's log
         self.start_error = ""
         self._out = out or _to_stdout
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
@@ -202,7 +203,7 @@ class ForgeProcess:
         with self._lock:
             self.phase = phase
             if phase == READY:
-                self.ready_at = time.monotonic()
+                self.ready_at, self.ready_wall = time.monotonic(), time.time()
             waiters, self._waiters = self._waiters, []
         for wake in waiters:
             wake()

@@ -1,8 +1,9 @@
-"""Fast JSON for relaying Forge's bodies: orjson when installed, the standard library otherwise.
+"""JSON for relaying Forge's bodies: orjson for small ones, the standard library for large ones.
 
-A generation's response is mostly base64 text (16 MB is common); orjson parses it straight from
-bytes without the decode copy that ``json.loads`` makes. Both fall back to the standard library for
-what orjson refuses (NaN, integers beyond 64 bits), which Forge can send or a caller can write.
+orjson is the faster parser for the many small answers (lists, options), but for a body of one
+long base64 string it reserves about 13x the input while parsing (measured: 208 MB for 16 MB) and
+is no faster than ``json.loads``, which peaks at 2x. So bodies over ``LARGE`` go to the standard
+library. Both fall back to it for what orjson refuses (NaN, integers beyond 64 bits).
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ except ImportError:  # the worker extra installs it; the provisioning install ma
     orjson = None  # type: ignore[assignment]
 
 
+LARGE = 1_000_000
+
+
 def loads(data: bytes) -> Any:
+    if len(data) > LARGE:
+        return json.loads(data.decode("utf-8"))  # decoding first is faster than json.loads(bytes)
     if orjson is not None:
         try:
             return orjson.loads(data)
