@@ -113,42 +113,75 @@ def is_download_temp(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".part") or name.endswith(".partial"))
 
 
-class _Hasher:
-    """sha256 in a second thread over a ring of reusable buffers.
+class _Pipeline:
+    """Socket -> disk -> sha256 as three stages over a ring of reusable buffers.
 
-    hashlib releases the GIL, so hashing overlaps socket reads and disk writes; reading into
-    preallocated buffers avoids allocating (and the kernel zeroing) a fresh megabyte per chunk.
+    The caller's thread only reads from the socket; a writer thread writes each buffer and hands
+    it to a hasher thread, which returns it to the ring. Writes that block (page-cache throttling,
+    a network volume) then no longer stall the socket, and hashlib and file writes release the GIL,
+    so the stages run in parallel. Reusing buffers also spares allocating (and the kernel zeroing)
+    a fresh megabyte per chunk.
     """
 
-    RING = 8
+    RING = 16
 
-    def __init__(self) -> None:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
         self._hash = hashlib.sha256()
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(self.RING):
             self._free.put(bytearray(CHUNK))
-        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
+        self._to_write: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._write, name="write", daemon=True),
+                         threading.Thread(target=self._digest, name="sha256", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self) -> None:
-        while (item := self._full.get()) is not None:
+    def _write(self) -> None:
+        while (item := self._to_write.get()) is not None:
             buf, n = item
-            self._hash.update(memoryview(buf)[:n])
+            if self.error is None:
+                try:
+                    _write_all(self.fh, memoryview(buf)[:n])
+                except OSError as exc:
+                    self.error = exc  # reported by the reading thread; later buffers are dropped
+            self._to_hash.put(item)
+            self._to_write.task_done()
+        self._to_hash.put(None)
+        self._to_write.task_done()
+
+    def _digest(self) -> None:
+        while (item := self._to_hash.get()) is not None:
+            buf, n = item
+            if n:
+                self._hash.update(memoryview(buf)[:n])
             self._free.put(buf)
 
     def buffer(self) -> bytearray:
-        """A buffer to fill; blocks while the hasher is a whole ring behind."""
+        """A buffer to fill; blocks while the writer or the hasher is a whole ring behind."""
         return self._free.get()
 
-    def feed(self, buf: bytearray, n: int) -> None:
-        """Hash ``buf[:n]``; the buffer goes back to the ring once hashed."""
-        self._full.put((buf, n))
+    def give_back(self, buf: bytearray) -> None:
+        self._free.put(buf)
 
-    def hexdigest(self) -> str:
-        if self._thread.is_alive():
-            self._full.put(None)
-            self._thread.join()
+    def write(self, buf: bytearray, n: int) -> None:
+        self._to_write.put((buf, n))
+
+    def hash_only(self, buf: bytearray, n: int) -> None:
+        """Bytes already on disk (a resumed partial): hashed, not written. Only before any write."""
+        self._to_hash.put((buf, n))
+
+    def drain(self) -> None:
+        """Wait until every queued buffer is written, so the file's length is what was read."""
+        self._to_write.join()
+
+    def finish(self) -> str:
+        if self._threads[0].is_alive():
+            self._to_write.put(None)
+            for thread in self._threads:
+                thread.join()
         return self._hash.hexdigest()
 
 
@@ -218,16 +251,16 @@ def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | No
         return None
 
 
-def _hash_existing(fh: BinaryIO, hasher: _Hasher, length: int) -> None:
+def _hash_existing(fh: BinaryIO, pipe: _Pipeline, length: int) -> None:
     fh.seek(0)
     remaining = length
     while remaining > 0:
-        buf = hasher.buffer()
+        buf = pipe.buffer()
         n = fh.readinto(memoryview(buf)[:min(CHUNK, remaining)])  # type: ignore[attr-defined]
         if not n:
-            hasher.feed(buf, 0)
+            pipe.give_back(buf)
             break
-        hasher.feed(buf, n)
+        pipe.hash_only(buf, n)
         remaining -= n
     fh.seek(length)
     fh.truncate()
@@ -259,13 +292,13 @@ class _Attempt:
     def __init__(self, fh: BinaryIO, folder: Path, offset: int, on_bytes: OnBytes | None) -> None:
         self.fh = fh
         self.folder = folder
-        self.hasher = _Hasher()
+        self.pipe = _Pipeline(fh)
         self.written = 0
         self.resumed_from = offset
         self.transferred = 0
         self.on_bytes = on_bytes
         if offset:
-            _hash_existing(fh, self.hasher, offset)
+            _hash_existing(fh, self.pipe, offset)
             self.written = offset
             self._report(offset)
 
@@ -274,40 +307,50 @@ class _Attempt:
             self.on_bytes(n)
 
     def restart(self) -> None:
-        """The server sent the whole file again (it ignored Range): start over with a fresh hash."""
-        self.hasher.hexdigest()
-        self.hasher = _Hasher()
+        """Start over with an empty file and a fresh hash (the server ignored Range, or a stale partial)."""
+        self.pipe.finish()
         self.fh.seek(0)
         self.fh.truncate()
+        self.pipe = _Pipeline(self.fh)
         self._report(-self.written)
         self.written = 0
         self.resumed_from = 0
 
+    def digest(self) -> str:
+        digest = self.pipe.finish()
+        self._check_write(self.pipe.error, "")
+        return digest
+
+    def _check_write(self, error: OSError | None, what: str) -> None:
+        if error is None:
+            return
+        if error.errno in _DISK_FULL:
+            raise DiskFullError(f"{what}: the volume filled up after {self.fh.tell():,} bytes "
+                                f"({os.strerror(error.errno or 0)})".lstrip(": "))
+        raise error
+
     def pump(self, resp: requests.Response, what: str) -> None:
+        """Read the body into the pipeline; on return or error every byte read is on disk."""
         readinto = _reader(resp)
-        fh, hasher = self.fh, self.hasher
-        while True:
-            buf = hasher.buffer()
-            try:
-                n = readinto(buf)
-            except BaseException:
-                hasher.feed(buf, 0)
-                raise
-            if not n:
-                hasher.feed(buf, 0)
-                return
-            try:
-                _write_all(fh, memoryview(buf)[:n])
-            except OSError as exc:
-                hasher.feed(buf, 0)
-                if exc.errno in _DISK_FULL:
-                    raise DiskFullError(f"{what}: the volume filled up after {self.written:,} bytes "
-                                        f"({os.strerror(exc.errno)})") from None
-                raise
-            hasher.feed(buf, n)
-            self.written += n
-            self.transferred += n
-            self._report(n)
+        pipe = self.pipe
+        try:
+            while pipe.error is None:
+                buf = pipe.buffer()
+                try:
+                    n = readinto(buf)
+                except BaseException:
+                    pipe.give_back(buf)
+                    raise
+                if not n:
+                    pipe.give_back(buf)
+                    return
+                pipe.write(buf, n)
+                self.written += n
+                self.transferred += n
+                self._report(n)
+        finally:
+            pipe.drain()
+            self._check_write(pipe.error, what)
 
 
 def _claim(target: Path) -> Path:
@@ -392,31 +435,41 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
         check_free_space(target.parent, size - offset, label)
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
         attempt = _Attempt(fh, target.parent, offset, on_bytes)
-        failures = 0
-        fresh_retry_done = False
-        while True:
-            try:
-                _one_request(session, url, attempt, size, credential, headers, timeout, label)
-            except _Transient as exc:
-                failures = 0 if exc.progressed else failures + 1
-                if failures >= retry.attempts:
-                    raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
-                time.sleep(retry.delay(failures, exc.retry_after))
-                continue
-            # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
-            # bound the download by the disk's sync speed. A file torn by a host crash is caught by
-            # its size (ext4's ordered mode and NFS's close-to-open never expose unwritten blocks
-            # as data) and, in any case, by `verify --deep`.
-            digest = attempt.hasher.hexdigest()
-            problem = _mismatch(attempt.written, digest, size, sha256)
-            if problem is None:
-                return Downloaded(target, digest, attempt.written, attempt.transferred, attempt.resumed_from)
-            if attempt.resumed_from and not fresh_retry_done:
-                # A kept partial may have come from an older version of the file: one clean retry.
-                fresh_retry_done = True
-                attempt.restart()
-                continue
-            raise ChecksumError(f"{label}: {problem}")
+        try:
+            return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
+                             headers=headers, retry=retry, timeout=timeout, label=label)
+        finally:
+            attempt.pipe.finish()  # stops its threads whatever happened
+
+
+def _attempts(session: requests.Session, url: str, target: Path, attempt: _Attempt, *, sha256: str | None,
+              size: int | None, credential: Credential | None, headers: dict[str, str], retry: Retry,
+              timeout: tuple[float, float], label: str) -> Downloaded:
+    failures = 0
+    fresh_retry_done = False
+    while True:
+        try:
+            _one_request(session, url, attempt, size, credential, headers, timeout, label)
+        except _Transient as exc:
+            failures = 0 if exc.progressed else failures + 1
+            if failures >= retry.attempts:
+                raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
+            time.sleep(retry.delay(failures, exc.retry_after))
+            continue
+        # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
+        # bound the download by the disk's sync speed. A file torn by a host crash is caught by
+        # its size (ext4's ordered mode and NFS's close-to-open never expose unwritten blocks
+        # as data) and, in any case, by `verify --deep`.
+        digest = attempt.digest()
+        problem = _mismatch(attempt.written, digest, size, sha256)
+        if problem is None:
+            return Downloaded(target, digest, attempt.written, attempt.transferred, attempt.resumed_from)
+        if attempt.resumed_from and not fresh_retry_done:
+            # A kept partial may have come from an older version of the file: one clean retry.
+            fresh_retry_done = True
+            attempt.restart()
+            continue
+        raise ChecksumError(f"{label}: {problem}")
 
 
 def _mismatch(written: int, digest: str, size: int | None, sha256: str | None) -> str | None:
