@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -77,28 +78,45 @@ def stats(port: int) -> dict[str, dict[str, int]]:
 
 
 def bench_download(port: int, work: Path, size: int, digest: str, rounds: int) -> None:
+    """Interleaved rounds (order alternating); best and median of each, plus CPU seconds per GiB.
+
+    On a shared machine other processes steal the CPU at random, so the best round shows what each
+    can do and the median what it did; CPU time is independent of that noise.
+    """
     url = f"http://127.0.0.1:{port}/f.bin"
     curl_out, ours_out = work / "curl.bin", work / "out" / "ours.bin"
-    curl_rates, our_rates = [], []
+    rates: dict[str, list[float]] = {"curl": [], "ours": []}
+    cpu: dict[str, list[float]] = {"curl": [], "ours": []}
     for i in range(rounds):
-        order = ("curl", "ours") if i % 2 == 0 else ("ours", "curl")
-        for who in order:
+        for who in ("curl", "ours") if i % 2 == 0 else ("ours", "curl"):
             curl_out.unlink(missing_ok=True)
             ours_out.unlink(missing_ok=True)
             subprocess.run(["sync"], check=False)
             started = time.perf_counter()
             if who == "curl":
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(["curl", "-sS", "--fail", "-o", str(curl_out), url], check=True)
-                curl_rates.append(size / (time.perf_counter() - started) / 2**20)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             else:
+                before_cpu = time.process_time()
                 got = download(url, ours_out, sha256=digest, size=size)
-                our_rates.append(size / (time.perf_counter() - started) / 2**20)
+                used = time.process_time() - before_cpu
                 assert got.sha256 == digest
-        print(f"  round {i + 1}: curl {curl_rates[-1]:7.0f} MiB/s   forge-volume {our_rates[-1]:7.0f} MiB/s")
-    curl_med, ours_med = statistics.median(curl_rates), statistics.median(our_rates)
-    ratio = ours_med / curl_med
-    print(f"download {size / 2**20:.0f} MiB, sha256-verified: median {ours_med:.0f} MiB/s vs curl -o "
-          f"{curl_med:.0f} MiB/s = {ratio:.2f}x  [target >= 0.90x: {'PASS' if ratio >= 0.9 else 'FAIL'}]")
+            rates[who].append(size / (time.perf_counter() - started) / 2**20)
+            cpu[who].append(used / (size / 2**30))
+        print(f"  round {i + 1}: curl -o {rates['curl'][-1]:6.0f} MiB/s   forge-volume (sha256 verified) "
+              f"{rates['ours'][-1]:6.0f} MiB/s")
+    best = max(rates["ours"]) / max(rates["curl"])
+    ours_med, curl_med = statistics.median(rates["ours"]), statistics.median(rates["curl"])
+    median = ours_med / curl_med
+    verdict = f"{'PASS' if best >= 0.9 else 'FAIL'} on best, {'PASS' if median >= 0.9 else 'FAIL'} on median"
+    print(f"download {size / 2**20:.0f} MiB over loopback: best {max(rates['ours']):.0f} vs curl "
+          f"{max(rates['curl']):.0f} MiB/s = {best:.2f}x; median {ours_med:.0f} vs {curl_med:.0f} MiB/s = "
+          f"{median:.2f}x  [target >= 0.90x: {verdict}]")
+    print(f"  CPU seconds per GiB (median): curl {statistics.median(cpu['curl']):.2f}, "
+          f"forge-volume {statistics.median(cpu['ours']):.2f} (includes sha256); load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     curl_out.unlink(missing_ok=True)
     ours_out.unlink(missing_ok=True)
 
