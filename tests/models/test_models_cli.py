@@ -249,3 +249,31 @@ def test_refresh_report_is_json(locked: Path, hosts: Hosts) -> None:
     data = json.loads(json.dumps(report.as_dict()))
     assert len(data["fetched"]) == 6 and data["transferred"] == sum(len(b) for b in hosts.blobs.values())
     assert {p["path"] for p in data["pinned"]} == {"models/embeddings/tofu.pt", "models/text_encoder/config.json"}
+
+
+def test_files_already_there_are_hashed_once_and_adopted(locked: Path, hosts: Hosts) -> None:
+    hub_path, url_path = "models/Stable-diffusion/model.safetensors", "models/embeddings/tofu.pt"
+    for path in (hub_path, url_path):  # put there by hand (or by an older tool): no state.json record
+        (locked / path).parent.mkdir(parents=True, exist_ok=True)
+        (locked / path).write_bytes(hosts.blobs[path])
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    assert "fetched 4 file(s)" in result.output and "adopted 2 already present" in result.output
+    assert hosts.hub.blob(hosts.blobs[hub_path]).gets == 0 and hosts.files.routes["/files/tofu.pt"].gets == 0
+    assert state_models(locked)[hub_path]["sha256"] == sha(hosts.blobs[hub_path])
+    assert lock_models(locked)[url_path]["sha256"] == sha(hosts.blobs[url_path])  # pinned from the adopted file
+
+
+def test_spec_checksum_that_contradicts_the_host_is_refused(installed_volume: Path, provisioned_world: World,
+                                                            hosts: Hosts) -> None:
+    wrong = "ab" * 32
+    extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "hf://org/sd/model.safetensors"\nsha256 = "{wrong}"\n'
+    (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
+    result = cli(installed_volume, "lock")
+    assert result.exit_code == 1
+    assert wrong in result.output and sha(hosts.blobs["models/Stable-diffusion/model.safetensors"]) in result.output
+
+
+def test_refresh_without_a_lock_says_how_to_make_one(volume: Path) -> None:
+    result = cli(volume, "refresh-models")
+    assert result.exit_code == 1 and "forge-volume lock" in result.output
