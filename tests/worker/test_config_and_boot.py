@@ -66,7 +66,7 @@ def test_forge_command_is_api_only_on_loopback_with_scratch_and_volume_models(tm
     for flag in ("--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
                  "--no-download-sd-model"):
         assert flag in cmd.argv
-    pairs = dict(zip(cmd.argv, cmd.argv[1:]))
+    pairs = dict(zip(cmd.argv, cmd.argv[1:], strict=False))
     assert pairs["--server-name"] == "127.0.0.1" and pairs["--data-dir"] == str(scratch.data)
     assert pairs["--models-dir"] == str(layout.models_dir)
     assert pairs["--embeddings-dir"] == str(layout.models_dir / "embeddings")
@@ -89,11 +89,11 @@ def test_a_port_other_than_7861_is_passed(tmp_path: Path) -> None:
 
 
 def test_missing_unprovisioned_corrupt_and_future_volumes_say_which(tmp_path: Path) -> None:
-    with pytest.raises(VolumeError, match="no volume at .*attach the network volume"):
+    with pytest.raises(VolumeError, match=r"no volume at .*attach the network volume"):
         check_volume(tmp_path / "absent")
     root = tmp_path / "vol"
     root.mkdir()
-    with pytest.raises(VolumeError, match="not provisioned.*forge-volume install"):
+    with pytest.raises(VolumeError, match=r"not provisioned.*forge-volume install"):
         check_volume(root)
     layout = VolumeLayout(root)
     layout.meta_dir.mkdir()
@@ -176,7 +176,7 @@ def test_a_hung_boot_fails_at_the_deadline_and_is_stopped(tmp_path: Path) -> Non
     forge, _ = process(tmp_path, "import time; time.sleep(60)", boot_timeout=0.5)
     forge.start()
     started = time.monotonic()
-    with pytest.raises(ForgeUnavailable, match="did not become ready within FORGE_BOOT_TIMEOUT=0.5 s"):
+    with pytest.raises(ForgeUnavailable, match=r"did not become ready within FORGE_BOOT_TIMEOUT=0\.5 s"):
         asyncio.run(forge.wait_ready())
     assert time.monotonic() - started < 2.0
     assert forge._proc is not None and forge._proc.wait(5) is not None

@@ -65,7 +65,7 @@ def timed(worker: WorkerProc, job: dict[str, object], timeout: float = 60) -> tu
 
 def test_helpers_answer_while_forge_boots_and_forge_jobs_wait_for_it(workers: dict[str, WorkerProc]) -> None:
     worker = workers["slow"]
-    status, seconds = timed(worker, VOLUME)
+    status, _ = timed(worker, VOLUME)
     assert status["status"] == "COMPLETED", status
     log = worker.log()
     assert "Forge ready" not in log or log.index(f"{status['id']} | Started") < log.index("Forge ready")
@@ -84,9 +84,9 @@ def test_forge_crashing_at_boot_fails_jobs_with_its_last_lines(workers: dict[str
 
 def test_a_hung_boot_fails_at_forge_boot_timeout(workers: dict[str, WorkerProc]) -> None:
     worker = workers["hang"]
-    out, _ = timed(worker, SAMPLERS)
+    out, seconds = timed(worker, SAMPLERS)
     assert out["status"] == "FAILED" and "did not become ready within FORGE_BOOT_TIMEOUT=4 s" in str(out["error"])
-    assert time.monotonic() - worker.started < 4 + 10  # the deadline, plus the worker's own start
+    assert seconds < 4 + 2  # at most the boot deadline (which may have passed while other workers started)
     again, seconds = timed(worker, SAMPLERS)
     assert again["status"] == "FAILED" and seconds < 1
 
