@@ -266,16 +266,22 @@ def runpod_client(fake: FakeRunPod, *args: str, key: str = SECRET) -> subprocess
 
 
 def test_runpod_run_status_shows_progress_and_saves(tmp_path: Path) -> None:
+    from worker.progress import summarise
+
     progress = recorded("GET_sdapi_v1_progress_during_generation.json")
     done = recorded("POST_sdapi_v1_txt2img.json")
-    states = [{"status": "IN_QUEUE"}, {"status": "IN_PROGRESS"}, {"status": "IN_PROGRESS", "output": progress},
+    # What the worker reports (its summary of Forge's progress), and Forge's raw report, both understood.
+    states = [{"status": "IN_QUEUE"}, {"status": "IN_PROGRESS"},
+              {"status": "IN_PROGRESS", "output": summarise(progress)},
+              {"status": "IN_PROGRESS", "output": {**progress, "progress": 0.9}},
               {"status": "COMPLETED", "output": done, "delayTime": 812, "executionTime": 1532, "workerId": "w1"}]
     job = write_job(tmp_path / "job.json", "POST", "/sdapi/v1/txt2img", {"prompt": "a cat"})
     with FakeRunPod(states) as fake:
         result = runpod_client(fake, "--input", str(job), "--out", str(tmp_path / "out"),
                                "--webhook", "https://hooks.example.invalid/done")
     assert result.returncode == 0, result.stderr
-    assert "IN_PROGRESS 68% (step 20/30)" in result.stderr
+    assert "IN_PROGRESS 68% (step 20/30), about 1s left" in result.stderr
+    assert "IN_PROGRESS 90% (step 20/30)" in result.stderr
     assert (tmp_path / "out" / "job-1-images-0.png").read_bytes() == base64.b64decode(done["images"][0])
     method, path, auth, body = fake.requests[0]
     assert (method, path, auth) == ("POST", "/v2/ep1/run", f"Bearer {SECRET}")
