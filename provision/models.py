@@ -124,8 +124,13 @@ def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
                        revision=remote.revision, pinned_by=pinned_by)
 
 
-def _parallel(items: Sequence[T], work: Callable[[T], R], workers: int) -> list[R | ForgeVolumeError]:
-    """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised."""
+def _parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
+              cancel: threading.Event | None = None) -> list[R | ForgeVolumeError]:
+    """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised.
+
+    On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
+    next chunk instead of finishing their downloads first.
+    """
     def guarded(item: T) -> R | ForgeVolumeError:
         try:
             return work(item)
@@ -135,7 +140,12 @@ def _parallel(items: Sequence[T], work: Callable[[T], R], workers: int) -> list[
     if not items:
         return []
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(guarded, items))
+        try:
+            return list(pool.map(guarded, items))
+        except BaseException:
+            if cancel is not None:
+                cancel.set()
+            raise
 
 
 def _raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
@@ -252,56 +262,56 @@ def _pin(model: LockedModel, sha: str | None, size: int | None) -> LockedModel:
     return replace(model, sha256=sha, size=size if size is not None else model.size, pinned_by="first-download")
 
 
-def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress, *, dry_run: bool,
-          tokens: Tokens | None) -> ModelsReport:
-    started = time.monotonic()
-    report = ModelsReport(dry_run=dry_run)
+def _check_all(layout: VolumeLayout, lock: Lock, progress: Progress) -> list[mf.Check]:
     recs = mf.records(layout)
     hashing = _LazyBar(progress, "checking unrecorded files")
     try:
-        checks = [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
+        return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
     finally:
         hashing.close()
+
+
+def _fetch_all(layout: VolumeLayout, todo: list[mf.Check], progress: Progress, tokens: Tokens | None
+               ) -> list[tuple[LockedModel, Downloaded | None] | ForgeVolumeError]:
+    total = sum(c.model.size or 0 for c in todo) if all(c.model.size for c in todo) else None
+    progress.info(f"fetching {len(todo)} model file(s)" + (f" ({human(total)})" if total else ""))
+    bars = _Bars(progress, total)
+    try:
+        return _parallel(todo, lambda c: _fetch_locked(layout, c.model, bars, tokens), POOL, bars.cancelled)
+    finally:
+        bars.close()
+
+
+def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress, *, dry_run: bool,
+          tokens: Tokens | None) -> ModelsReport:
+    started = time.monotonic()
+    checks = _check_all(layout, lock, progress)
     todo = [c for c in checks if c.status != "ok"]
     ok = [c for c in checks if c.status == "ok"]
-    report.unchanged = len(ok)
-    pins = [_pin(c.model, c.sha256, c.size) for c in ok if c.model.sha256 is None and c.sha256]
-    for c in todo:
-        size = c.model.size or 0
-        (report.fetched if c.status == "missing" else report.repaired).append((c.model.path, size))
+    report = ModelsReport(dry_run=dry_run, unchanged=len(ok))
     if dry_run:
+        for c in todo:
+            (report.fetched if c.status == "missing" else report.repaired).append((c.model.path, c.model.size or 0))
         return report
     adopted = [c for c in ok if c.adopt and c.sha256]
     mf.save_records(layout, [mf.make_record(layout, c.path, kind=c.model.kind, source=c.model.source,
                                             sha256=str(c.sha256), revision=c.model.revision) for c in adopted])
     report.adopted = [c.model.path for c in adopted]
-    if todo:
-        total = sum(c.model.size or 0 for c in todo) if all(c.model.size for c in todo) else None
-        progress.info(f"fetching {len(todo)} model file(s)" + (f" ({human(total)})" if total else ""))
-        bars = _Bars(progress, total)
-        try:
-            results = _parallel(todo, lambda c: _fetch_locked(layout, c.model, bars, tokens), POOL)
-        except BaseException:
-            bars.cancelled.set()
-            raise
-        finally:
-            bars.close()
-        failures = []
-        for c, result in zip(todo, results, strict=True):
-            if isinstance(result, ForgeVolumeError):
-                failures.append((c.model.path, result))
-                continue
-            model, got = result
-            if model is not c.model:
-                pins.append(model)
-            if got is not None:
-                report.transferred += got.transferred
-                entry = (c.model.path, got.size)
-                target = report.fetched if c.status == "missing" else report.repaired
-                target[:] = [entry if p == c.model.path else (p, s) for p, s in target]
-    else:
-        failures = []
-    if pins:
+    pins = [_pin(c.model, c.sha256, c.size) for c in ok if c.model.sha256 is None and c.sha256]
+    failures: list[tuple[str, ForgeVolumeError]] = []
+    for c, result in zip(todo, _fetch_all(layout, todo, progress, tokens) if todo else [], strict=True):
+        if isinstance(result, ForgeVolumeError):
+            failures.append((c.model.path, result))
+            continue
+        model, got = result
+        if model is not c.model:
+            pins.append(model)
+        if got is None:  # another process put it there while we waited for its lock
+            report.unchanged += 1
+            continue
+        report.transferred += got.transferred
+        (report.fetched if c.status == "missing" else report.repaired).append((c.model.path, got.size))
+    if pins:  # written even when another model failed: these hashes were measured and verified
         new_lock = lock
         for model in pins:
             new_lock = new_lock.with_model(model)
@@ -525,7 +535,7 @@ def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = N
             return True, got.transferred
 
     try:
-        results = _parallel(jobs, one, POOL)
+        results = _parallel(jobs, one, POOL, bars.cancelled)
     finally:
         bars.close()
     _raise_failures([(layout.relative(t), r) for (t, _), r in zip(jobs, results, strict=True)

@@ -137,9 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
         dropping = route.drop_at is not None and nth <= route.drop_times
         if dropping:
             stop = min(stop, int(size * (route.drop_at or 0)))
-        sent = self._body(route, start, stop)
-        with self.server.owner.lock:
-            route.bytes_sent += sent
+        self._body(route, start, stop)
         if dropping or route.no_length:
             self.close_connection = True
             try:
@@ -149,6 +147,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, route: Route, start: int, stop: int) -> int:
         sent = 0
+        lock = self.server.owner.lock
+
+        def count(n: int) -> None:  # as it goes, so a test can watch a download progress
+            with lock:
+                route.bytes_sent += n
+
         try:
             if route.file is not None and not route.wrong_bytes and not route.delay_per_chunk:
                 with open(route.file, "rb") as fh:
@@ -159,6 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
                             break
                         offset += n
                         sent += n
+                        count(n)
                 return sent
             data = route.data if route.data is not None else route.file.read_bytes()  # type: ignore[union-attr]
             if route.wrong_bytes:
@@ -169,6 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = data[pos:min(pos + step, stop)]
                 self.wfile.write(piece)
                 sent += len(piece)
+                count(len(piece))
                 if route.delay_per_chunk:
                     time.sleep(route.delay_per_chunk)
         except (BrokenPipeError, ConnectionResetError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.forge_world import World
+from tests.helpers.http_server import FileServer
 from tests.models.conftest import CIVITAI_TOKEN, Hosts, cli, lock_models, sha, state_models
 
 
@@ -277,3 +279,33 @@ def test_spec_checksum_that_contradicts_the_host_is_refused(installed_volume: Pa
 def test_refresh_without_a_lock_says_how_to_make_one(volume: Path) -> None:
     result = cli(volume, "refresh-models")
     assert result.exit_code == 1 and "forge-volume lock" in result.output
+
+
+def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, provisioned_world: World,
+                                                        cli_env: dict[str, str]) -> None:
+    data = os.urandom(4 << 20)
+    with FileServer() as server:
+        route = server.add("/slow.safetensors", data, delay_per_chunk=0.02)  # about 1.3 s in all
+        extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/slow.safetensors")}"\n'
+        (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
+        assert cli(installed_volume, "lock").exit_code == 0
+        proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
+                                 "refresh-models"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        partial = installed_volume / "models" / "Stable-diffusion" / ".slow.safetensors.partial"
+        deadline = time.monotonic() + 20
+        while route.bytes_sent < len(data) // 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - interrupted < 3.0, "the downloads must stop at their next chunk"
+        assert proc.returncode == 1 and "interrupted" in err
+        kept = partial.stat().st_size
+        assert 0 < kept < len(data)
+        sent = route.bytes_sent
+        result = cli(installed_volume, "refresh-models")
+        assert result.exit_code == 0, result.output
+    target = installed_volume / "models" / "Stable-diffusion" / "slow.safetensors"
+    assert target.read_bytes() == data and not partial.exists()
+    assert route.bytes_sent - sent == len(data) - kept  # the second run only fetched what was missing
