@@ -291,9 +291,10 @@ def test_spec_from_elsewhere_is_kept_on_the_volume(provisioned_world: World, ins
     spec.parent.mkdir()
     spec.write_text(provisioned_world.spec().replace('args = ["--always-cpu"]', 'args = ["--always-cpu", "--api"]'))
 
-    result = cli("--spec", str(spec), "install")
+    result = cli("--quiet", "--spec", str(spec), "install")
 
     assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # --quiet: no step lines, no bars; the summary still goes to stdout
     assert f"wrote the lock {spec.with_suffix('.lock')}" in result.stdout  # resolved next to its spec
     assert (installed_volume / "forge-volume.toml").read_text() == spec.read_text()
     assert (installed_volume / "forge-volume.lock").read_text() == spec.with_suffix(".lock").read_text()
