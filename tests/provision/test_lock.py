@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ def two_commit_forge(forge_repo: Repo) -> tuple[Repo, str, str]:
 
 @pytest.mark.parametrize("which", ["branch", "tag", "full commit", "short commit"])
 def test_lock_resolves_every_kind_of_ref(which: str, two_commit_forge: tuple[Repo, str, str],
-                                         helper_repos: dict[str, str], ext_repo, volume: Path) -> None:
+                                         helper_repos: dict[str, str], ext_repo: Callable[[str], Repo],
+                                         volume: Path) -> None:
     forge, first, second = two_commit_forge
     ref, expected = {"branch": ("main", second), "tag": ("v1.0", first), "full commit": (first, first),
                      "short commit": (first[:8], first)}[which]
