@@ -33,7 +33,8 @@ import urllib3.exceptions
 from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 
-CHUNK = 1 << 20  # large reads straight off the socket keep Python's per-chunk cost negligible
+CHUNK = 256 << 10  # measured: large enough to amortise Python's per-chunk cost, small enough to stay in
+# the CPU's cache across the three stages (socket copy, write, sha256); 1 MiB costs ~40% more CPU
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
 MAX_REDIRECTS = 10
 ORPHAN_AGE = 300.0  # seconds without a write after which a temporary file's writer is presumed dead
@@ -123,7 +124,7 @@ class _Pipeline:
     a fresh megabyte per chunk.
     """
 
-    RING = 16
+    RING = 32  # 8 MiB in flight
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
