@@ -116,7 +116,7 @@ def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
         raise ChecksumError(f"{spec.source}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
     if spec.size is not None and remote.size is not None and spec.size != remote.size:
         raise ChecksumError(f"{spec.source}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
-    name = spec.name or remote.name
+    name = spec.name or remote.name or spec.source.default_name
     if not name:
         raise SourceError(f"{spec.source}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
     return LockedModel(kind=spec.kind, name=name, source=str(spec.source), path=relative_model_path(spec.kind, name),
@@ -152,7 +152,8 @@ def _raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
     if len(failures) == 1:
         raise failures[0][1]
     if failures:
-        detail = "; ".join(f"{what}: {exc.message}" for what, exc in failures)
+        detail = "; ".join(exc.message if exc.message.startswith(what) else f"{what}: {exc.message}"
+                           for what, exc in failures)
         raise DownloadError(f"{len(failures)} models failed: {detail}", failures[0][1].hint)
 
 
