@@ -1,8 +1,8 @@
 """Streaming, verified, resumable HTTP downloads into a final path, replaced in one rename.
 
 Bytes go to a unique temporary sibling ``.<name>.<random>.part``; sha256 is computed while they
-arrive (in a second thread, so hashing, socket reads and disk writes overlap); size and sha256 are
-checked; then one ``os.replace`` puts the file in place. The final path therefore only ever holds
+arrive (``provision.stream``); size and sha256 are checked; then one ``os.replace`` puts the file
+in place. The final path therefore only ever holds
 a complete, verified file, and a file already there is replaced only by a good one.
 
 An interrupted download keeps its bytes under the stable name ``.<name>.partial``. The next
@@ -13,18 +13,13 @@ append to one file: the loser starts its own copy, which costs bandwidth, never 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import queue
 import secrets
 import shutil
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -32,22 +27,19 @@ import urllib3.exceptions
 
 from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+from provision.stream import OnBytes, Sink
 
-CHUNK = 256 << 10  # measured: large enough to amortise Python's per-chunk cost, small enough to stay in
-# the CPU's cache across the three stages (socket copy, write, sha256); 1 MiB costs ~40% more CPU
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
 MAX_REDIRECTS = 10
 ORPHAN_AGE = 300.0  # seconds without a write after which a temporary file's writer is presumed dead
 USER_AGENT = f"forge-volume/{__version__}"
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _TRANSIENT: tuple[type[BaseException], ...] = (
     requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
     urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.SSLError,
     ConnectionError, TimeoutError,
 )
 
-OnBytes = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -114,78 +106,6 @@ def is_download_temp(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".part") or name.endswith(".partial"))
 
 
-class _Pipeline:
-    """Socket -> disk -> sha256 as three stages over a ring of reusable buffers.
-
-    The caller's thread only reads from the socket; a writer thread writes each buffer and hands
-    it to a hasher thread, which returns it to the ring. Writes that block (page-cache throttling,
-    a network volume) then no longer stall the socket, and hashlib and file writes release the GIL,
-    so the stages run in parallel. Reusing buffers also spares allocating (and the kernel zeroing)
-    a fresh megabyte per chunk.
-    """
-
-    RING = 32  # 8 MiB in flight
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.error: OSError | None = None
-        self._hash = hashlib.sha256()
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(self.RING):
-            self._free.put(bytearray(CHUNK))
-        self._to_write: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-        self._to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-        self._threads = [threading.Thread(target=self._write, name="write", daemon=True),
-                         threading.Thread(target=self._digest, name="sha256", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _write(self) -> None:
-        while (item := self._to_write.get()) is not None:
-            buf, n = item
-            if self.error is None:
-                try:
-                    _write_all(self.fh, memoryview(buf)[:n])
-                except OSError as exc:
-                    self.error = exc  # reported by the reading thread; later buffers are dropped
-            self._to_hash.put(item)
-            self._to_write.task_done()
-        self._to_hash.put(None)
-        self._to_write.task_done()
-
-    def _digest(self) -> None:
-        while (item := self._to_hash.get()) is not None:
-            buf, n = item
-            if n:
-                self._hash.update(memoryview(buf)[:n])
-            self._free.put(buf)
-
-    def buffer(self) -> bytearray:
-        """A buffer to fill; blocks while the writer or the hasher is a whole ring behind."""
-        return self._free.get()
-
-    def give_back(self, buf: bytearray) -> None:
-        self._free.put(buf)
-
-    def write(self, buf: bytearray, n: int) -> None:
-        self._to_write.put((buf, n))
-
-    def hash_only(self, buf: bytearray, n: int) -> None:
-        """Bytes already on disk (a resumed partial): hashed, not written. Only before any write."""
-        self._to_hash.put((buf, n))
-
-    def drain(self) -> None:
-        """Wait until every queued buffer is written, so the file's length is what was read."""
-        self._to_write.join()
-
-    def finish(self) -> str:
-        if self._threads[0].is_alive():
-            self._to_write.put(None)
-            for thread in self._threads:
-                thread.join()
-        return self._hash.hexdigest()
-
-
 def _check_scheme(url: str) -> None:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
@@ -250,108 +170,6 @@ def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | No
         return (start, int(total) if total.strip().isdigit() else None) if unit == "bytes" else None
     except ValueError:
         return None
-
-
-def _hash_existing(fh: BinaryIO, pipe: _Pipeline, length: int) -> None:
-    fh.seek(0)
-    remaining = length
-    while remaining > 0:
-        buf = pipe.buffer()
-        n = fh.readinto(memoryview(buf)[:min(CHUNK, remaining)])  # type: ignore[attr-defined]
-        if not n:
-            pipe.give_back(buf)
-            break
-        pipe.hash_only(buf, n)
-        remaining -= n
-    fh.seek(length)
-    fh.truncate()
-
-
-def _reader(resp: requests.Response) -> Callable[[bytearray], int]:
-    """``readinto`` straight from the socket's HTTP response when urllib3 exposes it, else via raw.read."""
-    inner = getattr(resp.raw, "_fp", None)
-    if inner is not None and callable(getattr(inner, "readinto", None)):
-        return inner.readinto
-    raw = resp.raw
-
-    def copy_into(buf: bytearray) -> int:
-        data = raw.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-
-    return copy_into
-
-
-def _write_all(fh: BinaryIO, view: memoryview) -> None:
-    while view:
-        view = view[fh.write(view) or 0:]
-
-
-class _Attempt:
-    """One download into one open temporary file, across retries."""
-
-    def __init__(self, fh: BinaryIO, folder: Path, offset: int, on_bytes: OnBytes | None) -> None:
-        self.fh = fh
-        self.folder = folder
-        self.pipe = _Pipeline(fh)
-        self.written = 0
-        self.resumed_from = offset
-        self.transferred = 0
-        self.on_bytes = on_bytes
-        if offset:
-            _hash_existing(fh, self.pipe, offset)
-            self.written = offset
-            self._report(offset)
-
-    def _report(self, n: int) -> None:
-        if self.on_bytes is not None:
-            self.on_bytes(n)
-
-    def restart(self) -> None:
-        """Start over with an empty file and a fresh hash (the server ignored Range, or a stale partial)."""
-        self.pipe.finish()
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.pipe = _Pipeline(self.fh)
-        self._report(-self.written)
-        self.written = 0
-        self.resumed_from = 0
-
-    def digest(self) -> str:
-        digest = self.pipe.finish()
-        self._check_write(self.pipe.error, "")
-        return digest
-
-    def _check_write(self, error: OSError | None, what: str) -> None:
-        if error is None:
-            return
-        if error.errno in _DISK_FULL:
-            raise DiskFullError(f"{what}: the volume filled up after {self.fh.tell():,} bytes "
-                                f"({os.strerror(error.errno or 0)})".lstrip(": "))
-        raise error
-
-    def pump(self, resp: requests.Response, what: str) -> None:
-        """Read the body into the pipeline; on return or error every byte read is on disk."""
-        readinto = _reader(resp)
-        pipe = self.pipe
-        try:
-            while pipe.error is None:
-                buf = pipe.buffer()
-                try:
-                    n = readinto(buf)
-                except BaseException:
-                    pipe.give_back(buf)
-                    raise
-                if not n:
-                    pipe.give_back(buf)
-                    return
-                pipe.write(buf, n)
-                self.written += n
-                self.transferred += n
-                self._report(n)
-        finally:
-            pipe.drain()
-            self._check_write(pipe.error, what)
 
 
 def _claim(target: Path) -> Path:
@@ -435,7 +253,7 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
     if size is not None:
         check_free_space(target.parent, size - offset, label)
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
-        attempt = _Attempt(fh, target.parent, offset, on_bytes)
+        attempt = Sink(fh, target.parent, offset, on_bytes)
         try:
             return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
                              headers=headers, retry=retry, timeout=timeout, label=label)
@@ -443,7 +261,7 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
             attempt.pipe.finish()  # stops its threads whatever happened
 
 
-def _attempts(session: requests.Session, url: str, target: Path, attempt: _Attempt, *, sha256: str | None,
+def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, *, sha256: str | None,
               size: int | None, credential: Credential | None, headers: dict[str, str], retry: Retry,
               timeout: tuple[float, float], label: str) -> Downloaded:
     failures = 0
@@ -488,7 +306,7 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def _one_request(session: requests.Session, url: str, attempt: _Attempt, size: int | None,
+def _one_request(session: requests.Session, url: str, attempt: Sink, size: int | None,
                  credential: Credential | None, headers: dict[str, str], timeout: tuple[float, float],
                  label: str) -> None:
     before = attempt.written
