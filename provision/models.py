@@ -1,49 +1,48 @@
-"""Models on the volume: resolve them into the lock, make the volume match it, fetch one, mirror a repo.
+"""Models on the volume: resolve them into the lock, make the volume match it, plan, refresh, prune.
 
 Every download goes through ``provision.download`` under a per-target file lock, and is recorded
 in state.json (path, kind, source, sha256, size, mtime) so later runs trust it without reading it.
+The worker's helpers (``fetch_model``, ``sync_hf_repo``) live in ``provision.model_helpers`` and
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import re
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from provision import model_files as mf
 from provision.download import Downloaded, download
-from provision.errors import ChecksumError, DownloadError, ForgeVolumeError, PathError, SourceError, VolumeError
-from provision.hub import RemoteFile, Tokens, head_size, hf_credential, hf_file_url, list_hf_repo, remote_for
+from provision.errors import ChecksumError, ForgeVolumeError, SourceError
+from provision.hub import RemoteFile, Tokens, head_size, remote_for
 from provision.lockfile import Lock, LockedModel, read_lock, write_lock
+from provision.model_helpers import fetch_model, sync_hf_repo
+from provision.model_jobs import (
+    POOL,
+    Bars,
+    LazyBar,
+    hold_target,
+    human,
+    parallel,
+    raise_failures,
+    require_volume,
+)
 from provision.progress import Progress
 from provision.sources import CivitaiSource, HfSource, parse_source
 from provision.spec import ModelSpec
 from provision.volume_lock import hold_volume
-from volume_layout import LayoutError, VolumeLayout, check_file_name
+from volume_layout import VolumeLayout
 
-POOL = 4  # parallel downloads: enough to fill a pod's link, few enough to be kind to the hosts
 RESOLVE_POOL = 8
 STALE_TEMP = 3600.0  # a temporary file untouched this long, with its target lock free, is abandoned
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DUMMY = VolumeLayout(Path("/volume"))
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+__all__ = ["ModelsReport", "fetch_model", "plan_models", "refresh_models", "resolve_models", "sync_hf_repo",
+           "sync_models"]
 
 
 def relative_model_path(kind: str, name: str) -> str:
@@ -124,39 +123,6 @@ def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
                        revision=remote.revision, pinned_by=pinned_by)
 
 
-def _parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
-              cancel: threading.Event | None = None) -> list[R | ForgeVolumeError]:
-    """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised.
-
-    On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
-    next chunk instead of finishing their downloads first.
-    """
-    def guarded(item: T) -> R | ForgeVolumeError:
-        try:
-            return work(item)
-        except ForgeVolumeError as exc:
-            return exc
-
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        try:
-            return list(pool.map(guarded, items))
-        except BaseException:
-            if cancel is not None:
-                cancel.set()
-            raise
-
-
-def _raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
-    if len(failures) == 1:
-        raise failures[0][1]
-    if failures:
-        detail = "; ".join(exc.message if exc.message.startswith(what) else f"{what}: {exc.message}"
-                           for what, exc in failures)
-        raise DownloadError(f"{len(failures)} models failed: {detail}", failures[0][1].hint)
-
-
 def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[LockedModel]:
     """Pin every model: hf:// to revision, sha256 and size; civitai from its API; URLs from the spec or a HEAD."""
     bar = progress.bar(len(models), "resolving models", unit="model")
@@ -167,9 +133,9 @@ def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[Lock
         finally:
             bar.update(1)
 
-    results = _parallel(models, one, RESOLVE_POOL)
+    results = parallel(models, one, RESOLVE_POOL)
     bar.close()
-    _raise_failures([(str(m.source), r) for m, r in zip(models, results, strict=True)
+    raise_failures([(str(m.source), r) for m, r in zip(models, results, strict=True)
                      if isinstance(r, ForgeVolumeError)])
     locked = [r for r in results if isinstance(r, LockedModel)]
     for model in locked:
@@ -181,53 +147,11 @@ def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[Lock
 
 # --- making the volume match the lock ----------------------------------------------------------------
 
-class _LazyBar:
-    """A bar that appears only if something reports progress (hashing is rare once files are recorded)."""
-
-    def __init__(self, progress: Progress, desc: str) -> None:
-        self.progress, self.desc = progress, desc
-        self.bar: Any = None
-
-    def update(self, n: int) -> None:
-        if self.bar is None:
-            self.bar = self.progress.bar(None, self.desc)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Bars:
-    """A bar per file plus a total; a cancel flag stops every download at its next chunk."""
-
-    def __init__(self, progress: Progress, total: int | None, desc: str = "total") -> None:
-        self.progress = progress
-        self.total = progress.bar(total, desc, leave=True) if total is not None else None
-        self.cancelled = threading.Event()
-
-    def file(self, size: int | None, name: str) -> tuple[Any, Callable[[int], None]]:
-        bar = self.progress.bar(size, name)
-
-        def on_bytes(n: int) -> None:
-            if self.cancelled.is_set():
-                raise DownloadError("cancelled")
-            bar.update(n)
-            if self.total is not None:
-                self.total.update(n)
-
-        return bar, on_bytes
-
-    def close(self) -> None:
-        if self.total is not None:
-            self.total.close()
-
-
-def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: _Bars, tokens: Tokens | None
+def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: Tokens | None
                   ) -> tuple[LockedModel, Downloaded | None]:
     """Fetch one locked model under its target lock; None when another process got it there first."""
     path = mf.locked_target(layout, model)
-    with _target_lock(layout, path, model.path):
+    with hold_target(layout, path, model.path):
         again = mf.check(layout, model, mf.records(layout), hash_files=True)
         if again.status == "ok":
             if again.adopt and again.sha256:
@@ -246,17 +170,6 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: _Bars, tokens:
         return _pin(model, got.sha256, got.size), got
 
 
-def _target_lock(layout: VolumeLayout, path: Path, what: str) -> FileLock:
-    lock = mf.target_lock(layout, path)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise DownloadError(f"{what}: another process has been fetching it for {mf.TARGET_LOCK_WAIT / 3600:.0f} h",
-                            "check the other pod or worker; remove its lock file under .forge-volume/locks if it is "
-                            "gone") from None
-    return lock
-
-
 def _pin(model: LockedModel, sha: str | None, size: int | None) -> LockedModel:
     if model.sha256 is not None or sha is None:
         return model
@@ -265,7 +178,7 @@ def _pin(model: LockedModel, sha: str | None, size: int | None) -> LockedModel:
 
 def _check_all(layout: VolumeLayout, lock: Lock, progress: Progress) -> list[mf.Check]:
     recs = mf.records(layout)
-    hashing = _LazyBar(progress, "checking unrecorded files")
+    hashing = LazyBar(progress, "checking unrecorded files")
     try:
         return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
     finally:
@@ -276,9 +189,9 @@ def _fetch_all(layout: VolumeLayout, todo: list[mf.Check], progress: Progress, t
                ) -> list[tuple[LockedModel, Downloaded | None] | ForgeVolumeError]:
     total = sum(c.model.size or 0 for c in todo) if all(c.model.size for c in todo) else None
     progress.info(f"fetching {len(todo)} model file(s)" + (f" ({human(total)})" if total else ""))
-    bars = _Bars(progress, total)
+    bars = Bars(progress, total)
     try:
-        return _parallel(todo, lambda c: _fetch_locked(layout, c.model, bars, tokens), POOL, bars.cancelled)
+        return parallel(todo, lambda c: _fetch_locked(layout, c.model, bars, tokens), POOL, bars.cancelled)
     finally:
         bars.close()
 
@@ -319,7 +232,7 @@ def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
         write_lock(lock_path, new_lock)
         report.pinned = [(m.path, str(m.sha256)) for m in pins]
     report.seconds = time.monotonic() - started
-    _raise_failures(failures)
+    raise_failures(failures)
     return report
 
 
@@ -332,15 +245,10 @@ def sync_models(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Pro
     return report
 
 
-def _require_volume(layout: VolumeLayout) -> None:
-    if not layout.root.is_dir():
-        raise VolumeError(f"the volume {layout.root} does not exist")
-
-
 def refresh_models(layout: VolumeLayout, lock_path: Path, *, prune: bool, dry_run: bool, progress: Progress,
                    tokens: Tokens | None = None) -> ModelsReport:
     """Fetch what is missing, repair what fails its checksum, optionally prune files the lock does not list."""
-    _require_volume(layout)
+    require_volume(layout)
     lock = read_lock(lock_path)
     if dry_run:  # writes nothing, so it need not wait for (or block) a writer
         report = _sync(layout, lock, lock_path, progress, dry_run=True, tokens=tokens)
@@ -417,150 +325,3 @@ def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
     return lines
 
 
-# --- the worker's helpers ----------------------------------------------------------------------------
-
-def _check_sha(value: str | None) -> str | None:
-    if value is None:
-        return None
-    value = value.strip().lower()
-    if not _SHA256.match(value):
-        raise SourceError(f"sha256 {value[:80]!r} is not 64 hexadecimal digits", "pass the file's sha256, or none")
-    return value
-
-
-def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
-                sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
-                tokens: Tokens | None = None) -> dict[str, Any]:
-    """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
-
-    Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
-    state.json. A file already there with the right content is not fetched again.
-    """
-    _require_volume(layout)
-    expected = _check_sha(sha256)
-    parsed = parse_source(source)
-    remote = remote_for(parsed, tokens=tokens)
-    if expected and remote.sha256 and expected != remote.sha256:
-        raise ChecksumError(f"{parsed}: the request pins sha256 {expected} but the host says {remote.sha256}")
-    expected = expected or remote.sha256
-    file_name = name or remote.name or parsed.default_name
-    try:
-        if file_name is not None:
-            check_file_name(file_name)
-        if dest:
-            path = mf.destination(layout, dest, file_name)
-            kind = kind or layout.kind_of(path)
-        elif kind is None:
-            raise PathError("a model kind or a destination path is required")
-        elif file_name is None:
-            raise PathError(f"cannot tell a file name for {parsed}; pass one")
-        else:
-            path = layout.model_path(kind, file_name)
-    except LayoutError as exc:
-        raise PathError(str(exc)) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rel = layout.relative(path)
-    with _target_lock(layout, path, rel):
-        record = mf.records(layout).get(rel)
-        have = None
-        if mf.trusted(path, record) and record:
-            same_source = record.get("source") == str(parsed)
-            have = record["sha256"] if (expected is None and same_source) or record["sha256"] == expected else None
-        elif expected and path.is_file() and (remote.size is None or path.stat().st_size == remote.size):
-            have = expected if mf.sha256_file(path) == expected else None
-            if have:
-                mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=have,
-                                                        revision=remote.revision)])
-        if have:
-            return {"path": rel, "kind": kind, "source": str(parsed), "sha256": have, "size": path.stat().st_size,
-                    "downloaded": False, "bytes": 0}
-        bars = _Bars(progress, None)
-        bar, on_bytes = bars.file(remote.size, path.name)
-        try:
-            got = download(remote.url, path, sha256=expected, size=remote.size, credential=remote.credential,
-                           on_bytes=on_bytes, what=rel)
-        finally:
-            bar.close()
-        mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,
-                                                revision=remote.revision)])
-    return {"path": rel, "kind": kind, "source": str(parsed), "sha256": got.sha256, "size": got.size,
-            "downloaded": True, "bytes": got.transferred}
-
-
-def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = None, kind: str | None = None,
-                 dest: str | Path | None = None, progress: Progress, token: str | None = None) -> dict[str, Any]:
-    """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right."""
-    _require_volume(layout)
-    try:
-        if dest:
-            base = layout.inside_models(dest)
-        elif kind:
-            base = layout.kind_dir(kind)
-        else:
-            raise PathError("a model kind or a sync path under models/ is required")
-    except LayoutError as exc:
-        raise PathError(str(exc)) from None
-    tokens = {"HF_TOKEN": token} if token else None
-    commit, entries = list_hf_repo(repo_id, revision, tokens)
-    jobs: list[tuple[Path, Any]] = []
-    for entry in entries:
-        try:
-            for part in entry.path.split("/"):
-                check_file_name(part)
-            target = layout.inside_models(base / entry.path)
-        except LayoutError as exc:
-            raise PathError(f"hf://{repo_id}: file {entry.path!r} cannot be placed: {exc}") from None
-        jobs.append((target, entry))
-    file_kind = kind or layout.kind_of(base)
-    recs = mf.records(layout)
-    total = sum(e.size or 0 for _, e in jobs)
-    bars = _Bars(progress, total)
-
-    def one(job: tuple[Path, Any]) -> tuple[bool, int]:
-        target, entry = job
-        source = f"hf://{repo_id}/{entry.path}@{commit}"
-        with _target_lock(layout, target, layout.relative(target)):
-            if _hf_file_current(layout, target, entry, recs.get(layout.relative(target)), file_kind, source):
-                if bars.total is not None:
-                    bars.total.update(entry.size or 0)
-                return False, 0
-            bar, on_bytes = bars.file(entry.size, entry.path)
-            try:
-                got = download(hf_file_url(repo_id, entry.path, commit), target, sha256=entry.sha256,
-                               size=entry.size, credential=hf_credential(tokens),
-                               on_bytes=on_bytes, what=layout.relative(target))
-            finally:
-                bar.close()
-            mf.save_records(layout, [mf.make_record(layout, target, kind=file_kind, source=source,
-                                                    sha256=got.sha256, revision=commit)])
-            return True, got.transferred
-
-    try:
-        results = _parallel(jobs, one, POOL, bars.cancelled)
-    finally:
-        bars.close()
-    _raise_failures([(layout.relative(t), r) for (t, _), r in zip(jobs, results, strict=True)
-                     if isinstance(r, ForgeVolumeError)])
-    done = [r for r in results if isinstance(r, tuple)]
-    return {"repo_id": repo_id, "revision": commit, "path": layout.relative(base), "files": len(jobs),
-            "downloaded": sum(1 for fetched, _ in done if fetched),
-            "skipped": sum(1 for fetched, _ in done if not fetched), "bytes": sum(n for _, n in done)}
-
-
-def _hf_file_current(layout: VolumeLayout, target: Path, entry: Any, record: mf.Record | None,
-                     kind: str | None, source: str) -> bool:
-    """Whether a mirrored file already holds the hub's content (recorded, else hashed once and adopted)."""
-    if not target.is_file() or (entry.size is not None and target.stat().st_size != entry.size):
-        return False
-    if entry.sha256:
-        if mf.trusted(target, record) and record:
-            return bool(record["sha256"] == entry.sha256)
-        sha = mf.sha256_file(target)
-        if sha != entry.sha256:
-            return False
-    else:  # a file kept in git: the hub gives its git blob id, not a sha256
-        if entry.blob_id and mf.git_blob_sha1(target) != entry.blob_id:
-            return False
-        sha = mf.sha256_file(target)
-    mf.save_records(layout, [mf.make_record(layout, target, kind=kind, source=source, sha256=sha)])
-    return True

@@ -1,0 +1,120 @@
+"""Plumbing shared by the model commands: a bounded pool, progress bars, per-target locks, failures."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
+
+from provision import model_files as mf
+from provision.errors import DownloadError, ForgeVolumeError, VolumeError
+from provision.progress import Progress
+from volume_layout import VolumeLayout
+
+POOL = 4  # parallel downloads: enough to fill a pod's link, few enough to be kind to the hosts
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
+              cancel: threading.Event | None = None) -> list[R | ForgeVolumeError]:
+    """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised.
+
+    On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
+    next chunk instead of finishing their downloads first.
+    """
+    def guarded(item: T) -> R | ForgeVolumeError:
+        try:
+            return work(item)
+        except ForgeVolumeError as exc:
+            return exc
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        try:
+            return list(pool.map(guarded, items))
+        except BaseException:
+            if cancel is not None:
+                cancel.set()
+            raise
+
+
+def raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
+    if len(failures) == 1:
+        raise failures[0][1]
+    if failures:
+        detail = "; ".join(exc.message if exc.message.startswith(what) else f"{what}: {exc.message}"
+                           for what, exc in failures)
+        raise DownloadError(f"{len(failures)} models failed: {detail}", failures[0][1].hint)
+
+
+class LazyBar:
+    """A bar that appears only if something reports progress (hashing is rare once files are recorded)."""
+
+    def __init__(self, progress: Progress, desc: str) -> None:
+        self.progress, self.desc = progress, desc
+        self.bar: Any = None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = self.progress.bar(None, self.desc)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Bars:
+    """A bar per file plus a total; a cancel flag stops every download at its next chunk."""
+
+    def __init__(self, progress: Progress, total: int | None, desc: str = "total") -> None:
+        self.progress = progress
+        self.total = progress.bar(total, desc, leave=True) if total is not None else None
+        self.cancelled = threading.Event()
+
+    def file(self, size: int | None, name: str) -> tuple[Any, Callable[[int], None]]:
+        bar = self.progress.bar(size, name)
+
+        def on_bytes(n: int) -> None:
+            if self.cancelled.is_set():
+                raise DownloadError("cancelled")
+            bar.update(n)
+            if self.total is not None:
+                self.total.update(n)
+
+        return bar, on_bytes
+
+    def close(self) -> None:
+        if self.total is not None:
+            self.total.close()
+
+
+def hold_target(layout: VolumeLayout, path: Path, what: str) -> FileLock:
+    lock = mf.target_lock(layout, path)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DownloadError(f"{what}: another process has been fetching it for {mf.TARGET_LOCK_WAIT / 3600:.0f} h",
+                            "check the other pod or worker; remove its lock file under .forge-volume/locks if it is "
+                            "gone") from None
+    return lock
+
+
+def require_volume(layout: VolumeLayout) -> None:
+    if not layout.root.is_dir():
+        raise VolumeError(f"the volume {layout.root} does not exist")
