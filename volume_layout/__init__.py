@@ -176,6 +176,24 @@ class VolumeLayout:
             raise LayoutError(f"{str(candidate)!r} is outside the volume's models folder {self.models_dir}")
         return resolved
 
+    def models_relative(self, path: str) -> str:
+        """A caller's model path as a path relative to models/, where it names one.
+
+        The original runpod-worker-forge took absolute paths such as
+        ``/runpod-volume/stable-diffusion-webui-forge/models/Lora``: its models lived in the Forge
+        checkout. Such paths (under this volume, /runpod-volume or /workspace, in models/ or in the
+        checkout's models/) map to the same folder under models/ here. Anything else is returned
+        unchanged, for ``inside_models`` to judge.
+        """
+        if not path.startswith("/"):
+            return path
+        for mount in dict.fromkeys((self.root, SERVERLESS_MOUNT, POD_MOUNT)):
+            for models in (mount / "models", mount / self.forge_dir.name / "models"):
+                prefix = f"{models.as_posix().rstrip('/')}/"
+                if path.startswith(prefix):
+                    return path[len(prefix):]
+        return path
+
     def kind_of(self, path: Path) -> str | None:
         """The model kind whose folder holds ``path`` (directly or below), if any."""
         try:

@@ -59,7 +59,7 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     kind = _text(payload, "kind")
     if not kind and not download_path:
         raise InputError("'kind' is required (or a 'download_path' inside the volume's models folder)")
-    dest = _relative_to_models(layout, download_path) if download_path else None
+    dest = layout.models_relative(download_path) if download_path else None
     return fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
                        sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings))
 
@@ -69,7 +69,7 @@ def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> 
 
     repo_id = _text(payload, "repo_id", required=True)
     sync_path = _text(payload, "sync_path")
-    dest = _relative_to_models(layout, sync_path) if sync_path else None
+    dest = layout.models_relative(sync_path) if sync_path else None
     return sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"), kind=_text(payload, "kind"),
                         dest=dest, progress=QUIET, token=_tokens(payload, settings).get("hf"))
 
@@ -89,16 +89,6 @@ def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -
 
 
 HELPERS = {"/v1/download": _download, "/v1/sync": _sync, "/v1/refresh-models": _refresh, "/v1/volume": _status}
-
-
-def _relative_to_models(layout: VolumeLayout, path: str) -> str:
-    """The original worker took absolute paths under /runpod-volume; accept those under this volume's models/."""
-    if path.startswith("/"):
-        for root in {str(layout.root), "/runpod-volume", "/workspace"}:
-            prefix = root.rstrip("/") + "/models/"
-            if path.startswith(prefix):
-                return path[len(prefix):]
-    return path
 
 
 def scrub(value: Any, secrets: list[str]) -> Any:

@@ -80,6 +80,19 @@ def test_the_original_source_url_and_download_path_form(helper_worker: WorkerPro
     assert "model.safetensors" in [m["title"] for m in models]
 
 
+def test_the_original_workers_checkout_models_path_maps_to_models(helper_worker: WorkerProc, worker_volume: Path,
+                                                                  hosts: tuple[FakeHub, FileServer]) -> None:
+    """Old clients name the Forge checkout's models folder; on our volume that folder is models/."""
+    _, files = hosts
+    out = helper(helper_worker, "POST", "/v1/download", {
+        "source_url": files.url("/files/4x-up.pth"),
+        "download_path": "/runpod-volume/stable-diffusion-webui-forge/models/ESRGAN"})
+    assert out["status"] == "COMPLETED", out
+    assert out["output"]["path"] == "models/ESRGAN/4x-up.pth"
+    assert (worker_volume / "models" / "ESRGAN" / "4x-up.pth").read_bytes() == UPSCALER
+    assert not (worker_volume / "stable-diffusion-webui-forge" / "models" / "ESRGAN" / "4x-up.pth").exists()
+
+
 @pytest.mark.parametrize("path", ["../../etc", "/etc/cron.d", "Lora/../../outside.bin"])
 def test_a_path_outside_models_is_refused(helper_worker: WorkerProc, worker_volume: Path, path: str,
                                           hosts: tuple[FakeHub, FileServer]) -> None:
