@@ -20,7 +20,6 @@ class Progress:
         isatty = getattr(self.stream, "isatty", lambda: False)()
         self.bars = (not quiet) and (isatty if bars is None else bars)
         self._lock = threading.Lock()
-        self._position = 0
 
     def info(self, message: str) -> None:
         """A step line (what is being done), to stderr so stdout stays parseable."""
@@ -30,12 +29,10 @@ class Progress:
 
     def bar(self, total: int | None, desc: str, unit: str = "B", leave: bool = False) -> Any:
         """A progress bar; a disabled bar still accepts update() and close()."""
-        with self._lock:
-            position = self._position
-            self._position += 1
+        # No explicit position: tqdm gives each open bar a free line and reuses it once the bar closes.
         return tqdm(
             total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
-            disable=not self.bars, file=self.stream, leave=leave, position=position, dynamic_ncols=True,
+            disable=not self.bars, file=self.stream, leave=leave, dynamic_ncols=True,
             mininterval=0.2,
         )
 
