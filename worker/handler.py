@@ -28,6 +28,9 @@ from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 INTERRUPT_TIMEOUT = 5.0
+# After a request timeout the job fails at its deadline: the interrupt (useless if Forge is frozen)
+# goes on in the background past this short wait instead of holding the answer for SIDE_TIMEOUT.
+INTERRUPT_GRACE = 0.5
 CHANGES_MODELS = frozenset({"/v1/download", "/v1/sync", "/v1/refresh-models"})
 REFRESH_ROUTES = ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
                   "/sdapi/v1/refresh-embeddings")
@@ -92,6 +95,9 @@ async def _finish(worker: Worker, call: ForgeCall, resp: ForgeResponse, job: dic
         return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint} with something that is not "
                       f"JSON: {text}", forge_status=resp.status)
     if not 200 <= resp.status < 300:
+        if body is None:  # e.g. a proxy or a crashed request handler: say so rather than "None"
+            return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint} with an empty body",
+                          forge_status=resp.status)
         cause = _forge_message(body)
         # Forge answers caller mistakes with 500 too; only a broken CUDA context means this worker is unusable.
         broken = "CUDA error" in cause and "out of memory" not in cause
@@ -123,7 +129,8 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
     try:
         resp = await proxy.request(call.method, call.route, call.payload)
     except ForgeTimeout as exc:
-        await proxy.interrupt()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proxy.interrupt()), INTERRUPT_GRACE)
         return _error(f"{exc}; Forge looks wedged (raise FORGE_REQUEST_TIMEOUT for longer jobs)", refresh=True,
                       forge_log=forge.tail())
     except ForgeDown as exc:
