@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from provision import model_files as mf
-from provision.download import download
+from provision.download import HopCheck, download
 from provision.errors import ChecksumError, ForgeVolumeError, PathError, SourceError
 from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
 from provision.model_jobs import POOL, Bars, hold_target, parallel, raise_failures, require_volume
@@ -33,11 +33,12 @@ def _check_sha(value: str | None) -> str | None:
 
 def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
                 sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
-                tokens: Tokens | None = None) -> dict[str, Any]:
+                tokens: Tokens | None = None, hop_check: HopCheck | None = None) -> dict[str, Any]:
     """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
 
     Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
-    state.json. A file already there with the right content is not fetched again.
+    state.json. A file already there with the right content is not fetched again. ``hop_check``
+    vets every URL the download requests (the worker passes one for URLs a job sent).
     """
     require_volume(layout)
     expected = _check_sha(sha256)
@@ -81,7 +82,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         bar, on_bytes = bars.file(remote.size, path.name)
         try:
             got = download(remote.url, path, sha256=expected, size=remote.size, credential=remote.credential,
-                           on_bytes=on_bytes, what=rel)
+                           on_bytes=on_bytes, what=rel, hop_check=hop_check)
         finally:
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,
