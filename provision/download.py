@@ -313,7 +313,7 @@ def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, 
             failures = 0 if exc.progressed else failures + 1
             if failures >= retry.attempts:
                 raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
-            time.sleep(retry.delay(failures, exc.retry_after))
+            _backoff(attempt, retry.delay(failures, exc.retry_after))
             continue
         # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
         # bound the download by the disk's sync speed. A file torn by a host crash is caught by
@@ -329,6 +329,16 @@ def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, 
             attempt.restart()
             continue
         raise ChecksumError(f"{label}: {problem}")
+
+
+def _backoff(attempt: Sink, seconds: float) -> None:
+    """Wait before the next attempt in short slices, reporting 0 bytes each time: a caller that cancels
+    through ``on_bytes`` (Ctrl-C on a refresh) stops a download waiting out its retries at once."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if attempt.on_bytes is not None:
+            attempt.on_bytes(0)
+        time.sleep(min(left, 0.1))
 
 
 def _mismatch(written: int, digest: str, size: int | None, sha256: str | None) -> str | None:
