@@ -15,18 +15,23 @@ FORGE_BOOT_TIMEOUT) and ``corrupt`` (a volume whose state.json is broken).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from provision.cli import main
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
@@ -240,3 +245,83 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
             worker.stop()
         platform.__exit__()
         s3.stop()  # type: ignore[attr-defined]
+
+
+# --- the CLI and model hosts for the toolkit's cases ---------------------------------------------
+
+def cli(streams: Streams, *args: str) -> Result:
+    """``forge-volume ARGS`` in-process, as typed on a pod (volume from $FORGE_VOLUME); output kept."""
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    streams.add(f"forge-volume {' '.join(args)}", result.output)
+    return result
+
+
+def cli_process(streams: Streams, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``forge-volume ARGS`` as a separate process (for concurrency and signals); output kept."""
+    done = subprocess.run([sys.executable, "-m", "provision.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    streams.add(f"forge-volume {' '.join(args)} (process)", done.stdout + done.stderr)
+    return done
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ModelHosts:
+    """Loopback model hosts: a fake Hugging Face hub and a plain file server that also plays civitai."""
+
+    hub: FakeHub
+    files: FileServer
+
+    def civitai(self, version: str, name: str, data: bytes) -> None:
+        """A civitai model version whose download needs CIVITAI_TOKEN, as early-access models do."""
+        self.files.add(f"/civitai-blob/{version}", data)
+        self.files.add(f"/api/download/models/{version}", require_token=CIVITAI_SECRET,
+                       redirect=self.files.url(f"/civitai-blob/{version}", host="localhost"))
+        self.files.add(f"/api/v1/model-versions/{version}", json.dumps({
+            "id": int(version), "files": [{"name": name, "sizeKB": len(data) / 1024, "type": "Model",
+                                           "primary": True, "hashes": {"SHA256": sha(data).upper()},
+                                           "downloadUrl": self.files.url(f"/api/download/models/{version}")}],
+        }).encode(), headers={"Content-Type": "application/json"})
+
+
+@pytest.fixture
+def model_hosts(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelHosts]:
+    with FakeHub() as hub, FileServer() as files:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("CIVITAI_API_BASE", files.url("/api/v1"))
+        yield ModelHosts(hub, files)
+
+
+def model_toml(kind: str, source: str, *, name: str | None = None, sha256: str | None = None) -> str:
+    text = f'\n[[models]]\nkind = "{kind}"\nsource = "{source}"\n'
+    if name is not None:
+        text += f"name = {json.dumps(name, ensure_ascii=False)}\n"
+    if sha256 is not None:
+        text += f'sha256 = "{sha256}"\n'
+    return text
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every path under ``root`` with its size, mtime and (for files) a digest: to prove nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            digest = sha(path.read_bytes()) if path.is_file() and not path.is_symlink() else ""
+            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def state_models(volume: Path) -> dict[str, dict[str, object]]:
+    state = json.loads((volume / ".forge-volume" / "state.json").read_text(encoding="utf-8"))
+    return {m["path"]: m for m in state.get("models") or []}
+
+
+def temporaries(volume: Path) -> list[str]:
+    """Download temporaries and partials left under models/."""
+    return sorted(str(p.relative_to(volume)) for p in (volume / "models").rglob(".*")
+                  if p.name.endswith((".part", ".partial")))
