@@ -305,14 +305,21 @@ def model_toml(kind: str, source: str, *, name: str | None = None, sha256: str |
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
-    """Every path under ``root`` with its size, mtime and (for files) a digest: to prove nothing changed."""
+    """Every path under ``root`` with its size, mtime and (outside the venv) a digest: to prove that
+    nothing changed. The toolkit's lock files are left out: taking a lock is not writing content."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path(".forge-volume"):
+            dirnames[:] = [d for d in dirnames if d != "locks"]
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
-            digest = sha(path.read_bytes()) if path.is_file() and not path.is_symlink() else ""
-            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns, digest)
+            if path.is_dir() and not path.is_symlink():
+                out[str(rel_dir / name)] = (0, 0, "dir")  # a temporary made and removed inside touches its mtime
+                continue
+            hashed = path.is_file() and not path.is_symlink() and rel_dir.parts[:1] != ("venv",)
+            out[str(rel_dir / name)] = (st.st_size, st.st_mtime_ns, sha(path.read_bytes()) if hashed else "")
     return out
 
 
