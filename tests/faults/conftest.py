@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -151,13 +152,13 @@ class Fleet:
     def __getitem__(self, name: str) -> FleetWorker:
         return self.workers[name]
 
-    def _forge_log(self, name: str) -> list[dict[str, object]]:
+    def _forge_log(self, name: str) -> list[dict[str, Any]]:
         path = self.forge_logs / f"{name}.jsonl"
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
-    def forge_requests(self, name: str) -> list[dict[str, object]]:
+    def forge_requests(self, name: str) -> list[dict[str, Any]]:
         """The requests that reached the named worker's Forge (fault_forge.py's request log)."""
         return [r for r in self._forge_log(name) if "path" in r]
 
@@ -165,7 +166,7 @@ class Fleet:
         """The names of the environment variables the named worker's Forge was started with."""
         boots = [r for r in self._forge_log(name) if r.get("boot")]
         assert boots, f"worker {name}'s Forge never booted"
-        return list(boots[-1]["env_names"])  # type: ignore[arg-type]
+        return [str(n) for n in boots[-1]["env_names"]]
 
 
 def fault_volume(world: World, folder: Path) -> Path:
@@ -219,7 +220,7 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
         "hang": (volume, {"FORGE_REQUEST_TIMEOUT": "2"}),
         "exit": (volume, {"FORGE_STANDIN_MODE": "exit_mid_generation"}),
         "crash": (volume, {"FORGE_STANDIN_MODE": "crash_at_boot"}),
-        "slow": (volume, {"FORGE_STANDIN_BOOT_SECONDS": "60", "FORGE_BOOT_TIMEOUT": "3"}),
+        "slow": (volume, {"FORGE_STANDIN_BOOT_SECONDS": "60", "FORGE_BOOT_TIMEOUT": "6"}),
         "corrupt": (corrupt_volume(root), {}),
     }
     platform = FakePlatform().__enter__()

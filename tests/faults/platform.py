@@ -244,7 +244,7 @@ class FleetWorker:
         return pids
 
     def forge_pid(self) -> int:
-        pids = [p for p in self.children() if "launch.py" in _cmdline(p)]
+        pids = [p for p in self.children() if "launch.py" in cmdline(p)]
         assert len(pids) == 1, f"expected one Forge child of the worker, found {pids}"
         return pids[0]
 
@@ -268,7 +268,8 @@ class FleetWorker:
                 self.proc.wait(5)
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """A process's command line, words joined by spaces ("" once it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -300,7 +301,4 @@ def descendants(pid: int) -> Iterator[int]:
             yield kid
             yield from descendants(kid)
 
-
-def cmdline(pid: int) -> str:
-    return _cmdline(pid)
 

@@ -18,10 +18,10 @@ from typing import Any
 from tests.worker.conftest import worker_env
 from volume_layout import LAYOUT_VERSION
 from worker.boot import build_worker
-from worker.handler import make_handler
+from worker.handler import INTERRUPT_GRACE, Worker, make_handler
 
 from .conftest import Fleet, Streams
-from .platform import JobRecord
+from .platform import JobRecord, cmdline
 
 SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
 VOLUME = {"api": {"method": "GET", "endpoint": "/v1/volume"}}
@@ -118,7 +118,8 @@ def test_case02_forge_hangs_accepting_connections_never_answering(fleet: Fleet, 
         error = one_line_error(body)
         assert f"no answer from Forge to {route} within 2 s" in error and "wedged" in error, body
         assert body.get("stopPod") is True, body
-        assert 1.9 < record.seconds < 3.0, (route, record.seconds)  # its own deadline, not the first job's
+        # Its own deadline (plus the short wait for the interrupt), not the first job's.
+        assert 1.9 < record.seconds < 2 + INTERRUPT_GRACE + 1.0, (route, record.seconds)
     recovered = worker.run(SAMPLERS, timeout=30)
     body = result(recovered, streams)
     assert "error" not in body and body["output"], body
@@ -186,37 +187,30 @@ def test_case04_forge_crashes_at_boot(fleet: Fleet, streams: Streams) -> None:
 
 
 def test_case04_forge_boots_slower_than_the_boot_timeout(fleet: Fleet, streams: Streams) -> None:
-    """Fault: Forge needs 60 s to answer; FORGE_BOOT_TIMEOUT is 3 s.
+    """Fault: Forge needs 60 s to answer; FORGE_BOOT_TIMEOUT is 6 s.
     Expected: a job queued before the worker started waits for Forge's boot and fails at the boot
-    deadline (not later) with "did not become ready within FORGE_BOOT_TIMEOUT=3 s", the fix, the
+    deadline (not later) with "did not become ready within FORGE_BOOT_TIMEOUT=6 s", the fix, the
     tail of Forge's log and stopPod; a later job fails at once.
     Checked after: the worker stopped the hung Forge (no Forge child left), keeps running and
     answers helper jobs."""
     worker = fleet["slow"]
     early = fleet.platform.wait(fleet.early["slow"], 30)
     assert early.taken is not None and early.done is not None
-    assert early.taken - worker.proc_started < 3.0, "the job was taken only after the boot deadline"
-    assert 3.0 <= early.done - worker.proc_started < 3.0 + 2.0, early.done - worker.proc_started
+    assert early.taken - worker.proc_started < 6.0, "the job was taken only after the boot deadline"
+    assert 6.0 <= early.done - worker.proc_started < 6.0 + 2.0, early.done - worker.proc_started
     for record in (early, worker.run(txt2img(2), timeout=30)):
         body = result(record, streams)
         error = one_line_error(body)
-        assert "Forge did not become ready within FORGE_BOOT_TIMEOUT=3 s" in error, body
+        assert "Forge did not become ready within FORGE_BOOT_TIMEOUT=6 s" in error, body
         assert "raise FORGE_BOOT_TIMEOUT" in error and body.get("stopPod") is True, body
         assert "forge-standin: booting (mode=normal)" in body["output"]["forge_log"], body
     assert record.seconds < 1.0
-    worker.wait_log("Forge did not answer within 3 s; stopping it", 5)
+    worker.wait_log("Forge did not answer within 6 s; stopping it", 5)
     deadline = time.monotonic() + 5
-    while [p for p in worker.children() if "launch.py" in _cmdline(p)] and time.monotonic() < deadline:
+    while [p for p in worker.children() if "launch.py" in cmdline(p)] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [p for p in worker.children() if "launch.py" in _cmdline(p)], "the hung Forge is still running"
+    assert not [p for p in worker.children() if "launch.py" in cmdline(p)], "the hung Forge is still running"
     still_serving(fleet, "slow", streams)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # --- case 5 --------------------------------------------------------------------------------------
@@ -350,6 +344,10 @@ def test_case07_cancelled_job_interrupts_forge(fleet: Fleet, streams: Streams) -
 
 # --- case 8 --------------------------------------------------------------------------------------
 
+async def one_job(worker: Worker, job: dict[str, Any]) -> Any:
+    return await make_handler(worker)(job)
+
+
 def bad_volumes(root: Path) -> dict[str, tuple[Path, str]]:
     empty = root / "empty"
     empty.mkdir()
@@ -389,7 +387,7 @@ def test_case08_bad_volumes_fail_every_job_clearly_within_a_second(tmp_path: Pat
     for name, (path, pattern) in bad_volumes(tmp_path).items():
         started = time.monotonic()
         worker = build_worker(worker_env(path, tmp_path / "scratch"))
-        out = asyncio.run(make_handler(worker)({"id": name, "input": txt2img(2)}))
+        out = asyncio.run(one_job(worker, {"id": name, "input": txt2img(2)}))
         seconds = time.monotonic() - started
         streams.add(name, json.dumps(out))
         assert re.search(pattern, one_line_error(out)), (name, out)
