@@ -294,7 +294,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
     Checked after: the model was sent once (bytes served = its size), the file is right, state.json
     has one record for it, no temporaries, `verify` passes and a following install has nothing to do."""
     data = os.urandom(2_000_000)
-    route = model_hosts.files.add("/slow.safetensors", data, delay_per_chunk=0.05)  # about 1.5 s
+    route = model_hosts.files.add("/slow.safetensors", data, delay_per_chunk=0.1)  # about 3 s
     url = model_hosts.files.url("/slow.safetensors")
     (installed_volume / "forge-volume.toml").write_text(
         provisioned_world.spec(extra=model_toml("checkpoint", url, sha256=sha(data))))
@@ -310,6 +310,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
             "print(json.dumps(fetch_model(VolumeLayout(Path(sys.argv[1])), source=sys.argv[2], kind='checkpoint',"
             " progress=QUIET)))\n"), str(installed_volume), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd=REPO)
+        assert route.bytes_sent < len(data), "the install's download ended before the others started"
         for args in (("refresh-models",), ("install",)):
             refused = cli(streams, *args)
             assert refused.exit_code == 1, refused.output
@@ -327,7 +328,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
                 proc.wait()
     fetched = json.loads(hout)
     assert fetched["downloaded"] is False and fetched["sha256"] == sha(data), fetched
-    assert route.bytes_sent == len(data)  # fetched once
+    assert route.bytes_sent == len(data) and route.gets == 1  # fetched once: the helper waited, then found it
     target = installed_volume / "models" / "Stable-diffusion" / "slow.safetensors"
     assert target.read_bytes() == data
     assert [p for p in state_models(installed_volume) if p.endswith("slow.safetensors")] == \
@@ -347,14 +348,17 @@ def test_case13_two_workers_download_the_same_model_at_once(fleet: Fleet, stream
     for it, no temporaries are left."""
     data = os.urandom(1_500_000)
     server: FileServer = fleet.hosts.files
-    route = server.add("/shared.safetensors", data, delay_per_chunk=0.05)
+    route = server.add("/shared.safetensors", data, delay_per_chunk=0.1)  # about 2.3 s
     job = {"api": {"method": "POST", "endpoint": "/v1/download"},
            "payload": {"source": server.url("/shared.safetensors"), "kind": "checkpoint"}}
     records = fan_out(fleet, [job, job], ("main", "bucket"))
     bodies = [result(r, streams) for r in records]
     assert all("error" not in b for b in bodies), bodies
     assert sorted(b["output"]["downloaded"] for b in bodies) == [False, True], bodies
-    assert route.bytes_sent == len(data)
+    taken = [r.taken for r in records if r.taken is not None]
+    done = [r.done for r in records if r.done is not None]
+    assert len(taken) == len(done) == 2 and max(taken) < min(done), "the two jobs did not run at the same time"
+    assert route.bytes_sent == len(data) and route.gets == 1
     assert (fleet.volume / "models" / "Stable-diffusion" / "shared.safetensors").read_bytes() == data
     paths = [p for p in state_models(fleet.volume) if p.endswith("shared.safetensors")]
     assert paths == ["models/Stable-diffusion/shared.safetensors"]
