@@ -147,7 +147,8 @@ def refresh_models(obj: Context, prune: bool, dry_run: bool) -> None:
 
 
 @main.command()
-@click.option("--deep", is_flag=True, help="Re-hash every model file instead of trusting recorded size and mtime.")
+@click.option("--deep", is_flag=True, help="Re-hash every model file instead of trusting recorded size and mtime; "
+              "a file that fails is forgotten in state.json, so refresh-models repairs it.")
 @pass_ctx
 def verify(obj: Context, deep: bool) -> None:
     """Check the volume against the lock; exit 1 and list every problem."""
