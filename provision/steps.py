@@ -227,8 +227,10 @@ def torch_command(lock: Lock) -> str:
     return shlex.join(["pip", "install", *f.torch, *index])
 
 
-def prepare_argv(layout: VolumeLayout) -> list[str]:
-    return [str(layout.venv_python), str(layout.launch_py), "--exit", "--skip-torch-cuda-test",
+def prepare_argv(layout: VolumeLayout, forge_args: list[str]) -> list[str]:
+    """launch.py --exit with the spec's args first: Forge's preparation acts on some of them
+    (``--xformers`` installs XFORMERS_PACKAGE), so the venv gets what the worker will boot with."""
+    return [str(layout.venv_python), str(layout.launch_py), *forge_args, "--exit", "--skip-torch-cuda-test",
             "--data-dir", str(layout.prepare_data_dir)]
 
 
@@ -252,7 +254,7 @@ def _prepare_run(ctx: Ctx) -> None:
     # Relative, so the link still holds when the volume is mounted somewhere else.
     link.symlink_to(os.path.relpath(layout.extensions_dir, layout.prepare_data_dir))
     env = {**os.environ, **ctx.lock.forge.env, "TORCH_COMMAND": torch_command(ctx.lock)}
-    run(prepare_argv(layout), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
+    run(prepare_argv(layout, ctx.lock.forge.args), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
         what="Forge's environment preparation (launch.py --exit)")
 
 
@@ -349,7 +351,7 @@ STEPS: tuple[Step, ...] = (
     Step("extensions", "extensions", ("torch",), lambda lock: [asdict(e) for e in lock.extensions],
          _extensions_done, _extensions_run, _extensions_describe),
     Step("prepare", "Forge's environment preparation", ("torch", "forge", "extensions"),
-         lambda lock: {"env": lock.forge.env, "torch_command": torch_command(lock)},
+         lambda lock: {"env": lock.forge.env, "args": lock.forge.args, "torch_command": torch_command(lock)},
          _prepare_done, _prepare_run, _prepare_describe),
     Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
          _models_done, _models_run, _models_describe),

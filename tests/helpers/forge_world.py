@@ -32,6 +32,7 @@ def make_wheelhouse(folder: Path) -> Path:
     for name in ("forge-req-dep", "ext-dep", "ext-extra", "fake-torch"):
         make_wheel(folder, name)
     make_wheel(folder, "forge-req-dep", "2.0")
+    make_wheel(folder, "xformers", "0.0.27")  # Forge's default XFORMERS_PACKAGE, for specs with --xformers
     return folder
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import spec_text
 from tests.helpers.gitrepo import Repo
-from tests.provision.conftest import cli, state_of
+from tests.provision.conftest import cli, installed_dists, state_of
 
 
 @pytest.fixture
@@ -94,3 +94,5 @@ def test_spec_edited_after_locking_is_refused_and_named(installed_volume: Path) 
     result = cli("install")
     assert result.exit_code == 0, result.output
     assert state_of(installed_volume)["forge_args"] == ["--always-cpu", "--xformers"]
+    # Forge's preparation ran with the new args: --xformers made it install XFORMERS_PACKAGE.
+    assert installed_dists(installed_volume).get("xformers") == "0.0.27"
