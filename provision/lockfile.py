@@ -38,6 +38,7 @@ class LockedExtension:
     ref: str
     commit: str
     pip: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ def spec_differences(spec: Spec, lock: Lock) -> list[str]:
         le = locked_ext.pop(ext.name, None)
         if le is None:
             out.append(f"extension {ext.name!r} is in the spec but not in the lock")
-        elif (ext.repo, ext.ref, list(ext.pip)) != (le.repo, le.ref, le.pip):
-            out.append(f"extension {ext.name!r} changed (repo, ref or pip) since it was locked")
+        elif (ext.repo, ext.ref, list(ext.pip), ext.files) != (le.repo, le.ref, le.pip, le.files):
+            out.append(f"extension {ext.name!r} changed (repo, ref, pip or files) since it was locked")
     out += [f"extension {name!r} is in the lock but no longer in the spec" for name in locked_ext]
     remaining = list(lock.models)
     for model in spec.models:

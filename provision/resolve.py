@@ -20,7 +20,8 @@ def lock_spec(spec: Spec, progress: Progress) -> Lock:
     for ext in spec.extensions:
         progress.info(f"resolving extension {ext.name} {ext.ref} in {redact_url(ext.repo)}")
         extensions.append(LockedExtension(name=ext.name, repo=ext.repo, ref=ext.ref,
-                                          commit=resolve_ref(ext.repo, ext.ref), pip=list(ext.pip)))
+                                          commit=resolve_ref(ext.repo, ext.ref), pip=list(ext.pip),
+                                          files=dict(ext.files)))
     models = []
     if spec.models:
         from provision.models import resolve_models  # models code pulls in huggingface_hub: only when needed

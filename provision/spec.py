@@ -50,6 +50,9 @@ class ExtensionSpec:
     repo: str
     ref: str = "main"
     pip: tuple[str, ...] = ()
+    # Settings files written into the extension's folder after checkout, e.g. ReActor's
+    # last_device.txt = "CUDA" (else it swaps faces on the CPU), relative path -> content.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def _forge(path: Path, table: Any) -> ForgeSpec:
 
 def _extension(path: Path, i: int, table: Any) -> ExtensionSpec:
     r = _Reader(path, f"extensions[{i}]", table)
-    r.only("name", "repo", "ref", "pip")
+    r.only("name", "repo", "ref", "pip", "files")
     repo = r.string("repo", required=True) or ""
     default_name = repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
     name = r.string("name", default_name) or default_name
@@ -148,7 +151,13 @@ def _extension(path: Path, i: int, table: Any) -> ExtensionSpec:
         check_file_name(name)
     except LayoutError as exc:
         r.fail("name", f"is not usable as a folder name: {exc}")
-    return ExtensionSpec(name=name, repo=repo, ref=r.string("ref", "main") or "main", pip=r.strings("pip"))
+    files = r.mapping("files")
+    for rel in files:
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or any(p in {"", ".", "..", ".git"} for p in parts) or "\\" in rel:
+            r.fail("files", f"has {rel!r}: each key must be a relative path inside the extension's folder")
+    return ExtensionSpec(name=name, repo=repo, ref=r.string("ref", "main") or "main", pip=r.strings("pip"),
+                         files=files)
 
 
 def _model(path: Path, i: int, table: Any) -> ModelSpec:

@@ -19,7 +19,7 @@ from typing import Any
 
 from provision import gitops, pyenv
 from provision.errors import CommandError, SpecError
-from provision.lockfile import Lock
+from provision.lockfile import Lock, write_atomic
 from provision.proc import run
 from provision.progress import Progress
 from provision.state import State
@@ -295,21 +295,41 @@ def _config_files(layout: VolumeLayout) -> dict[Path, str]:
             layout.config_dir / "styles.csv": STYLES_SEED}
 
 
+def _extension_files(ctx: Ctx) -> dict[Path, str]:
+    """Extensions' settings files from the lock (``files`` in the spec) whose content on the volume differs.
+
+    Unlike Forge's seed these are the spec's to decide, so a file edited on the volume is put back.
+    """
+    out = {}
+    for ext in ctx.lock.extensions:
+        for rel, content in ext.files.items():
+            path = ctx.layout.extension_dir(ext.name) / rel
+            try:
+                current: str | None = path.read_text(encoding="utf-8")
+            except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+                current = None
+            if current != content:
+                out[path] = content
+    return out
+
+
 def _config_done(ctx: Ctx) -> bool:
-    return all(p.is_file() for p in _config_files(ctx.layout))
+    return all(p.is_file() for p in _config_files(ctx.layout)) and not _extension_files(ctx)
 
 
 def _config_run(ctx: Ctx) -> None:
-    from provision.lockfile import write_atomic
-
     for path, text in _config_files(ctx.layout).items():
         if not path.exists():  # a user's edited settings are theirs: never overwritten
             write_atomic(path, text)
             ctx.notes.append(f"seeded {ctx.layout.relative(path)}")
+    for path, text in _extension_files(ctx).items():
+        write_atomic(path, text)
+        ctx.notes.append(f"wrote {ctx.layout.relative(path)}")
 
 
 def _config_describe(ctx: Ctx) -> list[str]:
-    return [f"write {ctx.layout.relative(p)}" for p in _config_files(ctx.layout) if not p.exists()]
+    return [f"write {ctx.layout.relative(p)}" for p in [*(p for p in _config_files(ctx.layout) if not p.exists()),
+                                                        *_extension_files(ctx)]]
 
 
 # --- bytecode -----------------------------------------------------------------------------------
@@ -355,7 +375,8 @@ STEPS: tuple[Step, ...] = (
          _prepare_done, _prepare_run, _prepare_describe),
     Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
          _models_done, _models_run, _models_describe),
-    Step("config", "settings seed", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED},
+    Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
+                                                 "files": {e.name: e.files for e in lock.extensions if e.files}},
          _config_done, _config_run, _config_describe),
     Step("bytecode", "bytecode", ("prepare",), lambda lock: {},
          _bytecode_done, _bytecode_run,

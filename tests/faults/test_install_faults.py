@@ -37,7 +37,7 @@ STEPS: list[tuple[str, str, str | None]] = [
     ("extensions", "extensions", "git"),
     ("prepare", "Forge's environment preparation", "launch.py"),
     ("models", "models", "<bytes>"),
-    ("config", "settings seed", None),
+    ("config", "settings", None),
     ("bytecode", "bytecode", "compileall"),
 ]
 

@@ -41,7 +41,7 @@ def test_lock_resolves_every_kind_of_ref(which: str, two_commit_forge: tuple[Rep
     assert lock["forge"]["commit"] == expected
     assert lock["forge"]["ref"] == ref
     assert lock["extensions"] == [{"name": "ext-a", "repo": ext.url, "ref": "main", "commit": ext_head,
-                                   "pip": ["ext-extra"]}]
+                                   "pip": ["ext-extra"], "files": {}}]
     assert not (volume / ".forge-volume").exists()  # lock resolves; it does not install
 
 
