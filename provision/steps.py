@@ -368,7 +368,9 @@ STEPS: tuple[Step, ...] = (
          lambda ctx: not pyenv.missing_packages(ctx.layout.venv, ctx.lock.forge.torch), _torch_run, _torch_describe),
     Step("forge", "Forge checkout", (), lambda lock: {"repo": lock.forge.repo, "commit": lock.forge.commit},
          lambda ctx: gitops.head_commit(ctx.layout.forge_dir) == ctx.lock.forge.commit, _forge_run, _forge_describe),
-    Step("extensions", "extensions", ("torch",), lambda lock: [asdict(e) for e in lock.extensions],
+    # Not their `files`: the config step writes those, and keys on them; here they would re-run prepare.
+    # Blanked rather than dropped, so volumes installed before keep their key.
+    Step("extensions", "extensions", ("torch",), lambda lock: [{**asdict(e), "files": {}} for e in lock.extensions],
          _extensions_done, _extensions_run, _extensions_describe),
     Step("prepare", "Forge's environment preparation", ("torch", "forge", "extensions"),
          lambda lock: {"env": lock.forge.env, "args": lock.forge.args, "torch_command": torch_command(lock)},

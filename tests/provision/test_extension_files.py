@@ -60,3 +60,21 @@ def test_a_file_path_leaving_the_extension_is_a_spec_error(provisioned_world: Wo
         assert result.exit_code == 1
         assert "`extensions[0].files`" in result.stderr and "relative path inside the extension" in result.stderr
         assert sorted(p.name for p in volume.iterdir()) == ["forge-volume.toml"]
+
+
+def test_a_settings_file_change_reruns_only_the_settings_step(provisioned_world: World, installed_volume: Path,
+                                                              spawns: list[list[str]]) -> None:
+    """Adding or changing an extension's `files` only writes files: Forge's preparation
+    (launch.py --exit, hours of pip on a real pod) and the extension's checkout must not run again."""
+    before = state_of(installed_volume)["steps"]
+    (installed_volume / "forge-volume.toml").write_text(_spec_with_files(provisioned_world))
+    assert cli("lock").exit_code == 0
+    spawns.clear()
+    result = cli("install")
+    assert result.exit_code == 0, result.output
+    assert (installed_volume / "extensions" / "ext-one" / "last_device.txt").read_text() == "CUDA"
+    assert "ran config;" in result.output, result.output
+    assert not [argv for argv in spawns if any("launch.py" in a for a in argv)]
+    after = state_of(installed_volume)["steps"]
+    assert {k: after[k] for k in ("extensions", "prepare", "bytecode")} == \
+        {k: before[k] for k in ("extensions", "prepare", "bytecode")}
