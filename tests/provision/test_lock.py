@@ -96,3 +96,20 @@ def test_spec_edited_after_locking_is_refused_and_named(installed_volume: Path) 
     assert state_of(installed_volume)["forge_args"] == ["--always-cpu", "--xformers"]
     # Forge's preparation ran with the new args: --xformers made it install XFORMERS_PACKAGE.
     assert installed_dists(installed_volume).get("xformers") == "0.0.27"
+
+
+def test_atomic_writes_never_share_a_temporary_with_another_writer(tmp_path: Path) -> None:
+    """Two pods, or two serverless workers of one image, run forge-volume under the same pid, and on a
+    network volume the state lock may not hold: a writer must neither write into nor delete the
+    temporary file of another writer's state.json or lock (its rename would then fail, or publish a mix)."""
+    import os
+
+    from provision.lockfile import write_atomic
+
+    target = tmp_path / "state.json"
+    other = tmp_path / f".state.json.{os.getpid()}.tmp"  # the other writer's write in progress
+    other.write_text('{"half": ', encoding="utf-8")
+    write_atomic(target, '{"mine": 1}\n')
+    assert target.read_text(encoding="utf-8") == '{"mine": 1}\n'
+    assert other.read_text(encoding="utf-8") == '{"half": '
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "state.json"]
