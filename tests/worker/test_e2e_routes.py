@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import DATA
-from tests.worker.conftest import CHECKPOINT, WorkerProc
+from tests.worker.conftest import CHECKPOINT, WorkerProc, worker_env
 from worker.routes import FORGE_ROUTES
 
 RESPONSES = {p.stem: json.loads(p.read_text()) for p in (DATA / "forge" / "responses").glob("*.json")}
@@ -124,3 +126,18 @@ def test_inference_wrote_nothing_to_the_volume(worker: WorkerProc, worker_volume
         assert call(worker, "POST", "/sdapi/v1/txt2img", payload)["status"] == "COMPLETED"
     assert call(worker, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT})["status"] == "COMPLETED"
     assert snapshot(worker_volume) == before
+
+
+def test_the_local_test_job_runs_and_exits_cleanly(worker_volume: Path, module_tmp: Path) -> None:
+    """`python -m worker` in a folder with test_input.json: one job, exit 0, no aiohttp session left open."""
+    folder = module_tmp / "local-job"
+    folder.mkdir()
+    job = {"input": {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"},
+                     "payload": {"prompt": "a", "steps": 2}}}
+    (folder / "test_input.json").write_text(json.dumps(job), encoding="utf-8")
+    env = worker_env(worker_volume, module_tmp / "scratch")
+    done = subprocess.run([sys.executable, "-m", "worker"], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "completed successfully" in output, output[-3000:]
+    assert "Unclosed" not in output, output[-3000:]
