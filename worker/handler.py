@@ -100,7 +100,11 @@ async def _finish(worker: Worker, call: ForgeCall, resp: ForgeResponse, job: dic
                           forge_status=resp.status)
         cause = _forge_message(body)
         # Forge answers caller mistakes with 500 too; only a broken CUDA context means this worker is unusable.
-        broken = "CUDA error" in cause and "out of memory" not in cause
+        # Torch's message starts with "CUDA error"; anywhere else it may be the caller's own text echoed back
+        # (an unknown checkpoint's name), which must not let a caller recycle workers.
+        message = body.get("message") if isinstance(body, dict) else None
+        broken = (resp.status >= 500 and isinstance(message, str) and message.startswith("CUDA error")
+                  and "out of memory" not in message)
         return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint}: {cause}", refresh=broken,
                       forge_status=resp.status, forge_response=body)
     if settings.upload and isinstance(body, dict):

@@ -132,3 +132,18 @@ def test_a_dead_forge_asks_for_a_fresh_worker_and_a_bad_volume_does_not(worker_v
     missing = build_worker(worker_env(module_tmp / "absent", module_tmp / "scratch"))
     out = run(missing, make_handler(missing)(job("GET", "/sdapi/v1/samplers")))
     assert "no volume at" in out["error"] and "refresh_worker" not in out
+
+
+def test_only_a_broken_cuda_context_asks_for_a_fresh_worker(live: Worker, worker_volume: Path,
+                                                            module_tmp: Path) -> None:
+    # Forge echoes the caller's checkpoint name in its 500: a caller mistake, whatever the name says.
+    out = run(live, make_handler(live)(job("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "CUDA error"})))
+    assert out["forge_status"] == 500 and "model 'CUDA error' not found" in out["error"]
+    assert "refresh_worker" not in out, out
+    broken = build_worker(worker_env(worker_volume, module_tmp / "scratch", FORGE_STANDIN_MODE="cuda_error"))
+    try:
+        out = run(broken, make_handler(broken)(job("POST", "/sdapi/v1/txt2img", {"steps": 2})))
+    finally:
+        assert broken.forge is not None
+        broken.forge.stop()
+    assert "CUDA error: an illegal memory access" in out["error"] and out["refresh_worker"] is True, out
