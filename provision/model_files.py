@@ -18,6 +18,7 @@ from filelock import FileLock
 from provision.download import is_download_temp
 from provision.errors import LockError, PathError
 from provision.lockfile import LockedModel
+from provision.sources import shown_source
 from provision.state import now, read_state, record_model, update_state
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout
 
@@ -67,7 +68,7 @@ def trusted(path: Path, record: Record | None) -> bool:
 def make_record(layout: VolumeLayout, path: Path, *, kind: str | None, source: str, sha256: str,
                 revision: str | None = None) -> Record:
     st = path.stat()
-    entry: Record = {"path": layout.relative(path), "kind": kind, "source": source, "sha256": sha256,
+    entry: Record = {"path": layout.relative(path), "kind": kind, "source": shown_source(source), "sha256": sha256,
                      "size": st.st_size, "mtime": st.st_mtime, "recorded": now()}
     if revision:
         entry["revision"] = revision

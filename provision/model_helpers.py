@@ -16,7 +16,7 @@ from provision.errors import ChecksumError, ForgeVolumeError, PathError, SourceE
 from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
 from provision.model_jobs import POOL, Bars, hold_target, parallel, raise_failures, require_volume
 from provision.progress import Progress
-from provision.sources import parse_source
+from provision.sources import parse_source, shown_source
 from volume_layout import LayoutError, VolumeLayout, check_file_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -43,9 +43,10 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
     require_volume(layout)
     expected = _check_sha(sha256)
     parsed = parse_source(source)
+    shown = shown_source(source)  # what state.json, messages and the job's result may hold
     remote = remote_for(parsed, tokens=tokens)
     if expected and remote.sha256 and expected != remote.sha256:
-        raise ChecksumError(f"{parsed}: the request pins sha256 {expected} but the host says {remote.sha256}")
+        raise ChecksumError(f"{shown}: the request pins sha256 {expected} but the host says {remote.sha256}")
     expected = expected or remote.sha256
     file_name = name or remote.name or parsed.default_name
     try:
@@ -57,7 +58,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         elif kind is None:
             raise PathError("a model kind or a destination path is required")
         elif file_name is None:
-            raise PathError(f"cannot tell a file name for {parsed}; pass one")
+            raise PathError(f"cannot tell a file name for {shown}; pass one")
         else:
             path = layout.model_path(kind, file_name)
     except LayoutError as exc:
@@ -68,7 +69,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         record = mf.records(layout).get(rel)
         have = None
         if mf.trusted(path, record) and record:
-            same_source = record.get("source") == str(parsed)
+            same_source = record.get("source") == shown
             have = record["sha256"] if (expected is None and same_source) or record["sha256"] == expected else None
         elif expected and path.is_file() and (remote.size is None or path.stat().st_size == remote.size):
             have = expected if mf.sha256_file(path) == expected else None
@@ -76,7 +77,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
                 mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=have,
                                                         revision=remote.revision)])
         if have:
-            return {"path": rel, "kind": kind, "source": str(parsed), "sha256": have, "size": path.stat().st_size,
+            return {"path": rel, "kind": kind, "source": shown, "sha256": have, "size": path.stat().st_size,
                     "downloaded": False, "bytes": 0}
         bars = Bars(progress, None)
         bar, on_bytes = bars.file(remote.size, path.name)
@@ -87,7 +88,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,
                                                 revision=remote.revision)])
-    return {"path": rel, "kind": kind, "source": str(parsed), "sha256": got.sha256, "size": got.size,
+    return {"path": rel, "kind": kind, "source": shown, "sha256": got.sha256, "size": got.size,
             "downloaded": True, "bytes": got.transferred}
 
 

@@ -33,7 +33,7 @@ from provision.model_jobs import (
     require_volume,
 )
 from provision.progress import Progress
-from provision.sources import CivitaiSource, HfSource, parse_source
+from provision.sources import CivitaiSource, HfSource, parse_source, shown_source
 from provision.spec import ModelSpec
 from provision.volume_lock import hold_volume
 from volume_layout import VolumeLayout
@@ -111,13 +111,14 @@ def _resolve_one(spec: ModelSpec) -> LockedModel:
 
 
 def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
+    shown = shown_source(str(spec.source))
     if spec.sha256 and remote.sha256 and spec.sha256 != remote.sha256:
-        raise ChecksumError(f"{spec.source}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
+        raise ChecksumError(f"{shown}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
     if spec.size is not None and remote.size is not None and spec.size != remote.size:
-        raise ChecksumError(f"{spec.source}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
+        raise ChecksumError(f"{shown}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
     name = spec.name or remote.name or spec.source.default_name
     if not name:
-        raise SourceError(f"{spec.source}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
+        raise SourceError(f"{shown}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
     return LockedModel(kind=spec.kind, name=name, source=str(spec.source), path=relative_model_path(spec.kind, name),
                        sha256=spec.sha256 or remote.sha256, size=spec.size if spec.size is not None else remote.size,
                        revision=remote.revision, pinned_by=pinned_by)
@@ -135,7 +136,7 @@ def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[Lock
 
     results = parallel(models, one, RESOLVE_POOL)
     bar.close()
-    raise_failures([(str(m.source), r) for m, r in zip(models, results, strict=True)
+    raise_failures([(shown_source(str(m.source)), r) for m, r in zip(models, results, strict=True)
                      if isinstance(r, ForgeVolumeError)])
     locked = [r for r in results if isinstance(r, LockedModel)]
     for model in locked:
@@ -313,7 +314,7 @@ def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
         c = mf.check(layout, model, recs, hash_files=False)
         size = f" ({human(model.size)})" if model.size else ""
         if c.status == "missing":
-            lines.append(f"fetch {model.path}{size} from {model.source}")
+            lines.append(f"fetch {model.path}{size} from {shown_source(model.source)}")
         elif c.status in ("wrong-size", "wrong-hash"):
             lines.append(f"repair {model.path}{size}: {c.status.replace('-', ' ')}")
         elif c.status == "unchecked":

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from provision.errors import SourceError
 
 ACCEPTED_FORMS = "hf://OWNER/REPO/PATH[@REVISION], https://..., http://..., civitai://MODEL_VERSION_ID"
+_SECRET_PARAM = re.compile(r"token|key|sig|secret|pass|auth|cred", re.IGNORECASE)
+
+
+def shown_source(text: str) -> str:
+    """A source fit for messages, state.json and job results: a URL loses its ``user:password@`` and the
+    values of query parameters that look like credentials (``token=``, ``api_key=``, ``X-Amz-Signature=``...).
+    The lock keeps the source as written: it is what the download needs."""
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https"):
+        return text
+    query = "&".join(f"{p.partition('=')[0]}=***" if _SECRET_PARAM.search(p.partition("=")[0]) else p
+                     for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from provision import model_files as mf
 from provision.lockfile import read_lock
 from provision.progress import Progress
+from provision.sources import shown_source
 
 
 def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progress: Progress) -> list[str]:
@@ -31,7 +32,7 @@ def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progr
             c = mf.check(layout, model, recs, hash_files=True, deep=deep,
                          on_bytes=bar.update if bar is not None else None)
             if c.status == "missing":
-                problems.append(f"missing: {model.path} ({model.kind} from {model.source})")
+                problems.append(f"missing: {model.path} ({model.kind} from {shown_source(model.source)})")
             elif c.status == "wrong-size":
                 problems.append(f"wrong size: {model.path} is {c.size:,} bytes, the lock says {model.size:,}")
             elif c.status == "wrong-hash":

@@ -309,3 +309,33 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
     target = installed_volume / "models" / "Stable-diffusion" / "slow.safetensors"
     assert target.read_bytes() == data and not partial.exists()
     assert route.bytes_sent - sent == len(data) - kept  # the second run only fetched what was missing
+
+
+def test_a_credential_in_a_url_source_stays_in_the_spec_and_lock(installed_volume: Path, provisioned_world: World,
+                                                                  hosts: Hosts) -> None:
+    """A URL source carrying its own credentials (user:password@, ?token=): the lock keeps the source as
+    written (the download needs it), but no message, state.json record or helper result shows them."""
+    password, token = "pw-4f1c9e2a", "tok-7d3b0a56"
+    url = hosts.files.url("/files/tofu.pt").replace("://", f"://me:{password}@") + f"?type=Model&token={token}"
+    (installed_volume / "forge-volume.toml").write_text(
+        provisioned_world.spec(extra=f'\n[[models]]\nkind = "embedding"\nsource = "{url}"\n'))
+    outputs = [cli(installed_volume, "lock"), cli(installed_volume, "plan")]
+    outputs.append(cli(installed_volume, "refresh-models"))
+    (installed_volume / "models" / "embeddings" / "tofu.pt").unlink()
+    outputs.append(cli(installed_volume, "verify"))
+    assert [r.exit_code for r in outputs] == [0, 0, 0, 1], [r.output for r in outputs]
+    assert "fetch models/embeddings/tofu.pt" in outputs[1].output
+    assert "missing: models/embeddings/tofu.pt" in outputs[3].output
+    from provision.models import fetch_model
+    from provision.progress import QUIET
+    from volume_layout import VolumeLayout
+
+    result = fetch_model(VolumeLayout(installed_volume), source=url, kind="embedding", progress=QUIET)
+    assert result["downloaded"] is True and "?type=Model&token=***" in result["source"]
+    texts = [r.output for r in outputs] + [json.dumps(result),
+                                           (installed_volume / ".forge-volume" / "state.json").read_text()]
+    for text in texts:
+        assert password not in text and token not in text, text
+    assert state_models(installed_volume)["models/embeddings/tofu.pt"]["source"] == \
+        hosts.files.url("/files/tofu.pt") + "?type=Model&token=***"
+    assert url in (installed_volume / "forge-volume.lock").read_text()
