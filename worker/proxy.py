@@ -56,8 +56,12 @@ class Proxy:
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
             # A session belongs to the loop it was made in; RunPod's local API and its job loop differ.
+            # Forge gzips answers of 1000 bytes or more for a client that accepts gzip (its GZipMiddleware);
+            # aiohttp offers gzip by default. On loopback compression only costs time, and bodies are
+            # relayed undecoded: ask for identity.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=8), auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=CONNECT_TIMEOUT),
             )
             self._loop = loop

@@ -147,3 +147,16 @@ def test_only_a_broken_cuda_context_asks_for_a_fresh_worker(live: Worker, worker
         assert broken.forge is not None
         broken.forge.stop()
     assert "CUDA error: an illegal memory access" in out["error"] and out["refresh_worker"] is True, out
+
+
+def test_forges_gzip_middleware_does_not_garble_answers(live: Worker) -> None:
+    # Forge gzips bodies of 1000 bytes or more for a client that accepts gzip (the stand-in does too).
+    assert live.forge is not None
+    request = urllib.request.Request(f"http://127.0.0.1:{live.forge.port}/sdapi/v1/options",
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.headers["content-encoding"] == "gzip"
+    out = run(live, make_handler(live)(job("GET", "/sdapi/v1/options")))
+    assert "error" not in out and "sd_model_checkpoint" in out, str(out)[:300]
+    out = run(live, make_handler(live)(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 2})))
+    assert "error" not in out and base64.b64decode(out["images"][0])[:4] == b"\x89PNG", str(out)[:300]
