@@ -2,7 +2,8 @@
 # No CUDA toolkit, torch, Forge or models here: they live on the volume (torch's CUDA runtime comes
 # with the nvidia wheels in the volume's venv). The volume's venv runs on the volume's own Python,
 # so this image's Python version does not matter to Forge.
-FROM python:3.11-slim
+# Debian pinned (bookworm), so the system package names below stay what they are (trixie renamed several).
+FROM python:3.11-slim-bookworm
 
 # A non-CUDA base image lacks these: without them the NVIDIA container runtime mounts no driver.
 ENV NVIDIA_VISIBLE_DEVICES=all \

@@ -150,6 +150,7 @@ class ForgeProcess:
         self.ready_at: float | None = None  # time.monotonic() when readiness was noticed
         self.ready_wall: float | None = None  # the same moment by the wall clock, to compare with Forge's log
         self.start_error = ""
+        self.stop_reason = ""  # why the worker stopped a Forge that was running (it was wedged)
         self._out = out or _to_stdout
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self._lock = threading.Lock()
@@ -182,6 +183,12 @@ class ForgeProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(grace)
+
+    def abandon(self, reason: str) -> None:
+        """Stop a wedged Forge so the next job fails at once and asks RunPod for a fresh worker."""
+        self.stop_reason = reason
+        self._out(f"[worker] {reason}")
+        threading.Thread(target=self.stop, name="forge-stop", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
@@ -245,6 +252,8 @@ class ForgeProcess:
         if self.phase == BOOT_TIMEOUT:
             return (f"Forge did not become ready within FORGE_BOOT_TIMEOUT={self.boot_timeout:g} s "
                     "(raise FORGE_BOOT_TIMEOUT if the volume is slow, else read forge_log)")
+        if self.stop_reason:
+            return self.stop_reason
         was = "after it was ready" if self.ready_at is not None else "while booting"
         last = " | ".join(line for line in self.tail(3) if line.strip())
         return f"Forge exited with code {self.returncode} {was}" + (f": {last}" if last else "")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ INTERRUPT_TIMEOUT = 5.0
 # After a request timeout the job fails at its deadline: the interrupt (useless if Forge is frozen)
 # goes on in the background past this short wait instead of holding the answer for SIDE_TIMEOUT.
 INTERRUPT_GRACE = 0.5
+# After a cancelled job's interrupt, Forge must go idle within this; else it is wedged and is stopped.
+SETTLE_TIMEOUT = 30.0
 CHANGES_MODELS = frozenset({"/v1/download", "/v1/sync", "/v1/refresh-models"})
 REFRESH_ROUTES = ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
                   "/sdapi/v1/refresh-embeddings")
@@ -47,6 +50,8 @@ class Worker:
     forge: ForgeProcess | None = None
     proxy: Proxy | None = None
     report: Reporter = log_reporter
+    settle_timeout: float = SETTLE_TIMEOUT
+    watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def _error(message: str, *, refresh: bool = False, **detail: Any) -> dict[str, Any]:
@@ -142,14 +147,35 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
         cause = forge.failure() if forge.phase != READY else f"Forge did not answer: {exc}"
         return _error(cause, refresh=True, forge_log=forge.tail())
     except asyncio.CancelledError:
-        # RunPod cancelled the job or it timed out: stop Forge's generation so the next job does not queue behind it.
+        # RunPod cancelled the job or it timed out: stop Forge's generation so the next job does not queue
+        # behind it, and make sure it does stop: a cancelled job cannot ask RunPod for a fresh worker itself.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(proxy.interrupt()), INTERRUPT_TIMEOUT)
+        if call.generates:
+            watchdog = asyncio.get_running_loop().create_task(_expect_idle(worker, str(job.get("id"))))
+            worker.watchdogs.add(watchdog)
+            watchdog.add_done_callback(worker.watchdogs.discard)
         raise
     finally:
         if progress is not None:
             progress.cancel()
     return await _finish(worker, call, resp, job)
+
+
+async def _expect_idle(worker: Worker, job_id: str) -> None:
+    """After a cancelled generation: wait for Forge to report no running job; stop it if it never does."""
+    forge, proxy = worker.forge, worker.proxy
+    assert forge is not None and proxy is not None
+    deadline = time.monotonic() + worker.settle_timeout
+    while time.monotonic() < deadline:
+        report = await proxy.progress()
+        state = report.get("state") if report else None
+        if isinstance(state, dict) and not state.get("job"):
+            return
+        await asyncio.sleep(0.25)
+    if forge.phase == READY:
+        forge.abandon(f"Forge was still busy {worker.settle_timeout:g} s after job {job_id} was cancelled and "
+                      "interrupted (wedged); the worker stopped it, so RunPod replaces this worker")
 
 
 async def _refresh_forge(worker: Worker) -> bool:

@@ -71,10 +71,11 @@ def link_mount_point(volume: Volume) -> Path | None:
     if link.is_dir():
         if any(link.iterdir()):
             raise refuse
-        link.rmdir()
     elif os.path.lexists(link):
         raise refuse
     try:
+        if link.is_dir():
+            link.rmdir()  # may fail (a mount point, a read-only image): a clear boot error, never a crash
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(root, target_is_directory=True)
     except OSError as exc:

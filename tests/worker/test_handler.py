@@ -160,3 +160,49 @@ def test_forges_gzip_middleware_does_not_garble_answers(live: Worker) -> None:
     assert "error" not in out and "sd_model_checkpoint" in out, str(out)[:300]
     out = run(live, make_handler(live)(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 2})))
     assert "error" not in out and base64.b64decode(out["images"][0])[:4] == b"\x89PNG", str(out)[:300]
+
+
+def test_a_forge_still_busy_after_a_cancelled_job_is_stopped_and_the_worker_replaced(
+        worker_volume: Path, module_tmp: Path) -> None:
+    """A generation that ignores the interrupt (Forge wedged): a cancelled job cannot return
+    refresh_worker, so the worker stops Forge and the next job asks RunPod for a fresh worker."""
+    wedged = build_worker(worker_env(worker_volume, module_tmp / "scratch", FORGE_STANDIN_MODE="wedge_generation"))
+    wedged = dataclasses.replace(wedged, settle_timeout=1.0)
+    handler = make_handler(wedged)
+
+    async def cancel_then_next() -> Any:
+        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 5})))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert wedged.watchdogs, "a watchdog must follow the cancelled generation"
+        await asyncio.gather(*wedged.watchdogs)
+        started = time.monotonic()
+        out = await handler(job("GET", "/sdapi/v1/samplers"))
+        return time.monotonic() - started, out
+
+    try:
+        seconds, out = run(wedged, cancel_then_next())
+    finally:
+        assert wedged.forge is not None
+        wedged.forge.stop()
+    assert out["refresh_worker"] is True and "still busy 1 s after job job-1 was cancelled" in out["error"], out
+    assert seconds < 15.0  # at most the stop's grace, never FORGE_REQUEST_TIMEOUT
+
+
+def test_a_cancelled_job_on_a_healthy_forge_leaves_it_running(live: Worker) -> None:
+    worker = dataclasses.replace(live, settle_timeout=5.0)
+    handler = make_handler(worker)
+
+    async def cancel() -> None:
+        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000})))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.gather(*worker.watchdogs)
+
+    run(worker, cancel())
+    assert live.forge is not None and live.forge.phase == "ready" and not live.forge.stop_reason
+    assert len(run(live, make_handler(live)(job("POST", "/sdapi/v1/txt2img", {"steps": 2})))["images"]) == 1
