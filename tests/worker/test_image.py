@@ -36,7 +36,7 @@ def test_the_dockerfile_installs_the_worker_extra_and_forges_runtime_libraries()
     assert target == ".[worker]"
     assert {"libgl1", "libglib2.0-0", "libtcmalloc-minimal4", "fonts-dejavu-core"} <= set(apt)
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.M)
+    assert re.search(r"^FROM python:3\.\d+-slim(-[a-z]+)?$", text, re.M)  # slim, optionally Debian-pinned
     for needed in ("NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
                    'CMD ["/opt/forge-volume/scripts/start.sh"]'):
         assert needed in text
