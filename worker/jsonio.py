@@ -31,6 +31,11 @@ def loads(data: bytes) -> Any:
     return json.loads(data)
 
 
+def loads_text(text: str) -> Any:
+    """A large body already decoded (see ``ForgeResponse.take_json``)."""
+    return json.loads(text)
+
+
 def dumps(value: Any) -> bytes:
     if orjson is not None:
         try:

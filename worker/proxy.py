@@ -32,7 +32,15 @@ class ForgeResponse:
         return jsonio.loads(self.body)
 
     def take_json(self) -> Any:
-        """Parse and drop the raw bytes, so a 16 MB answer is not held twice while it travels on."""
+        """Parse and drop the raw bytes, so a 16 MB answer is not held twice while it travels on.
+
+        A large body is decoded to text and its bytes freed before parsing: the parse then holds
+        the text and the result (2x the body) instead of the bytes as well (3x).
+        """
+        if len(self.body) > jsonio.LARGE:
+            text = self.body.decode("utf-8")
+            self.body = b""  # the last reference to the bytes
+            return jsonio.loads_text(text)
         body, self.body = self.body, b""
         return jsonio.loads(body)
 
