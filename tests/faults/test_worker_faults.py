@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.bad_volumes import bad_volumes
 from tests.worker.conftest import worker_env
-from volume_layout import LAYOUT_VERSION
 from worker.boot import build_worker
 from worker.handler import INTERRUPT_GRACE, Worker, make_handler
 
@@ -346,32 +346,6 @@ def test_case07_cancelled_job_interrupts_forge(fleet: Fleet, streams: Streams) -
 
 async def one_job(worker: Worker, job: dict[str, Any]) -> Any:
     return await make_handler(worker)(job)
-
-
-def bad_volumes(root: Path) -> dict[str, tuple[Path, str]]:
-    empty = root / "empty"
-    empty.mkdir()
-    future = root / "future"
-    (future / ".forge-volume").mkdir(parents=True)
-    (future / ".forge-volume" / "state.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION + 1}))
-    corrupt = root / "corrupt"
-    (corrupt / ".forge-volume").mkdir(parents=True)
-    (corrupt / ".forge-volume" / "state.json").write_bytes(b'{"layout_version": 1, "forge": {"repo"')
-    folder = root / "state-is-a-folder"
-    (folder / ".forge-volume" / "state.json").mkdir(parents=True)
-    unfinished = root / "unfinished"
-    (unfinished / ".forge-volume").mkdir(parents=True)
-    (unfinished / ".forge-volume" / "state.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION,
-                                                                         "forge": None}))
-    return {
-        "missing": (root / "no-such-volume", "no volume at .*no-such-volume .*attach the network volume"),
-        "empty": (empty, "is not provisioned \\(no .forge-volume/state.json\\) .*run `forge-volume install`"),
-        "future": (future, f"has layout version {LAYOUT_VERSION + 1}; this forge-volume reads version "
-                           f"{LAYOUT_VERSION} .*release that provisioned this volume"),
-        "corrupt": (corrupt, "state.json is corrupt .*run `forge-volume install`"),
-        "state-is-a-folder": (folder, "cannot read .*state.json.*run `forge-volume install`"),
-        "unfinished": (unfinished, "has no Forge installed yet \\(install did not finish\\)"),
-    }
 
 
 def test_case08_bad_volumes_fail_every_job_clearly_within_a_second(tmp_path: Path, streams: Streams,

@@ -7,31 +7,19 @@ what to do, and the worker itself keeps serving (no crash loop).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.bad_volumes import bad_volumes
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
-from volume_layout import LAYOUT_VERSION
 
 SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
 TXT2IMG = {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {"prompt": "a cat", "steps": 40}}
 VOLUME = {"api": {"method": "GET", "endpoint": "/v1/volume"}}
-
-
-def bad_volumes(root: Path) -> dict[str, Path]:
-    empty = root / "empty-volume"
-    empty.mkdir()
-    future = root / "future-volume"
-    (future / ".forge-volume").mkdir(parents=True)
-    (future / ".forge-volume" / "state.json").write_text(json.dumps({"layout_version": LAYOUT_VERSION + 1}))
-    corrupt = root / "corrupt-volume"
-    (corrupt / ".forge-volume").mkdir(parents=True)
-    (corrupt / ".forge-volume" / "state.json").write_text("{\"layout_version\": 1,")
-    return {"missing": root / "no-such-volume", "empty": empty, "future": future, "corrupt": corrupt}
+BAD_VOLUMES = ("missing", "empty", "future", "corrupt")  # the whole set runs in tests/faults
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +34,8 @@ def workers(worker_volume: Path, module_tmp: Path) -> Iterator[dict[str, WorkerP
                             FORGE_REQUEST_TIMEOUT="1.5"),
         "bad_port": worker_env(worker_volume, scratch, FORGE_PORT="eighty"),
     }
-    envs.update({name: worker_env(path, scratch) for name, path in bad_volumes(module_tmp).items()})
+    envs.update({name: worker_env(path, scratch) for name, (path, _) in bad_volumes(module_tmp / "volumes").items()
+                 if name in BAD_VOLUMES})
     procs = {name: start_worker(env, logs, wait=False) for name, env in envs.items()}
     try:
         for proc in procs.values():
