@@ -42,6 +42,15 @@ def run(worker: Worker, coro: Awaitable[T]) -> T:
     return asyncio.run(go())
 
 
+async def cancelled_after(handler: Any, a_job: dict[str, Any], seconds: float) -> None:
+    """Start a job, cancel it after ``seconds`` as RunPod would, and see the cancellation through."""
+    task = asyncio.create_task(handler(a_job))
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.fixture(scope="module")
 def live(worker_volume: Path, module_tmp: Path) -> Iterator[Worker]:
     worker = build_worker(worker_env(worker_volume, module_tmp / "scratch", FORGE_STANDIN_STEP_SECONDS="0.01"))
@@ -76,11 +85,7 @@ def test_a_cancelled_job_interrupts_forge(live: Worker) -> None:
     handler = make_handler(live)
 
     async def cancel_then_generate() -> tuple[float, Any]:
-        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000})))
-        await asyncio.sleep(0.5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_after(handler, job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000}), 0.5)
         started = time.monotonic()  # without the interrupt this would queue behind ~9 s of generation
         out = await handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "b", "steps": 2}))
         return time.monotonic() - started, out
@@ -171,11 +176,7 @@ def test_a_forge_still_busy_after_a_cancelled_job_is_stopped_and_the_worker_repl
     handler = make_handler(wedged)
 
     async def cancel_then_next() -> Any:
-        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 5})))
-        await asyncio.sleep(1.0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_after(handler, job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 5}), 1.0)
         assert wedged.watchdogs, "a watchdog must follow the cancelled generation"
         await asyncio.gather(*wedged.watchdogs)
         started = time.monotonic()
@@ -196,11 +197,7 @@ def test_a_cancelled_job_on_a_healthy_forge_leaves_it_running(live: Worker) -> N
     handler = make_handler(worker)
 
     async def cancel() -> None:
-        task = asyncio.create_task(handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000})))
-        await asyncio.sleep(0.5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled_after(handler, job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 1000}), 0.5)
         await asyncio.gather(*worker.watchdogs)
 
     run(worker, cancel())
