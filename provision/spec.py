@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
 from provision.sources import Source, parse_source
@@ -86,7 +86,7 @@ class _Reader:
             self.fail("", f"must be a table, not {type(table).__name__}")
         self.table: dict[str, Any] = table
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         name = f"{self.where}.{key}" if key else self.where
         raise SpecError(f"{self.path}: `{name}` {problem}")
 
@@ -172,7 +172,6 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
     except SourceError as exc:
         r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
                "https://..., http://..., civitai://MODEL_VERSION_ID")
-        raise  # unreachable: fail() raises
     name = r.string("name") or source.default_name
     if name is not None:
         try:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from provision.errors import StateError
+from provision.errors import StateError, VolumeBusyError
 from provision.lockfile import write_atomic
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
@@ -64,8 +64,18 @@ def write_state(layout: VolumeLayout, state: State) -> None:
 @contextmanager
 def state_lock(layout: VolumeLayout, timeout: float = STATE_LOCK_TIMEOUT) -> Iterator[None]:
     layout.locks_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(layout.lock_file("state")), timeout=timeout):
+    try:
+        lock = FileLock(str(layout.lock_file("state")), timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        raise VolumeBusyError(
+            f"{layout.state} stayed locked by another process for {timeout:g} s",
+            f"check for a hung forge-volume process on the volume; if there is none, remove {lock.lock_file}",
+        ) from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def update_state(layout: VolumeLayout, change: Callable[[State], None]) -> State:
