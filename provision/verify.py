@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from provision import model_files as mf
 from provision.lockfile import read_lock
+from provision.models import files as mf
 from provision.progress import Progress
 from provision.sources import shown_source
 

@@ -148,7 +148,7 @@ def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
 def sparse_volume(work: Path, count: int, each: int) -> Path:
     """A volume with ``count`` sparse files of ``each`` bytes, locked and recorded as install leaves them."""
     from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
-    from provision.model_files import make_record, save_records
+    from provision.models.files import make_record, save_records
     from volume_layout import VolumeLayout
 
     volume = work / "volume"

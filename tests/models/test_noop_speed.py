@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from provision.lockfile import Lock, LockedForge, LockedModel, read_lock, write_lock
-from provision.model_files import make_record, save_records
 from provision.models import plan_models, refresh_models, sync_models
+from provision.models.files import make_record, save_records
 from provision.progress import QUIET
 from provision.verify import verify_volume
 from volume_layout import VolumeLayout

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from provision import model_files as mf
 from provision.errors import DownloadError, ForgeVolumeError, VolumeError
+from provision.models import files as mf
 from provision.progress import Progress
 from volume_layout import VolumeLayout
 

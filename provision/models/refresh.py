@@ -1,28 +1,24 @@
-"""Models on the volume: resolve them into the lock, make the volume match it, plan, refresh, prune.
+"""Make the volume's models match the lock: check, fetch, repair, pin, plan, refresh and prune.
 
 Every download goes through ``provision.download`` under a per-target file lock, and is recorded
 in state.json (path, kind, source, sha256, size, mtime) so later runs trust it without reading it.
-The worker's helpers (``fetch_model``, ``sync_hf_repo``) live in ``provision.model_helpers`` and
-are re-exported here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 
-from provision import model_files as mf
 from provision.download import Downloaded, download
-from provision.errors import ChecksumError, ForgeVolumeError, SourceError
-from provision.hub import RemoteFile, Tokens, head_size, remote_for
+from provision.errors import ForgeVolumeError
+from provision.hub import Tokens, remote_for
 from provision.lockfile import Lock, LockedModel, read_lock, write_lock
-from provision.model_helpers import fetch_model, sync_hf_repo
-from provision.model_jobs import (
+from provision.models import files as mf
+from provision.models.pool import (
     POOL,
     Bars,
     LazyBar,
@@ -33,21 +29,11 @@ from provision.model_jobs import (
     require_volume,
 )
 from provision.progress import Progress
-from provision.sources import CivitaiSource, HfSource, parse_source, shown_source
-from provision.spec import ModelSpec
+from provision.sources import parse_source, shown_source
 from provision.volume_lock import hold_volume
 from volume_layout import VolumeLayout
 
-RESOLVE_POOL = 8
 STALE_TEMP = 3600.0  # a temporary file untouched this long, with its target lock free, is abandoned
-_DUMMY = VolumeLayout(Path("/volume"))
-__all__ = ["ModelsReport", "fetch_model", "plan_models", "refresh_models", "resolve_models", "sync_hf_repo",
-           "sync_models"]
-
-
-def relative_model_path(kind: str, name: str) -> str:
-    """A model's path relative to the volume root, e.g. ``models/Lora/x.safetensors``."""
-    return _DUMMY.relative(_DUMMY.model_path(kind, name))
 
 
 @dataclass
@@ -91,59 +77,6 @@ class ModelsReport:
         data["pinned"] = [{"path": p, "sha256": s} for p, s in self.pinned]
         data["summary"] = self.summary()
         return data
-
-
-# --- lock ------------------------------------------------------------------------------------------
-
-def _resolve_one(spec: ModelSpec) -> LockedModel:
-    source = spec.source
-    if isinstance(source, HfSource):
-        remote = remote_for(source)
-        pinned_by = "hub" if remote.sha256 else ("spec" if spec.sha256 else "first-download")
-        return _locked(spec, remote, pinned_by)
-    if isinstance(source, CivitaiSource):
-        return _locked(spec, remote_for(source), "server")
-    if spec.sha256:
-        size = spec.size if spec.size is not None else head_size(source.url)
-        return _locked(spec, RemoteFile(source.url, None, size), "spec")
-    size = spec.size if spec.size is not None else head_size(source.url)
-    return _locked(spec, RemoteFile(source.url, None, size), "first-download")
-
-
-def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
-    shown = shown_source(str(spec.source))
-    if spec.sha256 and remote.sha256 and spec.sha256 != remote.sha256:
-        raise ChecksumError(f"{shown}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
-    if spec.size is not None and remote.size is not None and spec.size != remote.size:
-        raise ChecksumError(f"{shown}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
-    name = spec.name or remote.name or spec.source.default_name
-    if not name:
-        raise SourceError(f"{shown}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
-    return LockedModel(kind=spec.kind, name=name, source=str(spec.source), path=relative_model_path(spec.kind, name),
-                       sha256=spec.sha256 or remote.sha256, size=spec.size if spec.size is not None else remote.size,
-                       revision=remote.revision, pinned_by=pinned_by)
-
-
-def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[LockedModel]:
-    """Pin every model: hf:// to revision, sha256 and size; civitai from its API; URLs from the spec or a HEAD."""
-    bar = progress.bar(len(models), "resolving models", unit="model")
-
-    def one(spec: ModelSpec) -> LockedModel:
-        try:
-            return _resolve_one(spec)
-        finally:
-            bar.update(1)
-
-    results = parallel(models, one, RESOLVE_POOL)
-    bar.close()
-    raise_failures([(shown_source(str(m.source)), r) for m, r in zip(models, results, strict=True)
-                     if isinstance(r, ForgeVolumeError)])
-    locked = [r for r in results if isinstance(r, LockedModel)]
-    for model in locked:
-        if model.sha256 is None:
-            progress.info(f"{model.path}: no sha256 known yet; it will be pinned at its first download "
-                          "(trust on first use)")
-    return locked
 
 
 # --- making the volume match the lock ----------------------------------------------------------------

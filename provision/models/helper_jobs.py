@@ -10,11 +10,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from provision import model_files as mf
 from provision.download import HopCheck, download
 from provision.errors import ChecksumError, ForgeVolumeError, PathError, SourceError
 from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
-from provision.model_jobs import POOL, Bars, hold_target, parallel, raise_failures, require_volume
+from provision.models import files as mf
+from provision.models.pool import POOL, Bars, hold_target, parallel, raise_failures, require_volume
 from provision.progress import Progress
 from provision.sources import parse_source, shown_source
 from volume_layout import LayoutError, VolumeLayout, check_file_name

@@ -1,0 +1,77 @@
+"""Resolve the spec's models into lock entries: hf:// to a revision, sha256 and size; civitai from its API;
+URLs from the spec or a HEAD (a URL without a published checksum is pinned at its first download)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from provision.errors import ChecksumError, ForgeVolumeError, SourceError
+from provision.hub import RemoteFile, head_size, remote_for
+from provision.lockfile import LockedModel
+from provision.models.pool import parallel, raise_failures
+from provision.progress import Progress
+from provision.sources import CivitaiSource, HfSource, shown_source
+from provision.spec import ModelSpec
+from volume_layout import VolumeLayout
+
+RESOLVE_POOL = 8
+_DUMMY = VolumeLayout(Path("/volume"))
+
+
+def relative_model_path(kind: str, name: str) -> str:
+    """A model's path relative to the volume root, e.g. ``models/Lora/x.safetensors``."""
+    return _DUMMY.relative(_DUMMY.model_path(kind, name))
+
+
+# --- lock ------------------------------------------------------------------------------------------
+
+def _resolve_one(spec: ModelSpec) -> LockedModel:
+    source = spec.source
+    if isinstance(source, HfSource):
+        remote = remote_for(source)
+        pinned_by = "hub" if remote.sha256 else ("spec" if spec.sha256 else "first-download")
+        return _locked(spec, remote, pinned_by)
+    if isinstance(source, CivitaiSource):
+        return _locked(spec, remote_for(source), "server")
+    if spec.sha256:
+        size = spec.size if spec.size is not None else head_size(source.url)
+        return _locked(spec, RemoteFile(source.url, None, size), "spec")
+    size = spec.size if spec.size is not None else head_size(source.url)
+    return _locked(spec, RemoteFile(source.url, None, size), "first-download")
+
+
+def _locked(spec: ModelSpec, remote: RemoteFile, pinned_by: str) -> LockedModel:
+    shown = shown_source(str(spec.source))
+    if spec.sha256 and remote.sha256 and spec.sha256 != remote.sha256:
+        raise ChecksumError(f"{shown}: the spec pins sha256 {spec.sha256} but the host says {remote.sha256}")
+    if spec.size is not None and remote.size is not None and spec.size != remote.size:
+        raise ChecksumError(f"{shown}: the spec says {spec.size:,} bytes but the host says {remote.size:,}")
+    name = spec.name or remote.name or spec.source.default_name
+    if not name:
+        raise SourceError(f"{shown}: cannot tell the file name", "add `name = \"...\"` to the model in the spec")
+    return LockedModel(kind=spec.kind, name=name, source=str(spec.source), path=relative_model_path(spec.kind, name),
+                       sha256=spec.sha256 or remote.sha256, size=spec.size if spec.size is not None else remote.size,
+                       revision=remote.revision, pinned_by=pinned_by)
+
+
+def resolve_models(models: Sequence[ModelSpec], progress: Progress) -> list[LockedModel]:
+    """Pin every model: hf:// to revision, sha256 and size; civitai from its API; URLs from the spec or a HEAD."""
+    bar = progress.bar(len(models), "resolving models", unit="model")
+
+    def one(spec: ModelSpec) -> LockedModel:
+        try:
+            return _resolve_one(spec)
+        finally:
+            bar.update(1)
+
+    results = parallel(models, one, RESOLVE_POOL)
+    bar.close()
+    raise_failures([(shown_source(str(m.source)), r) for m, r in zip(models, results, strict=True)
+                     if isinstance(r, ForgeVolumeError)])
+    locked = [r for r in results if isinstance(r, LockedModel)]
+    for model in locked:
+        if model.sha256 is None:
+            progress.info(f"{model.path}: no sha256 known yet; it will be pinned at its first download "
+                          "(trust on first use)")
+    return locked
