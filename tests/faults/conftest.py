@@ -162,6 +162,10 @@ class Fleet:
         """The requests that reached the named worker's Forge (fault_forge.py's request log)."""
         return [r for r in self._forge_log(name) if "path" in r]
 
+    def forge_boots(self, name: str) -> int:
+        """How many times the named worker's Forge was started."""
+        return sum(1 for r in self._forge_log(name) if r.get("boot"))
+
     def forge_env_names(self, name: str) -> list[str]:
         """The names of the environment variables the named worker's Forge was started with."""
         boots = [r for r in self._forge_log(name) if r.get("boot")]
@@ -220,7 +224,9 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
         "hang": (volume, {"FORGE_REQUEST_TIMEOUT": "2"}),
         "exit": (volume, {"FORGE_STANDIN_MODE": "exit_mid_generation"}),
         "crash": (volume, {"FORGE_STANDIN_MODE": "crash_at_boot"}),
-        "slow": (volume, {"FORGE_STANDIN_BOOT_SECONDS": "60", "FORGE_BOOT_TIMEOUT": "6"}),
+        # A deadline well past the SDK's start-up (seven workers import it at once on a busy machine),
+        # and a boot far past the deadline.
+        "slow": (volume, {"FORGE_STANDIN_BOOT_SECONDS": "120", "FORGE_BOOT_TIMEOUT": "20"}),
         "corrupt": (corrupt_volume(root), {}),
     }
     platform = FakePlatform().__enter__()

@@ -14,7 +14,8 @@ from typing import Any
 from .conftest import PAYLOAD_LORA, PAYLOAD_SECRET, PRIVATE_LORA, Fleet, Streams
 from .test_worker_faults import fan_out, one_line_error, result, still_serving
 
-HELPER_WORKERS = ("main", "bucket", "hang", "exit", "crash", "slow")
+# Not ``slow``: its job loop is busy with a job waiting for Forge's boot deadline when this runs.
+HELPER_WORKERS = ("main", "bucket", "hang", "exit", "crash")
 MODEL = os.urandom(30_000)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
+from tests.helpers.timing import PROMPT
 
 from .conftest import Fleet, ModelHosts, Streams, cli, model_toml, sha, state_models, temporaries
 from .test_worker_faults import fan_out, result
@@ -74,8 +75,9 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
     """Fault: three models whose server drops the connection at 30 %, 60 % and 99 % of the file, and
     from then on closes every resumed request without sending a byte (the network stays down); the
     user interrupts the stuck refresh-models (SIGINT) once each download has been retried.
-    Expected: the run stops within seconds with "interrupted; re-run ... to resume"; the final paths
-    never hold anything during it (watched every 2 ms); the bytes received are kept as partials;
+    Expected: the run stops promptly (not after its remaining retries, about 30 s) with "interrupted;
+    re-run ... to resume"; the final paths never hold anything during it (watched every 2 ms); the
+    bytes received are kept as partials;
     once the network is back a re-run completes every model, fetching only the missing bytes.
     Checked after: files match their sha256, state.json records them, `verify --deep` passes, no
     temporaries are left."""
@@ -94,7 +96,9 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
         proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "refresh-models"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            wait_until(lambda: all(r.gets >= 2 for r in routes.values()), 30, "every model dropped and retried")
+            # The watch's own count too: on a busy machine its 2 ms polls may come far less often.
+            wait_until(lambda: all(r.gets >= 2 for r in routes.values()) and watch.polls > 100, 30,
+                       "every model dropped and retried")
             proc.send_signal(signal.SIGINT)
             interrupted = time.monotonic()
             out, err = proc.communicate(timeout=30)
@@ -105,7 +109,7 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
     streams.add("interrupted refresh-models", out + err)
     assert watch.polls > 100 and watch.seen == []
     assert proc.returncode == 1 and "interrupted; re-run the same command to resume" in err, err
-    assert stopped < 3.0, f"the refresh took {stopped:.1f} s to stop after Ctrl-C"
+    assert stopped < PROMPT, f"the refresh took {stopped:.1f} s to stop after Ctrl-C"
     for frac, final in finals.items():
         partial = final.with_name(f".{final.name}.partial")
         assert partial.stat().st_size == int(len(datas[frac]) * frac), frac

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.bad_volumes import bad_volumes
+from tests.helpers.timing import PROMPT
 from tests.worker.conftest import worker_env
 from worker.boot import build_worker
 from worker.handler import INTERRUPT_GRACE, Worker, make_handler
@@ -74,8 +75,9 @@ def still_serving(fleet: Fleet, name: str, streams: Streams) -> None:
 
 def test_case01_forge_exits_mid_txt2img(fleet: Fleet, streams: Streams) -> None:
     """Fault: Forge's process exits (code 3) half way through a txt2img.
-    Expected: the job fails within 2 s of being taken with the exit code and Forge's last lines,
-    and asks RunPod for a fresh worker (stopPod); the next Forge job fails at once the same way.
+    Expected: the job fails promptly (not at the request timeout of an hour) with the exit code and
+    Forge's last lines, and asks RunPod for a fresh worker (stopPod); the next Forge job fails at once
+    the same way, without booting Forge again.
     Checked after: the worker process still runs and serves helper jobs; Forge's crash message is
     in the worker's log (RunPod's log stream); no traceback reached the caller."""
     worker = fleet["exit"]
@@ -85,12 +87,13 @@ def test_case01_forge_exits_mid_txt2img(fleet: Fleet, streams: Streams) -> None:
     assert "Forge exited with code 3 after it was ready" in error and "simulated crash" in error, body
     assert body.get("stopPod") is True, body
     assert any("simulated crash mid-generation" in line for line in body["output"]["forge_log"]), body
-    assert record.seconds < 2.0, record.seconds
+    assert record.seconds < PROMPT, record.seconds
 
+    boots = fleet.forge_boots("exit")
     again = worker.run(SAMPLERS, timeout=30)
     body = result(again, streams)
     assert "exited with code 3" in one_line_error(body) and body.get("stopPod") is True, body
-    assert again.seconds < 1.0
+    assert again.seconds < PROMPT and fleet.forge_boots("exit") == boots == 1, (again.seconds, boots)
     still_serving(fleet, "exit", streams)
     assert "forge-standin: simulated crash mid-generation" in worker.log()
 
@@ -118,12 +121,12 @@ def test_case02_forge_hangs_accepting_connections_never_answering(fleet: Fleet, 
         error = one_line_error(body)
         assert f"no answer from Forge to {route} within 2 s" in error and "wedged" in error, body
         assert body.get("stopPod") is True, body
-        # Its own deadline (plus the short wait for the interrupt), not the first job's.
-        assert 1.9 < record.seconds < 2 + INTERRUPT_GRACE + 1.0, (route, record.seconds)
+        # Its own deadline (plus the short wait for the interrupt), not the first job's and not never.
+        assert 1.9 < record.seconds < 2 + INTERRUPT_GRACE + PROMPT, (route, record.seconds)
     recovered = worker.run(SAMPLERS, timeout=30)
     body = result(recovered, streams)
     assert "error" not in body and body["output"], body
-    assert recovered.seconds < 1.0
+    assert recovered.seconds < PROMPT
     assert worker.proc.poll() is None
 
 
@@ -170,8 +173,8 @@ def test_case03_forge_error_answers_become_one_line_errors(fleet: Fleet, streams
 
 def test_case04_forge_crashes_at_boot(fleet: Fleet, streams: Streams) -> None:
     """Fault: Forge's process dies while booting (a CUDA error, exit 1).
-    Expected: every Forge job fails within a second with the exit code and the tail of Forge's log
-    (forge_log, and its last lines in the error), and asks for a fresh worker.
+    Expected: every Forge job fails at once (no second boot) with the exit code and the tail of
+    Forge's log (forge_log, and its last lines in the error), and asks for a fresh worker.
     Checked after: the worker keeps running (no crash loop) and answers helper jobs; Forge's
     traceback is in the worker's log."""
     worker = fleet["crash"]
@@ -181,32 +184,37 @@ def test_case04_forge_crashes_at_boot(fleet: Fleet, streams: Streams) -> None:
         error = one_line_error(body)
         assert "Forge exited with code 1 while booting" in error and "CUDA error" in error, body
         assert "RuntimeError: CUDA error: no kernel image is available" in body["output"]["forge_log"], body
-        assert body.get("stopPod") is True and record.seconds < 1.0, body
+        assert body.get("stopPod") is True and record.seconds < PROMPT, (record.seconds, body)
+    assert fleet.forge_boots("crash") == 1
     still_serving(fleet, "crash", streams)
     assert "RuntimeError: CUDA error" in worker.log()
 
 
 def test_case04_forge_boots_slower_than_the_boot_timeout(fleet: Fleet, streams: Streams) -> None:
-    """Fault: Forge needs 60 s to answer; FORGE_BOOT_TIMEOUT is 6 s.
-    Expected: a job queued before the worker started waits for Forge's boot and fails at the boot
-    deadline (not later) with "did not become ready within FORGE_BOOT_TIMEOUT=6 s", the fix, the
-    tail of Forge's log and stopPod; a later job fails at once.
-    Checked after: the worker stopped the hung Forge (no Forge child left), keeps running and
-    answers helper jobs."""
+    """Fault: Forge needs 120 s to answer; FORGE_BOOT_TIMEOUT is 20 s.
+    Expected: a job queued before the worker started is taken while Forge boots, waits for it and
+    fails at the boot deadline (not when Forge would answer) with "did not become ready within
+    FORGE_BOOT_TIMEOUT=20 s", the fix, the tail of Forge's log and stopPod; a later job fails at once.
+    Checked after: the worker stopped the hung Forge (no Forge child left) without booting another,
+    keeps running and answers helper jobs."""
     worker = fleet["slow"]
-    early = fleet.platform.wait(fleet.early["slow"], 30)
+    early = fleet.platform.wait(fleet.early["slow"], 90)
     assert early.taken is not None and early.done is not None
-    assert early.taken - worker.proc_started < 6.0, "the job was taken only after the boot deadline"
-    assert 6.0 <= early.done - worker.proc_started < 6.0 + 2.0, early.done - worker.proc_started
+    stopping = "Forge did not answer within 20 s; stopping it"
+    worker.wait_log(stopping, 30)
+    log = worker.log()
+    assert log.index(f"{early.job_id} | Started") < log.index(stopping), \
+        "the job was taken only after the boot deadline"
+    # The deadline is a wall-clock floor; the ceiling only tells it from Forge's 120 s boot.
+    assert 20.0 <= early.done - worker.proc_started < 20.0 + 3 * PROMPT, early.done - worker.proc_started
     for record in (early, worker.run(txt2img(2), timeout=30)):
         body = result(record, streams)
         error = one_line_error(body)
-        assert "Forge did not become ready within FORGE_BOOT_TIMEOUT=6 s" in error, body
+        assert "Forge did not become ready within FORGE_BOOT_TIMEOUT=20 s" in error, body
         assert "raise FORGE_BOOT_TIMEOUT" in error and body.get("stopPod") is True, body
         assert "forge-standin: booting (mode=normal)" in body["output"]["forge_log"], body
-    assert record.seconds < 1.0
-    worker.wait_log("Forge did not answer within 6 s; stopping it", 5)
-    deadline = time.monotonic() + 5
+    assert record.seconds < PROMPT and fleet.forge_boots("slow") == 1, record.seconds
+    deadline = time.monotonic() + 30
     while [p for p in worker.children() if "launch.py" in cmdline(p)] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in worker.children() if "launch.py" in cmdline(p)], "the hung Forge is still running"
@@ -317,23 +325,23 @@ def test_case06_result_over_the_limit_with_a_bucket_comes_back_as_urls(fleet: Fl
 # --- case 7 --------------------------------------------------------------------------------------
 
 def test_case07_cancelled_job_interrupts_forge(fleet: Fleet, streams: Streams) -> None:
-    """Fault: RunPod cancels a job (its stop channel) while Forge generates (1000 steps, ~10 s).
+    """Fault: RunPod cancels a job (its stop channel) while Forge generates (100000 steps, ~1000 s).
     Expected: the handler interrupts Forge (POST /sdapi/v1/interrupt) at once; no result is posted for
     the cancelled job; the next job runs at once instead of queueing behind the generation.
-    Checked after: Forge received the interrupt within a second of the cancel; the next txt2img
-    completes within 1.5 s of being taken; Forge reports no generation running."""
+    Checked after: Forge received the interrupt before the next job's txt2img; the next job is taken
+    and completes promptly (not after the generation); Forge reports no generation running."""
     worker = fleet["main"]
     before = len(fleet.forge_requests("main"))
-    record = worker.submit(txt2img(1000))
+    record = worker.submit(txt2img(100_000))
     fleet.platform.wait_for(record, "progress", 30)
     cancelled_at = time.monotonic()
     fleet.platform.cancel(record.job_id)
-    worker.wait_log(f"{record.job_id} | Job stopped.", 10)
+    worker.wait_log(f"{record.job_id} | Job stopped.", 30)
     following = worker.run(txt2img(2), timeout=30)
     body = result(following, streams)
     assert "error" not in body and len(body["output"]["images"]) == 1, body
-    assert following.seconds < 1.5, following.seconds
-    assert following.taken is not None and following.taken - cancelled_at < 5.0
+    assert following.seconds < PROMPT, following.seconds
+    assert following.taken is not None and following.taken - cancelled_at < PROMPT
     seen = [(r["method"], r["path"]) for r in fleet.forge_requests("main")[before:]]
     assert ("POST", "/sdapi/v1/interrupt") in seen
     assert seen.index(("POST", "/sdapi/v1/interrupt")) < len(seen) - 1  # before the next job's txt2img
@@ -348,14 +356,14 @@ async def one_job(worker: Worker, job: dict[str, Any]) -> Any:
     return await make_handler(worker)(job)
 
 
-def test_case08_bad_volumes_fail_every_job_clearly_within_a_second(tmp_path: Path, streams: Streams,
+def test_case08_bad_volumes_fail_every_job_clearly_at_once(tmp_path: Path, streams: Streams,
                                                                    fleet: Fleet) -> None:
     """Fault: the volume is missing; present but never provisioned; state.json corrupt, a folder,
     from a future layout version, or from an install that never got to Forge.
-    Expected: booting the worker (the code ``python -m worker`` runs) and a Forge job take under a
-    second together and fail with a one-line cause and fix; no Forge is started; no stopPod (a fresh
-    worker would find the same volume). End to end, the fleet's ``corrupt`` worker answers the same.
-    Checked after: the corrupt-volume worker keeps running and answers the next job within a second."""
+    Expected: booting the worker (the code ``python -m worker`` runs) and a Forge job end at once and
+    fail with a one-line cause and fix; no Forge is started; no stopPod (a fresh worker would find the
+    same volume). End to end, the fleet's ``corrupt`` worker answers the same.
+    Checked after: the corrupt-volume worker keeps running and answers the next job at once."""
     import re
 
     for name, (path, pattern) in bad_volumes(tmp_path).items():
@@ -366,11 +374,11 @@ def test_case08_bad_volumes_fail_every_job_clearly_within_a_second(tmp_path: Pat
         streams.add(name, json.dumps(out))
         assert re.search(pattern, one_line_error(out)), (name, out)
         assert worker.forge is None and "refresh_worker" not in out, (name, out)
-        assert seconds < 1.0, (name, seconds)
+        assert seconds < PROMPT, (name, seconds)
     corrupt = fleet["corrupt"]
     for job in (txt2img(2), SAMPLERS):
         record = corrupt.run(job, timeout=30)
         body = result(record, streams)
         assert "state.json is corrupt" in one_line_error(body) and "stopPod" not in body, body
-        assert record.seconds < 1.0
-    assert corrupt.proc.poll() is None
+        assert record.seconds < PROMPT
+    assert corrupt.proc.poll() is None and fleet.forge_boots("corrupt") == 0

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
+from tests.helpers.timing import PROMPT
 from tests.models.conftest import CIVITAI_TOKEN, Hosts, cli, lock_models, sha, state_models
 
 
@@ -72,7 +73,7 @@ def test_refresh_fetches_everything_then_does_nothing_offline(locked: Path, host
     started = time.monotonic()
     again = cli(locked, "refresh-models")
     assert again.exit_code == 0, again.output
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < PROMPT  # a hang only: the 2 s target is in scripts/bench_models.py
     assert "fetched 0 file(s)" in again.output and "6 already correct" in again.output
     assert hosts.total_requests() == before  # nothing to do means no network I/O
     ok = cli(locked, "verify")
@@ -285,25 +286,35 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
                                                         cli_env: dict[str, str]) -> None:
     data = os.urandom(4 << 20)
     with FileServer() as server:
-        route = server.add("/slow.safetensors", data, delay_per_chunk=0.02)  # about 1.3 s in all
+        route = server.add("/slow.safetensors", data, delay_per_chunk=0.02)  # 64 chunks of 64 KiB
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/slow.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
         assert cli(installed_volume, "lock").exit_code == 0
         proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
                                  "refresh-models"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        partial = installed_volume / "models" / "Stable-diffusion" / ".slow.safetensors.partial"
-        deadline = time.monotonic() + 20
-        while route.bytes_sent < len(data) // 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        interrupted = time.monotonic()
-        _, err = proc.communicate(timeout=20)
-        assert time.monotonic() - interrupted < 3.0, "the downloads must stop at their next chunk"
+        try:
+            partial = installed_volume / "models" / "Stable-diffusion" / ".slow.safetensors.partial"
+            deadline = time.monotonic() + 60
+            while route.bytes_sent < len(data) // 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert route.bytes_sent >= len(data) // 4, "the download did not get going"
+            # From here the rest would take about 24 s: stopping "at the next chunk" is told apart from
+            # finishing the download however busy the machine is.
+            route.delay_per_chunk = 0.5
+            proc.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            assert time.monotonic() - interrupted < PROMPT, "the downloads must stop at their next chunk"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         assert proc.returncode == 1 and "interrupted" in err
         kept = partial.stat().st_size
         assert 0 < kept < len(data)
         sent = route.bytes_sent
+        route.delay_per_chunk = 0
         result = cli(installed_volume, "refresh-models")
         assert result.exit_code == 0, result.output
     target = installed_volume / "models" / "Stable-diffusion" / "slow.safetensors"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from provision.errors import StateError, VolumeError
+from tests.helpers.timing import PROMPT
 from tests.worker.conftest import free_port
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 from worker.config import ConfigError, Settings, load_settings
@@ -152,12 +153,14 @@ def process(tmp_path: Path, code: str, *args: str, boot_timeout: float = 10.0) -
 
 
 def test_readiness_is_noticed_promptly_and_output_is_passed_through(tmp_path: Path) -> None:
-    forge, lines = process(tmp_path, SERVER, "0.3")
+    forge, lines = process(tmp_path, SERVER, "0.3", boot_timeout=60)
     forge.start()
     try:
-        asyncio.run(asyncio.wait_for(forge.wait_ready(), 10))
+        asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
         assert forge.phase == READY and "serving" in lines and forge.tail() [0] == "serving"
-        assert 0.3 <= forge.ready_at - forge.started_at < 2.0  # type: ignore[operator]
+        # How promptly (target: within 50 ms) is measured by scripts/bench_worker.py; this only
+        # tells it from waiting for the boot deadline.
+        assert 0.3 <= forge.ready_at - forge.started_at < 0.3 + PROMPT  # type: ignore[operator]
     finally:
         forge.stop()
 
@@ -167,19 +170,25 @@ def test_an_exit_during_boot_is_noticed_at_once_with_the_log_tail(tmp_path: Path
                        boot_timeout=60)
     forge.start()
     started = time.monotonic()
-    with pytest.raises(ForgeUnavailable, match="exited with code 1 while booting: CUDA error: no kernel image"):
-        asyncio.run(forge.wait_ready())
-    assert time.monotonic() - started < 1.0
+    try:
+        with pytest.raises(ForgeUnavailable, match="exited with code 1 while booting: CUDA error: no kernel image"):
+            asyncio.run(forge.wait_ready())
+    finally:
+        forge.stop()
+    assert time.monotonic() - started < PROMPT  # not at the boot deadline of 60 s
 
 
 def test_a_hung_boot_fails_at_the_deadline_and_is_stopped(tmp_path: Path) -> None:
     forge, _ = process(tmp_path, "import time; time.sleep(60)", boot_timeout=0.5)
     forge.start()
     started = time.monotonic()
-    with pytest.raises(ForgeUnavailable, match=r"did not become ready within FORGE_BOOT_TIMEOUT=0\.5 s"):
-        asyncio.run(forge.wait_ready())
-    assert time.monotonic() - started < 2.0
-    assert forge._proc is not None and forge._proc.wait(5) is not None
+    try:
+        with pytest.raises(ForgeUnavailable, match=r"did not become ready within FORGE_BOOT_TIMEOUT=0\.5 s"):
+            asyncio.run(forge.wait_ready())
+        assert time.monotonic() - started < 0.5 + PROMPT  # not when the 60 s sleep ends
+        assert forge._proc is not None and forge._proc.wait(30) is not None
+    finally:
+        forge.stop()
 
 
 def test_a_missing_interpreter_fails_without_raising(tmp_path: Path) -> None:

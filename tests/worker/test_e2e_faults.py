@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.bad_volumes import bad_volumes
+from tests.helpers.timing import PROMPT
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
 
 SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
@@ -66,7 +67,7 @@ def test_forge_crashing_at_boot_fails_jobs_with_its_last_lines(workers: dict[str
     out, seconds = timed(workers["crash"], SAMPLERS)
     assert out["status"] == "FAILED", out
     assert "Forge exited with code 1 while booting" in str(out["error"]) and "CUDA error" in str(out["error"])
-    assert seconds < 5
+    assert seconds < PROMPT  # not at the boot deadline of 60 s
     assert workers["crash"].proc.poll() is None  # the worker stays up: no crash loop
     assert "RuntimeError: CUDA error" in workers["crash"].log()  # Forge's output is in the worker's log
 
@@ -75,9 +76,10 @@ def test_a_hung_boot_fails_at_forge_boot_timeout(workers: dict[str, WorkerProc])
     worker = workers["hang"]
     out, seconds = timed(worker, SAMPLERS)
     assert out["status"] == "FAILED" and "did not become ready within FORGE_BOOT_TIMEOUT=4 s" in str(out["error"])
-    assert seconds < 4 + 2  # at most the boot deadline (which may have passed while other workers started)
+    assert seconds < 4 + PROMPT  # at most the boot deadline (which may have passed while other workers started)
     again, seconds = timed(worker, SAMPLERS)
-    assert again["status"] == "FAILED" and seconds < 1
+    assert again["status"] == "FAILED" and seconds < PROMPT
+    assert worker.log().count("forge-standin: booting") == 1  # failed at once: no second boot
 
 
 def test_forge_dying_mid_generation_fails_the_job_and_the_next(workers: dict[str, WorkerProc]) -> None:
@@ -86,13 +88,14 @@ def test_forge_dying_mid_generation_fails_the_job_and_the_next(workers: dict[str
     assert out["status"] == "FAILED" and "Forge exited with code 3 after it was ready" in str(out["error"]), out
     assert "simulated crash" in str(out["error"])
     again, seconds = timed(worker, SAMPLERS)
-    assert again["status"] == "FAILED" and "exited with code 3" in str(again["error"]) and seconds < 1
+    assert again["status"] == "FAILED" and "exited with code 3" in str(again["error"]) and seconds < PROMPT
+    assert worker.log().count("forge-standin: booting") == 1  # failed at once: no second boot
 
 
 def test_a_wedged_forge_fails_at_the_request_timeout(workers: dict[str, WorkerProc]) -> None:
     out, seconds = timed(workers["wedge"], TXT2IMG)
     assert out["status"] == "FAILED" and "within 1.5 s" in str(out["error"]) and "wedged" in str(out["error"])
-    assert seconds < 5
+    assert seconds < 1.5 + PROMPT  # the wedged generation never ends
 
 
 @pytest.mark.parametrize(("name", "message"), [
@@ -102,12 +105,12 @@ def test_a_wedged_forge_fails_at_the_request_timeout(workers: dict[str, WorkerPr
     ("corrupt", "is corrupt"),
     ("bad_port", "FORGE_PORT='eighty' is not a TCP port"),
 ])
-def test_a_bad_volume_or_setting_fails_every_job_within_a_second(workers: dict[str, WorkerProc], name: str,
-                                                                  message: str) -> None:
+def test_a_bad_volume_or_setting_fails_every_job_at_once(workers: dict[str, WorkerProc], name: str,
+                                                        message: str) -> None:
     import re
 
     for job in (SAMPLERS, TXT2IMG):
         out, seconds = timed(workers[name], job)
         assert out["status"] == "FAILED" and re.search(message, str(out["error"])), out
-        assert seconds < 1.0
-    assert workers[name].proc.poll() is None
+        assert seconds < PROMPT
+    assert workers[name].proc.poll() is None and "forge-standin: booting" not in workers[name].log()
