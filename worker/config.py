@@ -34,6 +34,7 @@ class Settings:
     forge_args: list[str] = field(default_factory=list)  # FORGE_ARGS, appended after the spec's args
     result_limit: int = 20 * MB  # FORGE_RESULT_LIMIT_MB: RunPod rejects larger job outputs
     progress_interval: float = 1.0  # FORGE_PROGRESS_INTERVAL: seconds between progress updates
+    original_defaults: bool = True  # FORGE_DEFAULTS: "original" (the old worker's, for absent fields) or "forge"
     scratch_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # FORGE_SCRATCH
     bucket_endpoint: str | None = None
     bucket_name: str | None = None  # BUCKET_NAME: else rp_upload's default (the month, "MM-YY")
@@ -74,6 +75,15 @@ def _args(env: Mapping[str, str]) -> list[str]:
         raise ConfigError(f"FORGE_ARGS cannot be split into arguments ({exc}): {raw!r}") from None
 
 
+def _defaults(env: Mapping[str, str]) -> bool:
+    raw = env.get("FORGE_DEFAULTS", "").strip().lower() or "original"
+    if raw not in ("original", "forge"):
+        raise ConfigError(f"FORGE_DEFAULTS={raw!r} is neither 'original' nor 'forge'",
+                          "set FORGE_DEFAULTS=original (runpod-worker-forge's defaults for fields a txt2img or "
+                          "img2img leaves out) or FORGE_DEFAULTS=forge (Forge's own), or leave it unset")
+    return raw == "original"
+
+
 def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MOUNT) -> Settings:
     endpoint = env.get("BUCKET_ENDPOINT_URL") or None
     keys = bool(env.get("BUCKET_ACCESS_KEY_ID")) and bool(env.get("BUCKET_SECRET_ACCESS_KEY"))
@@ -89,6 +99,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         forge_args=_args(env),
         result_limit=int(_number(env, "FORGE_RESULT_LIMIT_MB", 20.0) * MB),
         progress_interval=_number(env, "FORGE_PROGRESS_INTERVAL", 1.0),
+        original_defaults=_defaults(env),
         scratch_root=Path(scratch),
         bucket_endpoint=endpoint,
         bucket_name=env.get("BUCKET_NAME") or None,

@@ -136,7 +136,7 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
     progress = (asyncio.create_task(report_progress(proxy, job, worker.report, worker.settings.progress_interval))
                 if call.generates else None)
     try:
-        resp = await proxy.request(call.method, call.route, call.payload)
+        resp = await proxy.request(call.method, call.route, call.payload, query=call.query)
     except ForgeTimeout as exc:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(proxy.interrupt()), INTERRUPT_GRACE)
@@ -192,7 +192,7 @@ async def _refresh_forge(worker: Worker) -> bool:
 def make_handler(worker: Worker) -> Handler:
     async def handler(job: dict[str, Any]) -> Any:
         try:
-            call = normalise(job.get("input"))
+            call = normalise(job.get("input"), original_defaults=worker.settings.original_defaults)
         except InputError as exc:
             return _error(str(exc))
         try:

@@ -2,17 +2,21 @@
 
 Pure: no I/O, no globals. The envelope is the original runpod-worker-forge one,
 ``{"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {...}}``.
-The method is case-insensitive ("post" means POST): clients written against the original worker
-sent either. A GET may carry an empty payload (the original worker's docs did) but no fields.
-The payload is passed on as sent: no schema, no defaults.
+As lenient as the original worker: the method is case-insensitive ("post" means POST), an endpoint
+without its leading ``/`` works, and a GET's payload fields become query parameters (the original
+ignored a GET's payload; every documented GET sends ``{}``). The payload goes on with every field as
+sent, no schema; txt2img and img2img get the original worker's defaults for the fields they leave
+out (``worker.original_defaults``) unless ``original_defaults`` is off.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from worker.original_defaults import with_defaults
 from worker.routes import ALIASES, GENERATING, HELPER_ROUTES, accepted, methods_of
 
 METHODS = ("GET", "POST")
@@ -31,6 +35,7 @@ class ForgeCall:
     route: str  # Forge's path
     payload: dict[str, Any] | None
     endpoint: str  # as the caller named it (differs from route for aliases)
+    query: tuple[tuple[str, str], ...] = ()  # a GET's payload fields, as query parameters
 
     @property
     def generates(self) -> bool:
@@ -45,7 +50,7 @@ class HelperCall:
     payload: dict[str, Any]
 
 
-def normalise(job_input: object) -> ForgeCall | HelperCall:
+def normalise(job_input: object, *, original_defaults: bool = True) -> ForgeCall | HelperCall:
     if not isinstance(job_input, dict):
         raise InputError(f"the job input must be a JSON object like {EXAMPLE}, not {_kind(job_input)}")
     api = job_input.get("api")
@@ -55,7 +60,7 @@ def normalise(job_input: object) -> ForgeCall | HelperCall:
         raise InputError(f"'api' must be an object with 'method' and 'endpoint', not {_kind(api)}")
     method = _method(api.get("method"))
     endpoint = _endpoint(api.get("endpoint"))
-    payload = _payload(job_input.get("payload"), method, endpoint)
+    payload = _payload(job_input.get("payload"))
 
     allowed = methods_of(endpoint)
     if allowed is None:
@@ -65,6 +70,10 @@ def normalise(job_input: object) -> ForgeCall | HelperCall:
     if endpoint in HELPER_ROUTES:
         return HelperCall(endpoint, payload or {})
     route = ALIASES[endpoint][0] if endpoint in ALIASES else endpoint
+    if method == "GET":
+        return ForgeCall(method, route, None, endpoint, _query(payload or {}))
+    if payload is not None and original_defaults:
+        payload = with_defaults(route, payload)
     return ForgeCall(method, route, payload, endpoint)
 
 
@@ -84,7 +93,7 @@ def _endpoint(value: object) -> str:
     if "://" in value or value.startswith("//"):
         raise InputError(f"'api.endpoint' must be a path such as /sdapi/v1/txt2img, not a URL ({value!r})")
     if not value.startswith("/"):
-        raise InputError(f"'api.endpoint' must start with '/': did you mean '/{value}'?")
+        value = f"/{value}"  # the original worker took "sdapi/v1/txt2img" too
     if "?" in value or "#" in value:
         raise InputError(f"'api.endpoint' must not carry a query string ({value!r}); put parameters in 'payload'")
     if any(part in {".", ".."} for part in value.split("/")) or "\\" in value:
@@ -92,16 +101,27 @@ def _endpoint(value: object) -> str:
     return value.rstrip("/") if len(value) > 1 else value
 
 
-def _payload(value: object, method: str, endpoint: str) -> dict[str, Any] | None:
+def _payload(value: object) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
         raise InputError(f"'payload' must be a JSON object, not {_kind(value)}")
-    if method == "GET":
-        if value:
-            raise InputError(f"GET {endpoint} takes no payload, but it has {', '.join(sorted(map(str, value)))}")
-        return None
     return value
+
+
+def _query(payload: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A GET's payload as query parameters, the way FastAPI reads them back.
+
+    Strings go as they are, true/false and numbers as JSON writes them, a list as the parameter
+    repeated, null not at all; anything else as its JSON text. Never an error: the original worker
+    accepted any GET payload (it ignored it).
+    """
+    query: list[tuple[str, str]] = []
+    for key, value in payload.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                query.append((str(key), item if isinstance(item, str) else json.dumps(item)))
+    return tuple(query)
 
 
 def _unknown(endpoint: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +80,13 @@ class Proxy:
         return self._session
 
     async def request(self, method: str, route: str, payload: dict[str, Any] | None = None, *,
-                      timeout: float | None = None) -> ForgeResponse:
+                      timeout: float | None = None, query: Sequence[tuple[str, str]] = ()) -> ForgeResponse:
         data = None if payload is None else jsonio.dumps(payload)
         headers = {"content-type": "application/json"} if data is not None else None
         limit = aiohttp.ClientTimeout(total=timeout or self.request_timeout, sock_connect=CONNECT_TIMEOUT)
         try:
             async with self._client().request(method, self.base_url + route, data=data, headers=headers,
-                                              timeout=limit) as resp:
+                                              params=list(query) or None, timeout=limit) as resp:
                 body = await resp.read()
                 return ForgeResponse(resp.status, body, resp.content_type)
         except asyncio.TimeoutError:

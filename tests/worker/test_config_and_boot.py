@@ -23,7 +23,7 @@ def test_defaults_follow_the_design(tmp_path: Path) -> None:
     settings = load_settings({}, serverless_mount=tmp_path / "absent")
     assert settings.volume == Path("/workspace")
     assert (settings.forge_port, settings.boot_timeout, settings.forge_args) == (7861, 600.0, [])
-    assert settings.result_limit == 20_000_000 and not settings.upload
+    assert settings.result_limit == 20_000_000 and not settings.upload and settings.original_defaults
     assert load_settings({}, serverless_mount=tmp_path).volume == tmp_path  # /runpod-volume when it exists
 
 
@@ -31,11 +31,11 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     env = {"FORGE_VOLUME": str(tmp_path), "FORGE_PORT": "7000", "FORGE_BOOT_TIMEOUT": "30",
            "FORGE_ARGS": "--xformers --lora-dir '/a b'", "FORGE_REQUEST_TIMEOUT": "90", "FORGE_RESULT_LIMIT_MB": "5",
            "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_ACCESS_KEY_ID": "k", "BUCKET_SECRET_ACCESS_KEY": "s",
-           "HF_TOKEN": "hf_x", "FORGE_SCRATCH": str(tmp_path / "s")}
+           "HF_TOKEN": "hf_x", "FORGE_SCRATCH": str(tmp_path / "s"), "FORGE_DEFAULTS": "Forge"}
     s = load_settings(env)
     assert (s.volume, s.forge_port, s.boot_timeout, s.request_timeout) == (tmp_path, 7000, 30.0, 90.0)
     assert s.forge_args == ["--xformers", "--lora-dir", "/a b"]
-    assert s.result_limit == 5_000_000 and s.upload and s.hf_token == "hf_x"
+    assert s.result_limit == 5_000_000 and s.upload and s.hf_token == "hf_x" and not s.original_defaults
     assert "hf_x" not in repr(s)
 
 
@@ -45,6 +45,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     ({"FORGE_BOOT_TIMEOUT": "soon"}, "FORGE_BOOT_TIMEOUT='soon' is not a number"),
     ({"FORGE_BOOT_TIMEOUT": "0"}, "must be greater than 0"),
     ({"FORGE_ARGS": "--x 'unclosed"}, "FORGE_ARGS cannot be split"),
+    ({"FORGE_DEFAULTS": "none"}, "FORGE_DEFAULTS='none' is neither 'original' nor 'forge'"),
     ({"BUCKET_ENDPOINT_URL": "https://s3.example"}, "BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not"),
 ])
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
