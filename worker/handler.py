@@ -1,6 +1,7 @@
 """The RunPod handler: normalise the job, then relay it to Forge (or a helper) and map the outcome.
 
-Failures come back as ``{"error": "<one line>", ...detail}``. Caller mistakes (bad envelope,
+Failures come back as ``{"error": "<one line>", ...detail}``; when Forge refused the call, ``output``
+holds Forge's error body, where the original runpod-worker-forge put it. Caller mistakes (bad envelope,
 unknown route, anything Forge answered) keep the worker; a dead, refused or wedged Forge adds
 ``refresh_worker`` so RunPod replaces it. A cancelled or timed-out job interrupts Forge.
 No traceback ever reaches the caller: unexpected errors are logged here and summarised.
@@ -22,7 +23,7 @@ from provision.errors import ForgeVolumeError
 from worker import outputs
 from worker.config import Settings
 from worker.forge_process import READY, ForgeProcess, ForgeUnavailable
-from worker.helpers import run_helper
+from worker.helpers import run_helper, scrub
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
 from worker.progress import Reporter, log_reporter, report_progress
 from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
@@ -34,6 +35,7 @@ INTERRUPT_TIMEOUT = 5.0
 INTERRUPT_GRACE = 0.5
 # After a cancelled job's interrupt, Forge must go idle within this; else it is wedged and is stopped.
 SETTLE_TIMEOUT = 30.0
+ERROR_TEXT_LIMIT = 2000  # characters of one string in Forge's error body returned as `output`
 CHANGES_MODELS = frozenset({"/v1/download", "/v1/sync", "/v1/refresh-models"})
 REFRESH_ROUTES = ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
                   "/sdapi/v1/refresh-embeddings")
@@ -78,6 +80,29 @@ def _forge_message(body: Any) -> str:
     return str(body)[:300]
 
 
+def _error_body(body: Any, settings: Settings) -> Any:
+    """Forge's error body as the original worker returned it (``output``), fit to travel back.
+
+    Forge's 422 echoes the offending value, which may be a whole base64 image: strings longer than
+    ERROR_TEXT_LIMIT are cut, so a refused request cannot make a result over RunPod's limit. The
+    worker's tokens are blanked should Forge ever echo one.
+    """
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > ERROR_TEXT_LIMIT:
+            return f"{value[:ERROR_TEXT_LIMIT]}... ({len(value):,} characters, cut by the worker)"
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        return value
+
+    return scrub(cut(body), _secrets(settings))
+
+
+def _secrets(settings: Settings) -> list[str]:
+    return [t for t in (settings.hf_token, settings.civitai_token) if t and len(t) >= 4]
+
+
 class Output(dict[str, Any]):
     """Forge's answer as returned to RunPod, with a short repr.
 
@@ -103,7 +128,7 @@ async def _finish(worker: Worker, call: ForgeCall, resp: ForgeResponse, job: dic
         if body is None:  # e.g. a proxy or a crashed request handler: say so rather than "None"
             return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint} with an empty body",
                           forge_status=resp.status)
-        cause = _forge_message(body)
+        cause = scrub(_forge_message(body), _secrets(settings))
         # Forge answers caller mistakes with 500 too; only a broken CUDA context means this worker is unusable.
         # Torch's message starts with "CUDA error"; anywhere else it may be the caller's own text echoed back
         # (an unknown checkpoint's name), which must not let a caller recycle workers.
@@ -111,7 +136,7 @@ async def _finish(worker: Worker, call: ForgeCall, resp: ForgeResponse, job: dic
         broken = (resp.status >= 500 and isinstance(message, str) and message.startswith("CUDA error")
                   and "out of memory" not in message)
         return _error(f"Forge answered {resp.status} to {call.method} {call.endpoint}: {cause}", refresh=broken,
-                      forge_status=resp.status, forge_response=body)
+                      forge_status=resp.status, output=_error_body(body, settings))
     if settings.upload and isinstance(body, dict):
         body = await outputs.upload_images(body, str(job.get("id")), worker.scratch, settings.bucket_name)
         size = len(outputs.jsonio_size(body))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import time
 import urllib.request
 from collections.abc import Awaitable, Iterator
@@ -68,7 +69,22 @@ def test_caller_mistakes_never_ask_for_a_fresh_worker(live: Worker) -> None:
         out = run(live, handler(bad))
         assert out["error"] and "refresh_worker" not in out, out
     out = run(live, handler(job("POST", "/sdapi/v1/txt2img", {"steps": "many"})))
-    assert out["forge_status"] == 422 and out["forge_response"]["detail"][0]["loc"] == ["body", "steps"]
+    assert out["forge_status"] == 422 and out["output"]["detail"][0]["loc"] == ["body", "steps"]
+
+
+def test_forges_error_body_comes_back_as_output_cut_to_size_and_without_the_workers_tokens(live: Worker) -> None:
+    handler = make_handler(live)
+    huge = "A" * 3_000_000  # Forge's 422 echoes the bad value: a whole "image" here
+    out = run(live, handler(job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": huge})))
+    assert out["error"].startswith("Forge answered 422 to POST /sdapi/v1/txt2img: steps: ")
+    echoed = out["output"]["detail"][0]["input"]
+    assert echoed.startswith("AAAA") and echoed.endswith("(3,000,000 characters, cut by the worker)")
+    assert len(json.dumps(out)) < 10_000 and "refresh_worker" not in out
+    token = "hf_workerSecretToken123"
+    worker = dataclasses.replace(live, settings=dataclasses.replace(live.settings, hf_token=token))
+    out = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/options", {"sd_model_checkpoint": token})))
+    assert out["forge_status"] == 500 and "not found" in out["output"]["message"]
+    assert token not in json.dumps(out)
 
 
 def test_progress_is_reported_while_generating(live: Worker) -> None:
