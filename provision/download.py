@@ -14,13 +14,10 @@ append to one file: the loser starts its own copy, which costs bandwidth, never 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import secrets
 import shutil
-import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -30,6 +27,8 @@ import urllib3.exceptions
 
 from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+from provision.netguard import AddressGuard, AddressRefused, guard_session
+from provision.sources import shown_source
 from provision.stream import OnBytes, Sink
 
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
@@ -85,11 +84,8 @@ class Downloaded:
 
 
 def display_url(url: str) -> str:
-    """A URL fit for messages: no query string (signed URLs and tokens live there), no user info."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    """A URL fit for messages: no user info, every query value masked (signed URLs and tokens live there)."""
+    return shown_source(url)
 
 
 def sibling(target: Path, suffix: str) -> Path:
@@ -114,39 +110,6 @@ def _check_scheme(url: str) -> None:
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to fetch {display_url(url)!r}: only http and https are allowed, not {scheme!r}",
                             "check the source URL (a redirect to another scheme is refused too)")
-
-
-HopCheck = Callable[[str], None]  # raises DownloadError for a URL a download must not go to
-
-
-def _internal_addresses(url: str) -> tuple[set[str], int] | None:
-    """The loopback, private or link-local addresses ``url``'s host resolves to, with its port; None if public."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(parts.hostname or "", port, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return None  # unresolvable: the request itself fails with a clear error
-    found = {str(info[4][0]) for info in infos}
-    internal = {a for a in found if not ipaddress.ip_address(a.split("%", 1)[0]).is_global}
-    return (internal, port) if internal else None
-
-
-def same_origin_for_internal_hosts(origin: str) -> HopCheck:
-    """A hop check for a URL a caller sent (the worker's download helper): a redirect may not lead to
-    the worker's own machine or private network (Forge's API, the cloud's metadata service), except
-    to the very host and port the caller named. Public hosts (CDNs) stay allowed."""
-    named = _internal_addresses(origin)
-
-    def check(url: str) -> None:
-        internal = _internal_addresses(url)
-        if internal is None or (named is not None and internal[1] == named[1] and internal[0] & named[0]):
-            return
-        raise DownloadError(f"refusing to follow a redirect from {display_url(origin)} to {display_url(url)}: "
-                            "it leads to an address on the worker's own machine or private network",
-                            "download from the file's public URL")
-
-    return check
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
@@ -177,20 +140,28 @@ def _status_error(resp: requests.Response, url: str, credential: Credential | No
 
 
 def _open(session: requests.Session, url: str, offset: int, credential: Credential | None,
-          headers: dict[str, str], timeout: tuple[float, float], hop_check: HopCheck | None) -> requests.Response:
-    """GET with manual redirects, so every hop's scheme is checked and a token only goes where it belongs."""
+          headers: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
+    """GET with manual redirects, so every hop's scheme is checked and a token only goes where it belongs.
+
+    A guarded session's connections check their addresses (``provision.netguard``); a refusal says
+    which URL (the one named, or a redirect's) it was for."""
     first_scheme = urlsplit(url).scheme.lower()
-    for _ in range(MAX_REDIRECTS + 1):
+    origin = url
+    for hop_number in range(MAX_REDIRECTS + 1):
         _check_scheme(url)
-        if hop_check is not None:
-            hop_check(url)
         hop = {"User-Agent": USER_AGENT, **headers, "Accept-Encoding": "identity"}
         if offset:
             hop["Range"] = f"bytes={offset}-"
         downgraded = first_scheme == "https" and urlsplit(url).scheme.lower() == "http"
         if credential and credential.token and credential.applies_to(url) and not downgraded:
             hop["Authorization"] = f"Bearer {credential.token}"
-        resp = session.get(url, headers=hop, stream=True, timeout=timeout, allow_redirects=False)
+        try:
+            resp = session.get(url, headers=hop, stream=True, timeout=timeout, allow_redirects=False)
+        except AddressRefused as exc:
+            if hop_number:
+                raise AddressRefused(f"refusing to follow a redirect from {display_url(origin)} to "
+                                     f"{display_url(url)}: {exc.message}") from None
+            raise AddressRefused(f"refusing to fetch {display_url(url)}: {exc.message}") from None
         if resp.is_redirect:
             url = urljoin(resp.url, resp.headers["Location"])
             resp.close()
@@ -251,12 +222,13 @@ def download(
     retry: Retry = Retry(),
     timeout: tuple[float, float] = TIMEOUT,
     what: str | None = None,
-    hop_check: HopCheck | None = None,
+    guard: AddressGuard | None = None,
 ) -> Downloaded:
     """Fetch ``url`` into ``target``: verified against ``sha256``/``size`` when given, then renamed in place.
 
     ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
-    ``hop_check`` vets every URL requested, redirects included (see ``same_origin_for_internal_hosts``).
+    ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
+    job named; see ``provision.netguard``).
     Raises AuthError, NotFoundError, ChecksumError, DiskFullError or DownloadError; ``target`` is
     untouched unless the whole call succeeds.
     """
@@ -268,7 +240,7 @@ def download(
     try:
         result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
                                 headers=headers or {}, on_bytes=on_bytes, retry=retry, timeout=timeout,
-                                label=label, hop_check=hop_check)
+                                label=label, guard=guard)
         os.replace(tmp, target)
         return result
     except (ChecksumError, DiskFullError, AuthError, NotFoundError):
@@ -286,29 +258,31 @@ def download(
 
 def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, size: int | None,
                    credential: Credential | None, headers: dict[str, str], on_bytes: OnBytes | None,
-                   retry: Retry, timeout: tuple[float, float], label: str, hop_check: HopCheck | None) -> Downloaded:
+                   retry: Retry, timeout: tuple[float, float], label: str, guard: AddressGuard | None) -> Downloaded:
     offset = tmp.stat().st_size
     if size is not None and offset > size:
         offset = 0  # a partial longer than the file is not ours to resume
     if size is not None:
         check_free_space(target.parent, size - offset, label)
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
+        if guard is not None:
+            guard_session(session, guard)
         attempt = Sink(fh, target.parent, offset, on_bytes)
         try:
             return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
-                             headers=headers, retry=retry, timeout=timeout, label=label, hop_check=hop_check)
+                             headers=headers, retry=retry, timeout=timeout, label=label, guard=guard)
         finally:
             attempt.pipe.finish()  # stops its threads whatever happened
 
 
 def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, *, sha256: str | None,
               size: int | None, credential: Credential | None, headers: dict[str, str], retry: Retry,
-              timeout: tuple[float, float], label: str, hop_check: HopCheck | None) -> Downloaded:
+              timeout: tuple[float, float], label: str, guard: AddressGuard | None) -> Downloaded:
     failures = 0
     fresh_retry_done = False
     while True:
         try:
-            _one_request(session, url, attempt, size, credential, headers, timeout, label, hop_check)
+            _one_request(session, url, attempt, size, credential, headers, timeout, label)
         except _Transient as exc:
             failures = 0 if exc.progressed else failures + 1
             if failures >= retry.attempts:
@@ -358,13 +332,13 @@ class _Transient(Exception):
 
 def _one_request(session: requests.Session, url: str, attempt: Sink, size: int | None,
                  credential: Credential | None, headers: dict[str, str], timeout: tuple[float, float],
-                 label: str, hop_check: HopCheck | None) -> None:
+                 label: str) -> None:
     before = attempt.written
     offset = attempt.written
     if size is not None and offset == size:
         return  # the kept partial is already whole; only verification remains
     try:
-        resp = _open(session, url, offset, credential, headers, timeout, hop_check)
+        resp = _open(session, url, offset, credential, headers, timeout)
     except _TRANSIENT as exc:
         raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}", False) from None
     with resp:

@@ -5,24 +5,51 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from provision.errors import SourceError
 
 ACCEPTED_FORMS = "hf://OWNER/REPO/PATH[@REVISION], https://..., http://..., civitai://MODEL_VERSION_ID"
-_SECRET_PARAM = re.compile(r"token|key|sig|secret|pass|auth|cred", re.IGNORECASE)
+_SLASHES = re.compile(r"([/\\]+)")  # slashes and backslashes alike, as lenient URL parsers read them
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _masked_params(text: str) -> str:
+    """Each ``key=value`` as ``key=***`` and each bare item as ``***``: any value may be a credential."""
+    return "&".join(f"{p.partition('=')[0]}=***" if "=" in p else ("***" if p else "") for p in text.split("&"))
+
+
+def _query_start(text: str) -> int:
+    """Where the query or fragment begins (the first ``?`` or ``#``), or the length of ``text``."""
+    return min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
+
+
+def _without_userinfo(text: str) -> str:
+    """Drop ``user:password@`` wherever a parser could read an authority: the first segment, the one after
+    a scheme (``x:``, however many slashes follow), and any segment after ``//``."""
+    end = _query_start(text)
+    parts = _SLASHES.split(text[:end])  # segments at even indexes, separators at odd ones
+    filled = [i for i in range(0, len(parts), 2) if parts[i]]
+    authorities = set(filled[:1])
+    if len(filled) > 1 and parts[filled[0]].endswith(":"):
+        authorities.add(filled[1])
+    authorities |= {i for i in range(2, len(parts), 2) if len(parts[i - 1]) > 1}
+    for i in authorities:
+        parts[i] = parts[i].rpartition("@")[2]
+    return "".join(parts) + text[end:]
 
 
 def shown_source(text: str) -> str:
-    """A source fit for messages, state.json and job results: a URL loses its ``user:password@`` and the
-    values of query parameters that look like credentials (``token=``, ``api_key=``, ``X-Amz-Signature=``...).
+    """A source fit for messages, state.json and job results: a URL loses its ``user:password@`` and every
+    query value (and fragment) is masked, whatever the parameter's name (``?token=``, ``?X-Amz-Signature=``,
+    ``?access=``...). Any string is accepted, well-formed or not: malformed sources are shown this way too.
     The lock keeps the source as written: it is what the download needs."""
-    parts = urlsplit(text)
-    if parts.scheme.lower() not in ("http", "https"):
-        return text
-    query = "&".join(f"{p.partition('=')[0]}=***" if _SECRET_PARAM.search(p.partition("=")[0]) else p
-                     for p in parts.query.split("&")) if parts.query else ""
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
+    text = _without_userinfo(text)
+    end = _query_start(text)
+    head, rest = text[:end], text[end:]
+    query, hashmark, fragment = rest[1:].partition("#") if rest.startswith("?") else ("", rest[:1], rest[1:])
+    shown = head + ("?" + _masked_params(query) if rest.startswith("?") else "")
+    return shown + hashmark + ("***" if fragment else "")
 
 
 @dataclass(frozen=True)
@@ -68,26 +95,44 @@ class CivitaiSource:
 Source = HfSource | UrlSource | CivitaiSource
 
 
+def _check_url(text: str) -> None:
+    """An http(s) source must be a URL requests can fetch: a host, a port in range, no spaces or controls."""
+    shown = shown_source(text)
+    if _CONTROL.search(text):
+        raise SourceError(f"URL source {shown!r} holds a space or a control character",
+                          "percent-encode spaces (%20) and control characters")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        reason = "its port is not a number from 1 to 65535" if "port" in str(exc).lower() else "it is malformed"
+        raise SourceError(f"URL source {shown!r} cannot be fetched: {reason}") from None
+    if not parts.hostname:
+        raise SourceError(f"URL source {shown!r} has no host")
+    if port == 0:
+        raise SourceError(f"URL source {shown!r} cannot be fetched: its port is not a number from 1 to 65535")
+
+
 def parse_source(text: str) -> Source:
-    """Parse a source string, or raise SourceError naming the accepted forms."""
+    """Parse a source string, or raise SourceError naming the accepted forms (never echoing a credential)."""
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep:
-        raise SourceError(f"model source {text!r} has no scheme; accepted forms: {ACCEPTED_FORMS}")
+        raise SourceError(f"model source {shown_source(text)!r} has no scheme; accepted forms: {ACCEPTED_FORMS}")
     if scheme == "hf":
         body, at, revision = rest.rpartition("@")
         if not at or "/" in revision:
             body, revision = rest, ""
         parts = [p for p in body.split("/")]
         if len(parts) < 3 or not all(parts):
-            raise SourceError(f"hf source {text!r} must be hf://OWNER/REPO/PATH[@REVISION]")
+            raise SourceError(f"hf source {shown_source(text)!r} must be hf://OWNER/REPO/PATH[@REVISION]")
         return HfSource(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None)
     if scheme in ("http", "https"):
-        if not urlsplit(text).netloc:
-            raise SourceError(f"URL source {text!r} has no host")
+        _check_url(text)
         return UrlSource(text)
     if scheme == "civitai":
         if not rest.isdigit():
-            raise SourceError(f"civitai source {text!r} must be civitai://MODEL_VERSION_ID (digits)")
+            raise SourceError(f"civitai source {shown_source(text)!r} must be civitai://MODEL_VERSION_ID (digits)")
         return CivitaiSource(rest)
-    raise SourceError(f"model source {text!r} has unsupported scheme {scheme!r}; accepted forms: {ACCEPTED_FORMS}")
+    raise SourceError(f"model source {shown_source(text)!r} has unsupported scheme {shown_source(scheme)!r}; "
+                      f"accepted forms: {ACCEPTED_FORMS}")

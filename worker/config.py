@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provision.errors import ForgeVolumeError
+from provision.netguard import ALLOW_ENV, Network, parse_networks
 from volume_layout import SERVERLESS_MOUNT, worker_volume
 
 DEFAULT_PORT = 7861
@@ -39,6 +40,8 @@ class Settings:
     bucket_endpoint: str | None = None
     bucket_name: str | None = None  # BUCKET_NAME: else rp_upload's default (the month, "MM-YY")
     upload: bool = False  # all three BUCKET_* variables are set
+    # FORGE_DOWNLOAD_ALLOW_NETWORKS: private networks a /v1/download URL may name (default: none)
+    download_allow_networks: tuple[Network, ...] = ()
     hf_token: str | None = field(default=None, repr=False)
     civitai_token: str | None = field(default=None, repr=False)
 
@@ -84,6 +87,13 @@ def _defaults(env: Mapping[str, str]) -> bool:
     return raw == "original"
 
 
+def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
+    try:
+        return parse_networks(env.get(ALLOW_ENV, ""))
+    except ValueError as exc:
+        raise ConfigError(f"{ALLOW_ENV}: {exc}") from None
+
+
 def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MOUNT) -> Settings:
     endpoint = env.get("BUCKET_ENDPOINT_URL") or None
     keys = bool(env.get("BUCKET_ACCESS_KEY_ID")) and bool(env.get("BUCKET_SECRET_ACCESS_KEY"))
@@ -104,6 +114,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         bucket_endpoint=endpoint,
         bucket_name=env.get("BUCKET_NAME") or None,
         upload=bool(endpoint and keys),
+        download_allow_networks=_networks(env),
         hf_token=env.get("HF_TOKEN") or None,
         civitai_token=env.get("CIVITAI_TOKEN") or None,
     )

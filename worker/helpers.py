@@ -13,8 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from provision.download import same_origin_for_internal_hosts
 from provision.errors import ForgeVolumeError
+from provision.netguard import AddressGuard
 from provision.progress import QUIET
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings
@@ -61,12 +61,14 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     if not kind and not download_path:
         raise InputError("'kind' is required (or a 'download_path' inside the volume's models folder)")
     dest = layout.models_relative(download_path) if download_path else None
-    # A URL from a job may redirect anywhere: not into this machine or its network (Forge's API,
-    # the metadata service). hf:// and civitai:// go to the hosts the endpoint's settings name.
+    # A URL from a job (and its redirects) may not reach this machine or its network (Forge's API,
+    # the metadata service) unless the endpoint opted in; hf:// and civitai:// go to the hosts the
+    # endpoint's settings name.
     url = source.lower().startswith(("http://", "https://"))
+    guard = AddressGuard.for_url(source, settings.download_allow_networks) if url else None
     return fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
                        sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings),
-                       hop_check=same_origin_for_internal_hosts(source) if url else None)
+                       guard=guard)
 
 
 def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:

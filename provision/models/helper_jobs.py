@@ -10,11 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from provision.download import HopCheck, download
+from provision.download import download
 from provision.errors import ChecksumError, ForgeVolumeError, PathError, SourceError
 from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
 from provision.models import files as mf
 from provision.models.pool import POOL, Bars, hold_target, parallel, raise_failures, require_volume
+from provision.netguard import AddressGuard
 from provision.progress import Progress
 from provision.sources import parse_source, shown_source
 from volume_layout import LayoutError, VolumeLayout, check_file_name
@@ -33,12 +34,12 @@ def _check_sha(value: str | None) -> str | None:
 
 def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
                 sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
-                tokens: Tokens | None = None, hop_check: HopCheck | None = None) -> dict[str, Any]:
+                tokens: Tokens | None = None, guard: AddressGuard | None = None) -> dict[str, Any]:
     """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
 
     Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
-    state.json. A file already there with the right content is not fetched again. ``hop_check``
-    vets every URL the download requests (the worker passes one for URLs a job sent).
+    state.json. A file already there with the right content is not fetched again. ``guard`` fences
+    every connection the download opens (the worker passes one for URLs a job sent).
     """
     require_volume(layout)
     expected = _check_sha(sha256)
@@ -83,7 +84,7 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         bar, on_bytes = bars.file(remote.size, path.name)
         try:
             got = download(remote.url, path, sha256=expected, size=remote.size, credential=remote.credential,
-                           on_bytes=on_bytes, what=rel, hop_check=hop_check)
+                           on_bytes=on_bytes, what=rel, guard=guard)
         finally:
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,

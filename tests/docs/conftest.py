@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
+from tests.helpers.http_server import PRIVATE_MODELS_ENV
 from tests.worker.conftest import WorkerProc, module_volume, start_worker, worker_env
 
 # Checkpoints the examples name (override_settings, set-model): present on the test volume.
@@ -41,7 +42,7 @@ def docs_worker(provisioned_world: World, tmp_path_factory: pytest.TempPathFacto
     for name in CHECKPOINTS:
         (volume / "models" / "Stable-diffusion" / name).write_bytes(b"not really a checkpoint\n")
     env = worker_env(volume, folder / "scratch", HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1",
-                     HF_HOME=str(folder / "hf-home"))
+                     HF_HOME=str(folder / "hf-home"), **PRIVATE_MODELS_ENV)
     proc = start_worker(env, folder / "logs")
     yield proc
     proc.stop()

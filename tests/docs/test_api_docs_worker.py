@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.docs.apidocs import RESPONSES, Example, all_examples
-from tests.helpers.http_server import FileServer
+from tests.helpers.http_server import PRIVATE_MODEL_HOST, FileServer
 from tests.worker.conftest import WorkerProc
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ EXAMPLES = [e for e in all_examples() if e.responses]
 
 @pytest.fixture(scope="module")
 def downloads() -> Iterator[FileServer]:
-    with FileServer() as server:
+    with FileServer(PRIVATE_MODEL_HOST) as server:
         yield server
 
 

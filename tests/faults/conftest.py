@@ -35,7 +35,7 @@ from click.testing import CliRunner, Result
 from provision.cli import main
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
-from tests.helpers.http_server import FileServer
+from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.worker.conftest import free_port, module_volume, worker_env
 
 from .platform import FakePlatform, FleetWorker, JobRecord, start_fleet_worker
@@ -130,7 +130,8 @@ PAYLOAD_LORA = os.urandom(15_000)
 
 @pytest.fixture(scope="package")
 def worker_hosts() -> Iterator[Hosts]:
-    with FakeHub() as hub, FileServer() as files, FileServer() as canary:
+    # The canary listens on every address, so a request to any loopback spelling would reach it.
+    with FakeHub() as hub, FileServer(PRIVATE_MODEL_HOST) as files, FileServer("0.0.0.0") as canary:
         hub.add_repo("org/private", {"private.safetensors": PRIVATE_LORA}, token=HF_SECRET)
         hub.add_repo("org/payload", {"payload.safetensors": PAYLOAD_LORA}, token=PAYLOAD_SECRET)
         canary.add("/x.bin", b"must never be fetched")
@@ -213,7 +214,8 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
                  aws_secret_access_key=BUCKET_SECRET, region_name="us-east-1").create_bucket(Bucket="outputs")
     hub = worker_hosts.hub
     common = {**SECRET_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
-              "HF_HOME": str(root / "hf-home"), "CIVITAI_API_BASE": worker_hosts.files.url("/api/v1")}
+              "HF_HOME": str(root / "hf-home"), "CIVITAI_API_BASE": worker_hosts.files.url("/api/v1"),
+              **PRIVATE_MODELS_ENV}
     bucket_env = {"BUCKET_ENDPOINT_URL": s3_endpoint, "BUCKET_NAME": "outputs", "AWS_DEFAULT_REGION": "us-east-1",
                   "FORGE_STANDIN_IMAGE_BYTES": "3000000"}  # 8 images are over RunPod's 20 MB
     scratch = root / "scratch"

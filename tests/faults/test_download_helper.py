@@ -116,3 +116,82 @@ def test_case09_download_helper_refuses_paths_and_hosts_it_must_not_touch(fleet:
     assert all(p.startswith("models/") and ".." not in p and "escape" not in p for p in recorded), recorded
     for name in ("main", "crash"):
         still_serving(fleet, name, streams)
+
+
+def internal_sources(canary_port: int, forge_port: int) -> list[tuple[str, str]]:
+    """Every spelling of an internal address issue 10 lists, with the rule its refusal names."""
+    port = canary_port
+    return [
+        (f"http://127.0.0.1:{forge_port}/sdapi/v1/options", "loopback"),  # Forge's unlisted routes
+        (f"http://localhost:{port}/x.bin", "loopback"),
+        (f"http://127.1:{port}/x.bin", "loopback"),
+        (f"http://0x7f.1:{port}/x.bin", "loopback"),
+        (f"http://2130706433:{port}/x.bin", "loopback"),
+        (f"http://0.0.0.0:{port}/x.bin", "unspecified"),
+        (f"http://[::1]:{port}/x.bin", "loopback"),
+        (f"http://[::ffff:127.0.0.1]:{port}/x.bin", "loopback"),
+        (f"http://user@127.0.0.1:{port}/x.bin", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "link-local"),
+        ("http://10.0.0.1/x.bin", "private"),
+        ("http://172.16.0.1/x.bin", "private"),
+        ("http://192.168.1.1/x.bin", "private"),
+        ("http://[fc00::1]/x.bin", "private"),
+        ("http://[fe80::1]/x.bin", "link-local"),
+    ]
+
+
+def test_download_helper_refuses_internal_addresses(fleet: Fleet, streams: Streams) -> None:
+    """Fault (issue 10, holes 1 and 2): /v1/download jobs naming the worker's own machine (Forge's API on
+    loopback, in every spelling), the cloud's metadata service and the private ranges, and a model
+    server on the endpoint's opted-in private network whose file redirects to another port of it.
+    Expected: each is refused with a one-line error naming the rule (loopback, private, link-local,
+    unspecified) and the opt-in variable; the opted-in server's own file downloads.
+    Checked after: the canary (listening on every local address) and Forge saw no request from a
+    download; nothing was written under models/ for the refused jobs."""
+    files, canary = fleet.hosts.files, fleet.hosts.canary
+    forge_port = int(fleet["main"].env["FORGE_PORT"])
+    files.add("/files/allowed.safetensors", MODEL)
+    files.add("/files/to-private-neighbour.safetensors", redirect=f"http://{files.host}:{canary.port}/x.bin")
+    refused = [(download({"source": url, "kind": "lora", "name": f"internal-{i}.safetensors"}), rule)
+               for i, (url, rule) in enumerate(internal_sources(canary.port, forge_port))]
+    refused.append((download({"source": files.url("/files/to-private-neighbour.safetensors"), "kind": "lora"}),
+                    "only the host and port the job named"))
+    allowed = download({"source": files.url("/files/allowed.safetensors"), "kind": "lora"})
+    records = fan_out(fleet, [job for job, _ in refused] + [allowed], HELPER_WORKERS)
+    for record, (job, rule) in zip(records[:-1], refused, strict=True):
+        error = one_line_error(result(record, streams))
+        assert "refusing to" in error and rule in error and "FORGE_DOWNLOAD_ALLOW_NETWORKS" in error, (job, error)
+    assert "error" not in result(records[-1], streams)
+    lora = fleet.volume / "models" / "Lora"
+    assert (lora / "allowed.safetensors").read_bytes() == MODEL
+    assert not any(p.name.startswith(("internal-", "to-private", ".internal-")) for p in lora.iterdir())
+    assert canary.requests == []
+    assert not [r for r in fleet.forge_requests("main") if r["method"] == "GET" and "options" in r["path"]]
+
+
+def test_sources_carrying_credentials_are_never_echoed(fleet: Fleet, streams: Streams) -> None:
+    """Fault (issue 10, hole 14): malformed sources with a credential (``ftp://user:TOKEN@``, a URL with no
+    host but a ``?token=``, a port out of range) and a good URL whose query holds secrets under names no
+    pattern knows (``?access=``, ``?X-Amz-Signature=``).
+    Expected: the malformed ones fail with a one-line caller error; the good one downloads.
+    Checked after: the secret is in no job result, no log line and not in state.json (leak guard), and
+    the recorded source masks every query value."""
+    files = fleet.hosts.files
+    files.add("/files/signed.safetensors", MODEL)
+    secret = PAYLOAD_SECRET
+    refused = [
+        (download({"source": f"ftp://user:{secret}@{files.host}/x.safetensors", "kind": "lora"}),
+         "unsupported scheme 'ftp'"),
+        (download({"source": f"https://?token={secret}", "kind": "lora"}), "has no host"),
+        (download({"source": f"https://user:{secret}@{files.host}:99999/x?access={secret}", "kind": "lora"}),
+         "port is not a number from 1 to 65535"),
+        (download({"source": f"{secret}@{files.host}/x.safetensors", "kind": "lora"}), "has no scheme"),
+    ]
+    signed = files.url("/files/signed.safetensors") + f"?access={secret}&X-Amz-Signature={secret}"
+    records = fan_out(fleet, [job for job, _ in refused] + [download({"source": signed, "kind": "lora"})],
+                      HELPER_WORKERS)
+    for record, (job, message) in zip(records[:-1], refused, strict=True):
+        assert message in one_line_error(result(record, streams)), job
+    body = result(records[-1], streams)
+    assert body["output"]["source"] == files.url("/files/signed.safetensors") + "?access=***&X-Amz-Signature=***"
+    streams.add_file(fleet.volume / ".forge-volume" / "state.json")

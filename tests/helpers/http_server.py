@@ -182,6 +182,13 @@ class _Handler(BaseHTTPRequestHandler):
         return sent
 
 
+# A loopback address standing for a model server on an endpoint's private network: a worker refuses
+# job-named URLs to internal addresses unless its FORGE_DOWNLOAD_ALLOW_NETWORKS opts in, so the
+# workers under test that download from a FileServer on this address opt in to it (PRIVATE_MODELS_ENV).
+PRIVATE_MODEL_HOST = "127.0.0.2"
+PRIVATE_MODELS_ENV = {"FORGE_DOWNLOAD_ALLOW_NETWORKS": f"{PRIVATE_MODEL_HOST}/32"}
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: FileServer
@@ -191,6 +198,7 @@ class FileServer:
     """``with FileServer() as srv: srv.add("/x.bin", data=b"..."); url = srv.url("/x.bin")``."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.lock = threading.Lock()
@@ -204,7 +212,8 @@ class FileServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
+    def url(self, path: str, host: str | None = None) -> str:
+        host = host or (self.host if self.host != "0.0.0.0" else "127.0.0.1")
         return f"http://{host}:{self.port}{path}"
 
     def add(self, path: str, data: bytes | None = None, **behaviour: Any) -> Route:

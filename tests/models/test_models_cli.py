@@ -326,8 +326,11 @@ def test_a_credential_in_a_url_source_stays_in_the_spec_and_lock(installed_volum
                                                                   hosts: Hosts) -> None:
     """A URL source carrying its own credentials (user:password@, ?token=): the lock keeps the source as
     written (the download needs it), but no message, state.json record or helper result shows them."""
-    password, token = "pw-4f1c9e2a", "tok-7d3b0a56"
-    url = hosts.files.url("/files/tofu.pt").replace("://", f"://me:{password}@") + f"?type=Model&token={token}"
+    password, token, access, signature = "pw-4f1c9e2a", "tok-7d3b0a56", "acc-19be77d0", "sig-0c5e3f12"
+    # Every query value is masked, whatever its parameter's name (issue 10, hole 14).
+    url = (hosts.files.url("/files/tofu.pt").replace("://", f"://me:{password}@")
+           + f"?type=Model&token={token}&access={access}&X-Amz-Signature={signature}")
+    shown = hosts.files.url("/files/tofu.pt") + "?type=***&token=***&access=***&X-Amz-Signature=***"
     (installed_volume / "forge-volume.toml").write_text(
         provisioned_world.spec(extra=f'\n[[models]]\nkind = "embedding"\nsource = "{url}"\n'))
     outputs = [cli(installed_volume, "lock"), cli(installed_volume, "plan")]
@@ -342,11 +345,11 @@ def test_a_credential_in_a_url_source_stays_in_the_spec_and_lock(installed_volum
     from volume_layout import VolumeLayout
 
     result = fetch_model(VolumeLayout(installed_volume), source=url, kind="embedding", progress=QUIET)
-    assert result["downloaded"] is True and "?type=Model&token=***" in result["source"]
+    assert result["downloaded"] is True and result["source"] == shown
     texts = [r.output for r in outputs] + [json.dumps(result),
                                            (installed_volume / ".forge-volume" / "state.json").read_text()]
     for text in texts:
-        assert password not in text and token not in text, text
-    assert state_models(installed_volume)["models/embeddings/tofu.pt"]["source"] == \
-        hosts.files.url("/files/tofu.pt") + "?type=Model&token=***"
+        for secret in (password, token, access, signature):
+            assert secret not in text, text
+    assert state_models(installed_volume)["models/embeddings/tofu.pt"]["source"] == shown
     assert url in (installed_volume / "forge-volume.lock").read_text()

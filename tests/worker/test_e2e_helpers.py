@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.fake_hub import FakeHub
-from tests.helpers.http_server import FileServer
+from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
 
 PRIVATE_TOKEN = "hf_payload_s3cret_token"
@@ -25,7 +25,7 @@ LORA = os.urandom(30_000)
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[tuple[FakeHub, FileServer]]:
-    with FakeHub() as hub, FileServer() as files:
+    with FakeHub() as hub, FileServer(PRIVATE_MODEL_HOST) as files:
         hub.add_repo("org/loras", {"style.safetensors": LORA, "sub/other.safetensors": b"x" * 2000,
                                    "README.md": b"# loras\n"})
         hub.add_repo("org/private", {"secret.safetensors": b"s" * 3000}, token=PRIVATE_TOKEN)
@@ -37,7 +37,8 @@ def hosts() -> Iterator[tuple[FakeHub, FileServer]]:
 @pytest.fixture(scope="module")
 def helper_worker(worker_volume: Path, module_tmp: Path, hosts: tuple[FakeHub, FileServer]) -> Iterator[WorkerProc]:
     hub, _ = hosts
-    env = worker_env(worker_volume, module_tmp / "scratch", HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+    env = worker_env(worker_volume, module_tmp / "scratch", HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1",
+                     **PRIVATE_MODELS_ENV)
     env.pop("HF_TOKEN", None)
     proc = start_worker(env, module_tmp / "logs")
     yield proc

@@ -1,0 +1,206 @@
+"""Which addresses a download that a job named may connect to, checked on the connection itself.
+
+A worker's download helper fetches URLs its callers choose. Without a fence, such a URL (or any
+redirect it leads to) could read Forge's own API on loopback, the cloud's metadata service
+(169.254.169.254) or anything else on the worker's private network. ``AddressGuard`` refuses every
+loopback, private, link-local, unspecified, multicast, reserved or otherwise non-public address.
+
+The check runs inside the HTTP connection (``guarded_session``): the host name is resolved once,
+every address it resolves to is checked, and the socket connects to one of those very addresses,
+while TLS and the Host header keep the name. A name that answers differently a second time (DNS
+rebinding) therefore gains nothing. Nothing is sent before the check: a refusal costs no traffic.
+
+An endpoint whose models really live on its private network opts in with
+``FORGE_DOWNLOAD_ALLOW_NETWORKS`` (worker setting, a comma-separated list of CIDR networks); even
+then, only the host and port the job named may be on such a network, not a redirect's target.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NameResolutionError, NewConnectionError
+from urllib3.poolmanager import PoolManager
+
+from provision.errors import DownloadError
+
+ALLOW_ENV = "FORGE_DOWNLOAD_ALLOW_NETWORKS"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class AddressRefused(DownloadError):
+    """A download would connect to an address a job may not reach."""
+
+    hint = (f"download from a public URL; an endpoint whose model server is on its private network can allow "
+            f"that network with the worker variable {ALLOW_ENV} (e.g. 10.0.0.0/8)")
+
+
+def _effective(ip: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 form embeds (``::ffff:127.0.0.1``, NAT64, 6to4): judged as that address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+    return ip
+
+
+def refused_rule(address: str) -> str | None:
+    """Why ``address`` is not a public address ("loopback", "private"...), or None when it is public."""
+    ip = _effective(ipaddress.ip_address(address.split("%", 1)[0]))
+    for rule, hit in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
+                      ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
+                      ("private", ip.is_private), ("reserved", ip.is_reserved)):
+        if hit:
+            return rule
+    return None if ip.is_global else "non-public"
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``"10.0.0.0/8, fd00::/8"`` as networks; ValueError naming the entry that is not one."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network (write it like 10.0.0.0/8 or 192.168.1.20)") from None
+    return tuple(networks)
+
+
+def _origin(url: str) -> tuple[str, int]:
+    """(host, port) of a URL; a malformed one (refused later, by the source parser) matches no connection."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "", 0
+    return (parts.hostname or "").lower(), port or (443 if parts.scheme.lower() == "https" else 80)
+
+
+@dataclass(frozen=True)
+class AddressGuard:
+    """The fence for one job-named URL: public addresses only, plus the opted-in networks for that URL's own host."""
+
+    origin: tuple[str, int]  # (host, port) of the URL the job named
+    allowed: tuple[Network, ...] = ()
+
+    @classmethod
+    def for_url(cls, url: str, allowed: Sequence[Network] = ()) -> AddressGuard:
+        return cls(_origin(url), tuple(allowed))
+
+    def check(self, host: str, port: int, address: str) -> None:
+        """Raise AddressRefused unless a connection to ``host:port`` at ``address`` is allowed."""
+        rule = refused_rule(address)
+        if rule is None:
+            return
+        ip = _effective(ipaddress.ip_address(address.split("%", 1)[0]))
+        opted_in = any(ip.version == net.version and ip in net for net in self.allowed)
+        named = (host.lower().rstrip("."), port) == self.origin
+        if opted_in and named:
+            return
+        shown = host if host == address else f"{host} ({address})"
+        if opted_in:
+            raise AddressRefused(f"{shown} port {port} is on a private network {ALLOW_ENV} allows, but only "
+                                 "the host and port the job named may be")
+        raise AddressRefused(f"{shown} is a {rule} address, which a download a job names may not reach")
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        """Every address ``host`` resolves to, each checked (one refused address refuses the name)."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in found:
+            self.check(host, port, address)
+        return found
+
+
+class _Checked:
+    """Mixed into urllib3's connections: resolve once, check, connect to the checked address."""
+
+    _dns_host: str
+    port: int
+    host: str
+
+    def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard
+
+    def _new_conn(self) -> socket.socket:
+        name = self._dns_host
+        try:
+            addresses = self._guard.resolve(name, self.port)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        failure: NewConnectionError | None = None
+        for address in addresses:
+            self._dns_host = address  # the socket goes to this address; TLS and Host keep self.host
+            try:
+                return super()._new_conn()  # type: ignore[misc]
+            except NewConnectionError as exc:
+                failure = exc
+            finally:
+                self._dns_host = name
+        assert failure is not None  # getaddrinfo never answers an empty list
+        raise failure
+
+
+class _GuardedHTTPConnection(_Checked, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Checked, HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedPoolManager(PoolManager):
+    def __init__(self, guard: AddressGuard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+        self.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+    def _new_pool(self, scheme: str, host: str, port: int,
+                  request_context: dict[str, Any] | None = None) -> HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.conn_kw["guard"] = self.guard
+        return pool
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def __init__(self, guard: AddressGuard) -> None:
+        self._guard = guard
+        super().__init__()
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        self._pool_connections, self._pool_maxsize, self._pool_block = connections, maxsize, block
+        self.poolmanager = _GuardedPoolManager(self._guard, num_pools=connections, maxsize=maxsize, block=block,
+                                               **pool_kwargs)
+
+
+def guard_session(session: requests.Session, guard: AddressGuard) -> None:
+    """Make every connection ``session`` opens pass ``guard`` (proxies from the environment are not used:
+    the guard judges the address the bytes come from)."""
+    session.trust_env = False
+    adapter = _GuardedAdapter(guard)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
