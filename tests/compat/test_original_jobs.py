@@ -1,0 +1,147 @@
+"""The original runpod-worker-forge's documented jobs, sent through the worker to the Forge stand-in.
+
+Each job goes through RunPod's local API to a worker booted from a volume the toolkit installed; the
+stand-in logs what reached it. For every generation job the body Forge received must equal the one
+the original worker sent (``original_body``: RunPod's validator on the original schema), except that
+the client's own fields keep the JSON type the client wrote. GETs, options, refreshes and
+interrogate must reach Forge as the same call and come back with Forge's answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.compat.conftest import Compat
+from tests.compat.original import (
+    GENERATION_JOBS,
+    GET_JOBS,
+    IMG2IMG,
+    PNG,
+    POST_JOBS,
+    TXT2IMG,
+    Job,
+    original_body,
+    strict_diff,
+)
+from tests.conftest import DATA
+from tests.worker.conftest import CHECKPOINT
+from worker.routes import ALIASES
+
+RESPONSES = DATA / "forge" / "responses"
+MINIMAL = (Job("txt2img, fields left out", "POST", TXT2IMG, {"prompt": "a cat", "steps": 3}),
+           Job("img2img, fields left out", "POST", IMG2IMG, {"prompt": "a cat", "init_images": [PNG], "steps": 3}))
+
+
+def expected_body(job: Job) -> dict[str, Any]:
+    """The original worker's body, with the client's own fields as the client wrote them."""
+    return {**original_body(job.endpoint, job.payload), **job.payload}
+
+
+@pytest.mark.parametrize("job", GENERATION_JOBS + MINIMAL, ids=lambda j: j.name)
+def test_a_generation_reaches_forge_as_the_original_worker_sent_it(compat: Compat, job: Job) -> None:
+    answer, received = compat.job(job.input)
+    assert answer["status"] == "COMPLETED", answer
+    (request,) = received
+    assert (request["method"], request["path"]) == ("POST", job.endpoint)
+    problem = strict_diff(request["body"], expected_body(job))
+    assert problem is None, f"{job.name}: what reached Forge differs from the original worker's body: {problem}"
+    output = answer["output"]
+    assert set(output) == {"images", "parameters", "info"} and len(output["images"]) == 1
+    assert output["parameters"]["alwayson_scripts"] == job.payload.get("alwayson_scripts", {})
+
+
+def test_the_original_sent_floats_for_whole_numbers_in_float_fields_and_so_do_the_defaults(compat: Compat) -> None:
+    # The client's cfg_scale 7 stays an int (Forge takes either); left-out float fields arrive as floats.
+    _, (request,) = compat.job(MINIMAL[0].input)
+    body = request["body"]
+    assert [type(body[k]) for k in ("cfg_scale", "denoising_strength", "hr_scale", "refiner_switch_at")] == [float] * 4
+    assert (body["steps"], body["eta"], body["s_noise"], body["sampler_name"]) == (3, 0, 0, "Euler a")
+    _, (request,) = compat.job(GENERATION_JOBS[0].input)
+    assert request["body"]["cfg_scale"] == 7 and type(request["body"]["cfg_scale"]) is int
+
+
+def test_fields_the_original_refused_are_passed_and_a_mask_keeps_forges_mask_settings(compat: Compat) -> None:
+    payload = {"prompt": "a cat", "init_images": [PNG], "mask": PNG, "steps": 3, "scheduler": "Karras",
+               "distilled_cfg_scale": 3.5}
+    answer, (request,) = compat.job({"api": {"method": "POST", "endpoint": IMG2IMG}, "payload": payload})
+    assert answer["status"] == "COMPLETED", answer
+    body = request["body"]
+    assert {k: body[k] for k in payload} == payload and body["eta"] == 0 and body["denoising_strength"] == 0.75
+    for left_to_forge in ("inpainting_mask_invert", "latent_mask", "mask_blur", "mask_blur_x", "inpainting_fill",
+                          "inpaint_full_res", "inpaint_full_res_padding"):
+        assert left_to_forge not in body
+
+
+def test_forge_defaults_setting_sends_every_payload_exactly_as_written(compat_forge_defaults: Compat) -> None:
+    job = GENERATION_JOBS[1]  # ReActor
+    answer, (request,) = compat_forge_defaults.job(job.input)
+    assert answer["status"] == "COMPLETED", answer
+    assert strict_diff(request["body"], job.payload) is None
+
+
+def _recorded(method: str, route: str) -> Any:
+    return json.loads((RESPONSES / f"{method}_{route.strip('/').replace('/', '_')}.json").read_text())["body"]
+
+
+@pytest.mark.parametrize("job", GET_JOBS, ids=lambda j: j.name)
+def test_a_documented_get_reaches_forge_without_a_body_and_returns_forges_answer(compat: Compat, job: Job) -> None:
+    answer, received = compat.job(job.input)
+    assert answer["status"] == "COMPLETED", answer
+    route = ALIASES[job.endpoint][0] if job.endpoint in ALIASES else job.endpoint
+    (request,) = received
+    assert request == {"method": "GET", "path": route, "query": [], "body": None}
+    if route == "/sdapi/v1/sd-models":  # the stand-in lists the volume's checkpoints
+        assert [m["title"] for m in answer["output"]] == [CHECKPOINT]
+    elif route != "/sdapi/v1/options":  # options: the stand-in's, changed by set-model below
+        assert answer["output"] == _recorded("GET", route)
+
+
+@pytest.mark.parametrize("job", POST_JOBS, ids=lambda j: j.name)
+def test_refreshes_and_interrogate_reach_forge_as_sent(compat: Compat, job: Job) -> None:
+    answer, (request,) = compat.job(job.input)
+    assert answer["status"] == "COMPLETED", answer
+    assert (request["method"], request["path"], request["body"]) == ("POST", job.endpoint, job.payload)
+    if job.endpoint == "/sdapi/v1/interrogate":
+        assert answer["output"] == {"caption": "a cat"}
+    else:
+        assert answer.get("output") == _recorded("POST", job.endpoint)
+
+
+def test_set_model_and_set_vae_are_options_posts_and_get_options_shows_them(compat: Compat) -> None:
+    for payload in ({"sd_model_checkpoint": CHECKPOINT}, {"sd_vae": "sdxl_vae.safetensors"}):
+        answer, (request,) = compat.job({"api": {"method": "POST", "endpoint": "/sdapi/v1/options"},
+                                         "payload": payload})
+        assert answer["status"] == "COMPLETED" and answer.get("output") is None, answer
+        assert request["body"] == payload
+    answer, _ = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/options"}, "payload": {}})
+    assert (answer["output"]["sd_model_checkpoint"], answer["output"]["sd_vae"]) == (CHECKPOINT, "sdxl_vae.safetensors")
+
+
+def test_an_endpoint_without_its_leading_slash_works(compat: Compat) -> None:
+    answer, (request,) = compat.job({"api": {"method": "POST", "endpoint": "sdapi/v1/txt2img"},
+                                     "payload": {"prompt": "a cat", "steps": 2}})
+    assert answer["status"] == "COMPLETED" and request["path"] == TXT2IMG, answer
+    answer, (request,) = compat.job({"api": {"method": "GET", "endpoint": "sdapi/v1/samplers"}, "payload": {}})
+    assert answer["output"] == _recorded("GET", "/sdapi/v1/samplers") and request["path"] == "/sdapi/v1/samplers"
+
+
+def test_a_gets_payload_goes_to_forge_as_query_parameters(compat: Compat) -> None:
+    answer, received = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/progress"},
+                                   "payload": {"skip_current_image": True}}, polls=True)
+    assert answer["status"] == "COMPLETED" and set(answer["output"]) >= {"progress", "state"}, answer
+    assert received == [{"method": "GET", "path": "/sdapi/v1/progress", "query": [["skip_current_image", "true"]],
+                         "body": None}]
+
+
+def test_a_refused_call_keeps_its_one_line_error_and_the_worker(compat: Compat) -> None:
+    # The local API shows `error` only; the `output` detail field is checked in tests/worker/test_handler.py.
+    answer, _ = compat.job({"api": {"method": "POST", "endpoint": "/sdapi/v1/options"},
+                            "payload": {"sd_model_checkpoint": "no-such-model"}})
+    assert answer["status"] == "FAILED"
+    assert answer["error"].startswith("Forge answered 500 to POST /sdapi/v1/options: ") and "\n" not in answer["error"]
+    answer, _ = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}, "payload": {}})
+    assert answer["status"] == "COMPLETED"
+
