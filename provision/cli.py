@@ -6,9 +6,14 @@ Library errors (``ForgeVolumeError``) become one line and exit 1 here, once; usa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,6 +22,7 @@ import click
 
 from provision import __version__
 from provision.errors import ForgeVolumeError
+from provision.preflight import mount_note, not_a_folder, require_usable
 from provision.progress import Progress
 from volume_layout import VolumeLayout, provisioning_volume
 
@@ -35,27 +41,101 @@ class Context:
         return lock_path_for(self.spec_path)
 
 
+GLOBAL_VALUED = frozenset({"--volume", "--spec"})
+GLOBAL_FLAGS = frozenset({"--quiet", "-q", "--debug"})
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a closed web terminal): stop as cleanly as on Ctrl-C, keeping partial downloads."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise in the main thread, as SIGINT does, for the duration of one command."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def hoist_global_options(args: list[str], commands: Iterable[str]) -> list[str]:
+    """``install --volume X`` means ``--volume X install``: global options after the command move before it."""
+    names = set(commands)
+    i = 0
+    while i < len(args) and args[i] not in names:
+        if args[i] == "--":
+            return args
+        i += 2 if args[i] in GLOBAL_VALUED else 1
+    if i >= len(args):
+        return args
+    moved: list[str] = []
+    kept = args[:i + 1]
+    rest = iter(range(i + 1, len(args)))
+    for j in rest:
+        arg = args[j]
+        if arg == "--":
+            kept += args[j:]
+            break
+        if (arg.split("=", 1)[0] in GLOBAL_VALUED and "=" in arg) or arg in GLOBAL_FLAGS:
+            moved.append(arg)
+        elif arg in GLOBAL_VALUED and j + 1 < len(args):
+            moved += [arg, args[j + 1]]
+            next(rest)
+        else:
+            kept.append(arg)
+    return moved + kept
+
+
 class Group(click.Group):
     """Turns library errors into ``error: <cause> (<hint>)`` and exit 1; a traceback only with --debug."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args, self.commands))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _stop_on_signals():
+                return super().invoke(ctx)
         except ForgeVolumeError as exc:
             _fail(ctx, exc.one_line(), exc)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Stopped as exc:
+            _fail(ctx, f"stopped by {exc.name}; re-run the same command to resume (finished downloads and "
+                       "steps are kept, partial downloads resume)", None)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted; re-run the same command to resume", None)
+        except BrokenPipeError:
+            # The reader went away (`forge-volume verify | head -1`): nothing left to say to it.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
+        except (NotADirectoryError, FileExistsError) as exc:
+            _fail(ctx, not_a_folder(exc).one_line(), exc)
         except Exception as exc:
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (re-run with --debug for the traceback)", exc)
 
 
 def _fail(ctx: click.Context, message: str, exc: BaseException | None) -> NoReturn:
     obj = ctx.find_object(Context)
-    if exc is not None and obj is not None and obj.debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"error: {message}", err=True)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+        if exc is not None and obj is not None and obj.debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        click.echo(f"error: {message}", err=True)
     ctx.exit(1)
 
 
@@ -73,10 +153,13 @@ def main(ctx: click.Context, volume: Path | None, spec: Path | None, quiet: bool
 
     Typical use on a pod with the volume at /workspace:
     init --preset sdxl, edit the spec, lock, install; later refresh-models.
+    The global options may also be given after the command (install --volume PATH).
     """
     layout = VolumeLayout((volume or provisioning_volume()).absolute())
     ctx.obj = Context(layout=layout, spec_path=(spec or layout.spec).absolute(),
                       progress=Progress(quiet=quiet), debug=debug)
+    if ctx.invoked_subcommand != "verify":  # verify lists these among its problems instead
+        require_usable(layout, ctx.obj.spec_path)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -86,14 +169,19 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--preset", type=click.Choice(["minimal", "sdxl", "seed"]), default="sdxl", show_default=True,
               help="Which bundled spec to start from.")
 @click.option("--force", is_flag=True, help="Overwrite an existing spec file.")
+@click.option("--create", is_flag=True, help="Create the spec's folder (the volume) if it does not exist.")
 @pass_ctx
-def init(obj: Context, preset: str, force: bool) -> None:
+def init(obj: Context, preset: str, force: bool, create: bool) -> None:
     """Write a spec file to edit (forge-volume.toml on the volume, or --spec)."""
     from provision.spec import preset_text
 
     if obj.spec_path.exists() and not force:
         raise click.ClickException(f"{obj.spec_path} already exists; edit it, or pass --force to overwrite it")
-    obj.spec_path.parent.mkdir(parents=True, exist_ok=True)
+    folder = obj.spec_path.parent
+    if not folder.exists() and not create:
+        raise click.ClickException(f"{folder} does not exist ({mount_note(folder)}); check --volume or "
+                                   "FORGE_VOLUME, or pass --create to create the folder")
+    folder.mkdir(parents=True, exist_ok=True)
     obj.spec_path.write_text(preset_text(preset), encoding="utf-8")
     click.echo(f"wrote {obj.spec_path} (preset {preset}); edit it, then run `forge-volume lock`")
 
@@ -113,12 +201,16 @@ def lock(obj: Context) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @pass_ctx
-def plan(obj: Context) -> None:
+def plan(obj: Context, as_json: bool) -> None:
     """Print what `install` would change. Writes nothing; works offline once a lock exists."""
     from provision.plan import make_plan
 
     result = make_plan(obj.layout, obj.spec_path)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
     for line in result.lines():
         click.echo(line)
 
@@ -149,30 +241,54 @@ def refresh_models(obj: Context, prune: bool, dry_run: bool) -> None:
 @main.command()
 @click.option("--deep", is_flag=True, help="Re-hash every model file instead of trusting recorded size and mtime; "
               "a file that fails is forgotten in state.json, so refresh-models repairs it.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (exit status as without it).")
 @pass_ctx
-def verify(obj: Context, deep: bool) -> None:
-    """Check the volume against the lock; exit 1 and list every problem."""
-    from provision.verify import verify_volume
+def verify(obj: Context, deep: bool, as_json: bool) -> None:
+    """Check the volume against the lock; exit 1 and list every problem.
 
-    problems = verify_volume(obj.layout, obj.lock_path, deep=deep, progress=obj.progress)
-    if problems:
-        for problem in problems:
-            click.echo(problem)
-        click.echo(f"error: {len(problems)} problem(s); run `forge-volume install` "
+    Model files the lock does not list (fetched by the worker's /v1/download or /v1/sync helper
+    jobs, or copied by hand) are listed as extras; they do not make verify fail.
+    """
+    from provision.verify import verify_report
+
+    report = verify_report(obj.layout, obj.lock_path, obj.spec_path, deep=deep, progress=obj.progress)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        if not report.ok:
+            sys.exit(1)
+        return
+    for line in [*report.problems, *report.extra_lines()]:
+        click.echo(line)
+    if not report.ok:
+        click.echo(f"error: {len(report.problems)} problem(s); run `forge-volume install` "
                    "(or `refresh-models` for models) to repair", err=True)
         sys.exit(1)
-    click.echo("ok: the volume matches the lock")
+    extras = f"; {len(report.extras)} extra model file(s) not in the lock" if report.extras else ""
+    click.echo(f"ok: the volume matches the lock{extras}")
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--files", "every_file", is_flag=True,
+              help="Also list every model file: kind, size, source, and whether the lock pins it, lists it "
+              "(no sha256 yet) or it is an extra.")
 @pass_ctx
-def status(obj: Context, as_json: bool) -> None:
-    """What is installed, sizes, free space."""
-    from provision.status import format_status, volume_status
+def status(obj: Context, as_json: bool, every_file: bool) -> None:
+    """What is installed, sizes, free space; partial downloads, files the lock does not list, what
+    `refresh-models --prune` would remove."""
+    from provision.status import format_files, format_status, volume_files, volume_status
 
     report = volume_status(obj.layout)
-    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_status(report))
+    if report["exists"]:
+        report["model_files"] = volume_files(obj.layout, obj.lock_path, every_file=every_file)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    click.echo(format_status(report))
+    if report.get("model_files"):
+        text = format_files(report["model_files"])
+        if text:
+            click.echo(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

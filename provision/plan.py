@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from provision.install import require_volume
 from provision.lockfile import check_matches, lock_path_for, read_lock
@@ -26,6 +27,11 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.actions and not self.preamble
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"nothing_to_do": self.empty, "preamble": self.preamble,
+                "steps": [{"step": step, "reason": reason, "actions": details}
+                          for step, reason, details in self.actions]}
 
     def lines(self) -> list[str]:
         if self.empty:

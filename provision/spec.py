@@ -126,10 +126,21 @@ class _Reader:
         return value
 
 
+def _torch_index(r: _Reader) -> str | None:
+    """The extra index torch comes from; ``""`` or ``false`` switches it off (the default index, or a
+    mirror set in pip's own configuration)."""
+    value = r.table.get("torch_index_url")
+    if value is False or (isinstance(value, str) and not value.strip()):
+        return None
+    if value is True:
+        r.fail("torch_index_url", "must be a URL, or \"\" / false for no extra index, not true")
+    return r.string("torch_index_url", DEFAULT_TORCH_INDEX)
+
+
 def _forge(path: Path, table: Any) -> ForgeSpec:
     r = _Reader(path, "forge", table)
     r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env")
-    index = r.string("torch_index_url", DEFAULT_TORCH_INDEX)
+    index = _torch_index(r)
     return ForgeSpec(
         repo=r.string("repo", FORGE_REPO) or FORGE_REPO,
         ref=r.string("ref", "main") or "main",

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from provision.errors import StateError
+from provision.errors import LockError, StateError
 from provision.gitops import redact_url
 from provision.state import read_state
 from provision.steps import STEPS
@@ -69,6 +69,68 @@ def volume_status(layout: VolumeLayout) -> dict[str, Any]:
         "steps": {name: rec.get("finished_at") for name, rec in steps.items()},
     })
     return report
+
+
+def volume_files(layout: VolumeLayout, lock_path: Path, *, every_file: bool) -> dict[str, Any]:
+    """Stray bytes under models/: download partials and temporaries, files the lock does not list, and
+    what ``refresh-models --prune`` would remove; with ``every_file``, every model file and its standing."""
+    from provision.lockfile import read_lock
+    from provision.models import files as mf
+    from provision.models.refresh import prune_preview
+
+    lock_problem: str | None = None
+    try:
+        lock = read_lock(lock_path) if lock_path.exists() else None
+    except LockError as exc:
+        lock, lock_problem = None, exc.one_line()
+    found = mf.inventory(layout, lock.models if lock else None)
+    partials = []
+    for temp in sorted(mf.temp_files(layout)):
+        try:
+            size = temp.lstat().st_size
+        except FileNotFoundError:
+            continue
+        target = mf.temp_target(temp)
+        partials.append({"path": layout.relative(temp), "bytes": size,
+                         "for": layout.relative(target) if target is not None else None})
+    files: dict[str, Any] = {
+        "partials": partials,
+        "extras": [f.as_dict() for f in found if f.status == "extra"],
+        "prune": [{"path": p, "bytes": n} for p, n in prune_preview(layout, lock)] if lock else None,
+        "lock_problem": lock_problem,
+    }
+    if every_file:
+        files["files"] = [f.as_dict() for f in found]
+    return files
+
+
+def format_files(files: dict[str, Any]) -> str:
+    """The stray-bytes part of ``status`` (and, with ``--files``, every model file)."""
+    lines = []
+    partials, extras, prune = files["partials"], files["extras"], files["prune"]
+    if partials:
+        lines.append(f"partials    {len(partials)} unfinished download(s), "
+                     f"{human_bytes(sum(p['bytes'] for p in partials))} "
+                     "(resumed by the next install or refresh-models)")
+        lines += [f"              {p['path']} ({human_bytes(p['bytes'])})" for p in partials]
+    if extras:
+        lines.append(f"extras      {len(extras)} model file(s) not in the lock, "
+                     f"{human_bytes(sum(e['bytes'] for e in extras))}")
+        lines += [f"              {e['path']} ({human_bytes(e['bytes'])}"
+                  + (f", from {e['source']}" if e["source"] else "") + ")" for e in extras]
+    if prune:
+        lines.append(f"prune       `refresh-models --prune` would remove {len(prune)} file(s), "
+                     f"{human_bytes(sum(p['bytes'] for p in prune))}")
+        lines += [f"              {p['path']} ({human_bytes(p['bytes'])})" for p in prune]
+    elif prune is not None:
+        lines.append("prune       `refresh-models --prune` would remove nothing")
+    if files.get("lock_problem"):
+        lines.append(f"lock        {files['lock_problem']}")
+    if "files" in files:
+        lines.append(f"files       {len(files['files'])} model file(s):")
+        lines += [f"  {f['status']:<7} {f['kind'] or '?'!s:<12} {human_bytes(f['bytes']):>9}  {f['path']}"
+                  + (f"  <- {f['source']}" if f["source"] else "") for f in files["files"]]
+    return "\n".join(lines)
 
 
 def human_bytes(n: int | None) -> str:

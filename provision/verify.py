@@ -1,5 +1,8 @@
 """``forge-volume verify``: the volume against its lock, one line per problem.
 
+It fails only for what the lock pins. Model files the lock does not list (fetched by the worker's
+``/v1/download`` and ``/v1/sync`` helper jobs, or copied by hand) are extras: listed, not failures.
+
 Fast mode trusts a model file whose size and mtime match its state.json record (so a volume of
 tens of GB verifies in well under a second) and hashes only files it has no valid record for;
 ``deep`` re-hashes every model file. It writes nothing, except that ``deep`` drops the state.json
@@ -10,10 +13,14 @@ records, and would otherwise never repair the file verify told the user to repai
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from provision.errors import ForgeVolumeError
 from provision.lockfile import read_lock
 from provision.models import files as mf
+from provision.preflight import blocked_paths
 from provision.progress import Progress
 from provision.sources import shown_source
 
@@ -48,10 +55,36 @@ def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progr
     if false_records:
         with contextlib.suppress(OSError):  # a read-only volume: the problems are reported all the same
             mf.forget_records(layout, false_records)
-    listed = {m.path for m in lock.models}
-    for path in sorted(mf.model_files(layout)):
-        rel = layout.relative(path)
-        if rel not in listed:
-            problems.append(f"unlisted: {rel} ({path.lstat().st_size:,} bytes) is not in the lock "
-                            "(`forge-volume refresh-models --prune` removes it)")
     return problems
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    extras: list[mf.VolumeFile] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def extra_lines(self) -> list[str]:
+        return [f"extra: {f.path} ({f.size:,} bytes" + (f", from {f.source}" if f.source else "")
+                + "): not in the lock; kept (`forge-volume refresh-models --prune` removes it)" for f in self.extras]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "extras": [f.as_dict() for f in self.extras]}
+
+
+def verify_report(layout: mf.VolumeLayout, lock_path: Path, spec_path: Path, *, deep: bool,
+                  progress: Progress) -> VerifyReport:
+    """``verify``: paths of the wrong type, everything the lock pins, and the extra model files."""
+    report = VerifyReport(problems=blocked_paths(layout, spec_path))
+    try:
+        report.problems += verify_volume(layout, lock_path, deep=deep, progress=progress)
+        report.extras = [f for f in mf.inventory(layout, read_lock(lock_path).models) if f.status == "extra"]
+    except (ForgeVolumeError, NotADirectoryError) as exc:
+        if not report.problems:
+            raise
+        # A blocked path (say .forge-volume is a file) stops the rest: report what is known, with its cause.
+        report.problems.append(exc.one_line() if isinstance(exc, ForgeVolumeError) else str(exc))
+    return report

@@ -60,7 +60,7 @@ def trusted(path: Path, record: Record | None) -> bool:
         return False
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     return st.st_size == record.get("size") and st.st_mtime == record.get("mtime")
 
@@ -177,7 +177,7 @@ def check(layout: VolumeLayout, model: LockedModel, recs: dict[str, Record], *, 
     path = locked_target(layout, model)
     try:
         size = path.stat().st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file where its kind's folder should be: missing too
         return Check(model, path, "missing")
     if model.size is not None and size != model.size:
         return Check(model, path, "wrong-size", size=size)
@@ -192,3 +192,42 @@ def check(layout: VolumeLayout, model: LockedModel, recs: dict[str, Record], *, 
     if model.sha256 is not None and sha != model.sha256:
         return Check(model, path, "wrong-hash", sha256=sha, size=size)
     return Check(model, path, "ok", sha256=sha, size=size, adopt=not trusted(path, record))
+
+
+@dataclass(frozen=True)
+class VolumeFile:
+    """One model file under models/, as ``status --files`` and ``verify`` describe it."""
+
+    path: str  # relative to the volume's root
+    kind: str | None
+    size: int
+    source: str | None  # where it came from: the lock's source, else its state.json record's
+    status: str  # pinned (in the lock with a sha256) | listed (in the lock, no sha256 yet) | extra (not in the lock)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "bytes": self.size, "source": self.source,
+                "status": self.status}
+
+
+def inventory(layout: VolumeLayout, models: list[LockedModel] | None) -> list[VolumeFile]:
+    """Every model file under models/ with its kind, size, source and standing against the lock's
+    ``models`` (all files are extras when there is no lock)."""
+    locked = {m.path: m for m in models or []}
+    recs = records(layout)
+    found = []
+    for file in sorted(model_files(layout)):
+        rel = layout.relative(file)
+        try:
+            size = file.lstat().st_size
+        except FileNotFoundError:
+            continue  # removed while we looked
+        model = locked.get(rel)
+        record = recs.get(rel) or {}
+        if model is not None:
+            found.append(VolumeFile(rel, model.kind, size, shown_source(model.source),
+                                    "pinned" if model.sha256 else "listed"))
+        else:
+            source = record.get("source")
+            found.append(VolumeFile(rel, record.get("kind") or layout.kind_of(file), size,
+                                    str(source) if source else None, "extra"))
+    return found

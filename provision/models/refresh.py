@@ -229,6 +229,11 @@ def _prune(layout: VolumeLayout, lock: Lock, *, dry_run: bool) -> list[tuple[str
     return pruned
 
 
+def prune_preview(layout: VolumeLayout, lock: Lock) -> list[tuple[str, int]]:
+    """What ``refresh-models --prune`` would remove now (path, bytes); removes nothing."""
+    return _prune(layout, lock, dry_run=True)
+
+
 def _busy(layout: VolumeLayout, target: Path) -> bool:
     lock = mf.target_lock(layout, target, timeout=0)
     try:

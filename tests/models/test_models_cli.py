@@ -142,10 +142,11 @@ def test_verify_fast_and_deep(locked: Path, hosts: Hosts) -> None:
     (locked / "models" / "Lora" / "stray.safetensors").write_bytes(b"stray")
     fast = cli(locked, "verify")
     assert "missing: models/VAE/sd-vae.safetensors" in fast.output
-    assert "unlisted: models/Lora/stray.safetensors" in fast.output
+    assert "extra: models/Lora/stray.safetensors (5 bytes)" in fast.output
     assert cli(locked, "refresh-models").exit_code == 0
     assert target.read_bytes() == good
-    assert "unlisted" in cli(locked, "verify").output
+    after = cli(locked, "verify")  # an extra file is mentioned, not a failure
+    assert after.exit_code == 0 and "extra: models/Lora/stray.safetensors" in after.output
 
 
 def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Path, hosts: Hosts) -> None:
@@ -185,6 +186,68 @@ def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Pat
         assert (locked / path).read_bytes() == data
     assert "models/Lora/stray.safetensors" not in state_models(locked)
     assert cli(locked, "verify").exit_code == 0
+
+
+def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    lora = locked / "models" / "Lora"
+    (lora / "stray.safetensors").write_bytes(b"s" * 2048)
+    partial = locked / "models" / "VAE" / ".sd-vae.safetensors.partial"  # a listed model's: kept for resume
+    partial.write_bytes(b"p" * 3000)
+    abandoned = lora / ".gone.safetensors.0a1b2c3d.part"
+    abandoned.write_bytes(b"a" * 100)
+    os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
+
+    text = cli(locked, "status")
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert "partials    2 unfinished download(s), 3.0 KB (resumed by the next install or refresh-models)" in lines
+    assert "              models/VAE/.sd-vae.safetensors.partial (2.9 KB)" in lines
+    assert "extras      1 model file(s) not in the lock, 2.0 KB" in lines
+    assert "              models/Lora/stray.safetensors (2.0 KB)" in lines
+    assert "prune       `refresh-models --prune` would remove 2 file(s), 2.1 KB" in lines
+    assert "              models/Lora/.gone.safetensors.0a1b2c3d.part (100 B)" in lines
+
+    report = json.loads(cli(locked, "status", "--json", "--files").stdout)["model_files"]
+    assert {p["path"]: p["bytes"] for p in report["prune"]} == {
+        "models/Lora/stray.safetensors": 2048, "models/Lora/.gone.safetensors.0a1b2c3d.part": 100}
+    assert {p["path"]: p["for"] for p in report["partials"]} == {
+        "models/VAE/.sd-vae.safetensors.partial": "models/VAE/sd-vae.safetensors",
+        "models/Lora/.gone.safetensors.0a1b2c3d.part": "models/Lora/gone.safetensors"}
+    files = {f["path"]: f for f in report["files"]}
+    assert set(files) == {*hosts.sources, "models/Lora/stray.safetensors"}
+    hub = files["models/Stable-diffusion/model.safetensors"]
+    assert (hub["kind"], hub["bytes"], hub["status"]) == (
+        "checkpoint", len(hosts.blobs["models/Stable-diffusion/model.safetensors"]), "pinned")
+    assert hub["source"] == hosts.sources["models/Stable-diffusion/model.safetensors"]
+    assert files["models/Lora/stray.safetensors"] == {"path": "models/Lora/stray.safetensors", "kind": "lora",
+                                                      "bytes": 2048, "source": None, "status": "extra"}
+    listed = cli(locked, "status", "--files").stdout
+    assert "  extra   lora            2.0 KB  models/Lora/stray.safetensors" in listed.splitlines(), listed
+    assert "  pinned  checkpoint" in listed
+
+    # status changed nothing: prune removes exactly what status announced.
+    pruned = cli(locked, "refresh-models", "--prune")
+    assert pruned.exit_code == 0 and "pruned 2 file(s)" in pruned.output and partial.exists()
+
+
+def test_verify_and_plan_as_json(locked: Path, hosts: Hosts) -> None:
+    assert cli(locked, "refresh-models").exit_code == 0
+    (locked / "models" / "Lora" / "stray.safetensors").write_bytes(b"s" * 10)
+    ok = cli(locked, "verify", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout) == {"ok": True, "problems": [], "extras": [
+        {"path": "models/Lora/stray.safetensors", "kind": "lora", "bytes": 10, "source": None, "status": "extra"}]}
+    (locked / "models" / "VAE" / "sd-vae.safetensors").unlink()
+    bad = cli(locked, "verify", "--json")
+    assert bad.exit_code == 1
+    assert json.loads(bad.stdout)["problems"] == [
+        f"missing: models/VAE/sd-vae.safetensors (vae from {hosts.sources['models/VAE/sd-vae.safetensors']})"]
+    plan = cli(locked, "plan", "--json")
+    assert plan.exit_code == 0, plan.output
+    steps = json.loads(plan.stdout)["steps"]
+    assert [s["step"] for s in steps] == ["models"]
+    assert any(a.startswith("fetch models/VAE/sd-vae.safetensors") for a in steps[0]["actions"])
 
 
 def test_token_errors_name_the_variable(installed_volume: Path, provisioned_world: World, hosts: Hosts,

@@ -135,3 +135,23 @@ def test_refresh_models_and_volume_status(helper_worker: WorkerProc) -> None:
     assert status["status"] == "COMPLETED" and status["output"], status
     bad = helper(helper_worker, "POST", "/v1/refresh-models", {"prune": "yes"})
     assert bad["status"] == "FAILED" and "'prune' must be true or false" in bad["error"]
+
+
+def test_files_from_helper_jobs_are_extras_verify_passes(helper_worker: WorkerProc, worker_volume: Path,
+                                                         hosts: tuple[FakeHub, FileServer]) -> None:
+    from click.testing import CliRunner
+
+    from provision.cli import main
+
+    _, files = hosts
+    assert helper(helper_worker, "POST", "/v1/download", {"source": files.url("/files/4x-up.pth"),
+                                                          "kind": "upscaler"})["status"] == "COMPLETED"
+    assert helper(helper_worker, "POST", "/v1/sync", {"repo_id": "org/loras", "kind": "lora"})["status"] == "COMPLETED"
+    result = CliRunner().invoke(main, ["--volume", str(worker_volume), "verify"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"extra: models/ESRGAN/4x-up.pth ({len(UPSCALER):,} bytes, from {files.url('/files/4x-up.pth')}): " \
+           "not in the lock; kept (`forge-volume refresh-models --prune` removes it)" in lines
+    assert any(line.startswith("extra: models/Lora/style.safetensors") and "from hf://org/loras" in line
+               for line in lines)
+    assert lines[-1].startswith("ok: the volume matches the lock; ") and "extra model file(s)" in lines[-1]
