@@ -216,7 +216,8 @@ def plan(obj: Context, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--wait", is_flag=True, help="If another install holds the volume, wait for it instead of refusing.")
+@click.option("--wait", is_flag=True,
+              help="If another install holds the volume, wait for it (saying which one) instead of refusing.")
 @pass_ctx
 def install(obj: Context, wait: bool) -> None:
     """Make the volume match the lock (writing the lock first if there is none). Idempotent and resumable."""

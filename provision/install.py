@@ -55,7 +55,7 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
     require_volume(layout)
     lock_path = lock_path_for(spec_path)
     report = InstallReport()
-    with hold_volume(layout, "install", wait=wait):
+    with hold_volume(layout, "install", wait=wait, on_wait=progress.info):
         # Leftovers of an install killed mid-clone; only install uses this folder, under the lock.
         shutil.rmtree(layout.tmp_dir, ignore_errors=True)
         if lock_path.exists():

@@ -10,7 +10,6 @@ cancellation, and progress updates. Every posted body is kept for the secrets ch
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from tests.helpers.procs import stop_group
 
 HOLD = 0.5  # seconds a job-take or job-stop poll is held open, as RunPod's long-poll does
 
@@ -259,13 +260,8 @@ class FleetWorker:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # the SDK's graceful shutdown, as on a scale-down
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        """SIGINT (the SDK's graceful shutdown, as on a scale-down), then nothing of it left, Forge included."""
+        stop_group(self.proc)
 
 
 def cmdline(pid: int) -> str:
@@ -282,7 +278,7 @@ def start_fleet_worker(platform: FakePlatform, name: str, env: dict[str, str], l
     full = {**env, **platform.env(name)}
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=log_dir, env=full, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return FleetWorker(name, platform, proc, log_path, full)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
+from tests.helpers.procs import kill_group
 from tests.helpers.timing import PROMPT
 
 from .conftest import Fleet, ModelHosts, Streams, cli, model_toml, sha, state_models, temporaries
@@ -304,7 +305,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
         provisioned_world.spec(extra=model_toml("checkpoint", url, sha256=sha(data))))
     assert cli(streams, "lock").exit_code == 0
     first = subprocess.Popen([sys.executable, "-m", "provision.cli", "install"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     helper = None
     try:
         wait_until(lambda: route.bytes_sent > 0, 30, "the install's download started")
@@ -330,6 +331,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        kill_group(first)  # whatever the install started (pip, git) goes with it
     fetched = json.loads(hout)
     assert fetched["downloaded"] is False and fetched["sha256"] == sha(data), fetched
     assert route.bytes_sent == len(data) and route.gets == 1  # fetched once: the helper waited, then found it

@@ -19,6 +19,7 @@ from provision.install import installation_problems
 from provision.lockfile import read_lock
 from tests.helpers.forge_world import SECRET_ENV, World, base_python, make_extension_repo
 from tests.helpers.gitrepo import git
+from tests.helpers.procs import kill_group
 from tests.provision.conftest import cli, git_calls, installed_dists, pip_installs, state_of
 from volume_layout import VolumeLayout
 
@@ -230,7 +231,8 @@ def test_two_installs_at_once_never_interleave(provisioned_world: World, install
     (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
     assert cli("lock").exit_code == 0
     command = [sys.executable, "-m", "provision.cli", "install"]
-    first = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     waiter = None
     try:
         wait_for(started, 60)
@@ -241,8 +243,10 @@ def test_two_installs_at_once_never_interleave(provisioned_world: World, install
         assert "--wait" in refused.stderr
 
         waiter = subprocess.Popen([*command[:-1], "install", "--wait"], env=cli_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        assert waiter.stderr is not None
+        said = waiter.stderr.readline()  # its first line, once it found the volume busy (EOF if it exits)
+        assert said.startswith(f"waiting for install (pid {first.pid}") and "the volume" in said, said
         assert waiter.poll() is None  # queued behind the first install
         gate.write_text("go")
         out, err = first.communicate(timeout=120)
@@ -252,9 +256,9 @@ def test_two_installs_at_once_never_interleave(provisioned_world: World, install
         assert waiter.returncode == 0, err
         assert "nothing to do" in out  # it ran after the first, and found the work done
     finally:
-        for proc in (first, waiter):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        for proc in (first, waiter):  # with what they started (the extension's install.py waits 60 s)
+            if proc is not None:
+                kill_group(proc)
                 proc.wait()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from tests.conftest import copy_volume
 from tests.helpers.forge_world import World
+from tests.helpers.procs import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = "tiny-sd15.safetensors"
@@ -103,13 +103,8 @@ class WorkerProc:
         raise RuntimeError(f"worker API did not start within {deadline} s:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        """SIGINT (the SDK's graceful shutdown), then nothing of the worker's left: its Forge included."""
+        stop_group(self.proc)
 
 
 def start_worker(env: dict[str, str], log_dir: Path, python: str = sys.executable, wait: bool = True) -> WorkerProc:
@@ -118,10 +113,15 @@ def start_worker(env: dict[str, str], log_dir: Path, python: str = sys.executabl
     log_path = log_dir / f"worker-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([python, "-m", "worker", "--rp_serve_api", "--rp_api_port", str(port)],
-                                cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     worker = WorkerProc(proc, port, log_path, env)
     if wait:
-        worker.wait_api()
+        try:
+            worker.wait_api(60)
+        except BaseException:
+            worker.stop()
+            raise
     return worker
 
 

@@ -7,6 +7,7 @@ what to do, and the worker itself keeps serving (no crash loop).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,12 +38,17 @@ def workers(worker_volume: Path, module_tmp: Path) -> Iterator[dict[str, WorkerP
     }
     envs.update({name: worker_env(path, scratch) for name, (path, _) in bad_volumes(module_tmp / "volumes").items()
                  if name in BAD_VOLUMES})
-    procs = {name: start_worker(env, logs, wait=False) for name, env in envs.items()}
+    procs: dict[str, WorkerProc] = {}
     try:
+        for name, env in envs.items():
+            procs[name] = start_worker(env, logs, wait=False)
         for proc in procs.values():
             proc.wait_api(60)
         yield procs
     finally:
+        for proc in procs.values():  # all at once: each takes a moment to wind its job loop down
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGINT)
         for proc in procs.values():
             proc.stop()
 

@@ -1,0 +1,56 @@
+"""``tests/helpers/procs.py``: stopping a process a test started leaves nothing of it behind.
+
+A worker that exits on SIGINT but leaves a child (a Forge frozen by SIGSTOP, which no SIGTERM
+reaches) must not outlive the test: ``stop_group`` kills the whole process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers.procs import stop_group
+
+# A leader that starts a child which ignores SIGINT and SIGTERM and freezes itself, prints the
+# child's pid, and exits on SIGINT without a thought for it.
+LEADER = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); os.kill(os.getpid(), signal.SIGSTOP)"],
+    stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stop_group_leaves_no_child_behind() -> None:
+    leader = subprocess.Popen([sys.executable, "-c", LEADER], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert leader.stdout is not None
+        child = int(leader.stdout.readline())
+        assert alive(child)
+        stop_group(leader, grace=30)
+        assert leader.returncode is not None
+        deadline = time.monotonic() + 30  # the kernel reaps the orphan through init: poll for it
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(child), "the frozen child outlived its group's stop"
+    finally:
+        if leader.poll() is None:
+            os.killpg(leader.pid, signal.SIGKILL)
+            leader.wait()
