@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision import gitops, pyenv
+from provision import checkout_links, gitops, pyenv
 from provision.errors import VolumeError
 from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
 from provision.progress import Progress
@@ -205,6 +205,7 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
         extra = sorted(e.name for e in os.scandir(layout.extensions_dir)
                        if e.is_dir() and not e.name.startswith(".") and e.name not in wanted)
         problems += [f"extension {name}: on the volume but not in the lock" for name in extra]
+    problems += checkout_links.problems(layout)
     keys = step_keys(lock)
     recorded = state.get("steps") or {}
     unfinished = [s.name for s in STEPS if s.name != "models" and recorded.get(s.name, {}).get("key") != keys[s.name]]

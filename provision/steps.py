@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision import gitops, pyenv
+from provision import checkout_links, gitops, pyenv
 from provision.errors import CommandError, SpecError
 from provision.lockfile import Lock, write_atomic
 from provision.proc import run
@@ -352,6 +352,20 @@ def _bytecode_run(ctx: Ctx) -> None:
         ctx.notes.append(f"warning: some files did not compile: {exc.message[:300]}")
 
 
+# --- links from the checkout's models/ (the original worker's model paths) ----------------------
+
+def _links_run(ctx: Ctx) -> None:
+    for link in checkout_links.make(ctx.layout):
+        ctx.notes.append(f"linked {ctx.layout.relative(link)} -> {os.readlink(link)}")
+
+
+def _links_describe(ctx: Ctx) -> list[str]:
+    if not ctx.layout.forge_dir.is_dir():
+        return ["link the Forge checkout's models/<Kind> folders to the volume's models/<Kind>"]
+    return [f"link {ctx.layout.relative(p)} -> {t}" for p, t in checkout_links.wanted(ctx.layout).items()
+            if not (p.is_symlink() and os.readlink(p) == t)]
+
+
 # --- the list -----------------------------------------------------------------------------------
 
 def _nothing(ctx: Ctx) -> list[str]:
@@ -380,6 +394,8 @@ STEPS: tuple[Step, ...] = (
     Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},
          _config_done, _config_run, _config_describe),
+    Step("links", "model links in the checkout", (), lambda lock: {},
+         lambda ctx: not checkout_links.problems(ctx.layout), _links_run, _links_describe),
     Step("bytecode", "bytecode", ("prepare",), lambda lock: {},
          _bytecode_done, _bytecode_run,
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),

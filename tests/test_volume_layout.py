@@ -51,3 +51,11 @@ def test_the_worker_finds_the_serverless_mount_before_the_pod_mount(tmp_path: Pa
     mount.mkdir()
     assert worker_volume({}, serverless_mount=mount) == mount
     assert worker_volume({"FORGE_VOLUME": "/data"}, serverless_mount=mount) == Path("/data")
+
+
+def test_the_checkouts_kind_folders_link_relatively_to_the_volumes(tmp_path: Path) -> None:
+    layout = VolumeLayout(tmp_path / "vol")
+    link, target = layout.checkout_model_link("insightface")
+    assert link == tmp_path / "vol" / "stable-diffusion-webui-forge" / "models" / "insightface"
+    assert target == "../../models/insightface"
+    assert (link.parent / target).resolve() == layout.kind_dir("insightface").resolve()

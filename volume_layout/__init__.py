@@ -153,6 +153,24 @@ class VolumeLayout:
         return self.kind_dir(kind) / check_file_name(name)
 
     @property
+    def checkout_models_dir(self) -> Path:
+        """The Forge checkout's own models/ folder: where runpod-worker-forge's install put models.
+
+        Clients of that worker name models by such absolute paths in extension arguments (ReActor's
+        ``/runpod-volume/stable-diffusion-webui-forge/models/insightface/inswapper_128.onnx``); see
+        ``checkout_model_link``.
+        """
+        return self.forge_dir / "models"
+
+    def checkout_model_link(self, kind: str) -> tuple[Path, str]:
+        """A kind's folder in the checkout's models/ and the relative link target that leads it to ours.
+
+        Relative (``../../models/<Kind>``), so the link holds at every mount point of the volume.
+        """
+        link = self.checkout_models_dir / self.kind_dir(kind).name
+        return link, os.path.relpath(self.kind_dir(kind), link.parent)
+
+    @property
     def config_dir(self) -> Path:
         return self.root / "config"
 

@@ -10,6 +10,7 @@ interrogate must reach Forge as the same call and come back with Forge's answer.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tests.compat.original import (
     GENERATION_JOBS,
     GET_JOBS,
     IMG2IMG,
+    INSWAPPER,
     PNG,
     POST_JOBS,
     TXT2IMG,
@@ -28,6 +30,7 @@ from tests.compat.original import (
 )
 from tests.conftest import DATA
 from tests.worker.conftest import CHECKPOINT
+from volume_layout import SERVERLESS_MOUNT, VolumeLayout
 from worker.routes import ALIASES
 
 RESPONSES = DATA / "forge" / "responses"
@@ -145,3 +148,17 @@ def test_a_refused_call_keeps_its_one_line_error_and_the_worker(compat: Compat) 
     answer, _ = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}, "payload": {}})
     assert answer["status"] == "COMPLETED"
 
+
+
+def test_reactors_documented_model_path_names_the_volumes_model(compat: Compat) -> None:
+    """args[4] of the original docs, /runpod-volume/stable-diffusion-webui-forge/models/insightface/...,
+    read on this volume (mounted elsewhere here) names the file the volume holds under models/insightface.
+    ReActor gets the path as sent (test_a_generation_reaches_forge_as_the_original_worker_sent_it)."""
+    volume = Path(compat.worker.env["FORGE_VOLUME"])
+    layout = VolumeLayout(volume)
+    model = layout.model_path("insightface", "inswapper_128.onnx")
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(b"not really a model\n")
+    here = volume / Path(INSWAPPER).relative_to(SERVERLESS_MOUNT)
+    assert here.is_file() and here.resolve() == model.resolve()
+    assert here.read_bytes() == model.read_bytes()

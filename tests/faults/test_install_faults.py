@@ -28,7 +28,7 @@ from .test_model_faults import error_line
 
 # The install steps in order, with what shows that the step is under way: a process it started
 # (matched in the command line), the model server sending bytes, or only its "==>" line for the
-# two steps that run no process (they take microseconds; the kill then lands at the next step's start).
+# three steps that run no process (they take microseconds; the kill then lands at the next step's start).
 STEPS: list[tuple[str, str, str | None]] = [
     ("python", "Python interpreter", None),
     ("venv", "virtual environment", " -m venv "),
@@ -38,6 +38,7 @@ STEPS: list[tuple[str, str, str | None]] = [
     ("prepare", "Forge's environment preparation", "launch.py"),
     ("models", "models", "<bytes>"),
     ("config", "settings", None),
+    ("links", "model links in the checkout", None),
     ("bytecode", "bytecode", "compileall"),
 ]
 
@@ -110,7 +111,7 @@ def test_case14_install_killed_at_each_step_then_rerun_completes_and_verifies(
         assert name not in (state.get("steps") or {}), f"{name} is recorded as done though it was killed"
         forge = layout.forge_dir
         assert not forge.exists() or head_commit(forge) is not None, "a half-made Forge checkout is in place"
-    # Steps that start a process were each killed while that process ran; the two that run none
+    # Steps that start a process were each killed while that process ran; the three that run none
     # were killed at their "==>" line, by when they may already have finished.
     assert {n: t for n, t in landed.items() if dict((s[0], s[2]) for s in STEPS)[n]} == \
         {n: t for n, t, needle in STEPS if needle}, landed

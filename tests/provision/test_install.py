@@ -7,6 +7,7 @@ own copy (``installed_volume``), so each scenario costs only the steps it re-run
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tests.helpers.procs import kill_group
 from tests.provision.conftest import cli, git_calls, installed_dists, pip_installs, state_of
 from volume_layout import VolumeLayout
 
-STEPS = ["python", "venv", "torch", "forge", "extensions", "prepare", "models", "config", "bytecode"]
+STEPS = ["python", "venv", "torch", "forge", "extensions", "prepare", "models", "config", "links", "bytecode"]
 
 
 def test_fresh_install_builds_everything(provisioned_world: World, installed_volume: Path) -> None:
@@ -312,3 +313,43 @@ def test_leftovers_of_a_killed_clone_are_cleared(installed_volume: Path) -> None
     result = cli("install")
     assert result.exit_code == 0, result.output
     assert not partial.exists()
+
+
+def test_the_original_workers_model_paths_lead_to_the_volumes_models(installed_volume: Path) -> None:
+    """runpod-worker-forge kept models in the checkout's models/; its clients' absolute paths
+    (ReActor's .../stable-diffusion-webui-forge/models/insightface/inswapper_128.onnx) must name ours."""
+    layout = VolumeLayout(installed_volume)
+    model = layout.model_path("insightface", "inswapper_128.onnx")
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"swap model\n")
+    old_path = layout.forge_dir / "models" / "insightface" / "inswapper_128.onnx"
+    assert old_path.read_bytes() == b"swap model\n" and old_path.resolve() == model.resolve()
+    link = layout.forge_dir / "models" / "Lora"
+    assert link.is_symlink() and os.readlink(link) == "../../models/Lora"  # relative: any mount point
+    assert git(layout.forge_dir, "status", "--porcelain", "--untracked-files=no") == ""
+
+    # verify names a missing or wrong link; install puts it back.
+    link.unlink()
+    (layout.forge_dir / "models" / "insightface").unlink()
+    (layout.forge_dir / "models" / "insightface").symlink_to("/elsewhere")
+    lock = read_lock(layout.lock)
+    assert installation_problems(layout, lock) == [
+        "links: stable-diffusion-webui-forge/models/Lora is missing (it should link to ../../models/Lora; "
+        "`forge-volume install` makes it)",
+        "links: stable-diffusion-webui-forge/models/insightface links to /elsewhere, not ../../models/insightface "
+        "(`forge-volume install` corrects it)"]
+    result = cli("install")
+    assert result.exit_code == 0 and "ran links;" in result.stdout, result.output
+    assert installation_problems(layout, lock) == [] and old_path.read_bytes() == b"swap model\n"
+
+
+def test_a_kind_folder_in_forges_own_tree_is_left_to_forge(installed_volume: Path) -> None:
+    # Forge's repository ships models/Stable-diffusion/ with a placeholder file (so does the fixture Forge):
+    # replacing it with a link would be a local change to the checkout.
+    layout = VolumeLayout(installed_volume)
+    tracked = layout.forge_dir / "models" / "Stable-diffusion"
+    assert tracked.is_dir() and not tracked.is_symlink()
+    assert (tracked / "Put Stable Diffusion checkpoints here.txt").is_file()
+    assert git(layout.forge_dir, "status", "--porcelain", "--untracked-files=no") == ""
+    assert (layout.forge_dir / "models" / "VAE").is_symlink()
+    assert installation_problems(layout, read_lock(layout.lock)) == []
