@@ -12,6 +12,7 @@ from provision.errors import SourceError
 ACCEPTED_FORMS = "hf://OWNER/REPO/PATH[@REVISION], https://..., http://..., civitai://MODEL_VERSION_ID"
 _SLASHES = re.compile(r"([/\\]+)")  # slashes and backslashes alike, as lenient URL parsers read them
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_REPO_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}$")
 
 
 def _masked_params(text: str) -> str:
@@ -126,7 +127,8 @@ def parse_source(text: str) -> Source:
         parts = [p for p in body.split("/")]
         if len(parts) < 3 or not all(parts):
             raise SourceError(f"hf source {shown_source(text)!r} must be hf://OWNER/REPO/PATH[@REVISION]")
-        return HfSource(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None)
+        return HfSource(repo_id=check_repo_id("/".join(parts[:2])), filename="/".join(parts[2:]),
+                        revision=revision or None)
     if scheme in ("http", "https"):
         _check_url(text)
         return UrlSource(text)
@@ -136,3 +138,12 @@ def parse_source(text: str) -> Source:
         return CivitaiSource(rest)
     raise SourceError(f"model source {shown_source(text)!r} has unsupported scheme {shown_source(scheme)!r}; "
                       f"accepted forms: {ACCEPTED_FORMS}")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A Hugging Face repository id, OWNER/NAME, by the hub's own rules (checked before any request)."""
+    if (not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id
+            or any(part.endswith((".", "-")) for part in repo_id.split("/")) or repo_id.endswith(".git")):
+        raise SourceError(f"{repo_id[:100]!r} is not a Hugging Face repository id",
+                          "give it as OWNER/NAME, as on the repository's page: letters, digits, '-', '_' and '.'")
+    return repo_id

@@ -18,7 +18,7 @@ def test_model_paths_follow_the_kind_table(tmp_path: Path) -> None:
         layout.kind_dir("lycoris")
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "..\\x", "x\0y", "n" * 256])
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "..\\x", "x\0y", "n" * 256, "a\nb", "a\rb", "a\x1bb"])
 def test_a_model_name_must_be_one_plain_component(tmp_path: Path, name: str) -> None:
     with pytest.raises(LayoutError):
         VolumeLayout(tmp_path).model_path("lora", name)
@@ -28,11 +28,22 @@ def test_a_model_name_must_be_one_plain_component(tmp_path: Path, name: str) -> 
     ("/runpod-volume/stable-diffusion-webui-forge/models/Lora", "Lora"),
     ("/workspace/stable-diffusion-webui-forge/models/Stable-diffusion/x.safetensors", "Stable-diffusion/x.safetensors"),
     ("/runpod-volume/models/VAE", "VAE"),
+    ("/workspace/stable-diffusion-webui/models/Lora/x.safetensors", "Lora/x.safetensors"),
     ("Lora/sub", "Lora/sub"),
     ("/etc/cron.d", "/etc/cron.d"),
 ])
 def test_the_original_workers_absolute_paths_map_into_models(tmp_path: Path, given: str, expected: str) -> None:
     assert VolumeLayout(tmp_path).models_relative(given) == expected
+
+
+@pytest.mark.parametrize(("given", "root"), [
+    ("/workspace/stable-diffusion-webui-forge/models", True),
+    ("/runpod-volume/stable-diffusion-webui-forge/models/", True),
+    ("/workspace/stable-diffusion-webui/models", True), ("/runpod-volume/models", True), (".", True),
+    ("/", False), ("/etc", False), ("Lora", False), ("models", False), ("/workspace/models/Lora", False),
+])
+def test_the_models_root_in_every_original_spelling(tmp_path: Path, given: str, root: bool) -> None:
+    assert VolumeLayout(tmp_path).names_models_root(given) is root
 
 
 def test_inside_models_refuses_traversal_and_links_that_point_out(tmp_path: Path) -> None:

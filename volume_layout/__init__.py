@@ -7,6 +7,7 @@ the worker both ask it for paths and neither joins a volume path by hand.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ LAYOUT_VERSION = 1
 
 POD_MOUNT = Path("/workspace")
 SERVERLESS_MOUNT = Path("/runpod-volume")
+
+# The checkouts whose models/ folder the original runpod-worker-forge's clients name in their paths
+# (its install script put Forge at the first; its docs also show A1111's): both mean models/ here.
+ORIGINAL_CHECKOUTS = ("stable-diffusion-webui-forge", "stable-diffusion-webui")
 
 SPEC_NAME = "forge-volume.toml"
 LOCK_NAME = "forge-volume.lock"
@@ -59,10 +64,18 @@ def worker_volume(env: Mapping[str, str] | None = None, serverless_mount: Path =
     return serverless_mount if serverless_mount.exists() else POD_MOUNT
 
 
+def control_character(text: str) -> str | None:
+    """The first control character (newline, carriage return, NUL, escape...) in ``text``, if any."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
+
+
 def check_file_name(name: str) -> str:
     """A model file name: one path component, no traversal, no hidden tricks."""
     if not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name:
         raise LayoutError(f"{name!r} is not a plain file name (no folders, no '..')")
+    if (bad := control_character(name)) is not None:
+        raise LayoutError(f"{name[:80]!r} is not a plain file name: it holds the control character "
+                          f"U+{ord(bad):04X}")
     if len(name.encode()) > 255:
         raise LayoutError(f"file name {name[:40]!r}... is longer than 255 bytes")
     return name
@@ -184,29 +197,59 @@ class VolumeLayout:
     def inside_models(self, candidate: str | Path) -> Path:
         """Resolve a caller-given path (relative to models/ or absolute) and insist it stays in models/.
 
-        Symbolic links are followed, so a link inside models/ that points out is refused too.
+        Symbolic links are followed, so a link inside models/ that points out (a kind folder too) is
+        refused. Control characters are refused, and so is a path that runs through an existing file.
+        This is the one fence for every path a helper writes to.
         """
+        text = str(candidate)
+        if (bad := control_character(text)) is not None:
+            raise LayoutError(f"the path {text[:120]!r} holds the control character U+{ord(bad):04X}")
         raw = Path(candidate)
         path = raw if raw.is_absolute() else self.models_dir / raw
         models = self.models_dir.resolve()
         resolved = path.resolve()
         if resolved == models or models not in resolved.parents:
-            raise LayoutError(f"{str(candidate)!r} is outside the volume's models folder {self.models_dir}")
+            raise LayoutError(f"{text!r} is outside the volume's models folder {self.models_dir}")
+        for parent in resolved.parents:
+            if parent == models:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise LayoutError(f"{text!r} runs through {self.relative(parent)!r}, which is a file, not a folder")
         return resolved
+
+    def names_models_root(self, path: str) -> bool:
+        """Whether a caller's path names the models folder itself, in any of the original worker's spellings
+        (``/workspace/stable-diffusion-webui-forge/models``, ``/runpod-volume/models``, ``.``...)."""
+        if control_character(path) is not None:
+            return False
+        mapped = path
+        if path.startswith("/"):
+            folder = path.rstrip("/") + "/"
+            mapped = self.models_relative(folder)
+            if mapped != folder and mapped.strip("/") in ("", "."):
+                return True
+        elif mapped.strip("/") in ("", "."):
+            return True
+        raw = Path(mapped)
+        try:
+            return (raw if raw.is_absolute() else self.models_dir / raw).resolve() == self.models_dir.resolve()
+        except (OSError, ValueError):
+            return False
 
     def models_relative(self, path: str) -> str:
         """A caller's model path as a path relative to models/, where it names one.
 
         The original runpod-worker-forge took absolute paths such as
         ``/runpod-volume/stable-diffusion-webui-forge/models/Lora``: its models lived in the Forge
-        checkout. Such paths (under this volume, /runpod-volume or /workspace, in models/ or in the
-        checkout's models/) map to the same folder under models/ here. Anything else is returned
-        unchanged, for ``inside_models`` to judge.
+        checkout (its docs also show A1111's, ``/workspace/stable-diffusion-webui/models``). Such
+        paths (under this volume, /runpod-volume or /workspace, in models/ or in either checkout's
+        models/) map to the same folder under models/ here. Anything else is returned unchanged, for
+        ``inside_models`` to judge.
         """
         if not path.startswith("/"):
             return path
         for mount in dict.fromkeys((self.root, SERVERLESS_MOUNT, POD_MOUNT)):
-            for models in (mount / "models", mount / self.forge_dir.name / "models"):
+            for models in (mount / "models", *(mount / checkout / "models" for checkout in ORIGINAL_CHECKOUTS)):
                 prefix = f"{models.as_posix().rstrip('/')}/"
                 if path.startswith(prefix):
                     return path[len(prefix):]

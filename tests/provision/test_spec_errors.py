@@ -21,6 +21,8 @@ CASES = {
                             '[[extensions]]\nname = "a"\nrepo = "/r/b"\n', "`extensions[1]` repeats name 'a'"),
     "bad toml": ("[forge\nrepo = 1\n", "not valid TOML"),
     "env not strings": (GOOD_FORGE + "env = { A = 1 }\n", "`forge.env` must be a table of strings"),
+    "newline in a model name": (GOOD_FORGE + '[[models]]\nkind = "lora"\nsource = "https://example.invalid/a.bin"\n'
+                                'name = "evil\\n.safetensors"\n', "control character U+000A"),
 }
 
 
