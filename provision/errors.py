@@ -1,27 +1,43 @@
 """Every error forge-volume raises on purpose, in one place.
 
-Each carries a one-line cause and a hint (what to do). The CLI maps them once, at its boundary,
-to ``error: <cause> (<hint>)`` and exit 1; the worker maps them to ``{"error": ...}``.
+Each carries a one-line cause and advice per surface: ``hint`` for the CLI (a shell on a pod) and
+``job_hint`` for a worker's helper job, where "run `forge-volume lock`" or "pass --wait" cannot
+be done. The CLI maps them once, at its boundary, to ``error: <cause> (<hint>)`` and exit 1; the
+worker's helpers map them to ``{"error": <cause> (<job hint>)}``.
 Anything else escaping is a bug and shows a traceback only with ``--debug``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+Surface = Literal["cli", "job"]
+
 
 class ForgeVolumeError(Exception):
-    """Base class: a failure with a one-line cause and a hint."""
+    """Base class: a failure with a one-line cause and advice for each surface."""
 
-    hint = ""
+    hint = ""  # what to do in a shell on a pod (the CLI)
+    job_hint: str | None = None  # what to do from a helper job, where the CLI's advice does not apply
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, job_hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if hint is not None:
-            self.hint = hint
+            # A raise site's own advice is about its case; it serves both surfaces unless it says otherwise.
+            self.hint, self.job_hint = hint, job_hint
+        elif job_hint is not None:
+            self.job_hint = job_hint
 
-    def one_line(self) -> str:
+    def advice(self, surface: Surface = "cli") -> str:
+        if surface == "job" and self.job_hint is not None:
+            return self.job_hint
+        return self.hint
+
+    def one_line(self, surface: Surface = "cli") -> str:
         text = " ".join(self.message.split())
-        return f"{text} ({self.hint})" if self.hint else text
+        hint = self.advice(surface)
+        return f"{text} ({hint})" if hint else text
 
     def __str__(self) -> str:
         return self.one_line()
@@ -31,30 +47,36 @@ class SpecError(ForgeVolumeError):
     """The spec file is missing, not TOML, or says something forge-volume cannot do."""
 
     hint = "fix the spec file, or write a fresh one with `forge-volume init`"
+    job_hint = "the spec is edited on a pod; fix it there"
 
 
 class LockError(ForgeVolumeError):
     """The lock file is missing, unreadable, or no longer matches the spec."""
 
     hint = "run `forge-volume lock` to resolve the spec again"
+    job_hint = ("the volume's forge-volume.lock is written on a pod with this volume (the CLI's lock command); "
+                "fix it there, then send the job again")
 
 
 class StateError(ForgeVolumeError):
     """state.json is unreadable or from another layout version."""
 
     hint = "run `forge-volume install` to rebuild the volume's record"
+    job_hint = "the volume's record is rebuilt by an install on a pod with this volume"
 
 
 class VolumeError(ForgeVolumeError):
     """The volume is missing, not provisioned, or not usable."""
 
     hint = "attach the network volume (same datacenter as the endpoint) and run `forge-volume install` on it"
+    job_hint = "attach the provisioned network volume to the endpoint (same datacenter)"
 
 
 class VolumeBusyError(ForgeVolumeError):
     """Another forge-volume process holds the volume's install lock."""
 
     hint = "wait for the other install to finish, or pass --wait to queue behind it"
+    job_hint = "an install or refresh-models holds the volume; send the job again when it has finished"
 
 
 class CommandError(ForgeVolumeError):
@@ -85,6 +107,7 @@ class DownloadError(ForgeVolumeError):
     """A download failed for good (after retries for transient errors)."""
 
     hint = "check the source and the network, then re-run: completed bytes are kept and resumed"
+    job_hint = "check the source and the network, then send the job again: completed bytes are kept and resumed"
 
 
 class AuthError(DownloadError):
@@ -95,6 +118,7 @@ class NotFoundError(DownloadError):
     """The server says the file is gone (404)."""
 
     hint = "check the source in the spec; the file may have moved or been deleted upstream"
+    job_hint = "check the source; the file may have moved or been deleted upstream"
 
 
 class ChecksumError(DownloadError):
@@ -104,15 +128,25 @@ class ChecksumError(DownloadError):
         "the file changed upstream or the download was corrupted; "
         "if the change is intended, run `forge-volume lock` again"
     )
+    job_hint = ("the file changed upstream or the download was corrupted; if the change is intended, "
+                "send the new sha256 (or none) with the job, or update the volume's lock on a pod")
 
 
 class DiskFullError(DownloadError):
     """Not enough free space on the volume."""
 
     hint = "free space on the volume (`forge-volume refresh-models --prune`) or grow it in RunPod's console"
+    job_hint = ("free space on the volume (a /v1/refresh-models job with \"prune\": true) "
+                "or grow it in RunPod's console")
 
 
 class PathError(ForgeVolumeError):
     """A destination that is not a usable place under the volume's models folder."""
 
     hint = "give a path under the volume's models/ folder (or a model kind), with a plain file name"
+
+
+class ReplaceError(PathError):
+    """A helper job would replace a model the lock pins, or one that came from another source."""
+
+    hint = 'send "overwrite": true to replace it, or give the new file another name or folder'

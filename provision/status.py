@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from provision.errors import LockError, StateError
+from provision.errors import LockError, StateError, Surface
 from provision.gitops import redact_url
 from provision.state import read_state
 from provision.steps import STEPS
@@ -34,8 +34,10 @@ def _models(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"count": len(records), "bytes": sum(k["bytes"] for k in by_kind.values()), "by_kind": by_kind}
 
 
-def volume_status(layout: VolumeLayout) -> dict[str, Any]:
-    """What is installed, recorded sizes and live free space; works on any folder, provisioned or not."""
+def volume_status(layout: VolumeLayout, surface: Surface = "cli") -> dict[str, Any]:
+    """What is installed, recorded sizes and live free space; works on any folder, provisioned or not.
+
+    ``surface`` picks the advice a problem carries (the CLI's, or a helper job's)."""
     report: dict[str, Any] = {
         "volume": str(layout.root), "exists": layout.root.is_dir(), "provisioned": False,
         "layout_version": None, "supported_layout_version": LAYOUT_VERSION,
@@ -46,7 +48,7 @@ def volume_status(layout: VolumeLayout) -> dict[str, Any]:
     try:
         state = read_state(layout) if report["exists"] else None
     except StateError as exc:
-        report["problem"] = exc.one_line()
+        report["problem"] = exc.one_line(surface)
         return report
     if state is None:
         return report

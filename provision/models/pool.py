@@ -59,7 +59,8 @@ def raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
     if failures:
         detail = "; ".join(exc.message if exc.message.startswith(what) else f"{what}: {exc.message}"
                            for what, exc in failures)
-        raise DownloadError(f"{len(failures)} models failed: {detail}", failures[0][1].hint)
+        first = failures[0][1]
+        raise DownloadError(f"{len(failures)} models failed: {detail}", first.hint, job_hint=first.job_hint)
 
 
 class LazyBar:
