@@ -8,19 +8,44 @@ environment; a token in the payload is used for that job only and scrubbed from 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import sys
 import traceback
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
 from provision.netguard import AddressGuard
 from provision.progress import QUIET
+from provision.sources import UrlSource, parse_source
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings
 from worker.normalise import HelperCall, InputError
 
 TOKEN_KEYS = ("hf_token", "civitai_token", "token")
+# Every key each helper accepts: anything else fails the job before it changes anything (a typo such
+# as "dryrun" or "sha265" must not silently turn a dry run into a prune, or skip a checksum).
+KEYS: dict[str, tuple[str, ...]] = {
+    "/v1/download": ("source", "source_url", "kind", "name", "sha256", "download_path", "overwrite",
+                     "hf_token", "civitai_token", "token"),
+    "/v1/sync": ("repo_id", "revision", "kind", "sync_path", "overwrite", "hf_token", "token"),
+    "/v1/refresh-models": ("prune", "dry_run"),
+    "/v1/volume": (),
+}
+
+
+def check_keys(endpoint: str, payload: dict[str, Any]) -> None:
+    """Refuse a key the helper does not know, naming the closest one it does."""
+    known = KEYS[endpoint]
+    for key in payload:
+        if key in known:
+            continue
+        shown = repr(key) if len(key) <= 60 else repr(key[:60]) + "..."
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        guess = f"; did you mean {close[0]!r}?" if close else ""
+        accepted = ", ".join(known) if known else "none"
+        raise InputError(f"unknown key {shown} in the payload{guess} (accepted: {accepted})")
 
 
 def _text(payload: dict[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -31,6 +56,10 @@ def _text(payload: dict[str, Any], key: str, *, required: bool = False) -> str |
         return None
     if not isinstance(value, str):
         raise InputError(f"{key!r} must be a string, not {type(value).__name__}")
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None and key not in TOKEN_KEYS:  # the value is not echoed: a URL may hold credentials
+        raise InputError(f"{key!r} holds a control character (U+{ord(bad):04X}); names, paths and sources "
+                         "must be plain text")
     return value
 
 
@@ -63,12 +92,15 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     dest = layout.models_relative(download_path) if download_path else None
     # A URL from a job (and its redirects) may not reach this machine or its network (Forge's API,
     # the metadata service) unless the endpoint opted in; hf:// and civitai:// go to the hosts the
-    # endpoint's settings name.
-    url = source.lower().startswith(("http://", "https://"))
+    # endpoint's settings name. A malformed source is refused before anything else.
+    url = isinstance(parse_source(source), UrlSource)
     guard = AddressGuard.for_url(source, settings.download_allow_networks) if url else None
-    return fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
-                       sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings),
-                       guard=guard)
+    result = fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
+                         sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings),
+                         guard=guard, overwrite=_flag(payload, "overwrite"))
+    # The original worker's answer, beside ours: its clients read these three.
+    return {**result, "msg": "Download successful", "source_url": result["source"],
+            "download_path": str(layout.absolute(result["path"]))}
 
 
 def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -76,9 +108,15 @@ def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> 
 
     repo_id = _text(payload, "repo_id", required=True)
     sync_path = _text(payload, "sync_path")
-    dest = layout.models_relative(sync_path) if sync_path else None
-    return sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"), kind=_text(payload, "kind"),
-                        dest=dest, progress=QUIET, token=_tokens(payload, settings).get("hf"))
+    # The original form names the models root: each top folder of the repo goes to the kind folder it names.
+    by_kind_folder = sync_path is not None and layout.names_models_root(sync_path)
+    dest = layout.models_relative(sync_path) if sync_path and not by_kind_folder else None
+    result = sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"),
+                          kind=_text(payload, "kind"), dest=dest, by_kind_folder=by_kind_folder, progress=QUIET,
+                          token=_tokens(payload, settings).get("hf"), overwrite=_flag(payload, "overwrite"))
+    fetched = result.pop("fetched")
+    # The original worker's answer, beside ours: the files this job wrote, where they are on this worker.
+    return {**result, "synced_count": len(fetched), "synced_files": [str(layout.absolute(p)) for p in fetched]}
 
 
 def _refresh(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -92,7 +130,7 @@ def _refresh(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) 
 def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
     from provision.status import volume_status
 
-    return volume_status(layout)
+    return volume_status(layout, surface="job")
 
 
 HELPERS = {"/v1/download": _download, "/v1/sync": _sync, "/v1/refresh-models": _refresh, "/v1/volume": _status}
@@ -119,11 +157,12 @@ async def run_helper(call: HelperCall, volume_root: Path, settings: Settings) ->
         return {"error": f"no volume at {volume_root} (attach the network volume to the endpoint, in its datacenter)"}
     layout = VolumeLayout(volume_root)
     try:
+        check_keys(call.endpoint, call.payload)
         result = await asyncio.to_thread(HELPERS[call.endpoint], layout, call.payload, settings)
     except (InputError, LayoutError) as exc:
         return {"error": scrub(f"{call.endpoint}: {exc}", secrets)}
     except ForgeVolumeError as exc:
-        return {"error": scrub(f"{call.endpoint} failed: {exc.one_line()}", secrets)}
+        return {"error": scrub(f"{call.endpoint} failed: {exc.one_line('job')}", secrets)}
     except ImportError as exc:
         return {"error": f"{call.endpoint} is not available in this build of the worker ({exc})"}
     except Exception as exc:  # the helpers' boundary: secrets are scrubbed from the log line and the answer

@@ -5,6 +5,7 @@
 - ``pool``: the bounded pool of parallel fetches, their progress bars and per-target locks.
 - ``refresh``: make the volume match the lock (fetch, repair, pin), plan it, refresh and prune.
 - ``helper_jobs``: the worker's helper jobs: fetch one model by source, mirror a Hugging Face repo.
+- ``overwrite``: what a helper job may replace (never a pinned or other-source model unless asked).
 
 The public functions are importable from here. They are loaded on first use, because most of
 them pull in requests and huggingface_hub, which the fast paths (a no-op install, ``verify``)

@@ -7,20 +7,23 @@ wrote in state.json, and refuse any destination outside the volume's models fold
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from provision.download import download
-from provision.errors import ChecksumError, ForgeVolumeError, PathError, SourceError
+from provision.errors import ChecksumError, ForgeVolumeError, PathError, ReplaceError, SourceError
 from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
 from provision.models import files as mf
+from provision.models.overwrite import OverwriteGuard
 from provision.models.pool import POOL, Bars, hold_target, parallel, raise_failures, require_volume
 from provision.netguard import AddressGuard
 from provision.progress import Progress
-from provision.sources import parse_source, shown_source
-from volume_layout import LayoutError, VolumeLayout, check_file_name
+from provision.sources import check_repo_id, parse_source, shown_source
+from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout, check_file_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
 
 
 def _check_sha(value: str | None) -> str | None:
@@ -32,39 +35,61 @@ def _check_sha(value: str | None) -> str | None:
     return value
 
 
+def _placed(what: str, check: Callable[..., T], *args: Any) -> T:
+    """Run a layout check; its refusal becomes a PathError (a caller's mistake, said in one line)."""
+    try:
+        return check(*args)
+    except LayoutError as exc:
+        raise PathError(f"{what}{exc}" if what else str(exc)) from None
+
+
+def _make_parent(layout: VolumeLayout, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way (a race with the fence's check), or a read-only volume
+        raise PathError(f"cannot create the folder {layout.relative(path.parent)}: {exc.strerror}") from None
+
+
 def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
                 sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
-                tokens: Tokens | None = None, guard: AddressGuard | None = None) -> dict[str, Any]:
+                tokens: Tokens | None = None, guard: AddressGuard | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
     """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
 
     Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
-    state.json. A file already there with the right content is not fetched again. ``guard`` fences
-    every connection the download opens (the worker passes one for URLs a job sent).
+    state.json. A file already there with the right content is not fetched again; one with other
+    content is replaced only with ``overwrite`` (see ``models.overwrite``). ``guard`` fences every
+    connection the download opens (the worker passes one for URLs a job sent). Every path goes
+    through the one fence, ``VolumeLayout.inside_models``, before any request.
     """
     require_volume(layout)
     expected = _check_sha(sha256)
     parsed = parse_source(source)
     shown = shown_source(source)  # what state.json, messages and the job's result may hold
+    if name is not None:
+        _placed("", check_file_name, name)
+    if dest:
+        _placed("", layout.inside_models, dest)
+    elif kind is None:
+        raise PathError("a model kind or a destination path is required")
+    else:
+        _placed("", layout.inside_models, _placed("", layout.kind_dir, kind) / "x")
     remote = remote_for(parsed, tokens=tokens)
     if expected and remote.sha256 and expected != remote.sha256:
         raise ChecksumError(f"{shown}: the request pins sha256 {expected} but the host says {remote.sha256}")
     expected = expected or remote.sha256
     file_name = name or remote.name or parsed.default_name
-    try:
-        if file_name is not None:
-            check_file_name(file_name)
-        if dest:
-            path = mf.destination(layout, dest, file_name)
-            kind = kind or layout.kind_of(path)
-        elif kind is None:
-            raise PathError("a model kind or a destination path is required")
-        elif file_name is None:
-            raise PathError(f"cannot tell a file name for {shown}; pass one")
-        else:
-            path = layout.model_path(kind, file_name)
-    except LayoutError as exc:
-        raise PathError(str(exc)) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if file_name is not None:
+        _placed(f"{shown}: ", check_file_name, str(file_name))
+    if dest:
+        path = _placed("", mf.destination, layout, dest, file_name)
+        kind = kind or layout.kind_of(path)
+    elif file_name is None:
+        raise PathError(f"cannot tell a file name for {shown}; pass one")
+    else:
+        path = layout.model_path(str(kind), file_name)
+        _placed("", layout.inside_models, path)  # the kind folder may be a link out of models/
+    _make_parent(layout, path)
     rel = layout.relative(path)
     with hold_target(layout, path, rel):
         record = mf.records(layout).get(rel)
@@ -80,11 +105,17 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         if have:
             return {"path": rel, "kind": kind, "source": shown, "sha256": have, "size": path.stat().st_size,
                     "downloaded": False, "bytes": 0}
+        keeper = OverwriteGuard.load(layout, overwrite=overwrite)
+        pinned = keeper.check(path, rel, str(parsed), expected)
         bars = Bars(progress, None)
         bar, on_bytes = bars.file(remote.size, path.name)
         try:
-            got = download(remote.url, path, sha256=expected, size=remote.size, credential=remote.credential,
-                           on_bytes=on_bytes, what=rel, guard=guard)
+            got = download(remote.url, path, sha256=expected or pinned, size=remote.size,
+                           credential=remote.credential, on_bytes=on_bytes, what=rel, guard=guard)
+        except ChecksumError:
+            if pinned and not expected:
+                raise keeper.pinned_mismatch(rel, str(parsed)) from None
+            raise
         finally:
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=kind, source=str(parsed), sha256=got.sha256,
@@ -93,51 +124,98 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
             "downloaded": True, "bytes": got.transferred}
 
 
+def _kind_folder(repo_id: str, path: str) -> str:
+    """For a sync into the models root: the kind folder a repo file's top folder names (any case)."""
+    top = path.split("/", 1)[0]
+    folders = {folder.lower(): folder for folder in MODEL_KIND_DIRS.values()}
+    if top.lower() not in folders:
+        raise PathError(f"hf://{repo_id}: folder {top!r} is not a model kind folder (known: "
+                        f"{', '.join(MODEL_KIND_DIRS.values())})",
+                        'sync into one kind instead, with "kind" or a "sync_path" such as models/Lora')
+    return folders[top.lower()]
+
+
 def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = None, kind: str | None = None,
-                 dest: str | Path | None = None, progress: Progress, token: str | None = None) -> dict[str, Any]:
-    """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right."""
+                 dest: str | Path | None = None, by_kind_folder: bool = False, progress: Progress,
+                 token: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right.
+
+    With ``by_kind_folder`` (the original worker's form: the models root as the destination) only files
+    inside the repo's folders are mirrored, each top folder into the kind folder it names
+    (``Lora/x`` -> ``models/Lora/x``); files at the repo's root are skipped, and a folder that is not a
+    kind folder fails the whole sync before anything is written. A file that would replace another
+    model is refused the same way (see ``models.overwrite``), unless ``overwrite``.
+    """
     require_volume(layout)
-    try:
-        if dest:
-            base = layout.inside_models(dest)
-        elif kind:
-            base = layout.kind_dir(kind)
-        else:
-            raise PathError("a model kind or a sync path under models/ is required")
-    except LayoutError as exc:
-        raise PathError(str(exc)) from None
+    check_repo_id(repo_id)
+    if by_kind_folder:
+        base = layout.models_dir
+    elif dest:
+        base = _placed("", layout.inside_models, dest)
+    elif kind:
+        base = _placed("", layout.kind_dir, kind)
+        _placed("", layout.inside_models, base / "x")  # the kind folder may be a link out of models/
+    else:
+        raise PathError("a model kind or a sync path under models/ is required")
     tokens = {"HF_TOKEN": token} if token else None
     commit, entries = list_hf_repo(repo_id, revision, tokens)
+    if by_kind_folder:
+        entries = [e for e in entries if "/" in e.path]
     jobs: list[tuple[Path, Any]] = []
     for entry in entries:
-        try:
-            for part in entry.path.split("/"):
-                check_file_name(part)
-            target = layout.inside_models(base / entry.path)
-        except LayoutError as exc:
-            raise PathError(f"hf://{repo_id}: file {entry.path!r} cannot be placed: {exc}") from None
+        where = entry.path if not by_kind_folder else "/".join(
+            (_kind_folder(repo_id, entry.path), entry.path.split("/", 1)[1]))
+        for part in entry.path.split("/"):
+            _placed(f"hf://{repo_id}: file {entry.path!r} cannot be placed: ", check_file_name, part)
+        target = _placed(f"hf://{repo_id}: file {entry.path!r} cannot be placed: ",
+                         layout.inside_models, base / where)
         jobs.append((target, entry))
-    file_kind = kind or layout.kind_of(base)
     recs = mf.records(layout)
+    keeper = OverwriteGuard.load(layout, overwrite=overwrite,
+                       hint='send "overwrite": true to replace it, or sync into a sub-folder of its own '
+                            '(e.g. "sync_path": "Lora/<name>")')
+
+    def source_of(entry: Any) -> str:
+        return f"hf://{repo_id}/{entry.path}@{commit}"
+
+    # Refuse before anything is written: every file that would replace another model, named at once.
+    conflicts = []
+    for target, entry in jobs:
+        rel = layout.relative(target)
+        if not _hf_file_current(layout, target, entry, recs.get(rel), None, source_of(entry), record_it=False):
+            try:
+                keeper.check(target, rel, source_of(entry), entry.sha256)
+            except ReplaceError as exc:
+                conflicts.append(exc)
+    if conflicts:
+        raise ReplaceError("; ".join(c.message for c in conflicts), conflicts[0].hint)
     total = sum(e.size or 0 for _, e in jobs)
     bars = Bars(progress, total)
 
     def one(job: tuple[Path, Any]) -> tuple[bool, int]:
         target, entry = job
-        source = f"hf://{repo_id}/{entry.path}@{commit}"
-        with hold_target(layout, target, layout.relative(target)):
-            if _hf_file_current(layout, target, entry, recs.get(layout.relative(target)), file_kind, source):
+        rel = layout.relative(target)
+        file_kind = kind if kind and not by_kind_folder else layout.kind_of(target)
+        with hold_target(layout, target, rel):
+            record = mf.records(layout).get(rel)
+            if _hf_file_current(layout, target, entry, record, file_kind, source_of(entry)):
                 if bars.total is not None:
                     bars.total.update(entry.size or 0)
                 return False, 0
+            pinned = OverwriteGuard(keeper.pins, {rel: record} if record else {}, overwrite, keeper.hint).check(
+                target, rel, source_of(entry), entry.sha256)
+            _make_parent(layout, target)
             bar, on_bytes = bars.file(entry.size, entry.path)
             try:
-                got = download(hf_file_url(repo_id, entry.path, commit), target, sha256=entry.sha256,
-                               size=entry.size, credential=hf_credential(tokens),
-                               on_bytes=on_bytes, what=layout.relative(target))
+                got = download(hf_file_url(repo_id, entry.path, commit), target, sha256=entry.sha256 or pinned,
+                               size=entry.size, credential=hf_credential(tokens), on_bytes=on_bytes, what=rel)
+            except ChecksumError:
+                if pinned and not entry.sha256:
+                    raise keeper.pinned_mismatch(rel, source_of(entry)) from None
+                raise
             finally:
                 bar.close()
-            mf.save_records(layout, [mf.make_record(layout, target, kind=file_kind, source=source,
+            mf.save_records(layout, [mf.make_record(layout, target, kind=file_kind, source=source_of(entry),
                                                     sha256=got.sha256, revision=commit)])
             return True, got.transferred
 
@@ -147,15 +225,17 @@ def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = N
         bars.close()
     raise_failures([(layout.relative(t), r) for (t, _), r in zip(jobs, results, strict=True)
                      if isinstance(r, ForgeVolumeError)])
+    fetched = [layout.relative(t) for (t, _), r in zip(jobs, results, strict=True) if isinstance(r, tuple) and r[0]]
     done = [r for r in results if isinstance(r, tuple)]
     return {"repo_id": repo_id, "revision": commit, "path": layout.relative(base), "files": len(jobs),
-            "downloaded": sum(1 for fetched, _ in done if fetched),
-            "skipped": sum(1 for fetched, _ in done if not fetched), "bytes": sum(n for _, n in done)}
+            "downloaded": len(fetched), "skipped": sum(1 for fetched, _ in done if not fetched),
+            "bytes": sum(n for _, n in done), "fetched": fetched}
 
 
 def _hf_file_current(layout: VolumeLayout, target: Path, entry: Any, record: mf.Record | None,
-                     kind: str | None, source: str) -> bool:
-    """Whether a mirrored file already holds the hub's content (recorded, else hashed once and adopted)."""
+                     kind: str | None, source: str, *, record_it: bool = True) -> bool:
+    """Whether a mirrored file already holds the hub's content (recorded, else hashed once and adopted,
+    unless ``record_it`` is false: a look before the sync starts writing)."""
     if not target.is_file() or (entry.size is not None and target.stat().st_size != entry.size):
         return False
     if entry.sha256:
@@ -168,5 +248,6 @@ def _hf_file_current(layout: VolumeLayout, target: Path, entry: Any, record: mf.
         if entry.blob_id and mf.git_blob_sha1(target) != entry.blob_id:
             return False
         sha = mf.sha256_file(target)
-    mf.save_records(layout, [mf.make_record(layout, target, kind=kind, source=source, sha256=sha)])
+    if record_it:
+        mf.save_records(layout, [mf.make_record(layout, target, kind=kind, source=source, sha256=sha)])
     return True

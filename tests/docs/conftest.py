@@ -23,6 +23,10 @@ HF_REPOS = {
     "ByteDance/SDXL-Lightning": {"sdxl_lightning_4step_lora.safetensors": b"lora weights " * 100},
     "latent-consistency/lcm-lora-sdxl": {"pytorch_lora_weights.safetensors": b"lcm lora " * 100,
                                          "README.md": b"# LCM LoRA\n"},
+    # The original worker's sync form: top folders named like the kind folders, a README at the root.
+    "your-hf-user/forge-models": {"Lora/my-lora.safetensors": b"my style " * 100,
+                                  "Stable-diffusion/my-checkpoint.safetensors": b"my checkpoint " * 100,
+                                  "README.md": b"# my models\n"},
 }
 
 
