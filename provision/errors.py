@@ -24,14 +24,21 @@ class ForgeVolumeError(Exception):
         super().__init__(message)
         self.message = message
         if hint is not None:
-            # A raise site's own advice is about its case; it serves both surfaces unless it says otherwise.
-            self.hint, self.job_hint = hint, job_hint
-        elif job_hint is not None:
+            self.hint = hint
+        if job_hint is not None:
             self.job_hint = job_hint
 
     def advice(self, surface: Surface = "cli") -> str:
-        if surface == "job" and self.job_hint is not None:
-            return self.job_hint
+        """The hint for ``surface``. For a job: the most specific of the raise site's and the classes'
+        advice, a ``job_hint`` winning over a ``hint`` given at the same level (a subclass's own hint
+        is about its case, and beats a job_hint it inherits)."""
+        if surface != "job":
+            return self.hint
+        for level in (vars(self), *(vars(cls) for cls in type(self).__mro__)):
+            if level.get("job_hint") is not None:
+                return str(level["job_hint"])
+            if "hint" in level:
+                return str(level["hint"])
         return self.hint
 
     def one_line(self, surface: Surface = "cli") -> str:

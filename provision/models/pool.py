@@ -60,7 +60,7 @@ def raise_failures(failures: list[tuple[str, ForgeVolumeError]]) -> None:
         detail = "; ".join(exc.message if exc.message.startswith(what) else f"{what}: {exc.message}"
                            for what, exc in failures)
         first = failures[0][1]
-        raise DownloadError(f"{len(failures)} models failed: {detail}", first.hint, job_hint=first.job_hint)
+        raise DownloadError(f"{len(failures)} models failed: {detail}", first.hint, job_hint=first.advice("job"))
 
 
 class LazyBar:
