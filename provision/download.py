@@ -13,10 +13,13 @@ append to one file: the loser starts its own copy, which costs bandwidth, never 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,14 +184,41 @@ def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | No
         return None
 
 
-def _claim(target: Path) -> Path:
-    """Our unique temporary file, taking over a kept partial (or a dead process's temporary) if there is one.
+def host_tag() -> str:
+    """Four hex digits naming this machine, the start of every temporary's random part: a temporary with
+    another machine's tag may be written by a process our file locks cannot see."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
-    The rename is atomic, so only one process can take over a given file. A temporary untouched for
-    ORPHAN_AGE belonged to a process that was killed (a live download writes at least once per read
-    timeout), so its bytes are resumed too.
+
+def _lock_if_free(path: str) -> tuple[int, bool] | None:
+    """An open descriptor on ``path`` holding an exclusive flock, and whether the filesystem supports
+    flock at all; None when a live writer holds it (or it is gone). Writers hold this lock for their
+    whole download, and the kernel drops it when they die."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # no flock on this filesystem: liveness unknown
+        return fd, False
+    return fd, True
+
+
+def _claim(target: Path) -> tuple[Path, int]:
+    """Our unique temporary file, taking over a kept partial (or a dead process's temporary) if there is
+    one, and a descriptor holding its flock (close it when done).
+
+    The rename is atomic, so only one process can take over a given file. A temporary of this machine
+    whose flock is free belonged to a process that died (SIGKILL, a crash): it is resumed at once. One
+    from another machine is resumed once untouched for ORPHAN_AGE (a live download writes at least once
+    per read timeout), since flocks may not reach across machines on a network volume.
     """
-    tmp = sibling(target, f".{secrets.token_hex(4)}.part")
+    mine = host_tag()
+    tmp = sibling(target, f".{mine}{secrets.token_hex(2)}.part")
     prefix = sibling(target, ".").name
     cutoff = time.time() - ORPHAN_AGE
     orphans = []
@@ -198,16 +228,33 @@ def _claim(target: Path) -> Path:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if st.st_mtime < cutoff:
-                orphans.append((st.st_size, entry.path))
-    for candidate in [str(partial_path(target)), *(path for _, path in sorted(orphans, reverse=True))]:
+            old = st.st_mtime < cutoff
+            if old or entry.name[len(prefix):-len(".part")].startswith(mine):
+                orphans.append((st.st_size, entry.path, old))
+    candidates = [(str(partial_path(target)), True)] + [(path, old) for _, path, old in sorted(orphans, reverse=True)]
+    for candidate, idle in candidates:
+        got = _lock_if_free(candidate)
+        if got is None:
+            continue
+        fd, lockable = got
+        if not (idle or lockable):  # young, and without flock nothing tells whether its writer lives
+            os.close(fd)
+            continue
         try:
             os.replace(candidate, tmp)
-            return tmp
+            return tmp, fd
         except FileNotFoundError:
+            os.close(fd)
             continue
-    tmp.touch()
-    return tmp
+    while True:  # a fresh file; O_EXCL, so a name another process just took is never shared
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            tmp = sibling(target, f".{mine}{secrets.token_hex(2)}.part")
+    with contextlib.suppress(OSError):  # a filesystem without flock: the ORPHAN_AGE rule still protects
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return tmp, fd
 
 
 def download(
@@ -235,7 +282,7 @@ def download(
     label = what or target.name
     _check_scheme(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _claim(target)
+    tmp, held = _claim(target)
     keep = False
     try:
         result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
@@ -249,11 +296,14 @@ def download(
         keep = True  # transient failure or interrupt: the bytes so far are worth resuming from
         raise
     finally:
-        if tmp.exists():
-            if keep and tmp.stat().st_size > 0:
-                os.replace(tmp, partial_path(target))
-            else:
-                tmp.unlink(missing_ok=True)
+        try:
+            if tmp.exists():
+                if keep and tmp.stat().st_size > 0:
+                    os.replace(tmp, partial_path(target))
+                else:
+                    tmp.unlink(missing_ok=True)
+        finally:
+            os.close(held)  # releases the flock: from here on a kept partial is anyone's to resume
 
 
 def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, size: int | None,

@@ -6,6 +6,8 @@
 2. `forge-volume verify` (fast mode) on a volume holding 50 GiB of sparse model files recorded in
    state.json (target: < 1 s), and `refresh-models` with nothing to do (target: < 2 s).
 3. Resume after a cut at 60%: bytes the server sent again (target: <= 45% of the file).
+4. `forge-volume refresh-models` SIGKILLed at 60% of the file, then run again: bytes the server sent
+   to the second run (target: <= 45% of the file).
 
 The file server runs in its own process so it does not share our interpreter's GIL.
 Usage: .venv/bin/python scripts/bench_models.py [--size-mb 1024] [--rounds 3] [--workdir DIR]
@@ -145,6 +147,51 @@ def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
     target.unlink()
 
 
+def bench_kill_resume(port: int, work: Path, size: int, digest: str) -> None:
+    """The CLI as a user runs it: `refresh-models` killed with SIGKILL once 60% of the file is on disk."""
+    from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
+    from volume_layout import VolumeLayout
+
+    volume = work / "kill-volume"
+    shutil.rmtree(volume, ignore_errors=True)
+    layout = VolumeLayout(volume)
+    target = layout.model_path("checkpoint", "big.safetensors")
+    forge = LockedForge(repo="https://example.invalid/forge.git", ref="main", commit="0" * 40, python="3.10",
+                        torch=[], torch_index_url=None, args=[], env={})
+    write_lock(layout.lock, Lock(forge=forge, models=[LockedModel(
+        kind="checkpoint", name=target.name, source=f"http://127.0.0.1:{port}/f.bin", path=layout.relative(target),
+        sha256=digest, size=size)]))
+    exe = Path(sys.executable).with_name("forge-volume")
+    argv = [str(exe), "--volume", str(volume), "--quiet", "refresh-models"]
+    before = stats(port)["/f.bin"]["bytes_sent"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    on_disk = 0
+    deadline = time.monotonic() + 600
+    while on_disk < 0.6 * size and proc.poll() is None and time.monotonic() < deadline:
+        temps = [t for t in target.parent.glob(".*.part")] if target.parent.is_dir() else []
+        try:
+            on_disk = max((t.stat().st_size for t in temps), default=0)
+        except FileNotFoundError:
+            continue
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    if target.exists():
+        print("kill at 60% then refresh-models: the download finished before the kill  [FAIL: no measurement]")
+        return
+    first = stats(port)["/f.bin"]["bytes_sent"] - before
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    second = (stats(port)["/f.bin"]["bytes_sent"] - before - first) / size
+    left = [t.name for t in target.parent.glob(".*") if t.name.endswith((".part", ".partial"))]
+    ok = done.returncode == 0 and second <= 0.45 and not left
+    print(f"refresh-models SIGKILLed with {on_disk / size:.0%} on disk, then run again: the second run fetched "
+          f"{second:.0%} of the file, exit {done.returncode}, {len(left)} temporary file(s) left  "
+          f"[target <= 45%: {'PASS' if ok else 'FAIL'}]")
+    if done.returncode:
+        print("  " + done.stderr.strip())
+    shutil.rmtree(volume)
+
+
 def sparse_volume(work: Path, count: int, each: int) -> Path:
     """A volume with ``count`` sparse files of ``each`` bytes, locked and recorded as install leaves them."""
     from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
@@ -230,6 +277,7 @@ def main() -> None:
         port = int(server.stdout.readline())
         bench_download(port, work, size, digest, args.rounds)
         bench_resume(port, work, size, digest)
+        bench_kill_resume(port, work, size, digest)
     finally:
         if server.stdin is not None:
             server.stdin.close()

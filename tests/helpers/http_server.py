@@ -31,6 +31,7 @@ class Route:
     ignore_range: bool = False
     wrong_bytes: bool = False  # flip one byte in the middle (same size, other sha256)
     delay_per_chunk: float = 0.0  # seconds slept between 64 KiB chunks
+    slow_from: float = 0.0  # ...once this fraction of the file was sent (fast before it)
     redirect: str | None = None  # Location to send (302) instead of the file
     redirect_status: int = 302
     require_token: str | None = None  # 401 unless "Authorization: Bearer <token>"
@@ -175,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(piece)
                 sent += len(piece)
                 count(len(piece))
-                if route.delay_per_chunk:
+                if route.delay_per_chunk and pos >= route.slow_from * len(data):
                     time.sleep(route.delay_per_chunk)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True

@@ -1,0 +1,122 @@
+"""An interrupted `install` or `refresh-models` resumes its download on the next run.
+
+Real processes and real signals: the CLI runs as a subprocess fetching from a loopback server that
+sends the first 60 % of the file fast and the rest slowly; the test stops it at 60 % with Ctrl-C
+(once or twice), SIGTERM, SIGHUP (a closed web terminal) or SIGKILL, then runs the command again
+and counts what the server sent: the second run fetches only what was missing, and leaves no
+partial or temporary file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.forge_world import World
+from tests.helpers.http_server import FileServer
+from tests.models.conftest import cli
+
+FORGE_VOLUME = str(Path(sys.executable).with_name("forge-volume"))
+SIZE = 6 << 20
+DATA = os.urandom(SIZE)
+NAME = "big.safetensors"
+DEADLINE = 120.0
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        # Fast to 60 %, then 64 KiB per 0.1 s: about 4 s left, time enough to stop it there.
+        srv.add(f"/{NAME}", DATA, delay_per_chunk=0.1, slow_from=0.6)
+        yield srv
+
+
+@pytest.fixture
+def with_model(installed_volume: Path, provisioned_world: World, server: FileServer) -> Path:
+    model = f'\n[[models]]\nkind = "lora"\nsource = "{server.url("/" + NAME)}"\n' \
+            f'sha256 = "{hashlib.sha256(DATA).hexdigest()}"\n'
+    (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=model))
+    assert cli(installed_volume, "lock").exit_code == 0
+    return installed_volume
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(".*") if p.name.endswith((".part", ".partial")))
+
+
+def _wait(what: str, condition: object) -> None:
+    end = time.monotonic() + DEADLINE
+    while not callable(condition) or not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("command", "signals"), [
+    ("refresh-models", [signal.SIGINT]),
+    ("refresh-models", [signal.SIGINT, signal.SIGINT]),  # Ctrl-C twice: no patience for a clean stop
+    ("refresh-models", [signal.SIGTERM]),
+    ("refresh-models", [signal.SIGHUP]),
+    ("refresh-models", [signal.SIGKILL]),
+    ("install", [signal.SIGTERM]),
+    ("install", [signal.SIGKILL]),
+], ids=["refresh-ctrl-c", "refresh-ctrl-c-twice", "refresh-sigterm", "refresh-sighup", "refresh-sigkill",
+        "install-sigterm", "install-sigkill"])
+def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, server: FileServer, command: str,
+                                                         signals: list[signal.Signals],
+                                                         cli_env: dict[str, str]) -> None:
+    lora = with_model / "models" / "Lora"
+    route = server.routes[f"/{NAME}"]
+    if command == "install":  # the models step must be due: as after a new model in the lock
+        assert cli(with_model, "plan").stdout.startswith("models (")
+    proc = subprocess.Popen([FORGE_VOLUME, "--volume", str(with_model), command], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def at_60() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{command} ended early: {proc.communicate()}")
+            temps = _leftovers(lora) if lora.is_dir() else []
+            return bool(temps) and temps[0].stat().st_size >= 0.6 * SIZE
+
+        _wait("the download to reach 60 %", at_60)
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.05)
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if signals[0] == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 1, (out, err)
+        assert "unexpected" not in err and "Traceback" not in err, err
+        said = {signal.SIGINT: "error: interrupted; re-run the same command to resume",
+                signal.SIGTERM: "error: stopped by SIGTERM; re-run the same command to resume",
+                signal.SIGHUP: "error: stopped by SIGHUP; re-run the same command to resume"}[signals[0]]
+        assert said in err, err
+    kept = _leftovers(lora)
+    assert len(kept) == 1 and kept[0].stat().st_size >= 0.6 * SIZE, kept
+    assert not (lora / NAME).exists()
+    if signals == [signal.SIGTERM]:  # a clean stop hands its bytes over under the stable name
+        assert kept[0].name == f".{NAME}.partial"
+
+    sent_before = route.bytes_sent
+    again = subprocess.run([FORGE_VOLUME, "--volume", str(with_model), command], env=cli_env,
+                           capture_output=True, text=True, timeout=DEADLINE)
+    assert again.returncode == 0, again.stderr
+    fetched_again = route.bytes_sent - sent_before
+    assert fetched_again <= 0.45 * SIZE, f"{fetched_again / SIZE:.0%} of the file fetched again"
+    assert (lora / NAME).read_bytes() == DATA
+    assert _leftovers(lora) == []
+    assert cli(with_model, "verify").exit_code == 0
