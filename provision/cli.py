@@ -187,17 +187,27 @@ def init(obj: Context, preset: str, force: bool, create: bool) -> None:
 
 
 @main.command()
+@click.option("--upgrade", "upgrade", is_flag=False, flag_value="*", multiple=True, metavar="[NAME]",
+              help="Move branches and tags to their current commits and re-resolve models: all entries, or "
+                   "only NAME (`forge`, an extension, or a model's file name or KIND/NAME). Repeatable.")
 @pass_ctx
-def lock(obj: Context) -> None:
-    """Resolve the spec into the lock: git refs to commits, models to revisions, sha256 and sizes."""
-    from provision.lockfile import write_lock
-    from provision.resolve import lock_spec
+def lock(obj: Context, upgrade: tuple[str, ...]) -> None:
+    """Lock the spec: resolve what changed since the last lock; keep every other pin.
+
+    An entry whose spec text is unchanged keeps its commit, revision, sha256 and size, so with
+    nothing changed this needs no network. Prints each change (added, removed, moved, pinned).
+    """
+    from provision.resolve import UnknownEntryError, update_lock
     from provision.spec import load_spec
 
-    result = lock_spec(load_spec(obj.spec_path), obj.progress)
-    write_lock(obj.lock_path, result)
-    click.echo(f"wrote {obj.lock_path}: Forge {result.forge.commit[:12]}, "
-               f"{len(result.extensions)} extension(s), {len(result.models)} model(s)")
+    try:
+        update = update_lock(load_spec(obj.spec_path), obj.lock_path, obj.progress, upgrade)
+    except UnknownEntryError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--upgrade'") from None
+    for warning in update.warnings:
+        click.echo(warning, err=True)
+    for line in update.lines():
+        click.echo(line)
 
 
 @main.command()

@@ -65,6 +65,13 @@ class LockError(ForgeVolumeError):
                 "fix it there, then send the job again")
 
 
+class StaleLockError(LockError):
+    """The spec was edited after locking: the lock no longer describes it. The message names each entry
+    that differs; the hint is the CLI's (the worker gives its own)."""
+
+    hint = "run `forge-volume lock` to lock what changed, then run this command again"
+
+
 class StateError(ForgeVolumeError):
     """state.json is unreadable or from another layout version."""
 

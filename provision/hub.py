@@ -23,6 +23,7 @@ import requests
 
 from provision.download import TIMEOUT, USER_AGENT, Credential, display_url
 from provision.errors import AuthError, DownloadError, NotFoundError
+from provision.models.names import disposition_name
 from provision.sources import CivitaiSource, HfSource, Source, UrlSource
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -215,22 +216,45 @@ def resolve_civitai(source: CivitaiSource, tokens: Tokens | None = None) -> Remo
                       name=str(chosen["name"]), revision=None, credential=cred)
 
 
-def head_size(url: str, tokens: Tokens | None = None) -> int | None:
-    """The size a server announces for a URL (HEAD, redirects followed), or None if it does not say."""
+@dataclass(frozen=True)
+class Announced:
+    """What a server says about a URL's file before sending it: its size and the name it gives it."""
+
+    size: int | None
+    name: str | None  # from Content-Disposition, unchecked (a server's word: check it before use)
+
+
+def _announced_size(resp: requests.Response) -> int | None:
+    total = resp.headers.get("Content-Range", "").rpartition("/")[2].strip()
+    if resp.status_code in (206, 416) and total.isdigit():
+        return int(total)
+    length = resp.headers.get("Content-Length", "")
+    return int(length) if resp.status_code == 200 and length.isdigit() else None
+
+
+def probe_url(url: str, tokens: Tokens | None = None) -> Announced:
+    """Size and Content-Disposition name of a URL's file, redirects followed, without its bytes.
+
+    A GET of the first byte (``Range: bytes=0-0``), not a HEAD: the signed storage URLs that
+    civitai and others redirect to are signed for GET only, and answer a HEAD with 403.
+    """
     cred = url_credential(url, tokens)
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Range": "bytes=0-0"}
+    first_scheme = urlsplit(url).scheme.lower()
     try:
         with requests.Session() as session:
             for _ in range(10):
                 hop = dict(headers)
-                if cred and cred.token and cred.applies_to(url):
+                downgraded = first_scheme == "https" and urlsplit(url).scheme.lower() == "http"
+                if cred and cred.token and cred.applies_to(url) and not downgraded:
                     hop["Authorization"] = f"Bearer {cred.token}"
-                resp = session.head(url, headers=hop, timeout=(TIMEOUT[0], API_TIMEOUT), allow_redirects=False)
-                if not resp.is_redirect:
-                    break
+                with session.get(url, headers=hop, timeout=(TIMEOUT[0], API_TIMEOUT), allow_redirects=False,
+                                 stream=True) as resp:  # closed unread: only the headers are wanted
+                    if not resp.is_redirect:
+                        break
                 url = requests.compat.urljoin(resp.url, resp.headers["Location"])
                 if urlsplit(url).scheme not in ("http", "https"):
-                    return None
+                    return Announced(None, None)
     except requests.RequestException as exc:
         raise DownloadError(f"{display_url(url)}: cannot reach the server ({type(exc).__name__})") from None
     if resp.status_code in (401, 403):
@@ -239,8 +263,8 @@ def head_size(url: str, tokens: Tokens | None = None) -> int | None:
                         f"set {name} to a token with access" if name else "use a URL that needs no credentials")
     if resp.status_code in (404, 410):
         raise NotFoundError(f"{display_url(url)} answered {resp.status_code} (the file is not there)")
-    length = resp.headers.get("Content-Length", "")
-    return int(length) if resp.status_code == 200 and length.isdigit() else None
+    ok = resp.status_code in (200, 206)
+    return Announced(_announced_size(resp), disposition_name(resp.headers.get("Content-Disposition")) if ok else None)
 
 
 def remote_for(source: Source, *, revision: str | None = None, tokens: Tokens | None = None) -> RemoteFile:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from provision import __version__
-from provision.errors import LockError
+from provision.errors import LockError, StaleLockError
 from provision.spec import ModelSpec, Spec
 
 LOCK_VERSION = 1
@@ -125,7 +126,8 @@ def lock_path_for(spec_path: Path) -> Path:
     return spec_path.with_suffix(".lock")
 
 
-def _model_matches(spec: ModelSpec, locked: LockedModel) -> bool:
+def model_unchanged(spec: ModelSpec, locked: LockedModel) -> bool:
+    """The spec entry still says what it said when ``locked`` was resolved from it."""
     if str(spec.source) != locked.source:
         return False
     if spec.sha256 and spec.sha256 != locked.sha256:
@@ -133,16 +135,39 @@ def _model_matches(spec: ModelSpec, locked: LockedModel) -> bool:
     return not (spec.size is not None and spec.size != locked.size)
 
 
-def spec_differences(spec: Spec, lock: Lock) -> list[str]:
-    """Every way the spec differs from what was locked; empty when the lock still fits."""
-    out: list[str] = []
+def pair_models(models: Sequence[ModelSpec], locked: Sequence[LockedModel]
+                ) -> tuple[list[tuple[ModelSpec, LockedModel | None]], list[LockedModel]]:
+    """Each spec model with the lock entry it was locked as (None: not locked yet), and the lock
+    entries no spec model claims. A named model is found by kind and name, an unnamed one (civitai://,
+    a URL the server names) by kind and source; named ones first, so no unnamed one takes their entry."""
+    remaining = list(locked)
+    found: dict[int, LockedModel] = {}
+    for named in (True, False):
+        for i, model in enumerate(models):
+            if bool(model.name) != named:
+                continue
+            match = next((m for m in remaining if m.kind == model.kind and
+                          (m.name == model.name if model.name else m.source == str(model.source))), None)
+            if match is not None:
+                remaining.remove(match)
+                found[i] = match
+    return [(model, found.get(i)) for i, model in enumerate(models)], remaining
+
+
+def forge_differences(spec: Spec, lock: Lock) -> list[tuple[str, Any, Any]]:
+    """(key, spec value, locked value) for each [forge] setting the spec changed since locking."""
     f, lf = spec.forge, lock.forge
     pairs: list[tuple[str, Any, Any]] = [
         ("repo", f.repo, lf.repo), ("ref", f.ref, lf.ref), ("python", f.python, lf.python),
         ("torch", list(f.torch), lf.torch), ("torch_index_url", f.torch_index_url, lf.torch_index_url),
         ("args", list(f.args), lf.args), ("env", f.env, lf.env),
     ]
-    out += [f"forge.{k} is {a!r} in the spec but {b!r} in the lock" for k, a, b in pairs if a != b]
+    return [(k, a, b) for k, a, b in pairs if a != b]
+
+
+def spec_differences(spec: Spec, lock: Lock) -> list[str]:
+    """Every way the spec differs from what was locked; empty when the lock still fits."""
+    out = [f"forge.{k} is {a!r} in the spec but {b!r} in the lock" for k, a, b in forge_differences(spec, lock)]
     locked_ext = {e.name: e for e in lock.extensions}
     for ext in spec.extensions:
         le = locked_ext.pop(ext.name, None)
@@ -151,22 +176,18 @@ def spec_differences(spec: Spec, lock: Lock) -> list[str]:
         elif (ext.repo, ext.ref, list(ext.pip), ext.files) != (le.repo, le.ref, le.pip, le.files):
             out.append(f"extension {ext.name!r} changed (repo, ref, pip or files) since it was locked")
     out += [f"extension {name!r} is in the lock but no longer in the spec" for name in locked_ext]
-    remaining = list(lock.models)
-    for model in spec.models:
-        match = next((m for m in remaining if m.kind == model.kind and
-                      (m.name == model.name if model.name else m.source == str(model.source))), None)
+    pairs, remaining = pair_models(spec.models, lock.models)
+    for model, match in pairs:
         if match is None:
             out.append(f"model {model.key} is in the spec but not in the lock")
-            continue
-        remaining.remove(match)
-        if not _model_matches(model, match):
+        elif not model_unchanged(model, match):
             out.append(f"model {model.key} changed (source, sha256 or size) since it was locked")
     out += [f"model {m.kind}/{m.name} is in the lock but no longer in the spec" for m in remaining]
     return out
 
 
 def check_matches(spec: Spec, lock: Lock, lock_path: Path) -> None:
+    """Raise StaleLockError naming every entry the spec changed since ``lock`` was written."""
     diffs = spec_differences(spec, lock)
     if diffs:
-        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise LockError(f"{lock_path} no longer matches {spec.path}: {diffs[0]}{more}")
+        raise StaleLockError(f"{lock_path} no longer matches {spec.path}: {'; '.join(diffs)}")

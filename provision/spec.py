@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
-from provision.sources import Source, parse_source
+from provision.models.names import url_file_name
+from provision.sources import Source, UrlSource, parse_source
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
 if sys.version_info >= (3, 11):
@@ -59,7 +60,7 @@ class ExtensionSpec:
 class ModelSpec:
     kind: str
     source: Source
-    name: str | None = None  # None only for civitai:// until the lock names it
+    name: str | None = None  # None for civitai:// and server-named URLs until the lock names them
     sha256: str | None = None
     size: int | None = None
 
@@ -183,7 +184,9 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
     except SourceError as exc:
         r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
                "https://..., http://..., civitai://MODEL_VERSION_ID")
-    name = r.string("name") or source.default_name
+    # A URL whose path does not end in a model file name (civitai's /api/download/models/ID) is
+    # named by the server, at lock time.
+    name = r.string("name") or (url_file_name(source.url) if isinstance(source, UrlSource) else source.default_name)
     if name is not None:
         try:
             check_file_name(name)

@@ -14,7 +14,7 @@ from typing import Any
 from filelock import Timeout
 
 from provision.download import Downloaded, download
-from provision.errors import ForgeVolumeError
+from provision.errors import ChecksumError, ForgeVolumeError
 from provision.hub import Tokens, remote_for
 from provision.lockfile import Lock, LockedModel, read_lock, write_lock
 from provision.models import files as mf
@@ -96,6 +96,10 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: 
         try:
             got = download(remote.url, path, sha256=model.sha256, size=model.size, credential=remote.credential,
                            on_bytes=on_bytes, what=model.path)
+        except ChecksumError as exc:  # locking again keeps the pin: only an upgrade takes the new file
+            upgrade = f"forge-volume lock --upgrade {model.name}"
+            raise ChecksumError(exc.message, "the file changed upstream or the download was corrupted; "
+                                f"if the change is intended, take it with `{upgrade}`") from None
         finally:
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=model.kind, source=model.source,

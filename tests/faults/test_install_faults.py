@@ -196,8 +196,8 @@ def test_case16_lock_out_of_step_with_the_spec_is_named_and_nothing_overwritten(
         provisioned_world: World, installed_volume: Path, model_hosts: ModelHosts, streams: Streams) -> None:
     """Fault: the spec was edited after locking (Forge's ref, an extension added, a model's source
     changed); then, separately, the lock is not valid JSON, or from another lock version.
-    Expected: `install` exits 1 naming the lock, the spec and the first difference with how many
-    more, and the fix (`forge-volume lock`); a broken lock is named as such.
+    Expected: `install` exits 1 naming the lock, the spec and every difference, and the fix
+    (`forge-volume lock`); a broken lock is named as such.
     Checked after: the volume (including the lock) is byte for byte what it was."""
     files = model_hosts.files
     files.add("/a.safetensors", b"a" * 1000)
@@ -215,7 +215,8 @@ def test_case16_lock_out_of_step_with_the_spec_is_named_and_nothing_overwritten(
     line = error_line(result.stderr)
     lock = installed_volume / "forge-volume.lock"
     assert f"error: {lock} no longer matches {spec}: forge.ref is 'v1.0' in the spec but 'main' in the lock" in line
-    assert "(and 2 more)" in line and "run `forge-volume lock` to resolve the spec again" in line, line
+    assert "; extension 'three' is in the spec but not in the lock; model lora/a.safetensors changed" in line, line
+    assert "run `forge-volume lock` to lock what changed" in line, line
     assert snapshot(installed_volume) == before
 
     for broken, expected in (("{not json", "not a forge-volume lock file"),
@@ -236,9 +237,9 @@ def test_case16_model_changed_upstream_since_locking_is_named_not_taken(
     replaced by another of the same size; the lock is used to provision a second volume (another
     datacenter), and to repair the first one after its copy was deleted.
     Expected: both fail with exit 1 naming the file, the locked sha256 and the one now served, and
-    the fix (re-lock if the change is intended); nothing is silently re-pinned.
+    the fix (upgrade it if the change is intended); nothing is silently re-pinned.
     Checked after: the lock is unchanged; no file takes the new bytes; the first volume's other
-    files are untouched; after an explicit `lock`, the new file is taken."""
+    files are untouched; `lock` keeps the pin; after an explicit `lock --upgrade NAME` the new file is taken."""
     old, new = os.urandom(100_000), os.urandom(100_000)
     route = model_hosts.files.add("/m.safetensors", old)
     spec = installed_volume / "forge-volume.toml"
@@ -257,7 +258,7 @@ def test_case16_model_changed_upstream_since_locking_is_named_not_taken(
     assert result.exit_code == 1
     line = error_line(result.stderr)
     assert f"models/Lora/m.safetensors: sha256 is {sha(new)} but expected {sha(old)}" in line, line
-    assert "if the change is intended, run `forge-volume lock` again" in line
+    assert "if the change is intended, take it with `forge-volume lock --upgrade m.safetensors`" in line
     assert snapshot(installed_volume) == before and lock.read_text() == pinned
 
     other = tmp_path / "second-volume"
@@ -269,7 +270,11 @@ def test_case16_model_changed_upstream_since_locking_is_named_not_taken(
     assert not (other / "models" / "Lora" / "m.safetensors").exists()
     assert (other / "forge-volume.lock").read_text() == pinned
 
-    assert cli(streams, "lock").exit_code == 0  # the user accepts the change
+    relocked = cli(streams, "lock")  # locking again keeps what the lock pinned
+    assert relocked.exit_code == 0 and "no changes" in relocked.stdout and lock.read_text() == pinned
+    assert cli(streams, "refresh-models").exit_code == 1
+    upgraded = cli(streams, "lock", "--upgrade", "m.safetensors")  # the user accepts the change
+    assert upgraded.exit_code == 0 and "model models/Lora/m.safetensors: changed sha256" in upgraded.stdout
     assert cli(streams, "refresh-models").exit_code == 0
     assert target.read_bytes() == new
     assert state_models(installed_volume)["models/Lora/m.safetensors"]["sha256"] == sha(new)

@@ -322,10 +322,12 @@ def test_files_already_there_are_hashed_once_and_adopted(locked: Path, hosts: Ho
     for path in (hub_path, url_path):  # put there by hand (or by an older tool): no state.json record
         (locked / path).parent.mkdir(parents=True, exist_ok=True)
         (locked / path).write_bytes(hosts.blobs[path])
+    routes = (hosts.hub.blob(hosts.blobs[hub_path]), hosts.files.routes["/files/tofu.pt"])
+    gets = [r.gets for r in routes]  # the lock asked the URL's size: a GET of its first byte
     result = cli(locked, "refresh-models")
     assert result.exit_code == 0, result.output
     assert "fetched 4 file(s)" in result.output and "adopted 2 already present" in result.output
-    assert hosts.hub.blob(hosts.blobs[hub_path]).gets == 0 and hosts.files.routes["/files/tofu.pt"].gets == 0
+    assert [r.gets for r in routes] == gets
     assert state_models(locked)[hub_path]["sha256"] == sha(hosts.blobs[hub_path])
     assert lock_models(locked)[url_path]["sha256"] == sha(hosts.blobs[url_path])  # pinned from the adopted file
 
