@@ -245,7 +245,8 @@ def refresh_models(obj: Context, prune: bool, dry_run: bool) -> None:
     """Models only: fetch what is missing, repair what fails its checksum, optionally prune."""
     from provision.models import refresh_models as run_refresh
 
-    report = run_refresh(obj.layout, obj.lock_path, prune=prune, dry_run=dry_run, progress=obj.progress)
+    report = run_refresh(obj.layout, obj.lock_path, prune=prune, dry_run=dry_run, progress=obj.progress,
+                         spec_path=obj.spec_path)
     click.echo(report.summary())
 
 

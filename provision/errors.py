@@ -67,9 +67,11 @@ class LockError(ForgeVolumeError):
 
 class StaleLockError(LockError):
     """The spec was edited after locking: the lock no longer describes it. The message names each entry
-    that differs; the hint is the CLI's (the worker gives its own)."""
+    that differs."""
 
     hint = "run `forge-volume lock` to lock what changed, then run this command again"
+    job_hint = ("lock the edited spec on a pod with this volume (the CLI's lock command), or put the "
+                "forge-volume.lock that matches it on the volume, then send the job again")
 
 
 class StateError(ForgeVolumeError):
@@ -140,7 +142,7 @@ class ChecksumError(DownloadError):
 
     hint = (
         "the file changed upstream or the download was corrupted; "
-        "if the change is intended, run `forge-volume lock` again"
+        "if the change is intended, take it with `forge-volume lock --upgrade NAME`"
     )
     job_hint = ("the file changed upstream or the download was corrupted; if the change is intended, "
                 "send the new sha256 (or none) with the job, or update the volume's lock on a pod")

@@ -123,7 +123,7 @@ def _refresh(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) 
     from provision.models import refresh_models
 
     report = refresh_models(layout, layout.lock, prune=_flag(payload, "prune"), dry_run=_flag(payload, "dry_run"),
-                            progress=QUIET)
+                            progress=QUIET, spec_path=layout.spec)
     return {**report.as_dict(), "summary": report.summary()}
 
 

@@ -16,7 +16,7 @@ from filelock import Timeout
 from provision.download import Downloaded, download
 from provision.errors import ChecksumError, ForgeVolumeError
 from provision.hub import Tokens, remote_for
-from provision.lockfile import Lock, LockedModel, read_lock, write_lock
+from provision.lockfile import Lock, LockedModel, check_matches, read_lock, write_lock
 from provision.models import files as mf
 from provision.models.pool import (
     POOL,
@@ -30,6 +30,7 @@ from provision.models.pool import (
 )
 from provision.progress import Progress
 from provision.sources import parse_source, shown_source
+from provision.spec import load_spec
 from provision.volume_lock import hold_volume
 from volume_layout import VolumeLayout
 
@@ -99,7 +100,11 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: 
         except ChecksumError as exc:  # locking again keeps the pin: only an upgrade takes the new file
             upgrade = f"forge-volume lock --upgrade {model.name}"
             raise ChecksumError(exc.message, "the file changed upstream or the download was corrupted; "
-                                f"if the change is intended, take it with `{upgrade}`") from None
+                                f"if the change is intended, take it with `{upgrade}`",
+                                job_hint="the file changed upstream or the download was corrupted; if the change "
+                                f"is intended, lock it again on a pod with this volume (the CLI's lock --upgrade "
+                                f"{model.name}), then send the job again"
+                                ) from None
         finally:
             bar.close()
         mf.save_records(layout, [mf.make_record(layout, path, kind=model.kind, source=model.source,
@@ -183,10 +188,16 @@ def sync_models(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Pro
 
 
 def refresh_models(layout: VolumeLayout, lock_path: Path, *, prune: bool, dry_run: bool, progress: Progress,
-                   tokens: Tokens | None = None) -> ModelsReport:
-    """Fetch what is missing, repair what fails its checksum, optionally prune files the lock does not list."""
+                   tokens: Tokens | None = None, spec_path: Path | None = None) -> ModelsReport:
+    """Fetch what is missing, repair what fails its checksum, optionally prune files the lock does not list.
+
+    With ``spec_path`` (when that file exists), refuses with StaleLockError, naming each entry, when the
+    spec was edited after locking: the lock would not hold a model just added, nor prune spare one removed.
+    """
     require_volume(layout)
     lock = read_lock(lock_path)
+    if spec_path is not None and spec_path.exists():
+        check_matches(load_spec(spec_path), lock, lock_path)
     if dry_run:  # writes nothing, so it need not wait for (or block) a writer
         report = _sync(layout, lock, lock_path, progress, dry_run=True, tokens=tokens)
         if prune:
