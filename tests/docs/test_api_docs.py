@@ -30,6 +30,7 @@ from tests.docs.apidocs import (
     recordings,
 )
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
+from worker.original_defaults import NOT_IN_SCHEMA, TABLE
 from worker.routes import ALIASES, FORGE_ROUTES, HELPER_ROUTES
 
 # The calls the original runpod-worker-forge documented (its docs/api/a1111 and helper pages).
@@ -208,3 +209,20 @@ def test_index_lists_every_call_page() -> None:
     index = (API / "README.md").read_text(encoding="utf-8")
     missing = [p.relative_to(API).as_posix() for p in call_pages() if f"({p.relative_to(API).as_posix()})" not in index]
     assert not missing, f"docs/api/README.md does not link: {missing}"
+
+
+def test_the_defaults_table_is_the_workers() -> None:
+    text = (ROOT / "docs" / "api" / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Defaults for fields you leave out", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, tuple[Any, Any]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        values = tuple(NOT_IN_SCHEMA if c == "" else json.loads(c.strip("`")) for c in cells[1:])
+        for name in re.findall(r"`([a-z_]+)`", cells[0]):
+            documented[name] = values
+    assert set(documented) == set(TABLE)
+    for name, (t2i, i2i) in TABLE.items():
+        for doc, real in zip(documented[name], (t2i, i2i), strict=True):
+            assert doc is real if real is NOT_IN_SCHEMA else (doc == real and type(doc) is type(real)), name
