@@ -34,7 +34,7 @@ DEADLINE = 120.0
 @pytest.fixture
 def server() -> Iterator[FileServer]:
     with FileServer() as srv:
-        # Fast to 60 %, then 64 KiB per 0.1 s: about 4 s left, time enough to stop it there.
+        # Fast to 60 %, then 64 KiB per 0.1 s; the test slows it further while it stops the command.
         srv.add(f"/{NAME}", DATA, delay_per_chunk=0.1, slow_from=0.6)
         yield srv
 
@@ -87,6 +87,8 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
             return bool(temps) and temps[0].stat().st_size >= 0.6 * SIZE
 
         _wait("the download to reach 60 %", at_60)
+        # The rest would now take about 20 s: the command stops well before that, however busy the machine.
+        route.delay_per_chunk = 0.5
         for i, sig in enumerate(signals):
             if i:
                 time.sleep(0.05)
@@ -112,6 +114,7 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
         assert kept[0].name == f".{NAME}.partial"
 
     sent_before = route.bytes_sent
+    route.delay_per_chunk = 0  # the rest at full speed: what is counted is bytes, not time
     again = subprocess.run([FORGE_VOLUME, "--volume", str(with_model), command], env=cli_env,
                            capture_output=True, text=True, timeout=DEADLINE)
     assert again.returncode == 0, again.stderr

@@ -30,7 +30,9 @@ def workers(worker_volume: Path, module_tmp: Path) -> Iterator[dict[str, WorkerP
     envs = {
         "crash": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="crash_at_boot"),
         "hang": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="hang", FORGE_BOOT_TIMEOUT="4"),
-        "slow": worker_env(worker_volume, scratch, FORGE_STANDIN_BOOT_SECONDS="10"),
+        # Forge boots when the test opens the gate (or after 50 s, inside the boot deadline of 60 s).
+        "slow": worker_env(worker_volume, scratch, FORGE_STANDIN_BOOT_SECONDS="50",
+                           FORGE_STANDIN_BOOT_GATE=str(module_tmp / "slow-boot-gate")),
         "exit": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="exit_mid_generation"),
         "wedge": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="wedge_generation",
                             FORGE_REQUEST_TIMEOUT="1.5"),
@@ -63,10 +65,10 @@ def test_helpers_answer_while_forge_boots_and_forge_jobs_wait_for_it(workers: di
     worker = workers["slow"]
     status, _ = timed(worker, VOLUME)
     assert status["status"] == "COMPLETED", status
-    log = worker.log()
-    assert "Forge ready" not in log or log.index(f"{status['id']} | Started") < log.index("Forge ready")
+    assert "Forge ready" not in worker.log()  # Forge boots until the gate opens
+    Path(worker.env["FORGE_STANDIN_BOOT_GATE"]).write_text("go")
     out, _ = timed(worker, SAMPLERS)
-    assert out["status"] == "COMPLETED" and out["output"]
+    assert out["status"] == "COMPLETED" and out["output"]  # it waited for the boot
 
 
 def test_forge_crashing_at_boot_fails_jobs_with_its_last_lines(workers: dict[str, WorkerProc]) -> None:
