@@ -291,7 +291,7 @@ def status(obj: Context, as_json: bool, every_file: bool) -> None:
     from provision.status import format_files, format_status, volume_files, volume_status
 
     report = volume_status(obj.layout)
-    if report["exists"]:
+    if report["exists"] and not report.get("problem"):  # a corrupt state.json: status says so, and no more
         report["model_files"] = volume_files(obj.layout, obj.lock_path, every_file=every_file)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))

@@ -61,6 +61,12 @@ class LockError(ForgeVolumeError):
     """The lock file is missing, unreadable, or no longer matches the spec."""
 
     hint = "run `forge-volume lock` to resolve the spec again"
+
+
+class CorruptLockError(LockError):
+    """The lock file is not a lock (truncated, not JSON): install sets it aside and resolves the spec again."""
+
+    hint = "run `forge-volume install` (it resolves the spec into a new lock), or `forge-volume lock`"
     job_hint = ("the volume's forge-volume.lock is written on a pod with this volume (the CLI's lock command); "
                 "fix it there, then send the job again")
 
@@ -78,6 +84,12 @@ class StateError(ForgeVolumeError):
     """state.json is unreadable or from another layout version."""
 
     hint = "run `forge-volume install` to rebuild the volume's record"
+
+
+class CorruptStateError(StateError):
+    """state.json is not JSON (a truncated write, a full disk): install rebuilds it from the volume."""
+
+    hint = "run `forge-volume install`: it rebuilds the record from what is on the volume, re-downloading nothing"
     job_hint = "the volume's record is rebuilt by an install on a pod with this volume"
 
 

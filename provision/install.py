@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision import checkout_links, gitops, pyenv
-from provision.errors import VolumeError
+from provision import checkout_links, gitops, pyenv, recover
+from provision.errors import CorruptLockError, CorruptStateError, VolumeError
 from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
 from provision.progress import Progress
 from provision.spec import load_spec
@@ -58,8 +58,8 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
     with hold_volume(layout, "install", wait=wait, on_wait=progress.info):
         # Leftovers of an install killed mid-clone; only install uses this folder, under the lock.
         shutil.rmtree(layout.tmp_dir, ignore_errors=True)
-        if lock_path.exists():
-            lock = read_lock(lock_path)
+        lock = _read_lock_or_set_aside(lock_path, report)
+        if lock is not None:
             check_matches(spec, lock, lock_path)
         else:
             from provision.resolve import lock_spec  # network: only when there is no lock yet
@@ -67,11 +67,39 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
             lock = lock_spec(spec, progress)
             write_lock(lock_path, lock)
             report.lock_written = lock_path
+        _recover_state(layout, lock, lock_path, progress, report)
         lock = _run_steps(layout, lock, lock_path, progress, report)
         _record_run(layout, lock, report)
         _keep_copies(layout, spec_path, lock_path)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _read_lock_or_set_aside(lock_path: Path, report: InstallReport) -> Lock | None:
+    """The lock; None when there is none, or when it is corrupt (then it is kept aside, and resolved anew)."""
+    if not lock_path.exists():
+        return None
+    try:
+        return read_lock(lock_path)
+    except CorruptLockError as exc:
+        kept = recover.set_aside(lock_path)
+        report.notes.append(f"the lock was unreadable ({exc.message}); kept it as {kept.name} "
+                            "and resolved the spec into a new one")
+        return None
+
+
+def _recover_state(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
+                   report: InstallReport) -> None:
+    """A corrupt state.json is set aside and rebuilt from what is on the volume (see ``provision.recover``)."""
+    try:
+        read_state(layout)
+    except CorruptStateError as exc:
+        kept = recover.set_aside(layout.state)
+        progress.info(f"==> rebuilding {layout.relative(layout.state)} from the volume ({exc.message})")
+        found = recover.rebuild_state(layout, lock, lock_path, progress)
+        report.notes.append(f"{layout.relative(layout.state)} was unreadable; kept it as {kept.name} and rebuilt "
+                            f"the record from the volume: found in place {', '.join(found) or 'nothing'}; "
+                            "model files are re-checked by size and sha256, and kept when they match")
 
 
 def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,

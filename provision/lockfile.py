@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from provision import __version__
-from provision.errors import LockError, StaleLockError
+from provision.errors import CorruptLockError, LockError, StaleLockError
 from provision.spec import ModelSpec, Spec
 
 LOCK_VERSION = 1
@@ -89,7 +89,7 @@ def lock_from_json(text: str, path: Path) -> Lock:
     except LockError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LockError(f"{path}: not a forge-volume lock file ({type(exc).__name__}: {exc})") from None
+        raise CorruptLockError(f"{path}: not a forge-volume lock file ({type(exc).__name__}: {exc})") from None
 
 
 def read_lock(path: Path) -> Lock:

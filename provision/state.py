@@ -14,7 +14,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from provision.errors import StateError, VolumeBusyError
+from provision.errors import CorruptStateError, StateError, VolumeBusyError
 from provision.lockfile import write_atomic
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
@@ -47,7 +47,7 @@ def read_state(layout: VolumeLayout) -> State | None:
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        raise StateError(f"{layout.state} is corrupt ({exc})") from None
+        raise CorruptStateError(f"{layout.state} is corrupt ({exc})") from None
     version = state.get("layout_version")
     if version != LAYOUT_VERSION:
         raise StateError(
