@@ -24,7 +24,7 @@ from provision import __version__
 from provision.errors import ForgeVolumeError
 from provision.preflight import mount_note, not_a_folder, require_usable
 from provision.progress import Progress
-from volume_layout import VolumeLayout, provisioning_volume
+from volume_layout import MODEL_KIND_DIRS, VolumeLayout, provisioning_volume
 
 
 @dataclass
@@ -207,6 +207,50 @@ def lock(obj: Context, upgrade: tuple[str, ...]) -> None:
     for warning in update.warnings:
         click.echo(warning, err=True)
     for line in update.lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(list(MODEL_KIND_DIRS)), metavar="KIND")
+@click.argument("source")
+@click.option("--name", help="The file name on the volume. Default: from the source (or the server, for a URL "
+              "whose path names no file).")
+@click.option("--sha256", help="The file's sha256, checked at download. Default: the host's, else measured at the "
+              "first download and pinned.")
+@click.option("--no-install", is_flag=True, help="Only add it to the spec and the lock; fetch it later with "
+              "refresh-models.")
+@pass_ctx
+def add(obj: Context, kind: str, source: str, name: str | None, sha256: str | None, no_install: bool) -> None:
+    """Add a model to the spec, lock only it, and fetch it (models only: nothing else is installed).
+
+    KIND is one of: checkpoint, lora, vae, controlnet, upscaler, embedding, hypernetwork,
+    text_encoder, insightface, adetailer, clip_vision. SOURCE is hf://OWNER/REPO/PATH[@REVISION],
+    https://... or civitai://MODEL_VERSION_ID. The spec keeps its comments and layout.
+    """
+    from provision.models.add_remove import add_model
+
+    added = add_model(obj.layout, obj.spec_path, kind=kind, source=source, name=name, sha256=sha256,
+                      progress=obj.progress, install=not no_install)
+    for warning in added.warnings:
+        click.echo(warning, err=True)
+    for line in added.lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--delete", is_flag=True, help="Also delete the model's file from the volume.")
+@pass_ctx
+def remove(obj: Context, name: str, delete: bool) -> None:
+    """Take a model out of the spec and the lock (NAME: its file name, or KIND/NAME); its file stays unless --delete."""
+    from provision.models.add_remove import remove_model
+    from provision.resolve import UnknownEntryError
+
+    try:
+        removed = remove_model(obj.layout, obj.spec_path, name, delete=delete)
+    except UnknownEntryError as exc:
+        raise click.BadParameter(exc.one_line(), param_hint="'NAME'") from None
+    for line in removed.lines():
         click.echo(line)
 
 

@@ -70,7 +70,7 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
         _recover_state(layout, lock, lock_path, progress, report)
         lock = _run_steps(layout, lock, lock_path, progress, report)
         _record_run(layout, lock, report)
-        _keep_copies(layout, spec_path, lock_path)
+        keep_copies(layout, spec_path, lock_path)
     report.seconds = time.monotonic() - started
     return report
 
@@ -153,6 +153,17 @@ def _record(layout: VolumeLayout, name: str, key: str, change: Change | None) ->
     return update_state(layout, record)
 
 
+def record_models_step(layout: VolumeLayout, lock: Lock, *, done_before: Lock | None) -> None:
+    """Record the models step as done for ``lock``, after ``add`` made all its models present (``done_before``
+    None), or after ``remove`` took one out of a lock whose models step was done (``done_before``): a later
+    install or plan then has nothing to do for models."""
+    if done_before is not None:
+        recorded = ((read_state(layout) or {}).get("steps") or {}).get("models") or {}
+        if recorded.get("key") != step_keys(done_before)["models"]:
+            return
+    _record(layout, "models", step_keys(lock)["models"], None)
+
+
 def _warn_if_moved(ctx: Ctx, report: InstallReport) -> None:
     recorded = ctx.state.get("mount_point")
     if recorded and recorded != str(ctx.layout.root) and pyenv.venv_ready(ctx.layout.venv_python):
@@ -170,7 +181,7 @@ def _record_run(layout: VolumeLayout, lock: Lock, report: InstallReport) -> None
         report.notes.append("recorded Forge's launch args and environment for the worker")
 
 
-def _keep_copies(layout: VolumeLayout, spec_path: Path, lock_path: Path) -> None:
+def keep_copies(layout: VolumeLayout, spec_path: Path, lock_path: Path) -> None:
     """The volume keeps the spec and lock it was installed from (when they came from elsewhere)."""
     for source, target in ((spec_path, layout.spec), (lock_path, layout.lock)):
         text = source.read_text(encoding="utf-8")

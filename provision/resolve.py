@@ -67,6 +67,11 @@ def known_names(spec: Spec, previous: Lock | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def model_matches_name(kind: str, name: str | None, wanted: str) -> bool:
+    """Whether ``wanted`` names this model: its file name, or KIND/NAME."""
+    return name is not None and wanted in (name, f"{kind}/{name}")
+
+
 def unknown_name(spec: Spec, previous: Lock | None, wanted: Iterable[str]) -> str | None:
     """The first of ``wanted`` that names no entry of the spec or the lock (UPGRADE_ALL is fine)."""
     known = known_names(spec, previous)

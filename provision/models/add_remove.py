@@ -1,0 +1,192 @@
+"""``forge-volume add`` and ``remove``: one model into (or out of) the spec, the lock and the volume.
+
+``add`` checks its input before the spec is touched, locks only the new entry (every other pin is
+kept, and only the new model's host is asked), then writes the spec (comments and layout kept) and
+the lock, and fetches what the lock now holds and the volume lacks: the models step of install,
+nothing else (Forge, the venv and the extensions are not looked at). ``remove`` takes an entry out of
+the spec and the lock; its file stays on the volume unless ``delete`` is asked.
+Both hold the volume's writer lock, so they never interleave with an install or a refresh.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from provision.download import is_download_temp, partial_path
+from provision.errors import ForgeVolumeError, LockError, SpecError
+from provision.install import keep_copies, record_models_step
+from provision.lockfile import (
+    Lock,
+    LockedModel,
+    check_matches,
+    lock_path_for,
+    pair_models,
+    read_lock,
+    write_atomic,
+    write_lock,
+)
+from provision.models import files as mf
+from provision.models.pool import require_volume
+from provision.models.refresh import ModelsReport, sync_models
+from provision.progress import Progress
+from provision.resolve import Change, UnknownEntryError, model_matches_name, relock
+from provision.sources import parse_source
+from provision.spec import Spec, parse_spec
+from provision.spec_edit import with_model, without_model
+from provision.volume_lock import hold_volume
+from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout, check_file_name, known_kinds
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass
+class Added:
+    change: Change
+    spec_path: Path
+    lock_path: Path
+    warnings: list[str]
+    report: ModelsReport | None  # None with install=False
+
+    def lines(self) -> list[str]:
+        out = [str(self.change), f"wrote {self.spec_path} and {self.lock_path}"]
+        if self.report is not None:
+            out.append(self.report.summary())
+        else:
+            out.append("not fetched: run `forge-volume refresh-models` to put it on the volume")
+        return out
+
+
+@dataclass
+class Removed:
+    model: LockedModel
+    spec_path: Path
+    lock_path: Path
+    deleted: bool
+    present: bool
+
+    def lines(self) -> list[str]:
+        out = [f"model {self.model.path}: removed from {self.spec_path} and {self.lock_path}"]
+        if self.deleted:
+            out.append(f"deleted {self.model.path}")
+        elif self.present:
+            out.append(f"the file stays on the volume ({self.model.path}); `remove --delete` also deletes it, "
+                       "`refresh-models --prune` deletes every file the lock does not list")
+        return out
+
+
+def _locked_spec(spec_path: Path) -> tuple[str, Spec, Lock]:
+    """The spec's text, the spec, and its lock, which must describe it (else an add would lock other edits)."""
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {spec_path} does not exist",
+                        "write one with `forge-volume init --preset sdxl`, or pass --spec FILE") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file {spec_path}: {exc}") from None
+    spec = parse_spec(text, spec_path)
+    lock_path = lock_path_for(spec_path)
+    if not lock_path.exists():
+        raise LockError(f"there is no lock at {lock_path} yet",
+                        "run `forge-volume install` (or `forge-volume lock`) first; add and remove edit a locked spec")
+    lock = read_lock(lock_path)
+    check_matches(spec, lock, lock_path)
+    return text, spec, lock
+
+
+def _entry(kind: str, source: str, name: str | None, sha256: str | None) -> dict[str, Any]:
+    """The new [[models]] table, each value checked (a bad one fails before anything is written)."""
+    if kind not in MODEL_KIND_DIRS:
+        raise SpecError(f"unknown model kind {kind!r}; known kinds: {known_kinds()}", "give one of the known kinds")
+    parse_source(source)  # SourceError names the accepted forms
+    entry: dict[str, Any] = {"kind": kind, "source": source}
+    if name is not None:
+        try:
+            check_file_name(name)
+        except LayoutError as exc:
+            raise SpecError(f"--name {name[:80]!r} is not usable as a file name: {exc}",
+                            "give a plain file name such as my-lora.safetensors") from None
+        if is_download_temp(name) or name.startswith("."):
+            raise SpecError(f"--name {name!r} is a hidden name (the downloader's temporary files look like that)",
+                            "give a plain file name such as my-lora.safetensors")
+        entry["name"] = name
+    if sha256 is not None:
+        if not _SHA256.match(sha256.strip()):
+            raise SpecError(f"--sha256 {sha256[:80]!r} is not 64 hexadecimal digits",
+                            "give the file's sha256, or leave it out: the host's or the first download's is pinned")
+        entry["sha256"] = sha256.strip().lower()
+    return entry
+
+
+def add_model(layout: VolumeLayout, spec_path: Path, *, kind: str, source: str, name: str | None = None,
+              sha256: str | None = None, progress: Progress, install: bool = True) -> Added:
+    """Add one model to the spec and the lock (resolving only it) and, with ``install``, fetch it."""
+    entry = _entry(kind, source, name, sha256)
+    require_volume(layout)
+    lock_path = lock_path_for(spec_path)
+    with hold_volume(layout, "add"):
+        text, spec, lock = _locked_spec(spec_path)
+        model = parse_spec(tomlkit.dumps({"models": [entry]}), spec_path).models[0]  # read as the spec would
+        same = next((m for m in spec.models if m.key == model.key), None)
+        if same is not None:
+            raise SpecError(f"the spec already has the {kind} model {model.name or source!r} "
+                            f"(from {same.source})", "give it another --name, or `forge-volume remove` the old one")
+        new_text = with_model(spec_path, text, entry)
+        new_spec = parse_spec(new_text, spec_path)
+        result = relock(new_spec, lock, progress)  # only the new entry is resolved: the rest matches the lock
+        added = next(c for c in result.changes if c.verb == "added")
+        write_atomic(spec_path, new_text)
+        write_lock(lock_path, result.lock)
+        report = None
+        if install:
+            locked = result.lock.models[-1]
+            try:
+                report = sync_models(layout, result.lock, lock_path, progress)
+            except ForgeVolumeError as exc:
+                exc.hint = (f"{exc.hint}; {locked.path} is in the spec and the lock now: `forge-volume "
+                            f"refresh-models` fetches it, `forge-volume remove {locked.name}` takes it out")
+                raise
+            record_models_step(layout, read_lock(lock_path), done_before=None)
+            keep_copies(layout, spec_path, lock_path)
+    return Added(added, spec_path, lock_path, result.warnings, report)
+
+
+def _find(spec: Spec, lock: Lock, wanted: str) -> tuple[int, LockedModel]:
+    pairs, _ = pair_models(spec.models, lock.models)
+    found = [(i, locked) for i, (_, locked) in enumerate(pairs)
+             if locked is not None and model_matches_name(locked.kind, locked.name, wanted)]
+    if not found:
+        known = ", ".join(f"{m.kind}/{m.name}" for m in lock.models) or "none"
+        raise UnknownEntryError(f"{wanted!r} is not a model of the spec; models: {known}",
+                                "name a model by its file name, or KIND/NAME")
+    if len(found) > 1:
+        raise UnknownEntryError(f"{wanted!r} names {len(found)} models: "
+                                f"{', '.join(f'{m.kind}/{m.name}' for _, m in found)}", "name it as KIND/NAME")
+    return found[0]
+
+
+def remove_model(layout: VolumeLayout, spec_path: Path, wanted: str, *, delete: bool) -> Removed:
+    """Take one model out of the spec and the lock; with ``delete`` also delete its file and partial."""
+    lock_path = lock_path_for(spec_path)
+    require_volume(layout)
+    with hold_volume(layout, "remove"):
+        text, spec, lock = _locked_spec(spec_path)
+        index, locked = _find(spec, lock, wanted)
+        new_text = without_model(spec_path, text, index)
+        parse_spec(new_text, spec_path)
+        new_lock = replace(lock, models=[m for m in lock.models if m is not locked])
+        write_atomic(spec_path, new_text)
+        write_lock(lock_path, new_lock)
+        record_models_step(layout, new_lock, done_before=lock)
+        target = mf.locked_target(layout, locked)
+        present = target.exists()
+        if delete:
+            target.unlink(missing_ok=True)
+            partial_path(target).unlink(missing_ok=True)
+            mf.forget_records(layout, {locked.path})
+        keep_copies(layout, spec_path, lock_path)
+    return Removed(locked, spec_path, lock_path, delete and present, present)
