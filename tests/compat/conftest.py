@@ -1,4 +1,8 @@
-"""A worker on RunPod's local API whose Forge stand-in logs every request it receives."""
+"""A worker on RunPod's local API whose Forge stand-in logs every request it receives.
+
+The worker downloads from a fake Hugging Face hub and a file server on a private loopback
+address it is allowed to reach, for the helper jobs' original forms.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
+from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.worker.conftest import WorkerProc, module_volume, start_worker, worker_env
 
 
@@ -20,6 +26,12 @@ class Compat:
 
     worker: WorkerProc
     log: Path
+    hub: FakeHub
+    files: FileServer
+
+    @property
+    def volume(self) -> Path:
+        return Path(self.worker.env["FORGE_VOLUME"])
 
     def received(self) -> list[dict[str, Any]]:
         if not self.log.exists():
@@ -34,12 +46,18 @@ class Compat:
         return answer, got
 
 
-def _compat(world: World, folder: Path, **env: str) -> Iterator[Compat]:
+def _compat(world: World, folder: Path, **extra: str) -> Iterator[Compat]:
     volume = module_volume(world, folder)
     log = folder / "forge-requests.jsonl"
-    proc = start_worker(worker_env(volume, folder / "scratch", FORGE_STANDIN_RECORD=str(log), **env), folder / "logs")
-    yield Compat(proc, log)
-    proc.stop()
+    with FakeHub() as hub, FileServer(PRIVATE_MODEL_HOST) as files:
+        env = worker_env(volume, folder / "scratch", FORGE_STANDIN_RECORD=str(log), HF_ENDPOINT=hub.endpoint,
+                         HF_HUB_DISABLE_TELEMETRY="1", **PRIVATE_MODELS_ENV, **extra)
+        env.pop("HF_TOKEN", None)
+        proc = start_worker(env, folder / "logs")
+        try:
+            yield Compat(proc, log, hub, files)
+        finally:
+            proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ Each job goes through RunPod's local API to a worker booted from a volume the to
 stand-in logs what reached it. For every generation job the body Forge received must equal the one
 the original worker sent (``original_body``: RunPod's validator on the original schema), except that
 the client's own fields keep the JSON type the client wrote. GETs, options, refreshes and
-interrogate must reach Forge as the same call and come back with Forge's answer.
+interrogate must reach Forge as the same call and come back with Forge's answer. The download and
+sync helpers, in the original's forms, answer with the original's fields and tell Forge to list the
+new models.
 """
 
 from __future__ import annotations
@@ -162,3 +164,40 @@ def test_reactors_documented_model_path_names_the_volumes_model(compat: Compat) 
     here = volume / Path(INSWAPPER).relative_to(SERVERLESS_MOUNT)
     assert here.is_file() and here.resolve() == model.resolve()
     assert here.read_bytes() == model.read_bytes()
+
+
+REFRESHES = [{"method": "POST", "path": f"/sdapi/v1/refresh-{kind}", "query": [], "body": None}
+             for kind in ("checkpoints", "vae", "loras", "embeddings")]
+
+
+def test_download_in_the_original_form_lands_where_the_original_path_names_it(compat: Compat) -> None:
+    weights = b"lora weights " * 100
+    compat.files.add("/loras/detail-tweaker.safetensors", weights)
+    original_path = "/runpod-volume/stable-diffusion-webui-forge/models/Lora/detail-tweaker.safetensors"
+    answer, received = compat.job({"api": {"method": "POST", "endpoint": "/v1/download"}, "payload": {
+        "source_url": compat.files.url("/loras/detail-tweaker.safetensors"), "download_path": original_path}})
+    assert answer["status"] == "COMPLETED", answer
+    output = answer["output"]
+    assert output["msg"] == "Download successful"
+    assert output["source_url"] == compat.files.url("/loras/detail-tweaker.safetensors")
+    assert Path(output["download_path"]).read_bytes() == weights
+    # The original's own path, read on this volume, names the same file (the checkout's models/Lora link).
+    here = compat.volume / Path(original_path).relative_to(SERVERLESS_MOUNT)
+    assert here.read_bytes() == weights and here.resolve() == Path(output["download_path"]).resolve()
+    assert received == REFRESHES  # Forge is told to list the new model
+
+
+def test_sync_in_the_original_form_mirrors_the_repos_folders_into_the_kind_folders(compat: Compat) -> None:
+    files = {"Lora/sync-lora.safetensors": b"l" * 300, "embeddings/sync-embedding.pt": b"e" * 200,
+             "README.md": b"# not a model\n"}
+    compat.hub.add_repo("someone/models-for-forge", files)
+    answer, received = compat.job({"api": {"method": "POST", "endpoint": "/v1/sync"}, "payload": {
+        "repo_id": "someone/models-for-forge", "sync_path": "/runpod-volume/stable-diffusion-webui-forge/models",
+        "hf_token": ""}})
+    assert answer["status"] == "COMPLETED", answer
+    output = answer["output"]
+    assert output["synced_count"] == 2 and len(output["synced_files"]) == 2
+    landed = {Path(p).relative_to(compat.volume / "models").as_posix(): Path(p).read_bytes()
+              for p in output["synced_files"]}
+    assert landed == {k: v for k, v in files.items() if "/" in k}  # root files skipped, as the original did
+    assert received == REFRESHES
