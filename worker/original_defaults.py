@@ -109,7 +109,8 @@ def defaults_for(route: str) -> dict[str, Any]:
     column = _COLUMN.get(route)
     if column is None:
         return {}
-    return {k: copy.deepcopy(v[column]) for k, v in TABLE.items() if v[column] is not NOT_IN_SCHEMA}
+    return {k: copy.deepcopy(v[column]) if isinstance(v[column], (list, dict)) else v[column]
+            for k, v in TABLE.items() if v[column] is not NOT_IN_SCHEMA}
 
 
 def with_defaults(route: str, payload: dict[str, Any]) -> dict[str, Any]:
