@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,16 @@ import requests
 import urllib3.exceptions
 
 from provision import __version__
+from provision.cancel import Watchdog, current_cancel, stall_timeout
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
-from provision.netguard import AddressGuard, AddressRefused, guard_session
+from provision.netguard import AddressGuard, AddressRefused, Sockets, watch_session
 from provision.sources import shown_source
 from provision.stream import OnBytes, Sink
 
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
 MAX_REDIRECTS = 10
+RESERVE_MAX = 1 << 30  # a download of unknown size stops while min(1 GiB, 2 % of the volume) is still free
+RESERVE_SHARE = 2
 ORPHAN_AGE = 300.0  # seconds without a write after which a temporary file's writer is presumed dead
 USER_AGENT = f"forge-volume/{__version__}"
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
@@ -113,6 +117,11 @@ def _check_scheme(url: str) -> None:
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to fetch {display_url(url)!r}: only http and https are allowed, not {scheme!r}",
                             "check the source URL (a redirect to another scheme is refused too)")
+
+
+def disk_reserve(folder: Path) -> int:
+    """Free space a download of unknown size leaves on the volume: 2 % of it, at most 1 GiB."""
+    return min(RESERVE_MAX, shutil.disk_usage(folder).total * RESERVE_SHARE // 100)
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:
@@ -270,12 +279,16 @@ def download(
     timeout: tuple[float, float] = TIMEOUT,
     what: str | None = None,
     guard: AddressGuard | None = None,
+    cancel: threading.Event | None = None,
 ) -> Downloaded:
     """Fetch ``url`` into ``target``: verified against ``sha256``/``size`` when given, then renamed in place.
 
     ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
     ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
-    job named; see ``provision.netguard``).
+    job named; see ``provision.netguard``). ``cancel`` (default: the ambient one, ``provision.cancel``)
+    stops it within a fraction of a second; so does receiving almost nothing for the stall timeout.
+    A server without Content-Length is read only while a reserve of free space remains
+    (``disk_reserve``). Attempts that bring no new bytes are bounded by ``retry.attempts``.
     Raises AuthError, NotFoundError, ChecksumError, DiskFullError or DownloadError; ``target`` is
     untouched unless the whole call succeeds.
     """
@@ -287,7 +300,7 @@ def download(
     try:
         result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
                                 headers=headers or {}, on_bytes=on_bytes, retry=retry, timeout=timeout,
-                                label=label, guard=guard)
+                                label=label, guard=guard, cancel=cancel if cancel is not None else current_cancel())
         os.replace(tmp, target)
         return result
     except (ChecksumError, DiskFullError, AuthError, NotFoundError):
@@ -308,37 +321,46 @@ def download(
 
 def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, size: int | None,
                    credential: Credential | None, headers: dict[str, str], on_bytes: OnBytes | None,
-                   retry: Retry, timeout: tuple[float, float], label: str, guard: AddressGuard | None) -> Downloaded:
+                   retry: Retry, timeout: tuple[float, float], label: str, guard: AddressGuard | None,
+                   cancel: threading.Event | None) -> Downloaded:
     offset = tmp.stat().st_size
     if size is not None and offset > size:
         offset = 0  # a partial longer than the file is not ours to resume
     if size is not None:
         check_free_space(target.parent, size - offset, label)
+    stall = stall_timeout()
+    sockets = Sockets()
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
-        if guard is not None:
-            guard_session(session, guard)
-        attempt = Sink(fh, target.parent, offset, on_bytes)
+        watch_session(session, guard, sockets)
+        attempt = Sink(fh, target.parent, offset, on_bytes, cancel)
         try:
-            return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
-                             headers=headers, retry=retry, timeout=timeout, label=label, guard=guard)
+            with Watchdog(lambda: attempt.transferred, sockets, cancel, stall) as watchdog:
+                return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
+                                 headers=headers, retry=retry, timeout=timeout, label=label, watchdog=watchdog)
         finally:
             attempt.pipe.finish()  # stops its threads whatever happened
 
 
 def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, *, sha256: str | None,
               size: int | None, credential: Credential | None, headers: dict[str, str], retry: Retry,
-              timeout: tuple[float, float], label: str, guard: AddressGuard | None) -> Downloaded:
+              timeout: tuple[float, float], label: str, watchdog: Watchdog) -> Downloaded:
     failures = 0
+    best = attempt.written  # only bytes past the furthest point ever reached count as progress
     fresh_retry_done = False
     while True:
         try:
             _one_request(session, url, attempt, size, credential, headers, timeout, label)
         except _Transient as exc:
-            failures = 0 if exc.progressed else failures + 1
+            watchdog.check(label, attempt.written)  # a cancel or a stall cut the connection: say so
+            if attempt.written > best:
+                best, failures = attempt.written, 0
+            else:  # a 416, an unexpected range or a restart brings nothing new, however often it happens
+                failures += 1
             if failures >= retry.attempts:
-                raise DownloadError(f"{label}: giving up after {retry.attempts} failed attempts: {exc}") from None
-            _backoff(attempt, retry.delay(failures, exc.retry_after))
+                raise DownloadError(f"{label}: giving up after {failures} attempts without new bytes: {exc}") from None
+            _backoff(attempt, retry.delay(failures, exc.retry_after), watchdog, label)
             continue
+        watchdog.check(label, attempt.written)  # a cut connection can look like the end of a body
         # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
         # bound the download by the disk's sync speed. A file torn by a host crash is caught by
         # its size (ext4's ordered mode and NFS's close-to-open never expose unwritten blocks
@@ -355,13 +377,14 @@ def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, 
         raise ChecksumError(f"{label}: {problem}")
 
 
-def _backoff(attempt: Sink, seconds: float) -> None:
-    """Wait before the next attempt in short slices, reporting 0 bytes each time: a caller that cancels
-    through ``on_bytes`` (Ctrl-C on a refresh) stops a download waiting out its retries at once."""
+def _backoff(attempt: Sink, seconds: float, watchdog: Watchdog, label: str) -> None:
+    """Wait before the next attempt in short slices, reporting 0 bytes each time: a cancel (through
+    ``on_bytes`` or the cancel event) or a stall stops a download waiting out its retries at once."""
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
         if attempt.on_bytes is not None:
             attempt.on_bytes(0)
+        watchdog.check(label, attempt.written)
         time.sleep(min(left, 0.1))
 
 
@@ -374,37 +397,35 @@ def _mismatch(written: int, digest: str, size: int | None, sha256: str | None) -
 
 
 class _Transient(Exception):
-    def __init__(self, message: str, progressed: bool, retry_after: str | None = None) -> None:
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
-        self.progressed = progressed
         self.retry_after = retry_after
 
 
 def _one_request(session: requests.Session, url: str, attempt: Sink, size: int | None,
                  credential: Credential | None, headers: dict[str, str], timeout: tuple[float, float],
                  label: str) -> None:
-    before = attempt.written
     offset = attempt.written
     if size is not None and offset == size:
         return  # the kept partial is already whole; only verification remains
     try:
         resp = _open(session, url, offset, credential, headers, timeout)
     except _TRANSIENT as exc:
-        raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}", False) from None
+        raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}") from None
     with resp:
         status = resp.status_code
         if status in _RETRY_STATUS:
-            raise _Transient(f"{display_url(url)} answered HTTP {status}", False, resp.headers.get("Retry-After"))
+            raise _Transient(f"{display_url(url)} answered HTTP {status}", resp.headers.get("Retry-After"))
         if status == 416 and offset:
             attempt.restart()  # our partial does not fit the server's file: start again cleanly
-            raise _Transient(f"{display_url(url)} refused the resume range", True)
+            raise _Transient(f"{display_url(url)} refused the resume range")
         if status not in (200, 206):
             raise _status_error(resp, resp.url, credential, label)
         if status == 206:
             span = _content_range_start(resp)
             if span is None or span[0] != offset:
                 attempt.restart()
-                raise _Transient(f"{display_url(url)} sent an unexpected range", True)
+                raise _Transient(f"{display_url(url)} sent an unexpected range")
             total = span[1]
         else:
             if offset:
@@ -416,10 +437,8 @@ def _one_request(session: requests.Session, url: str, attempt: Sink, size: int |
         if size is None and total is not None:
             check_free_space(attempt.folder, total - attempt.written, label)
         try:
-            attempt.pump(resp, label)
+            attempt.pump(resp, label, reserve=disk_reserve(attempt.folder) if total is None else None)
         except _TRANSIENT as exc:
-            raise _Transient(f"connection lost after {attempt.written:,} bytes ({type(exc).__name__})",
-                             attempt.written > before) from None
+            raise _Transient(f"connection lost after {attempt.written:,} bytes ({type(exc).__name__})") from None
         if total is not None and attempt.written < total:
-            raise _Transient(f"connection closed after {attempt.written:,} of {total:,} bytes",
-                             attempt.written > before)
+            raise _Transient(f"connection closed after {attempt.written:,} of {total:,} bytes")

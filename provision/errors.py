@@ -138,6 +138,12 @@ class DownloadError(ForgeVolumeError):
     job_hint = "check the source and the network, then send the job again: completed bytes are kept and resumed"
 
 
+class DownloadCancelled(DownloadError):
+    """The download was cancelled (RunPod's cancel, a job's timeout, Ctrl-C); its bytes are kept to resume."""
+
+    hint = "run it again to resume"
+
+
 class AuthError(DownloadError):
     """The server refused the download (401/403): token missing or wrong."""
 

@@ -17,8 +17,10 @@ then, only the host and port the job named may be on such a network, not a redir
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,18 +129,48 @@ class AddressGuard:
         return found
 
 
-class _Checked:
-    """Mixed into urllib3's connections: resolve once, check, connect to the checked address."""
+class Sockets:
+    """The sockets a download's session opened, so another thread can cut them (a cancel, a stall):
+    a read blocked on one returns at once instead of waiting out its timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open = [s for s in self._open if s.fileno() != -1]
+            self._open.append(sock)
+
+    def cut(self) -> None:
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched:
+    """Mixed into urllib3's connections: with a guard, resolve once, check, connect to the checked address;
+    every socket is recorded in ``sockets``."""
 
     _dns_host: str
     port: int
     host: str
 
-    def __init__(self, *args: Any, guard: AddressGuard, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, guard: AddressGuard | None = None, sockets: Sockets | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = guard
+        self._sockets = sockets
 
     def _new_conn(self) -> socket.socket:
+        sock = self._guarded_conn() if self._guard is not None else super()._new_conn()  # type: ignore[misc]
+        if self._sockets is not None:
+            self._sockets.add(sock)
+        return sock
+
+    def _guarded_conn(self) -> socket.socket:
+        assert self._guard is not None
         name = self._dns_host
         try:
             addresses = self._guard.resolve(name, self.port)
@@ -157,50 +189,53 @@ class _Checked:
         raise failure
 
 
-class _GuardedHTTPConnection(_Checked, HTTPConnection):
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
     pass
 
 
-class _GuardedHTTPSConnection(_Checked, HTTPSConnection):
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
     pass
 
 
-class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
 
 
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
 
 
-class _GuardedPoolManager(PoolManager):
-    def __init__(self, guard: AddressGuard, **kwargs: Any) -> None:
+class _WatchedPoolManager(PoolManager):
+    def __init__(self, conn_kw: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.guard = guard
-        self.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+        self.conn_kw = conn_kw
+        self.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
     def _new_pool(self, scheme: str, host: str, port: int,
                   request_context: dict[str, Any] | None = None) -> HTTPConnectionPool:
         pool = super()._new_pool(scheme, host, port, request_context)
-        pool.conn_kw["guard"] = self.guard
+        pool.conn_kw.update(self.conn_kw)
         return pool
 
 
-class _GuardedAdapter(HTTPAdapter):
-    def __init__(self, guard: AddressGuard) -> None:
-        self._guard = guard
+class _WatchedAdapter(HTTPAdapter):
+    def __init__(self, conn_kw: dict[str, Any]) -> None:
+        self._conn_kw = conn_kw
         super().__init__()
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         self._pool_connections, self._pool_maxsize, self._pool_block = connections, maxsize, block
-        self.poolmanager = _GuardedPoolManager(self._guard, num_pools=connections, maxsize=maxsize, block=block,
+        self.poolmanager = _WatchedPoolManager(self._conn_kw, num_pools=connections, maxsize=maxsize, block=block,
                                                **pool_kwargs)
 
 
-def guard_session(session: requests.Session, guard: AddressGuard) -> None:
-    """Make every connection ``session`` opens pass ``guard`` (proxies from the environment are not used:
-    the guard judges the address the bytes come from)."""
-    session.trust_env = False
-    adapter = _GuardedAdapter(guard)
+def watch_session(session: requests.Session, guard: AddressGuard | None, sockets: Sockets) -> None:
+    """Record every socket ``session`` opens in ``sockets`` and, with a guard, make each connection pass it.
+
+    A guarded session ignores proxies from the environment: the guard judges the address the bytes
+    come from, which a proxy would hide."""
+    if guard is not None:
+        session.trust_env = False
+    adapter = _WatchedAdapter({"guard": guard, "sockets": sockets})
     session.mount("http://", adapter)
     session.mount("https://", adapter)

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import queue
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import BinaryIO
 
 import requests
 
-from provision.errors import DiskFullError
+from provision.errors import DiskFullError, DownloadCancelled
 
 # Measured on loopback: large enough to amortise Python's per-chunk cost, small enough to stay in
 # the CPU's cache across the three stages (socket copy, write, sha256); 1 MiB costs ~40% more CPU.
@@ -133,8 +134,10 @@ def write_all(fh: BinaryIO, view: memoryview) -> None:
 class Sink:
     """One download's open temporary file, its pipeline and byte counts, across retries."""
 
-    def __init__(self, fh: BinaryIO, folder: Path, offset: int, on_bytes: OnBytes | None) -> None:
+    def __init__(self, fh: BinaryIO, folder: Path, offset: int, on_bytes: OnBytes | None,
+                 cancel: threading.Event | None = None) -> None:
         self.fh = fh
+        self.cancel = cancel
         self.folder = folder
         self.pipe = Pipeline(fh)
         self.written = 0
@@ -160,6 +163,15 @@ class Sink:
         self.written = 0
         self.resumed_from = 0
 
+    def _room(self, reserve: int, what: str) -> int:
+        """Bytes that may still be written before the volume's free space would fall under ``reserve``."""
+        in_flight = self.written - self.fh.tell()  # read but not written yet
+        room = shutil.disk_usage(self.folder).free - reserve - in_flight
+        if room <= CHUNK:
+            raise DiskFullError(f"{what}: stopped after receiving {self.written:,} bytes of a file whose size the "
+                                f"server did not say, to keep {reserve:,} bytes free on the volume")
+        return room
+
     def digest(self) -> str:
         digest = self.pipe.finish()
         self._check_write(self.pipe.error, "")
@@ -173,12 +185,22 @@ class Sink:
                                 f"({os.strerror(error.errno or 0)})".lstrip(": "))
         raise error
 
-    def pump(self, resp: requests.Response, what: str) -> None:
-        """Read the body into the pipeline; on return or error every byte read is on disk."""
+    def pump(self, resp: requests.Response, what: str, reserve: int | None = None) -> None:
+        """Read the body into the pipeline; on return or error every byte read is on disk.
+
+        With ``reserve`` (a body of unknown length) it stops, with DiskFullError, before the volume's
+        free space falls under ``reserve`` bytes; free space is looked up again each time half of the
+        room left at the last look has been written."""
         readinto = reader(resp)
         pipe = self.pipe
+        cancel = self.cancel
+        next_look = self.written if reserve is not None else None
         try:
             while pipe.error is None:
+                if cancel is not None and cancel.is_set():
+                    raise DownloadCancelled(f"{what}: cancelled after {self.written:,} bytes (kept to resume)")
+                if next_look is not None and self.written >= next_look:
+                    next_look = self.written + self._room(reserve or 0, what) // 2
                 buf = pipe.buffer()
                 try:
                     n = readinto(buf)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provision.cancel import stall_timeout
 from provision.errors import ForgeVolumeError
 from provision.netguard import ALLOW_ENV, Network, parse_networks
 from volume_layout import SERVERLESS_MOUNT, worker_volume
@@ -94,6 +95,14 @@ def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
         raise ConfigError(f"{ALLOW_ENV}: {exc}") from None
 
 
+def _check_stall(env: Mapping[str, str]) -> None:
+    """FORGE_DOWNLOAD_STALL_TIMEOUT is read by each download; a bad value fails the worker's boot instead."""
+    try:
+        stall_timeout(env)
+    except ForgeVolumeError as exc:
+        raise ConfigError(exc.message) from None
+
+
 def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MOUNT) -> Settings:
     endpoint = env.get("BUCKET_ENDPOINT_URL") or None
     keys = bool(env.get("BUCKET_ACCESS_KEY_ID")) and bool(env.get("BUCKET_SECRET_ACCESS_KEY"))
@@ -101,6 +110,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         raise ConfigError("BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not",
                           "set all three bucket variables, or none to return images inline")
     scratch = env.get("FORGE_SCRATCH") or tempfile.gettempdir()
+    _check_stall(env)
     return Settings(
         volume=worker_volume(env, serverless_mount).absolute(),
         forge_port=_port(env),

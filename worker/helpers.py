@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import difflib
 import sys
+import threading
 import traceback
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from provision.cancel import cancelling
 from provision.errors import ForgeVolumeError
 from provision.netguard import AddressGuard
 from provision.progress import QUIET
@@ -149,6 +152,24 @@ def scrub(value: Any, secrets: list[str]) -> Any:
     return value
 
 
+CANCEL_GRACE = 5.0  # seconds a cancelled helper's thread gets to stop and free its locks
+
+
+async def _in_thread(work: Callable[..., dict[str, Any]], *args: Any) -> Any:
+    """Run a helper in a thread with a cancel event: when RunPod cancels the job (or it times out), the
+    event stops its downloads and lock waits, and the job ends once the thread let go of its locks."""
+    cancel = threading.Event()
+    with cancelling(cancel):  # the task, and the thread it starts, copy this context
+        thread = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        cancel.set()
+        thread.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: never logged
+        await asyncio.wait({thread}, timeout=CANCEL_GRACE)
+        raise
+
+
 async def run_helper(call: HelperCall, volume_root: Path, settings: Settings) -> dict[str, Any]:
     """Run one helper job; its result, or ``{"error": ...}`` for a caller mistake or a library failure."""
     secrets = [s for s in (*(call.payload.get(k) for k in TOKEN_KEYS), settings.hf_token, settings.civitai_token)
@@ -158,7 +179,7 @@ async def run_helper(call: HelperCall, volume_root: Path, settings: Settings) ->
     layout = VolumeLayout(volume_root)
     try:
         check_keys(call.endpoint, call.payload)
-        result = await asyncio.to_thread(HELPERS[call.endpoint], layout, call.payload, settings)
+        result = await _in_thread(HELPERS[call.endpoint], layout, call.payload, settings)
     except (InputError, LayoutError) as exc:
         return {"error": scrub(f"{call.endpoint}: {exc}", secrets)}
     except ForgeVolumeError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +12,8 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from provision.errors import DownloadError, ForgeVolumeError, VolumeError
+from provision.cancel import cancelling, current_cancel
+from provision.errors import DownloadCancelled, DownloadError, ForgeVolumeError, VolumeError
 from provision.models import files as mf
 from provision.progress import Progress
 from volume_layout import VolumeLayout
@@ -34,13 +37,23 @@ def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
     """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised.
 
     On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
-    next chunk instead of finishing their downloads first.
+    next chunk instead of finishing their downloads first. Each item runs in a copy of the caller's
+    context with ``cancel`` as its cancel event (``provision.cancel``): a download blocked on a silent
+    server is cut too.
     """
-    def guarded(item: T) -> R | ForgeVolumeError:
+    context = contextvars.copy_context()
+
+    def run(item: T) -> R | ForgeVolumeError:
         try:
-            return work(item)
+            if cancel is None:
+                return work(item)
+            with cancelling(cancel):
+                return work(item)
         except ForgeVolumeError as exc:
             return exc
+
+    def guarded(item: T) -> R | ForgeVolumeError:
+        return context.copy().run(run, item)
 
     if not items:
         return []
@@ -81,19 +94,20 @@ class LazyBar:
 
 
 class Bars:
-    """A bar per file plus a total; a cancel flag stops every download at its next chunk."""
+    """A bar per file plus a total; a cancel flag (the job's, when it has one) stops every download at its
+    next chunk."""
 
     def __init__(self, progress: Progress, total: int | None, desc: str = "total") -> None:
         self.progress = progress
         self.total = progress.bar(total, desc, leave=True) if total is not None else None
-        self.cancelled = threading.Event()
+        self.cancelled = current_cancel() or threading.Event()
 
     def file(self, size: int | None, name: str) -> tuple[Any, Callable[[int], None]]:
         bar = self.progress.bar(size, name)
 
         def on_bytes(n: int) -> None:
             if self.cancelled.is_set():
-                raise DownloadError("cancelled")
+                raise DownloadCancelled(f"{name}: cancelled")
             bar.update(n)
             if self.total is not None:
                 self.total.update(n)
@@ -105,15 +119,26 @@ class Bars:
             self.total.close()
 
 
+LOCK_POLL = 0.5  # seconds between two looks at the cancel event while waiting for a target's lock
+
+
 def hold_target(layout: VolumeLayout, path: Path, what: str) -> FileLock:
+    """Take the per-target lock, waiting up to TARGET_LOCK_WAIT; a cancel (``provision.cancel``) ends the wait."""
     lock = mf.target_lock(layout, path)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise DownloadError(f"{what}: another process has been fetching it for {mf.TARGET_LOCK_WAIT / 3600:.0f} h",
-                            "check the other pod or worker; remove its lock file under .forge-volume/locks if it is "
-                            "gone") from None
-    return lock
+    cancel = current_cancel()
+    deadline = time.monotonic() + mf.TARGET_LOCK_WAIT
+    while True:
+        try:
+            lock.acquire(timeout=mf.TARGET_LOCK_WAIT if cancel is None else LOCK_POLL)
+            return lock
+        except Timeout:
+            if cancel is not None and cancel.is_set():
+                raise DownloadCancelled(f"{what}: cancelled while another process was fetching it") from None
+            if time.monotonic() >= deadline:
+                raise DownloadError(f"{what}: another process has been fetching it for "
+                                    f"{mf.TARGET_LOCK_WAIT / 3600:.0f} h",
+                                    "check the other pod or worker; remove its lock file under "
+                                    ".forge-volume/locks if it is gone") from None
 
 
 def require_volume(layout: VolumeLayout) -> None:

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+from filelock import Timeout
+
+from provision.models.files import target_lock
+from volume_layout import VolumeLayout
 
 from .conftest import PAYLOAD_LORA, PAYLOAD_SECRET, PRIVATE_LORA, Fleet, Streams
 from .test_worker_faults import fan_out, one_line_error, result, still_serving
@@ -195,3 +201,43 @@ def test_sources_carrying_credentials_are_never_echoed(fleet: Fleet, streams: St
     body = result(records[-1], streams)
     assert body["output"]["source"] == files.url("/files/signed.safetensors") + "?access=***&X-Amz-Signature=***"
     streams.add_file(fleet.volume / ".forge-volume" / "state.json")
+
+
+def test_a_cancelled_download_job_stops_and_frees_its_lock(fleet: Fleet, streams: Streams) -> None:
+    """Fault (issue 10, hole 7): RunPod cancels a /v1/download job whose server sent one chunk and then
+    went silent (a read blocked for the 60 s read timeout).
+    Expected: the download stops and lets go of its target's lock within seconds (the deadline here
+    only catches a hang: the old worker held it until the read timed out, then went on retrying); the
+    bytes so far are kept as the target's partial; the worker posts nothing for the cancelled job.
+    Checked after: the same target then downloads from a good source on the same worker."""
+    files, worker = fleet.hosts.files, fleet["main"]
+    silent = files.add("/files/silent.safetensors", os.urandom(4 << 20), delay_per_chunk=120)
+    files.add("/files/cancel-target.safetensors", MODEL)
+    layout = VolumeLayout(fleet.volume)
+    target = fleet.volume / "models" / "Lora" / "cancel-target.safetensors"
+    record = worker.submit(download({"source": files.url("/files/silent.safetensors"), "kind": "lora",
+                                     "name": target.name}))
+    deadline = time.monotonic() + 60
+    while silent.bytes_sent == 0:
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.05)
+    time.sleep(0.3)  # the first chunk is in; the read now blocks
+    fleet.platform.cancel(record.job_id)
+    cancelled = time.monotonic()
+    lock = target_lock(layout, target, timeout=20)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise AssertionError("the cancelled download still holds its target's lock after 20 s") from None
+    freed = time.monotonic() - cancelled
+    lock.release()
+    partial = target.with_name(f".{target.name}.partial")
+    deadline = time.monotonic() + 20
+    while not partial.exists():
+        assert time.monotonic() < deadline, "the cancelled download kept no partial"
+        time.sleep(0.05)
+    assert freed < 20 and not target.exists()
+    again = result(worker.run(download({"source": files.url("/files/cancel-target.safetensors"), "kind": "lora",
+                                        "name": target.name}), 60), streams)
+    assert "error" not in again, again
+    assert target.read_bytes() == MODEL and record.result is None

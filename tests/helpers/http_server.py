@@ -30,8 +30,11 @@ class Route:
     drop_times: int = 1  # ...on this many GETs
     ignore_range: bool = False
     wrong_bytes: bool = False  # flip one byte in the middle (same size, other sha256)
-    delay_per_chunk: float = 0.0  # seconds slept between 64 KiB chunks
+    delay_per_chunk: float = 0.0  # seconds slept between chunks
     slow_from: float = 0.0  # ...once this fraction of the file was sent (fast before it)
+    chunk: int = 1 << 16  # bytes per chunk (1 with a delay: a server trickling a byte at a time)
+    refuse_ranges: bool = False  # answer 416 to every Range request
+    wrong_range: bool = False  # answer every Range request with the file's first bytes (206, bytes 0-...)
     redirect: str | None = None  # Location to send (302) instead of the file
     redirect_status: int = 302
     require_token: str | None = None  # 401 unless "Authorization: Bearer <token>"
@@ -116,10 +119,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_file(self, route: Route, head: bool, nth: int) -> None:
         size = route.size
         span = None if route.ignore_range else self._range(size)
-        if span is not None and span[0] >= size:
+        if span is not None and (span[0] >= size or route.refuse_ranges):
             self.reply(416, b"", {"Content-Range": f"bytes */{size}"})
             return
         start, end = span if span is not None else (0, size - 1)
+        if span is not None and route.wrong_range:
+            start, end = 0, min(end - span[0], size - 1)
         self.send_response(206 if span is not None else 200)
         self.send_header("Accept-Ranges", "none" if route.ignore_range else "bytes")
         for key, value in route.headers.items():
@@ -170,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route.wrong_bytes:
                 middle = len(data) // 2
                 data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
-            step = 1 << 16
+            step = route.chunk
             for pos in range(start, stop, step):
                 piece = data[pos:min(pos + step, stop)]
                 self.wfile.write(piece)

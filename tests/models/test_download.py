@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,34 +193,62 @@ def test_not_enough_space_is_refused_before_any_request(server: FileServer, tmp_
 
 
 _CHILD = """
-import subprocess, sys
+import shutil, subprocess, sys
 from pathlib import Path
-folder, url = Path(sys.argv[1]), sys.argv[2]
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], check=True)
-from provision.download import download, Retry
+folder, sized, unsized = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+from provision.download import download, disk_reserve, Retry
 from provision.errors import DiskFullError
 target = folder / "m.bin"
 target.write_bytes(b"old")
+
+def fill(n):  # another writer fills the volume once this download has started
+    if n > 0 and not (folder / "filler").exists():
+        with open(folder / "filler", "wb", buffering=0) as fh:
+            try:
+                while fh.write(b"x" * 4096):
+                    pass
+            except OSError:
+                pass
+
 try:
-    download(url, target, retry=Retry(attempts=1))
+    download(sized, target, retry=Retry(attempts=1), on_bytes=fill, size=300_000)
 except DiskFullError as exc:
-    print("DISKFULL", exc)
+    print("SIZED", exc)
+(folder / "filler").unlink()
+try:
+    download(unsized, target, retry=Retry(attempts=1))
+except DiskFullError as exc:
+    print("UNSIZED", exc)
+    print("RESERVE", disk_reserve(folder), "TOTAL", shutil.disk_usage(folder).total)
 print("LEFT", sorted(p.name for p in folder.iterdir()), target.read_bytes())
 """
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a private tiny tmpfs")
 def test_volume_filling_up_mid_download(server: FileServer, tmp_path: Path) -> None:
-    """A real tiny filesystem (256 KiB tmpfs in a private mount namespace); the server sends no length,
-    so the free-space check cannot catch it up front and the write itself hits ENOSPC."""
-    server.add("/m.bin", DATA, no_length=True)
+    """A real tiny filesystem (1 MiB tmpfs in a private mount namespace).
+
+    A download of known size that another writer's file crowds out hits ENOSPC in its write. A
+    download whose server sends no length (issue 10, hole 11) stops on its own while the reserve
+    (2 % of the volume) is still free, says how much it received and leaves no temporary file."""
+    server.add("/sized.bin", DATA[:300_000], delay_per_chunk=0.05)
+    server.add("/unsized.bin", DATA * 2, no_length=True)
     folder = tmp_path / "tiny"
     folder.mkdir()
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"user namespaces unavailable: {probe.stderr.decode().strip()}")
-    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _CHILD, str(folder), server.url("/m.bin")],
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _CHILD, str(folder), server.url("/sized.bin"),
+                           server.url("/unsized.bin")],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr
-    assert "DISKFULL m.bin: the volume filled up" in done.stdout
+    assert "SIZED m.bin: the volume filled up" in done.stdout, done.stdout
+    unsized = re.search(r"UNSIZED m.bin: stopped after receiving ([\d,]+) bytes of a file whose size the server "
+                        r"did not say, to keep ([\d,]+) bytes free", done.stdout)
+    sizes = re.search(r"RESERVE (\d+) TOTAL (\d+)", done.stdout)
+    assert unsized and sizes, done.stdout
+    received, reserve = (int(g.replace(",", "")) for g in unsized.groups())
+    assert reserve == int(sizes[1]) == int(sizes[2]) * 2 // 100
+    assert 0 < received <= int(sizes[2]) - reserve
     assert "LEFT ['m.bin'] b'old'" in done.stdout

@@ -418,3 +418,49 @@ def test_a_credential_in_a_url_source_stays_in_the_spec_and_lock(installed_volum
             assert secret not in text, text
     assert state_models(installed_volume)["models/embeddings/tofu.pt"]["source"] == shown
     assert url in (installed_volume / "forge-volume.lock").read_text()
+
+
+def test_ctrl_c_stops_a_refresh_blocked_on_a_silent_server(installed_volume: Path, provisioned_world: World,
+                                                           cli_env: dict[str, str]) -> None:
+    """Issue 10, hole 7: the server sends one chunk, then nothing (each worker's read is blocked for the
+    60 s read timeout). Ctrl-C ends the command at once all the same, keeping the bytes to resume."""
+    data = os.urandom(2 << 20)
+    with FileServer() as server:
+        route = server.add("/silent.safetensors", data, delay_per_chunk=120)
+        extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/silent.safetensors")}"\n'
+        (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
+        assert cli(installed_volume, "lock").exit_code == 0
+        gets = route.gets
+        proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
+                                 "refresh-models"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        partial = installed_volume / "models" / "Stable-diffusion" / ".silent.safetensors.partial"
+        try:
+            deadline = time.monotonic() + 60
+            while route.gets == gets or not any(p.name.startswith(".silent") for p in partial.parent.iterdir()):
+                assert time.monotonic() < deadline, "the refresh never started its download"
+                time.sleep(0.02)
+            time.sleep(0.5)  # the first chunk is in; the read blocks now
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)  # far below the read timeout: only catches a hang
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1 and "interrupted" in err, err
+    assert partial.stat().st_size > 0
+
+
+def test_a_trickling_server_fails_the_refresh_as_stalled(installed_volume: Path, provisioned_world: World,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10, hole 7: a server sending a byte every 0.2 s never trips a per-read timeout; with
+    FORGE_DOWNLOAD_STALL_TIMEOUT=1.5 the refresh fails as stalled, naming the variable."""
+    monkeypatch.setenv("FORGE_DOWNLOAD_STALL_TIMEOUT", "1.5")
+    with FileServer() as server:
+        server.add("/trickle.safetensors", os.urandom(1 << 20), chunk=1, delay_per_chunk=0.2)
+        extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/trickle.safetensors")}"\n'
+        (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
+        assert cli(installed_volume, "lock").exit_code == 0
+        result = cli(installed_volume, "refresh-models")
+    assert result.exit_code == 1
+    assert "stalled: less than 64 KiB arrived in 1.5 s" in result.output, result.output
+    assert "FORGE_DOWNLOAD_STALL_TIMEOUT" in result.output

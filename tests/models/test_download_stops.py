@@ -1,0 +1,109 @@
+"""Downloads that must end: a cancel, a server that stalls or trickles, retries that bring nothing new.
+
+Each runs provision.download against a real loopback server that misbehaves; deadlines here only
+catch a hang (they are far below the 60 s read timeout a stuck download would otherwise wait out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provision.cancel import STALL_ENV
+from provision.download import Retry, download, partial_path
+from provision.errors import DownloadCancelled, DownloadError
+from tests.helpers.http_server import FileServer
+
+FAST = Retry(attempts=3, base=0.01, cap=0.05)
+DATA = os.urandom(1 << 20)
+SHA = hashlib.sha256(DATA).hexdigest()
+HANG_DEADLINE = 20.0  # far below the 60 s read timeout: passing it means the stop did not work
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+def in_thread(target: Path, url: str, **kwargs: object) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            download(url, target, retry=FAST, **kwargs)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def wait_until(condition: object, deadline: float = HANG_DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < end, "condition not reached before the deadline"
+        time.sleep(0.02)
+
+
+def test_a_cancel_stops_a_download_blocked_on_a_silent_server(server: FileServer, tmp_path: Path) -> None:
+    """The server sends one chunk, then nothing for a minute: the read is blocked in the kernel.
+    Setting the cancel event cuts the connection at once; the bytes so far are kept to resume."""
+    route = server.add("/m.bin", DATA, delay_per_chunk=60)
+    cancel = threading.Event()
+    target = tmp_path / "m.bin"
+    thread, errors = in_thread(target, server.url("/m.bin"), cancel=cancel)
+    wait_until(lambda: route.bytes_sent > 0 and any(p.name.endswith(".part") for p in tmp_path.iterdir()))
+    cancel.set()
+    thread.join(HANG_DEADLINE)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
+    assert "cancelled" in errors[0].one_line()
+    assert not target.exists() and partial_path(target).exists()
+
+
+def test_a_trickling_server_fails_as_stalled(server: FileServer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One byte every 0.2 s: every read succeeds, so a per-read timeout never fires; the stall rule
+    (less than 64 KiB within FORGE_DOWNLOAD_STALL_TIMEOUT) does."""
+    monkeypatch.setenv(STALL_ENV, "1.5")
+    server.add("/m.bin", DATA, chunk=1, delay_per_chunk=0.2)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"stalled: less than 64 KiB arrived in 1\.5 s") as info:
+        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert time.monotonic() - started < HANG_DEADLINE
+    assert STALL_ENV in info.value.one_line()
+    assert not (tmp_path / "m.bin").exists()
+
+
+def test_a_bad_stall_timeout_is_named(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STALL_ENV, "soon")
+    server.add("/m.bin", DATA)
+    with pytest.raises(Exception, match=f"{STALL_ENV}='soon' is not a positive number of seconds"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert server.requests == []
+
+
+def test_a_server_cutting_every_body_and_refusing_every_range_ends(server: FileServer, tmp_path: Path) -> None:
+    """Every full answer is cut at 60 %, every Range request gets 416: the 416s and restarts bring no new
+    bytes, so the attempts are bounded and the error says why."""
+    route = server.add("/m.bin", DATA, drop_at=0.6, drop_times=1000, refuse_ranges=True)
+    with pytest.raises(DownloadError, match="giving up after 3 attempts without new bytes") as info:
+        download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+    assert "refused the resume range" in info.value.one_line() or "connection closed" in info.value.one_line()
+    assert route.gets <= 2 * FAST.attempts + 1
+
+
+def test_a_server_sending_the_wrong_range_every_time_ends(server: FileServer, tmp_path: Path) -> None:
+    """Every full answer is cut at 50 %, every Range request answered with another range (the start)."""
+    route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=1000, wrong_range=True)
+    with pytest.raises(DownloadError, match="attempts without new bytes"):
+        download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+    assert route.gets <= 2 * FAST.attempts + 1
