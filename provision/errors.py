@@ -61,6 +61,8 @@ class LockError(ForgeVolumeError):
     """The lock file is missing, unreadable, or no longer matches the spec."""
 
     hint = "run `forge-volume lock` to resolve the spec again"
+    job_hint = ("the volume's forge-volume.lock is written on a pod with this volume (the CLI's lock command); "
+                "fix it there, then send the job again")
 
 
 class CorruptLockError(LockError):
@@ -84,6 +86,7 @@ class StateError(ForgeVolumeError):
     """state.json is unreadable or from another layout version."""
 
     hint = "run `forge-volume install` to rebuild the volume's record"
+    job_hint = "the volume's record is rebuilt by an install on a pod with this volume"
 
 
 class CorruptStateError(StateError):
