@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from provision.download import TIMEOUT, USER_AGENT, Credential, display_url
+from provision.download import TIMEOUT, USER_AGENT, Credential, clean_token, display_url, origin_of
 from provision.errors import AuthError, DownloadError, NotFoundError
 from provision.models.names import disposition_name
 from provision.sources import CivitaiSource, HfSource, Source, UrlSource
@@ -56,9 +56,9 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
-def _given(tokens: Tokens | None, *keys: str) -> str | None:
+def _given(tokens: Tokens | None, name: str, *keys: str) -> str | None:
     """A token a caller passed (e.g. from a job payload), under its variable name or its short name."""
-    return next((tokens[k] for k in keys if tokens and tokens.get(k)), None)
+    return next((clean_token(tokens[k], name) for k in (name, *keys) if tokens and tokens.get(k)), None)
 
 
 def _hf_token(tokens: Tokens | None) -> str | None:
@@ -66,12 +66,13 @@ def _hf_token(tokens: Tokens | None) -> str | None:
         return given
     from huggingface_hub import get_token
 
-    return get_token()  # HF_TOKEN from the environment, else the token saved by `hf auth login`
+    # HF_TOKEN from the environment, else the token saved by `hf auth login`
+    return clean_token(os.environ.get("HF_TOKEN"), "HF_TOKEN") or clean_token(get_token(), "HF_TOKEN")
 
 
 def hf_credential(tokens: Tokens | None = None) -> Credential:
-    host = urlsplit(hf_endpoint()).hostname or "huggingface.co"
-    return Credential("HF_TOKEN", (host, "huggingface.co", "hf.co"), _hf_token(tokens))
+    """HF_TOKEN goes to huggingface.co and hf.co over https, and to HF_ENDPOINT's own origin."""
+    return Credential("HF_TOKEN", ("huggingface.co", "hf.co"), _hf_token(tokens), (origin_of(hf_endpoint()),))
 
 
 def civitai_api_base() -> str:
@@ -79,9 +80,8 @@ def civitai_api_base() -> str:
 
 
 def civitai_credential(tokens: Tokens | None = None) -> Credential:
-    token = _given(tokens, "CIVITAI_TOKEN", "civitai") or os.environ.get("CIVITAI_TOKEN") or None
-    host = urlsplit(civitai_api_base()).hostname or "civitai.com"
-    return Credential("CIVITAI_TOKEN", tuple(dict.fromkeys(("civitai.com", host))), token)
+    token = _given(tokens, "CIVITAI_TOKEN", "civitai") or clean_token(os.environ.get("CIVITAI_TOKEN"), "CIVITAI_TOKEN")
+    return Credential("CIVITAI_TOKEN", ("civitai.com",), token, (origin_of(civitai_api_base()),))
 
 
 def url_credential(url: str, tokens: Tokens | None = None) -> Credential | None:
@@ -149,9 +149,10 @@ def resolve_hf(source: HfSource, tokens: Tokens | None = None) -> RemoteFile:
 
     cred = hf_credential(tokens)
     url = hf_file_url(source.repo_id, source.filename, source.revision or "main")
+    token = cred.token if cred.applies_to(url) else None
     meta = _hub_call(str(source), lambda: get_hf_file_metadata(
-        url, token=cred.token or False, timeout=API_TIMEOUT, endpoint=hf_endpoint(), retry_on_errors=True,
-    ), bool(cred.token))
+        url, token=token or False, timeout=API_TIMEOUT, endpoint=hf_endpoint(), retry_on_errors=True,
+    ), bool(token))
     etag = (meta.etag or "").lower()
     commit = meta.commit_hash or source.revision
     return RemoteFile(
@@ -167,9 +168,10 @@ def list_hf_repo(repo_id: str, revision: str | None, tokens: Tokens | None = Non
 
     cred = hf_credential(tokens)
     api = HfApi(endpoint=hf_endpoint())
+    token = cred.token if cred.applies_to(hf_endpoint()) else None
     info = _hub_call(f"hf://{repo_id}", lambda: api.model_info(
-        repo_id, revision=revision, files_metadata=True, timeout=API_TIMEOUT, token=cred.token or False,
-    ), bool(cred.token))
+        repo_id, revision=revision, files_metadata=True, timeout=API_TIMEOUT, token=token or False,
+    ), bool(token))
     if not info.sha:
         raise DownloadError(f"hf://{repo_id}: the hub did not say which commit {revision or 'main'} is")
     entries = [HfEntry(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None, s.blob_id) for s in info.siblings or []]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provision.cancel import stall_timeout
+from provision.download import clean_token
 from provision.errors import ForgeVolumeError
 from provision.netguard import ALLOW_ENV, Network, parse_networks
 from volume_layout import SERVERLESS_MOUNT, worker_volume
@@ -95,6 +96,15 @@ def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
         raise ConfigError(f"{ALLOW_ENV}: {exc}") from None
 
 
+def _token(env: Mapping[str, str], name: str) -> str | None:
+    """A token variable, stripped of surrounding whitespace; one with a control character inside fails the boot
+    (without showing it)."""
+    try:
+        return clean_token(env.get(name), name)
+    except ForgeVolumeError as exc:
+        raise ConfigError(exc.message, f"set {name} to the token alone in the endpoint's secrets") from None
+
+
 def _check_stall(env: Mapping[str, str]) -> None:
     """FORGE_DOWNLOAD_STALL_TIMEOUT is read by each download; a bad value fails the worker's boot instead."""
     try:
@@ -125,6 +135,6 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         bucket_name=env.get("BUCKET_NAME") or None,
         upload=bool(endpoint and keys),
         download_allow_networks=_networks(env),
-        hf_token=env.get("HF_TOKEN") or None,
-        civitai_token=env.get("CIVITAI_TOKEN") or None,
+        hf_token=_token(env, "HF_TOKEN"),
+        civitai_token=_token(env, "CIVITAI_TOKEN"),
     )

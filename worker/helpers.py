@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import sys
 import threading
 import traceback
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.cancel import cancelling
+from provision.download import clean_token
 from provision.errors import ForgeVolumeError
 from provision.netguard import AddressGuard
 from provision.progress import QUIET
@@ -74,9 +76,9 @@ def _flag(payload: dict[str, Any], key: str) -> bool:
 
 
 def _tokens(payload: dict[str, Any], settings: Settings) -> dict[str, str]:
-    tokens = {"hf": _text(payload, "hf_token") or settings.hf_token,
-              "civitai": _text(payload, "civitai_token") or settings.civitai_token}
-    generic = _text(payload, "token")
+    tokens = {"hf": clean_token(_text(payload, "hf_token"), "hf_token") or settings.hf_token,
+              "civitai": clean_token(_text(payload, "civitai_token"), "civitai_token") or settings.civitai_token}
+    generic = clean_token(_text(payload, "token"), "token")
     if generic:  # the original worker's single token field: whichever service the source needs
         tokens = {"hf": generic, "civitai": generic}
     return {k: v for k, v in tokens.items() if v}
@@ -139,8 +141,15 @@ def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -
 HELPERS = {"/v1/download": _download, "/v1/sync": _sync, "/v1/refresh-models": _refresh, "/v1/volume": _status}
 
 
+def secret_forms(secrets: list[str]) -> list[str]:
+    """Each secret as written, stripped, and quoted as Python's repr or JSON would show it (a token with a
+    stray newline appears as ``'Bearer abc\\n'`` in an HTTP library's error), longest first."""
+    forms = {form for s in secrets for form in (s, s.strip(), repr(s)[1:-1], json.dumps(s)[1:-1]) if len(form) >= 4}
+    return sorted(forms, key=len, reverse=True)
+
+
 def scrub(value: Any, secrets: list[str]) -> Any:
-    """``value`` with every secret replaced, wherever a string holds one."""
+    """``value`` with every secret replaced, wherever a string holds one (see ``secret_forms``)."""
     if isinstance(value, str):
         for secret in secrets:
             value = value.replace(secret, "***")
@@ -172,8 +181,8 @@ async def _in_thread(work: Callable[..., dict[str, Any]], *args: Any) -> Any:
 
 async def run_helper(call: HelperCall, volume_root: Path, settings: Settings) -> dict[str, Any]:
     """Run one helper job; its result, or ``{"error": ...}`` for a caller mistake or a library failure."""
-    secrets = [s for s in (*(call.payload.get(k) for k in TOKEN_KEYS), settings.hf_token, settings.civitai_token)
-               if isinstance(s, str) and len(s) >= 4]
+    secrets = secret_forms([s for s in (*(call.payload.get(k) for k in TOKEN_KEYS), settings.hf_token,
+                                        settings.civitai_token) if isinstance(s, str)])
     if not volume_root.is_dir():
         return {"error": f"no volume at {volume_root} (attach the network volume to the endpoint, in its datacenter)"}
     layout = VolumeLayout(volume_root)

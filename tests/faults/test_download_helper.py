@@ -241,3 +241,21 @@ def test_a_cancelled_download_job_stops_and_frees_its_lock(fleet: Fleet, streams
                                         "name": target.name}), 60), streams)
     assert "error" not in again, again
     assert target.read_bytes() == MODEL and record.result is None
+
+
+def test_tokens_with_stray_whitespace_or_control_characters(fleet: Fleet, streams: Streams) -> None:
+    """Fault (issue 10, hole 3): a payload token pasted with a trailing newline, and one with a control
+    character inside (which an HTTP library would refuse, quoting it in its error).
+    Expected: the first is stripped and works; the second fails with a one-line error naming the field,
+    never the token, in the answer or the log (leak guard: neither half of it appears anywhere)."""
+    half = len(PAYLOAD_SECRET) // 2
+    ok, bad = fan_out(fleet, [
+        sync({"repo_id": "org/payload", "kind": "lora", "hf_token": f"  {PAYLOAD_SECRET}\r\n"}),
+        sync({"repo_id": "org/payload", "kind": "lora",
+              "hf_token": f"{PAYLOAD_SECRET[:half]}\n{PAYLOAD_SECRET[half:]}"}),
+    ], HELPER_WORKERS)
+    assert "error" not in result(ok, streams)
+    error = one_line_error(result(bad, streams))
+    assert "hf_token holds a space or a control character" in error, error
+    texts = [error] + [w.log() for w in fleet.workers.values()]
+    assert not any(PAYLOAD_SECRET[:half] in t or PAYLOAD_SECRET[half:] in t for t in texts)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.download import Credential, Retry, download, partial_path
+from provision.download import Credential, Retry, download, origin_of, partial_path
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 from tests.helpers.http_server import FileServer
 
@@ -115,15 +115,16 @@ def test_wrong_bytes_are_rejected_and_the_good_file_stays(server: FileServer, tm
 
 def test_401_names_the_token_variable_and_never_the_token(server: FileServer, tmp_path: Path) -> None:
     server.add("/m.bin", DATA, require_token="right")
-    hosts = ("127.0.0.1",)
+    hosts, origins = ("civitai.com",), (origin_of(server.url("/")),)  # the server plays CIVITAI_API_BASE
     with pytest.raises(AuthError, match="set CIVITAI_TOKEN"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts), retry=FAST)
+        download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, None, origins),
+                 retry=FAST)
     with pytest.raises(AuthError) as info:
         download(server.url("/m.bin"), tmp_path / "m.bin",
-                 credential=Credential("CIVITAI_TOKEN", hosts, "wrong-secret"), retry=FAST)
+                 credential=Credential("CIVITAI_TOKEN", hosts, "wrong-secret", origins), retry=FAST)
     assert "CIVITAI_TOKEN" in str(info.value) and "wrong-secret" not in str(info.value)
     assert "wrong-secret" not in repr(Credential("CIVITAI_TOKEN", hosts, "wrong-secret"))
-    download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, "right"))
+    download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, "right", origins))
     assert (tmp_path / "m.bin").read_bytes() == DATA
     assert leftovers(tmp_path) == []
 
@@ -156,7 +157,7 @@ def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: 
         cdn.add("/blob", DATA)
         # 127.0.0.1 plays civitai.com; the redirect goes to "localhost", another host name.
         server.add("/api/download/1", redirect=cdn.url("/blob", host="localhost"))
-        cred = Credential("CIVITAI_TOKEN", ("127.0.0.1",), "s3cret")
+        cred = Credential("CIVITAI_TOKEN", ("civitai.com",), "s3cret", (origin_of(server.url("/")),))
         download(server.url("/api/download/1"), tmp_path / "m.bin", sha256=SHA, credential=cred, retry=FAST)
         assert server.requests_to("/api/download/1")[0].headers.get("authorization") == "Bearer s3cret"
         assert "authorization" not in cdn.requests_to("/blob")[0].headers
@@ -252,3 +253,30 @@ def test_volume_filling_up_mid_download(server: FileServer, tmp_path: Path) -> N
     assert reserve == int(sizes[1]) == int(sizes[2]) * 2 // 100
     assert 0 < received <= int(sizes[2]) - reserve
     assert "LEFT ['m.bin'] b'old'" in done.stdout
+
+
+@pytest.mark.parametrize(("url", "sent"), [
+    ("https://huggingface.co/org/repo/resolve/main/x", True),
+    ("https://cdn-lfs.huggingface.co/x", True),
+    ("https://huggingface.co:443/x", True),
+    ("http://huggingface.co/x", False),  # clear text
+    ("http://huggingface.co:8080/x", False),
+    ("https://huggingface.co:8443/x", False),  # another port: another service
+    ("https://huggingface.co.evil.example/x", False),
+    ("http://127.0.0.1:5000/x", True),  # the configured endpoint's own origin (a mirror, a test hub)
+    ("http://127.0.0.1:5001/x", False),
+    ("http://localhost:5000/x", False),
+    ("https://huggingface.co:99999/x", False),
+])
+def test_a_token_goes_only_over_https_to_its_hosts_or_to_the_configured_origin(url: str, sent: bool) -> None:
+    """Issue 10, hole 9."""
+    cred = Credential("HF_TOKEN", ("huggingface.co", "hf.co"), "tok", ("http://127.0.0.1:5000",))
+    assert cred.applies_to(url) is sent
+
+
+def test_no_token_over_clear_text_or_to_another_port(server: FileServer, tmp_path: Path) -> None:
+    """A URL on the token's host but over http (or on another port) gets no Authorization header."""
+    server.add("/m.bin", DATA)
+    cred = Credential("HF_TOKEN", ("127.0.0.1",), "s3cret-token")
+    download(server.url("/m.bin"), tmp_path / "m.bin", credential=cred, retry=FAST)
+    assert "authorization" not in server.requests_to("/m.bin")[0].headers

@@ -260,13 +260,23 @@ def test_token_errors_name_the_variable(installed_volume: Path, provisioned_worl
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_value")
     result = cli(installed_volume, "lock")
     assert result.exit_code == 1 and "HF_TOKEN" in result.output and "hf_wrong_value" not in result.output
-    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    # Issue 10, hole 3: a pasted newline is stripped; a control character inside is refused unseen.
+    monkeypatch.setenv("HF_TOKEN", "hf_right\n")
     assert cli(installed_volume, "lock").exit_code == 0
+    monkeypatch.setenv("HF_TOKEN", "hf_ri\nght_secret")
+    spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "hf://org/private/p.safetensors"'
+                                                 '\nname = "again.safetensors"\n'))
+    result = cli(installed_volume, "lock")
+    assert result.exit_code == 1 and "HF_TOKEN holds a space or a control character" in result.output
+    assert "hf_ri" not in result.output and "ght_secret" not in result.output
     monkeypatch.setenv("CIVITAI_TOKEN", "civ-wrong")
     spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "civitai://4242"\n'))
     assert cli(installed_volume, "lock").exit_code == 0
     result = cli(installed_volume, "refresh-models")
     assert result.exit_code == 1 and "CIVITAI_TOKEN" in result.output and "civ-wrong" not in result.output
+    monkeypatch.setenv("CIVITAI_TOKEN", f" {CIVITAI_TOKEN}\r\n")
+    result = cli(installed_volume, "refresh-models")
+    assert result.exit_code == 0, result.output
 
 
 def test_missing_files_are_clear_errors(installed_volume: Path, provisioned_world: World, hosts: Hosts) -> None:
