@@ -313,12 +313,15 @@ def copy_step(args: str, root: Path, workdir: str) -> None:
             shutil.copy2(source, final)
 
 
-def build(root: Path, dockerfile: Path, mirror: str) -> Image:
+def build(root: Path, dockerfile: Path, mirror: str) -> tuple[Image, int]:
+    """Carry out the Dockerfile into ``root``; return the image and the base stand-in's size (apparent bytes)."""
     image = read_image(dockerfile)
     if root.exists() and any(root.iterdir()):
         raise RootfsError(f"{root} is not empty; give a new folder")
     root.mkdir(parents=True, exist_ok=True)
     build_base(image, root, mirror)
+    base_bytes = size(root)[0]
+    print(f"[rootfs] the base stand-in: {base_bytes / 1e6:.1f} MB", flush=True)
     env = dict(base_env(image.base))
     shell = ["/bin/sh", "-c"]
     workdir = "/"
@@ -344,7 +347,7 @@ def build(root: Path, dockerfile: Path, mirror: str) -> Image:
         build_ca.unlink()
         with contextlib.suppress(OSError):
             build_ca.parent.rmdir()
-    return image
+    return image, base_bytes
 
 
 def size(root: Path) -> tuple[int, int]:
@@ -364,12 +367,13 @@ def size(root: Path) -> tuple[int, int]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    build(args.rootfs, args.dockerfile, args.mirror)
+    _, base_bytes = build(args.rootfs, args.dockerfile, args.mirror)
     apparent, disk = size(args.rootfs)
-    summary = {"rootfs": str(args.rootfs), "apparent_bytes": apparent, "disk_bytes": disk,
+    summary = {"rootfs": str(args.rootfs), "apparent_bytes": apparent, "disk_bytes": disk, "base_bytes": base_bytes,
                "build_seconds": round(time.monotonic() - started, 1)}
     print(f"[rootfs] built {args.rootfs} in {summary['build_seconds']} s: {apparent / 1e6:.1f} MB "
-          f"({disk / 1e6:.1f} MB on disk)", flush=True)
+          f"({disk / 1e6:.1f} MB on disk); the Dockerfile's steps added {(apparent - base_bytes) / 1e6:.1f} MB",
+          flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0
