@@ -52,7 +52,7 @@ for _ in $(seq 1 "$load"); do
   python3 -c 'while True: pass' &
   loaders+=("$!")
 done
-echo "soak: $runs run(s) of '$python -m pytest -q $*' beside $load busy loop(s) on $(nproc) core(s); logs in $logs"
+echo "soak: $runs run(s) of '$python -m pytest -q${*:+ $*}' beside $load busy loop(s) on $(nproc) core(s); logs in $logs"
 
 passed=0
 durations=()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,13 @@ from tests.helpers.forge_world import (
 from tests.helpers.gitrepo import Repo
 
 __all__ = ["DATA", "FIXTURES", "extension_files", "spec_text"]
+
+# A suite started in the background (`cmd &` in a script, nohup, some CI runners) inherits SIGINT
+# ignored, and every process it starts would too: the tests that press Ctrl-C on a CLI, a worker or
+# a script would see nothing happen. A handled signal is reset to the default in a child at exec, so
+# handling it here gives each child SIGINT as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Variables from the developer's shell that would leak into a test's behaviour.
 _SCRUB = ("FORGE_VOLUME", "FORGE_PORT", "FORGE_ARGS", "FORGE_BOOT_TIMEOUT", "HF_TOKEN", "CIVITAI_TOKEN",
