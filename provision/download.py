@@ -253,6 +253,46 @@ def _lock_if_free(path: str) -> tuple[int, bool] | None:
     return fd, True
 
 
+def _is_temporary_of(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a temporary ``<prefix><8 hex digits>.part`` (and not another target's, such as
+    ``.x.bin.v2.<hex>.part`` for ``x.bin``)."""
+    middle = name[len(prefix):-len(".part")]
+    return (name.startswith(prefix) and name.endswith(".part") and len(middle) == 8
+            and all(c in "0123456789abcdef" for c in middle))
+
+
+def sweep_leftovers(target: Path) -> list[Path]:
+    """Remove ``target``'s kept partial and its dead writers' temporaries (a live writer holds its flock:
+    left alone); called once ``target`` holds a good file, so no stale partial outlives it. Returns
+    what was removed."""
+    prefix = sibling(target, ".").name
+    mine = prefix + host_tag()
+    cutoff = time.time() - ORPHAN_AGE
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name != partial_path(target).name and not _is_temporary_of(entry.name, prefix):
+            continue
+        got = _lock_if_free(entry.path)
+        if got is None:
+            continue
+        fd, lockable = got
+        try:
+            # Like _claim: a temporary of another machine may have a live writer our flock cannot see.
+            dead = entry.name == partial_path(target).name or (lockable and entry.name.startswith(mine))
+            if dead or entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _claim(target: Path) -> tuple[Path, int]:
     """Our unique temporary file, taking over a kept partial (or a dead process's temporary) if there is
     one, and a descriptor holding its flock (close it when done).
@@ -268,7 +308,7 @@ def _claim(target: Path) -> tuple[Path, int]:
     cutoff = time.time() - ORPHAN_AGE
     orphans = []
     for entry in os.scandir(target.parent):
-        if entry.name.startswith(prefix) and entry.name.endswith(".part") and entry.name != tmp.name:
+        if _is_temporary_of(entry.name, prefix) and entry.name != tmp.name:
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -338,6 +378,7 @@ def download(
                                 headers=headers or {}, on_bytes=on_bytes, retry=retry, timeout=timeout,
                                 label=label, guard=guard, cancel=cancel if cancel is not None else current_cancel())
         os.replace(tmp, target)
+        sweep_leftovers(target)  # e.g. an orphan of a killed run that was not the one resumed
         return result
     except (ChecksumError, DiskFullError, AuthError, NotFoundError):
         raise

@@ -78,6 +78,9 @@ def check_file_name(name: str) -> str:
                           f"U+{ord(bad):04X}")
     if len(name.encode()) > 255:
         raise LayoutError(f"file name {name[:40]!r}... is longer than 255 bytes")
+    if name.startswith(".") and name.endswith((".part", ".partial")):
+        # A download would take such a file for its own temporary and resume from it (issue 10).
+        raise LayoutError(f"{name[:80]!r} is not a usable model name: it looks like a download's temporary file")
     return name
 
 

@@ -150,6 +150,18 @@ def temp_files(layout: VolumeLayout) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+def partials(layout: VolumeLayout) -> list[tuple[str, int]]:
+    """Every download temporary or kept partial under models/ with its size in bytes (volume-relative
+    paths, sorted): what `status` and `verify` report as strays."""
+    found = []
+    for temp in temp_files(layout):
+        try:
+            found.append((layout.relative(temp), temp.lstat().st_size))
+        except FileNotFoundError:
+            continue  # its download just finished or claimed it
+    return sorted(found)
+
+
 def temp_target(temp: Path) -> Path | None:
     """The final path a temporary file belongs to (``.x.safetensors.1a2b3c4d.part`` -> ``x.safetensors``)."""
     name = temp.name[1:]

@@ -13,7 +13,7 @@ from typing import Any
 
 from filelock import Timeout
 
-from provision.download import Downloaded, download
+from provision.download import Downloaded, download, sweep_leftovers
 from provision.errors import ChecksumError, ForgeVolumeError
 from provision.hub import Tokens, remote_for
 from provision.lockfile import Lock, LockedModel, check_matches, read_lock, write_lock
@@ -153,6 +153,8 @@ def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
     mf.save_records(layout, [mf.make_record(layout, c.path, kind=c.model.kind, source=c.model.source,
                                             sha256=str(c.sha256), revision=c.model.revision) for c in adopted])
     report.adopted = [c.model.path for c in adopted]
+    for c in ok:  # a good file needs no partial: a stale one (a killed run's, say) goes
+        sweep_leftovers(c.path)
     pins = [_pin(c.model, c.sha256, c.size) for c in ok if c.model.sha256 is None and c.sha256]
     failures: list[tuple[str, ForgeVolumeError]] = []
     for c, result in zip(todo, _fetch_all(layout, todo, progress, tokens) if todo else [], strict=True):

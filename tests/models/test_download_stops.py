@@ -107,3 +107,45 @@ def test_a_server_sending_the_wrong_range_every_time_ends(server: FileServer, tm
     with pytest.raises(DownloadError, match="attempts without new bytes"):
         download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
     assert route.gets <= 2 * FAST.attempts + 1
+
+
+def test_after_a_success_no_partial_of_the_target_remains(server: FileServer, tmp_path: Path) -> None:
+    """Issue 10, hole 12: a kept partial and the temporaries of two killed runs (their flocks are free);
+    one of them is resumed, the rest would have survived. After the download none remain, while a
+    live writer's temporary (flock held) and another file's temporary stay."""
+    import fcntl
+
+    from provision.download import host_tag
+
+    server.add("/m.bin", DATA)
+    target = tmp_path / "m.bin"
+    tag = host_tag()
+    partial_path(target).write_bytes(os.urandom(1000))
+    dead = [tmp_path / f".m.bin.{tag}{n:04x}.part" for n in (1, 2)]
+    for path in dead:
+        path.write_bytes(DATA[:300_000])
+    live = tmp_path / f".m.bin.{tag}00ff.part"
+    live.write_bytes(DATA[:1000])
+    other = tmp_path / f".m.bin.v2.{tag}0003.part"  # a temporary of another target, m.bin.v2
+    other.write_bytes(b"other")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+        assert target.read_bytes() == DATA
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
+def test_names_like_a_downloads_temporary_are_refused(tmp_path: Path) -> None:
+    """Issue 10, hole 4: a job could plant `.x.safetensors.partial` for the next refresh to complete."""
+    from provision.models import fetch_model
+    from provision.progress import QUIET
+    from volume_layout import LayoutError, VolumeLayout, check_file_name
+
+    for name in (".x.safetensors.partial", ".x.safetensors.1a2b3c4d.part"):
+        with pytest.raises(LayoutError, match="looks like a download's temporary file"):
+            check_file_name(name)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(Exception, match="looks like a download's temporary file"):
+        fetch_model(VolumeLayout(tmp_path), source="https://example.com/x.safetensors", kind="lora",
+                    name=".x.safetensors.partial", progress=QUIET)
+    assert check_file_name("x.partial") == "x.partial" and check_file_name(".hidden.safetensors")

@@ -228,7 +228,8 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
 
     # status changed nothing: prune removes exactly what status announced.
     pruned = cli(locked, "refresh-models", "--prune")
-    assert pruned.exit_code == 0 and "pruned 2 file(s)" in pruned.output and partial.exists()
+    assert pruned.exit_code == 0 and "pruned 2 file(s)" in pruned.output
+    assert not partial.exists()  # its model is good already: a stale partial, removed by the refresh (issue 10)
 
 
 def test_verify_and_plan_as_json(locked: Path, hosts: Hosts) -> None:
@@ -474,3 +475,18 @@ def test_a_trickling_server_fails_the_refresh_as_stalled(installed_volume: Path,
     assert result.exit_code == 1
     assert "stalled: less than 64 KiB arrived in 1.5 s" in result.output, result.output
     assert "FORGE_DOWNLOAD_STALL_TIMEOUT" in result.output
+
+
+def test_refresh_removes_stale_partials_of_good_files(locked: Path, hosts: Hosts) -> None:
+    """Issue 10, hole 12: a partial left beside a file that is already good (a killed run's) is removed by
+    the next refresh-models; files.partials lists strays with their sizes for status and verify."""
+    from provision.models.files import partials
+    from volume_layout import VolumeLayout
+
+    assert cli(locked, "refresh-models").exit_code == 0
+    stale = locked / "models" / "Stable-diffusion" / ".model.safetensors.partial"
+    stale.write_bytes(b"x" * 1234)
+    assert partials(VolumeLayout(locked)) == [("models/Stable-diffusion/.model.safetensors.partial", 1234)]
+    result = cli(locked, "refresh-models")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and partials(VolumeLayout(locked)) == []
