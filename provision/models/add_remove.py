@@ -31,11 +31,11 @@ from provision.lockfile import (
     write_lock,
 )
 from provision.models import files as mf
-from provision.models.pool import require_volume
+from provision.models.pool import human, require_volume
 from provision.models.refresh import ModelsReport, sync_models
 from provision.progress import Progress
 from provision.resolve import Change, UnknownEntryError, model_matches_name, relock
-from provision.sources import parse_source
+from provision.sources import parse_source, shown_source
 from provision.spec import Spec, parse_spec
 from provision.spec_edit import with_model, without_model
 from provision.volume_lock import hold_volume
@@ -54,11 +54,14 @@ class Added:
 
     def lines(self) -> list[str]:
         out = [str(self.change), f"wrote {self.spec_path} and {self.lock_path}"]
-        if self.report is not None:
-            out.append(self.report.summary())
-        else:
-            out.append("not fetched: run `forge-volume refresh-models` to put it on the volume")
-        return out
+        if self.report is None:
+            return [*out, "not fetched: run `forge-volume refresh-models` to put it on the volume"]
+        r = self.report  # the full summary went to the progress output
+        done = [f"fetched {p} ({human(n)})" for p, n in r.fetched + r.repaired] + \
+            [f"found {p} already on the volume" for p in r.adopted] + \
+            [f"pinned {p} at sha256 {s} (measured at its first download)" for p, s in r.pinned]
+        return [*out, *done, f"models: {len(r.fetched) + len(r.repaired)} fetched, {human(r.transferred)} "
+                f"transferred, {r.unchanged} already correct"]
 
 
 @dataclass
@@ -92,7 +95,7 @@ def _locked_spec(spec_path: Path) -> tuple[str, Spec, Lock]:
     lock_path = lock_path_for(spec_path)
     if not lock_path.exists():
         raise LockError(f"there is no lock at {lock_path} yet",
-                        "run `forge-volume install` (or `forge-volume lock`) first; add and remove edit a locked spec")
+                        "run `forge-volume lock` or `forge-volume install` first: add and remove edit a locked spec")
     lock = read_lock(lock_path)
     check_matches(spec, lock, lock_path)
     return text, spec, lock
@@ -133,8 +136,10 @@ def add_model(layout: VolumeLayout, spec_path: Path, *, kind: str, source: str, 
         model = parse_spec(tomlkit.dumps({"models": [entry]}), spec_path).models[0]  # read as the spec would
         same = next((m for m in spec.models if m.key == model.key), None)
         if same is not None:
-            raise SpecError(f"the spec already has the {kind} model {model.name or source!r} "
-                            f"(from {same.source})", "give it another --name, or `forge-volume remove` the old one")
+            what = f"{model.name!r} (from {shown_source(str(same.source))})" if model.name else \
+                f"from {shown_source(source)}"
+            raise SpecError(f"the spec already has the {kind} model {what}",
+                            "give it another --name, or `forge-volume remove` the old one")
         new_text = with_model(spec_path, text, entry)
         new_spec = parse_spec(new_text, spec_path)
         result = relock(new_spec, lock, progress)  # only the new entry is resolved: the rest matches the lock

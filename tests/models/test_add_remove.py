@@ -51,7 +51,7 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
     path = "models/Stable-diffusion/base.safetensors"
     data = hosts.blobs["models/Stable-diffusion/model.safetensors"]
     assert result.stdout.splitlines()[0].startswith(f"model {path}: added from hf://org/sd/model.safetensors")
-    assert "fetched 1 file(s)" in result.stdout
+    assert f"fetched {path} (293.0 KiB)" in result.stdout and "models: 1 fetched" in result.stdout
     assert (locked / path).read_bytes() == data
     assert state_models(locked)[path]["sha256"] == sha(data)
     # The spec: the old text, byte for byte, and the new entry after the last model.
