@@ -250,3 +250,16 @@ def test_a_server_name_without_a_model_suffix_warns_and_a_hostile_one_is_refused
         assert refused.exit_code == 1, refused.output
         assert "cannot be used" in refused.stderr and "add `name = " in refused.stderr, refused.stderr
         assert not (volume / "forge-volume.lock").exists()
+
+
+def test_an_unreadable_lock_is_resolved_afresh_with_a_warning(world: Upstream, volume: Path) -> None:
+    world()
+    assert cli(volume, "lock").exit_code == 0
+    good = _lock(volume)
+    (volume / "forge-volume.lock").write_text('{"lock_version": 1, "forge": {"repo": ')  # cut off mid-write
+    result = cli(volume, "lock")
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr and "not a forge-volume lock file" in result.stderr
+    assert "resolving every entry again" in result.stderr
+    assert "forge: added main" in result.stdout
+    assert _lock(volume) == good
