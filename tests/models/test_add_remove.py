@@ -77,7 +77,8 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
     (["add", "lora", "hf://org/sd/model.safetensors", "--sha256", "abc"], 1, "is not 64 hexadecimal digits"),
     (["add", "lora", "org/sd/model.safetensors"], 1, "has no scheme; accepted forms: hf://"),
     (["add", "lora", "hf://org/sd/model.safetensors", "--name", "../x.safetensors"], 1, "not usable as a file name"),
-    (["add", "lora", "hf://org/sd/model.safetensors", "--name", ".x.safetensors.partial"], 1, "hidden name"),
+    (["add", "lora", "hf://org/sd/model.safetensors", "--name", ".x.safetensors.partial"], 1, "temporary file"),
+    (["add", "lora", "hf://org/sd/model.safetensors", "--name", ".x.safetensors"], 1, "hidden name"),
     (["add", "lora", "hf://org/sd/gone.safetensors"], 1, "no such file in the repository"),
     (["remove", "nothing.safetensors"], 2, "models: embedding/tofu.pt, vae/sd-vae.safetensors"),
 ])
