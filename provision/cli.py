@@ -144,7 +144,8 @@ def _fail(ctx: click.Context, message: str, exc: BaseException | None) -> NoRetu
               help="The volume's mount point. Default: $FORGE_VOLUME, else /workspace.")
 @click.option("--spec", "spec", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The spec file. Default: forge-volume.toml on the volume. The lock sits next to it.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or step lines; errors only.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bars, step lines or command output on stderr: errors only. Results still go to stdout.")
 @click.option("--debug", is_flag=True, help="Show a traceback on errors.")
 @click.version_option(__version__, prog_name="forge-volume")
 @click.pass_context

@@ -113,7 +113,8 @@ class VolumeBusyError(ForgeVolumeError):
 class CommandError(ForgeVolumeError):
     """A subprocess (git, pip, python) failed; the message carries its stderr tail."""
 
-    hint = "read the command's output above; fix the cause and re-run: install resumes where it stopped"
+    hint = ("read the command's output (its last lines above, all of it in the log named); fix the cause and "
+            "re-run: install resumes where it stopped")
 
 
 class UvMissingError(ForgeVolumeError):

@@ -15,9 +15,11 @@ from pathlib import Path
 from provision import checkout_links, gitops, pyenv, recover
 from provision.errors import CorruptLockError, CorruptStateError, VolumeError
 from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.proc import output_to
 from provision.progress import Progress
 from provision.spec import load_spec
 from provision.state import State, now, read_state, update_state
+from provision.steplog import StepLog
 from provision.steps import STEPS, Change, Ctx, dependents, step_keys, why_pending
 from provision.volume_lock import hold_volume
 from volume_layout import VolumeLayout
@@ -29,6 +31,7 @@ class InstallReport:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lock_written: Path | None = None
+    log: Path | None = None  # the install's log on the volume, when a step ran
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -37,6 +40,8 @@ class InstallReport:
         if self.ran:
             lines.append(f"installed in {self.seconds:.1f} s: ran {', '.join(self.ran)}"
                          + (f"; already done: {', '.join(self.skipped)}" if self.skipped else ""))
+            if self.log is not None:
+                lines.append(f"  the steps' whole output: {self.log}")
         else:
             lines.append(f"nothing to do: the volume already matches the lock ({self.seconds:.2f} s)")
         return "\n".join(lines)
@@ -109,6 +114,7 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
     keys = step_keys(lock)
     ran: set[str] = set()
     bar = progress.bar(len(STEPS), "install", unit="step", leave=False)
+    log: StepLog | None = None  # made by the first step that runs: a no-op install writes nothing
     try:
         for step in STEPS:
             reason = why_pending(step, ctx, keys, ran)
@@ -116,9 +122,14 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
                 report.skipped.append(step.name)
                 bar.update(1)
                 continue
+            if log is None:
+                log = StepLog(layout, progress)
+                report.log = log.path
+                progress.info(f"(the whole output of each step goes to {log.path})")
             progress.info(f"==> {step.title} ({reason})")
             for line in step.describe(ctx):
                 progress.info(f"    {line}")
+            log.step(step.title)
             downstream = dependents(step.name)
 
             def forget(state: State, names: list[str] = downstream) -> None:
@@ -127,7 +138,8 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
 
             # Forget downstream records first: if this step fails half way, they must not look done.
             ctx.state = update_state(layout, forget)
-            change = step.run(ctx)
+            with output_to(log):
+                change = step.run(ctx)
             if step.name == "models" and lock.models:
                 # Downloads may pin first-seen checksums into the lock: key on what is locked now.
                 ctx.lock = lock = read_lock(lock_path)
@@ -137,6 +149,8 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
             report.ran.append(step.name)
             bar.update(1)
     finally:
+        if log is not None:
+            log.close()
         bar.close()
     report.notes += ctx.notes
     if ran:

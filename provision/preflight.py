@@ -19,7 +19,7 @@ NOT_A_FOLDER_HINT = "move or delete that file, then re-run; forge-volume creates
 
 def _folders(layout: VolumeLayout) -> list[Path]:
     """Every folder forge-volume creates or reads on the volume, parents before children."""
-    return [layout.meta_dir, layout.locks_dir, layout.tmp_dir, layout.models_dir,
+    return [layout.meta_dir, layout.locks_dir, layout.tmp_dir, layout.logs_dir, layout.models_dir,
             *(layout.kind_dir(kind) for kind in MODEL_KIND_DIRS), layout.config_dir, layout.extensions_dir]
 
 

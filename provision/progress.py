@@ -27,6 +27,10 @@ class Progress:
             with self._lock:
                 tqdm.write(message, file=self.stream)
 
+    def status_line(self) -> StatusLine:
+        """A line under the bars showing the latest output of a running command (terminals only)."""
+        return StatusLine(self)
+
     def bar(self, total: int | None, desc: str, unit: str = "B", leave: bool = False) -> Any:
         """A progress bar; a disabled bar still accepts update() and close()."""
         # No explicit position: tqdm gives each open bar a free line and reuses it once the bar closes.
@@ -35,6 +39,25 @@ class Progress:
             disable=not self.bars, file=self.stream, leave=leave, dynamic_ncols=True,
             mininterval=0.2,
         )
+
+
+class StatusLine:
+    """One terminal line that shows the last line a command printed, replaced as the next one comes."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._bar: Any = None
+        if progress.bars:
+            self._bar = tqdm(total=0, bar_format="    {desc}", file=progress.stream, leave=False,
+                             dynamic_ncols=True, mininterval=0.2)
+
+    def show(self, text: str) -> None:
+        if self._bar is not None:
+            width = (self._bar.ncols or 80) - 5
+            self._bar.set_description_str(" ".join(text.split())[:max(width, 10)])
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 QUIET = Progress(quiet=True)

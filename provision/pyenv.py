@@ -79,7 +79,7 @@ def install_standalone(version: str, install_dir: Path) -> Path:
     # UV_PYTHON_BIN_DIR keeps uv's convenience links on the volume instead of the pod's ~/.local/bin.
     env = {**os.environ, "UV_PYTHON_INSTALL_DIR": str(install_dir), "UV_PYTHON_BIN_DIR": str(install_dir / "bin")}
     run([uv, "python", "install", version, "--install-dir", install_dir], env=env, timeout=1800,
-        what=f"uv python install {version}")
+        what=f"uv python install {version}", stream=True)
     found = find_standalone(version, install_dir)
     if found is None:
         raise CommandError(f"uv reported Python {version} installed, but no interpreter for it is in {install_dir}")
@@ -115,4 +115,4 @@ def pip_install(venv_python: Path, packages: Sequence[str], *, extra_index_url: 
         return
     index = ["--extra-index-url", extra_index_url] if extra_index_url else []
     run([venv_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *index, *packages],
-        timeout=PIP_TIMEOUT, what=what)
+        timeout=PIP_TIMEOUT, what=what, stream=True)

@@ -255,7 +255,7 @@ def _prepare_run(ctx: Ctx) -> None:
     link.symlink_to(os.path.relpath(layout.extensions_dir, layout.prepare_data_dir))
     env = {**os.environ, **ctx.lock.forge.env, "TORCH_COMMAND": torch_command(ctx.lock)}
     run(prepare_argv(layout, ctx.lock.forge.args), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
-        what="Forge's environment preparation (launch.py --exit)")
+        what="Forge's environment preparation (launch.py --exit)", stream=True)
 
 
 def _prepare_describe(ctx: Ctx) -> list[str]:
@@ -345,7 +345,7 @@ def _bytecode_run(ctx: Ctx) -> None:
         targets.append(layout.extensions_dir)
     try:
         run([layout.venv_python, "-m", "compileall", "-q", "-j0", *targets], timeout=COMPILE_TIMEOUT,
-            what="compileall")
+            what="compileall", stream=True)
     except CommandError as exc:
         # Packages ship the odd file that does not compile (templates, py2 leftovers); Python
         # never imports those, so a few failures must not fail the install.

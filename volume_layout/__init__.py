@@ -116,6 +116,15 @@ class VolumeLayout:
         return self.locks_dir / f"{safe}.lock"
 
     @property
+    def logs_dir(self) -> Path:
+        """Install's logs: the whole output of its long steps, one file per run."""
+        return self.meta_dir / "logs"
+
+    def install_log(self, stamp: str) -> Path:
+        """The log of the install started at ``stamp`` (UTC, e.g. 20261206T010203Z)."""
+        return self.logs_dir / f"install-{stamp}.log"
+
+    @property
     def tmp_dir(self) -> Path:
         """Install's scratch on the volume (same filesystem: finished clones move into place with one rename).
 
