@@ -29,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 
-from provision import __version__
+from provision import __version__, resume
 from provision.cancel import Watchdog, current_cancel, stall_timeout
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 from provision.netguard import AddressGuard, AddressRefused, Sockets, watch_session
@@ -401,8 +401,13 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
                    retry: Retry, timeout: tuple[float, float], label: str, guard: AddressGuard | None,
                    cancel: threading.Event | None) -> Downloaded:
     offset = tmp.stat().st_size
-    if size is not None and offset > size:
-        offset = 0  # a partial longer than the file is not ours to resume
+    origin = resume.Origin(resume.source_id(url))
+    if offset:
+        with open(tmp, "rb") as probe:
+            allowed, origin.validator = resume.may_resume(probe.fileno(), url, sha256)
+        if not allowed or (size is not None and offset > size):
+            offset = 0  # another source's, of unknown origin, or longer than the file: not ours to resume
+            os.truncate(tmp, 0)
     if size is not None:
         check_free_space(target.parent, size - offset, label)
     stall = stall_timeout()
@@ -410,6 +415,7 @@ def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, siz
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
         watch_session(session, guard, sockets)
         attempt = Sink(fh, target.parent, offset, on_bytes, cancel)
+        attempt.origin = origin
         try:
             with Watchdog(lambda: attempt.transferred, sockets, cancel, stall) as watchdog:
                 return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
@@ -486,6 +492,9 @@ def _one_request(session: requests.Session, url: str, attempt: Sink, size: int |
     if size is not None and offset == size:
         return  # the kept partial is already whole; only verification remains
     try:
+        validator = attempt.origin.validator if attempt.origin is not None else None
+        if offset and validator:  # the server proves the file is the one our bytes came from, or sends it all
+            headers = {**headers, "If-Range": validator}
         resp = _open(session, url, offset, credential, headers, timeout)
     except _TRANSIENT as exc:
         raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}") from None
@@ -506,7 +515,9 @@ def _one_request(session: requests.Session, url: str, attempt: Sink, size: int |
             total = span[1]
         else:
             if offset:
-                attempt.restart()  # the server ignored Range and sends everything: start over cleanly
+                attempt.restart()  # the server ignored Range, or If-Range said the file changed: start over
+            attempt.origin.validator = resume.validator_of(resp.headers)
+            attempt.origin.write(attempt.fh.fileno())  # before any byte: a killed run's temporary carries it
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         if size is not None and total is not None and total != size:

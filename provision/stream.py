@@ -17,7 +17,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import requests
 
@@ -142,6 +142,7 @@ class Sink:
         self.pipe = Pipeline(fh)
         self.written = 0
         self.resumed_from = offset
+        self.origin: Any = None  # provision.resume.Origin of the bytes (set by the download)
         self.transferred = 0
         self.on_bytes = on_bytes
         if offset:

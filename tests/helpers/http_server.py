@@ -119,6 +119,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_file(self, route: Route, head: bool, nth: int) -> None:
         size = route.size
         span = None if route.ignore_range else self._range(size)
+        if_range = self.headers.get("If-Range")
+        if span is not None and if_range and if_range not in (route.headers.get("ETag"),
+                                                              route.headers.get("Last-Modified")):
+            span = None  # RFC 9110: the validator does not match, so the whole (changed) file is sent
         if span is not None and (span[0] >= size or route.refuse_ranges):
             self.reply(416, b"", {"Content-Range": f"bytes */{size}"})
             return

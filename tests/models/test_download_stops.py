@@ -149,3 +149,49 @@ def test_names_like_a_downloads_temporary_are_refused(tmp_path: Path) -> None:
         fetch_model(VolumeLayout(tmp_path), source="https://example.com/x.safetensors", kind="lora",
                     name=".x.safetensors.partial", progress=QUIET)
     assert check_file_name("x.partial") == "x.partial" and check_file_name(".hidden.safetensors")
+
+
+def test_a_partial_is_never_completed_with_another_sources_bytes(server: FileServer, tmp_path: Path) -> None:
+    """Issue 10, hole 4: a partial left by source A, then a download of the same target from source B
+    (no sha256 known): B's file is fetched whole, never A[:n] + B[n:]."""
+    other = os.urandom(len(DATA))
+    server.add("/a.bin", DATA, drop_at=0.5, drop_times=100, headers={"ETag": '"a1"'})
+    server.add("/b.bin", other, headers={"ETag": '"b1"'})
+    target = tmp_path / "m.bin"
+    with pytest.raises(DownloadError):
+        download(server.url("/a.bin"), target, retry=Retry(attempts=1, base=0.01))
+    assert partial_path(target).stat().st_size == len(DATA) // 2
+    got = download(server.url("/b.bin"), target, retry=FAST)
+    assert target.read_bytes() == other and got.resumed_from == 0
+    assert "range" not in server.requests_to("/b.bin")[0].headers
+
+
+def test_a_resume_proves_the_file_is_unchanged(server: FileServer, tmp_path: Path) -> None:
+    """Same source, but the file changed since the partial: the resume carries If-Range with the ETag
+    first sent, so the server answers the whole new file; with the same ETag it resumes."""
+    new = os.urandom(len(DATA))
+    route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=100, headers={"ETag": '"v1"'})
+    target = tmp_path / "m.bin"
+    with pytest.raises(DownloadError):
+        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
+    server.add("/m.bin", new, headers={"ETag": '"v2"'})  # replaced upstream
+    got = download(server.url("/m.bin"), target, retry=FAST)
+    assert target.read_bytes() == new and got.resumed_from == 0  # the server sent it whole: started over
+    assert server.requests_to("/m.bin")[-1].headers["if-range"] == '"v1"'
+    target.unlink()
+    route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=2, headers={"ETag": '"v1"'})
+    with pytest.raises(DownloadError):
+        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
+    got = download(server.url("/m.bin"), target, retry=FAST)  # unchanged: the resume goes through
+    assert target.read_bytes() == DATA and got.resumed_from == len(DATA) // 2
+    assert route.bytes_sent == len(DATA)  # half, then the other half
+
+
+def test_a_partial_without_proof_starts_over(server: FileServer, tmp_path: Path) -> None:
+    """No validator from the server and no sha256 known: nothing proves the bytes match, so no resume."""
+    server.add("/m.bin", DATA, drop_at=0.5, drop_times=2)
+    target = tmp_path / "m.bin"
+    with pytest.raises(DownloadError):
+        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
+    got = download(server.url("/m.bin"), target, retry=FAST)
+    assert target.read_bytes() == DATA and got.resumed_from == 0

@@ -362,7 +362,8 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
                                                         cli_env: dict[str, str]) -> None:
     data = os.urandom(4 << 20)
     with FileServer() as server:
-        route = server.add("/slow.safetensors", data, delay_per_chunk=0.02)  # 64 chunks of 64 KiB
+        # 64 chunks of 64 KiB; the ETag lets the resume prove the file unchanged (no sha256 is known)
+        route = server.add("/slow.safetensors", data, delay_per_chunk=0.02, headers={"ETag": '"slow-v1"'})
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/slow.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
         assert cli(installed_volume, "lock").exit_code == 0
