@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision import checkout_links, gitops, pyenv
+from provision import checkout_links, forge_reqs, gitops, pyenv
 from provision.errors import CommandError, SpecError
 from provision.lockfile import Lock, write_atomic
 from provision.proc import run
@@ -262,6 +262,33 @@ def _prepare_describe(ctx: Ctx) -> list[str]:
     return ["run Forge's launch.py --exit in the venv (requirements, helper repositories, extension installers)"]
 
 
+# --- Forge's pinned requirements ----------------------------------------------------------------
+
+def _requirements_done(ctx: Ctx) -> bool:
+    try:
+        return not forge_reqs.drift(ctx.layout.venv, forge_reqs.requirements_file(ctx.layout.forge_dir,
+                                                                                   ctx.lock.forge.env))
+    except CommandError:  # the requirements file is gone with the checkout: redo
+        return False
+
+
+def _requirements_run(ctx: Ctx) -> None:
+    restored = forge_reqs.restore(ctx.layout.venv_python, ctx.layout.forge_dir, ctx.lock.forge.env)
+    if restored:
+        ctx.notes.append("restored Forge's pinned requirements over what extension installers installed: "
+                         + ", ".join(map(str, restored)))
+
+
+def _requirements_describe(ctx: Ctx) -> list[str]:
+    path = forge_reqs.requirements_file(ctx.layout.forge_dir, ctx.lock.forge.env)
+    try:
+        off = forge_reqs.drift(ctx.layout.venv, path)
+    except CommandError:
+        off = []  # no checkout yet: prepare runs first
+    what = f"check the venv against Forge's pins in {path.name}"
+    return [what] + ([f"restore {', '.join(map(str, off))}"] if off else [])
+
+
 # --- models -------------------------------------------------------------------------------------
 
 def _models_done(ctx: Ctx) -> bool:
@@ -389,6 +416,11 @@ STEPS: tuple[Step, ...] = (
     Step("prepare", "Forge's environment preparation", ("torch", "forge", "extensions"),
          lambda lock: {"env": lock.forge.env, "args": lock.forge.args, "torch_command": torch_command(lock)},
          _prepare_done, _prepare_run, _prepare_describe),
+    # Extension installers lift packages over Forge's pins during prepare; Forge would put them back
+    # at every boot, but the worker boots with --skip-prepare-environment, so the venv must be right.
+    Step("requirements", "Forge's pinned requirements", ("prepare",),
+         lambda lock: {"reqs_file": lock.forge.env.get("REQS_FILE") or forge_reqs.DEFAULT_REQS_FILE},
+         _requirements_done, _requirements_run, _requirements_describe),
     Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
          _models_done, _models_run, _models_describe),
     Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
@@ -396,7 +428,7 @@ STEPS: tuple[Step, ...] = (
          _config_done, _config_run, _config_describe),
     Step("links", "model links in the checkout", (), lambda lock: {},
          lambda ctx: not checkout_links.problems(ctx.layout), _links_run, _links_describe),
-    Step("bytecode", "bytecode", ("prepare",), lambda lock: {},
+    Step("bytecode", "bytecode", ("requirements",), lambda lock: {},
          _bytecode_done, _bytecode_run,
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),
 )

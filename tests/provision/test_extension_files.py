@@ -76,5 +76,5 @@ def test_a_settings_file_change_reruns_only_the_settings_step(provisioned_world:
     assert "ran config;" in result.output, result.output
     assert not [argv for argv in spawns if any("launch.py" in a for a in argv)]
     after = state_of(installed_volume)["steps"]
-    assert {k: after[k] for k in ("extensions", "prepare", "bytecode")} == \
-        {k: before[k] for k in ("extensions", "prepare", "bytecode")}
+    assert {k: after[k] for k in ("extensions", "prepare", "requirements", "bytecode")} == \
+        {k: before[k] for k in ("extensions", "prepare", "requirements", "bytecode")}

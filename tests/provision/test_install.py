@@ -24,13 +24,18 @@ from tests.helpers.procs import kill_group
 from tests.provision.conftest import cli, git_calls, installed_dists, pip_installs, state_of
 from volume_layout import VolumeLayout
 
-STEPS = ["python", "venv", "torch", "forge", "extensions", "prepare", "models", "config", "links", "bytecode"]
+STEPS = ["python", "venv", "torch", "forge", "extensions", "prepare", "requirements", "models", "config", "links",
+         "bytecode"]
 
 
 def test_fresh_install_builds_everything(provisioned_world: World, installed_volume: Path) -> None:
     world, volume = provisioned_world, installed_volume
     summary = (world.root / "install-summary.txt").read_text()
     assert f"ran {', '.join(STEPS)}" in summary
+    # Forge's built-in ControlNet installer lifted forge-req-dep over Forge's pin (as the real one lifts
+    # numpy); install put the pin back, as Forge's launcher would at every boot, and said so.
+    assert "restored Forge's pinned requirements over what extension installers installed: " \
+           "forge-req-dep 2.0 -> 1.0" in summary
 
     # The lock was written next to the spec, pinning the repositories' current commits.
     lock = json.loads((volume / "forge-volume.lock").read_text())
@@ -87,6 +92,26 @@ def test_second_install_starts_no_process(installed_volume: Path, spawns: list[l
     assert state_of(installed_volume) == before
 
 
+def test_a_venv_lifted_over_forges_pins_is_restored_by_the_next_install(
+        installed_volume: Path, wheelhouse: Path, spawns: list[list[str]]) -> None:
+    venv_python = installed_volume / "venv" / "bin" / "python"
+    subprocess.run([venv_python, "-m", "pip", "install", "-q", "forge-req-dep==2.0"], check=True)
+    assert installed_dists(installed_volume)["forge_req_dep"] == "2.0"
+    spawns.clear()
+
+    result = cli("install")
+
+    assert result.exit_code == 0, result.output
+    assert "ran requirements, bytecode;" in result.stdout  # no second launch.py --exit
+    assert "restored Forge's pinned requirements over what extension installers installed: " \
+           "forge-req-dep 2.0 -> 1.0" in result.stdout
+    assert installed_dists(installed_volume)["forge_req_dep"] == "1.0"
+    # The launcher's own rule: `pip install -r` of Forge's requirements file, not a list of its own.
+    [pip] = pip_installs(spawns)
+    checkout = installed_volume / "stable-diffusion-webui-forge"
+    assert pip[pip.index("-r") + 1] == str(checkout / "requirements_versions.txt")
+
+
 def test_resume_after_a_step_fails_half_way(provisioned_world: World, installed_volume: Path, tmp_path: Path,
                                            spawns: list[list[str]]) -> None:
     marker = tmp_path / "flaky-ran-once"
@@ -112,11 +137,12 @@ def test_resume_after_a_step_fails_half_way(provisioned_world: World, installed_
     spawns.clear()
     resumed = cli("install")
     assert resumed.exit_code == 0, resumed.output
-    assert "ran prepare, bytecode;" in resumed.stdout
+    assert "ran prepare, requirements, bytecode;" in resumed.stdout
     assert (installed_volume / "extensions" / "flaky" / "install-ran.txt").read_text() == "ok"
-    # The installer itself cloned and pip-installed nothing on the second run (launch.py did its own part).
+    # The installer itself cloned and pip-installed nothing on the second run (launch.py did its own part)
+    # but put back the pin the built-in installer lifted again.
     assert git_calls(spawns, "clone", "fetch", "init") == []
-    assert pip_installs(spawns) == []
+    assert [argv for argv in pip_installs(spawns) if "-r" not in argv] == []
 
 
 def test_ref_moved_updates_in_place(provisioned_world: World, installed_volume: Path,
@@ -134,7 +160,8 @@ def test_ref_moved_updates_in_place(provisioned_world: World, installed_volume: 
 
     assert result.exit_code == 0, result.output
     assert "Forge updated at" in result.stdout
-    assert "ran forge, prepare, bytecode;" in result.stdout  # python, venv, torch and extensions untouched
+    # python, venv, torch and extensions untouched
+    assert "ran forge, prepare, requirements, bytecode;" in result.stdout
     assert git(checkout, "rev-parse", "HEAD") == new
     assert (checkout / "NEWS.md").is_file()
     assert (checkout / ".git").stat().st_ino == git_dir_inode  # updated, not re-cloned
@@ -206,7 +233,7 @@ def test_installation_problems_names_each_mismatch_and_install_repairs_them(inst
 
     assert result.exit_code == 0, result.output
     # A new venv invalidates everything built into the old one: torch, extension packages, preparation.
-    assert "ran venv, torch, forge, extensions, prepare, bytecode;" in result.stdout
+    assert "ran venv, torch, forge, extensions, prepare, requirements, bytecode;" in result.stdout
     assert installation_problems(layout, lock) == []
     assert installed_dists(installed_volume).items() >= {"fake_torch": "1.0", "ext_extra": "1.0"}.items()
 
@@ -252,7 +279,7 @@ def test_two_installs_at_once_never_interleave(provisioned_world: World, install
         gate.write_text("go")
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, err
-        assert "ran extensions, prepare, bytecode" in out
+        assert "ran extensions, prepare, requirements, bytecode" in out
         out, err = waiter.communicate(timeout=120)
         assert waiter.returncode == 0, err
         assert "nothing to do" in out  # it ran after the first, and found the work done

@@ -61,7 +61,8 @@ def test_plan_lists_what_a_changed_lock_would_do(provisioned_world: World, insta
     assert "extensions (the lock changed):" in lines
     assert "  remove extension ext-two (no longer in the lock)" in lines
     assert "prepare (forge changes):" in lines
-    assert "bytecode (prepare changes):" in lines
+    assert "requirements (prepare changes):" in lines
+    assert "bytecode (requirements changes):" in lines
     assert not any(line.startswith(("python", "venv", "torch", "config")) for line in lines)
     assert snapshot(installed_volume) == before  # plan wrote nothing
     assert (checkout / "NEWS.md").exists() is False
@@ -74,8 +75,8 @@ def test_plan_on_a_fresh_volume_with_a_lock_lists_every_step(provisioned_world: 
     result = cli("plan")
     assert result.exit_code == 0, result.output
     steps = [line.split(" (")[0] for line in result.stdout.splitlines() if not line.startswith("  ")]
-    assert steps == ["python", "venv", "torch", "forge", "extensions", "prepare", "models", "config", "links",
-                     "bytecode"]
+    assert steps == ["python", "venv", "torch", "forge", "extensions", "prepare", "requirements", "models", "config",
+                     "links", "bytecode"]
     assert "  pip install fake-torch into the venv" in result.stdout
     assert "  clone extension ext-one at" in result.stdout
     assert sorted(p.name for p in volume.iterdir()) == ["forge-volume.lock", "forge-volume.toml"]
