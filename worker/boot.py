@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from provision.errors import ForgeVolumeError
+from provision.forge_launch import Launch, find_tcmalloc, forge_command, prepare_scratch
+from provision.forge_process import ForgeProcess
 from volume_layout import worker_volume
 from worker.config import ConfigError, Settings, load_settings
-from worker.forge_process import ForgeProcess, find_tcmalloc, forge_command, prepare_scratch
 from worker.handler import Worker
 from worker.proxy import Proxy
 from worker.volume import check_volume, link_mount_point
@@ -47,8 +48,11 @@ def build_worker(env: Mapping[str, str]) -> Worker:
         return worker
     if link:
         say(f"linked {link} -> {volume.layout.root} (the volume was provisioned at {link})")
-    forge_scratch = prepare_scratch(volume, scratch / "forge")
-    command = forge_command(volume, settings, forge_scratch, env, find_tcmalloc())
+    forge_scratch = prepare_scratch(volume.layout, scratch / "forge")
+    launch = Launch(spec_args=tuple(volume.forge_args), spec_env=volume.forge_env,
+                    extra_args=tuple(settings.forge_args), port=settings.forge_port, tcmalloc=find_tcmalloc(),
+                    passthrough=settings.env_passthrough)
+    command = forge_command(volume.layout, forge_scratch, env, launch)
     say(f"starting Forge: {' '.join(command.argv)}")
     forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout)
     forge.start()

@@ -6,6 +6,7 @@ A bad value raises ``ConfigError``; the worker then serves and fails every job w
 
 from __future__ import annotations
 
+import re
 import shlex
 import tempfile
 from collections.abc import Mapping
@@ -15,10 +16,10 @@ from pathlib import Path
 from provision.cancel import stall_timeout
 from provision.download import clean_token
 from provision.errors import ForgeVolumeError
+from provision.forge_launch import DEFAULT_PORT, secret_name
 from provision.netguard import ALLOW_ENV, Network, parse_networks
 from volume_layout import SERVERLESS_MOUNT, worker_volume
 
-DEFAULT_PORT = 7861
 MB = 1_000_000
 
 
@@ -35,6 +36,7 @@ class Settings:
     boot_timeout: float = 600.0  # FORGE_BOOT_TIMEOUT: seconds from boot until Forge must answer
     request_timeout: float = 3600.0  # FORGE_REQUEST_TIMEOUT: a Forge request taking longer means Forge is wedged
     forge_args: list[str] = field(default_factory=list)  # FORGE_ARGS, appended after the spec's args
+    env_passthrough: tuple[str, ...] = ()  # FORGE_ENV_PASSTHROUGH: more variables Forge may see
     result_limit: int = 20 * MB  # FORGE_RESULT_LIMIT_MB: RunPod rejects larger job outputs
     progress_interval: float = 1.0  # FORGE_PROGRESS_INTERVAL: seconds between progress updates
     original_defaults: bool = True  # FORGE_DEFAULTS: "original" (the old worker's, for absent fields) or "forge"
@@ -113,6 +115,17 @@ def _check_stall(env: Mapping[str, str]) -> None:
         raise ConfigError(exc.message) from None
 
 
+def _passthrough(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = tuple(n for n in re.split(r"[,\s]+", env.get("FORGE_ENV_PASSTHROUGH", "")) if n)
+    secret = [n for n in names if secret_name(n)]
+    if secret:
+        raise ConfigError(f"FORGE_ENV_PASSTHROUGH names {', '.join(secret)}: the worker never passes "
+                          "tokens, keys or credentials to Forge",
+                          "remove them from FORGE_ENV_PASSTHROUGH (the helpers read HF_TOKEN and CIVITAI_TOKEN "
+                          "themselves)")
+    return names
+
+
 def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MOUNT) -> Settings:
     endpoint = env.get("BUCKET_ENDPOINT_URL") or None
     keys = bool(env.get("BUCKET_ACCESS_KEY_ID")) and bool(env.get("BUCKET_SECRET_ACCESS_KEY"))
@@ -127,6 +140,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         boot_timeout=_number(env, "FORGE_BOOT_TIMEOUT", 600.0),
         request_timeout=_number(env, "FORGE_REQUEST_TIMEOUT", 3600.0),
         forge_args=_args(env),
+        env_passthrough=_passthrough(env),
         result_limit=int(_number(env, "FORGE_RESULT_LIMIT_MB", 20.0) * MB),
         progress_interval=_number(env, "FORGE_PROGRESS_INTERVAL", 1.0),
         original_defaults=_defaults(env),

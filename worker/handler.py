@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
+from provision.forge_process import READY, ForgeProcess, ForgeUnavailable
 from worker import outputs
 from worker.config import Settings
-from worker.forge_process import READY, ForgeProcess, ForgeUnavailable
 from worker.helpers import run_helper, scrub
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
 from worker.progress import Reporter, log_reporter, report_progress

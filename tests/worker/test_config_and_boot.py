@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from provision.errors import StateError, VolumeError
+from provision.forge_launch import ForgeCommand, Launch, Scratch, forge_command
+from provision.forge_process import READY, ForgeProcess, ForgeUnavailable
 from tests.helpers.timing import PROMPT
 from tests.worker.conftest import free_port
 from volume_layout import LAYOUT_VERSION, VolumeLayout
-from worker.config import ConfigError, Settings, load_settings
-from worker.forge_process import READY, ForgeCommand, ForgeProcess, ForgeUnavailable, Scratch, forge_command
+from worker.config import ConfigError, load_settings
 from worker.volume import Volume, check_volume, link_mount_point
 
 
@@ -61,8 +62,9 @@ def test_forge_command_is_api_only_on_loopback_with_scratch_and_volume_models(tm
     volume = fake_volume(tmp_path / "vol", forge_args=["--always-cpu"], forge_env={"XFORMERS_PACKAGE": "x==1"})
     scratch = Scratch(tmp_path / "scratch")
     base = {"PATH": "/usr/bin", "HF_TOKEN": "hf_x", "BUCKET_SECRET_ACCESS_KEY": "s", "RUNPOD_AI_API_KEY": "k"}
-    cmd = forge_command(volume, Settings(volume=volume.layout.root, forge_args=["--xformers"]), scratch, base,
-                        tcmalloc="/usr/lib/libtcmalloc_minimal.so.4")
+    cmd = forge_command(volume.layout, scratch, base, Launch(
+        spec_args=tuple(volume.forge_args), spec_env=volume.forge_env, extra_args=("--xformers",),
+        tcmalloc="/usr/lib/libtcmalloc_minimal.so.4"))
     layout = volume.layout
     assert cmd.argv[:2] == [str(layout.venv_python), str(layout.launch_py)]
     for flag in ("--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
@@ -80,13 +82,36 @@ def test_forge_command_is_api_only_on_loopback_with_scratch_and_volume_models(tm
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["XFORMERS_PACKAGE"] == "x==1"
     assert env["LD_PRELOAD"] == "/usr/lib/libtcmalloc_minimal.so.4"
     assert env["HF_HOME"].startswith(str(scratch.root)) and env["TMPDIR"] == str(scratch.tmp)
-    assert env["PATH"].startswith(str(layout.venv / "bin")) and env["HF_TOKEN"] == "hf_x"
-    assert "BUCKET_SECRET_ACCESS_KEY" not in env and "RUNPOD_AI_API_KEY" not in env
+    assert env["PATH"].startswith(str(layout.venv / "bin")) and env["GIT_PYTHON_REFRESH"] == "quiet"
+    assert not {"HF_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"} & set(env)
+
+
+def test_forge_gets_an_allow_listed_environment_never_a_token(tmp_path: Path) -> None:
+    base = {"PATH": "/usr/bin", "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "UTC",
+            "CUDA_VISIBLE_DEVICES": "0", "NVIDIA_VISIBLE_DEVICES": "all", "PYTORCH_CUDA_ALLOC_CONF": "x",
+            "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64", "OMP_NUM_THREADS": "4", "MY_SETTING": "pass me",
+            "HF_TOKEN": "hf_x", "CIVITAI_TOKEN": "c", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+            "BUCKET_ENDPOINT_URL": "u", "RUNPOD_API_KEY": "r", "RUNPOD_POD_ID": "p", "GITHUB_TOKEN": "g",
+            "CUDA_API_KEY": "looks like a secret", "OPENAI_API_KEY": "o", "DATABASE_URL": "d", "PYTHONPATH": "/x"}
+    cmd = forge_command(fake_volume(tmp_path).layout, Scratch(tmp_path / "s"), base,
+                        Launch(spec_env={"XFORMERS_PACKAGE": "x==1"}, passthrough=("MY_SETTING",)))
+    passed = {k for k in base if k in cmd.env and k != "PATH"}
+    assert passed == {"HOME", "LANG", "LC_ALL", "TZ", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+                      "PYTORCH_CUDA_ALLOC_CONF", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MY_SETTING"}
+    assert cmd.env["XFORMERS_PACKAGE"] == "x==1"  # the spec's env is written for Forge
+    assert not any(value in {"hf_x", "c", "a", "b", "r", "g", "o", "d"} for value in cmd.env.values())
+
+
+def test_env_passthrough_never_names_a_secret(tmp_path: Path) -> None:
+    settings = load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_ENV_PASSTHROUGH": "MY_SETTING, OTHER"})
+    assert settings.env_passthrough == ("MY_SETTING", "OTHER")
+    with pytest.raises(ConfigError, match=r"FORGE_ENV_PASSTHROUGH names HF_TOKEN, AWS_REGION: the worker never"):
+        load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_ENV_PASSTHROUGH": "MY_SETTING HF_TOKEN,AWS_REGION"})
 
 
 def test_a_port_other_than_7861_is_passed(tmp_path: Path) -> None:
     volume = fake_volume(tmp_path)
-    cmd = forge_command(volume, Settings(volume=tmp_path, forge_port=7000), Scratch(tmp_path / "s"), {})
+    cmd = forge_command(volume.layout, Scratch(tmp_path / "s"), {}, Launch(port=7000))
     assert cmd.argv[cmd.argv.index("--port") + 1] == "7000" and "LD_PRELOAD" not in cmd.env
 
 

@@ -1,8 +1,8 @@
-"""Forge as a child process: its command line, its scratch, its log, and whether it is ready.
+"""Forge as a child process: its log, and whether it is ready.
 
-``forge_command`` is a pure function of the volume, the settings and a base environment.
-``ForgeProcess`` starts it, passes every output line to the worker's stdout (RunPod's log stream)
-while keeping the last lines for error messages, and watches it: readiness is polled every
+``ForgeProcess`` starts a ``ForgeCommand`` (``provision.forge_launch``), passes every output line on
+(the worker's stdout: RunPod's log stream) while keeping the last lines for error messages, and
+watches it: readiness is polled every
 10 ms with a deadline, and an exit is noticed at once. Nothing here writes to the volume.
 """
 
@@ -13,28 +13,19 @@ import collections
 import contextlib
 import ctypes
 import http.client
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 from provision.errors import ForgeVolumeError
-from worker.config import DEFAULT_PORT, Settings
-from worker.volume import Volume
+from provision.forge_launch import ForgeCommand
 
 PROBE_ROUTE = "/sdapi/v1/samplers"  # cheap: no model scan; Forge has no health route in API-only mode
 PROBE_INTERVAL = 0.01
 LOG_LINES = 200
-TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-            "/usr/lib/libtcmalloc_minimal.so.4")
-# The worker's own secrets and RunPod's plumbing: Forge has no use for them.
-PRIVATE_PREFIXES = ("BUCKET_", "RUNPOD_")
 
 BOOTING, READY, EXITED, BOOT_TIMEOUT, NOT_STARTED = "booting", "ready", "exited", "boot_timeout", "not_started"
 
@@ -47,89 +38,6 @@ class ForgeUnavailable(ForgeVolumeError):
     def __init__(self, message: str, log: list[str]) -> None:
         super().__init__(message)
         self.log = log
-
-
-@dataclass(frozen=True)
-class Scratch:
-    """Per-worker folders on local disk for everything Forge writes."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
-
-
-@dataclass(frozen=True)
-class ForgeCommand:
-    argv: list[str]
-    env: dict[str, str]
-    cwd: Path
-
-
-def forge_command(volume: Volume, settings: Settings, scratch: Scratch, base_env: Mapping[str, str],
-                  tcmalloc: str | None = None) -> ForgeCommand:
-    """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume."""
-    layout = volume.layout
-    argv = [
-        str(layout.venv_python), str(layout.launch_py),
-        "--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
-        "--no-download-sd-model", "--server-name", "127.0.0.1",
-        "--data-dir", str(scratch.data),
-        "--models-dir", str(layout.models_dir),
-        # --data-dir would move these two into the scratch; they are models, so they stay on the volume.
-        "--embeddings-dir", str(layout.kind_dir("embedding")),
-        "--hypernetwork-dir", str(layout.kind_dir("hypernetwork")),
-    ]
-    if settings.forge_port != DEFAULT_PORT:
-        # Only when needed: with --port, Forge's GET /sdapi/v1/cmd-flags fails (port declared str, given int).
-        argv += ["--port", str(settings.forge_port)]
-    argv += volume.forge_args + settings.forge_args
-    env = {k: v for k, v in base_env.items() if not k.startswith(PRIVATE_PREFIXES)}
-    env.update(volume.forge_env)
-    env.update({
-        "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ written into the volume's checkout or venv
-        "PYTHONUNBUFFERED": "1",  # log lines reach RunPod as they happen
-        "VIRTUAL_ENV": str(layout.venv),
-        "PATH": f"{layout.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
-        "HF_HOME": str(scratch.cache / "huggingface"),
-        "TORCH_HOME": str(scratch.cache / "torch"),
-        "XDG_CACHE_HOME": str(scratch.cache),
-        "MPLCONFIGDIR": str(scratch.cache / "matplotlib"),
-        "TMPDIR": str(scratch.tmp),
-        "GRADIO_TEMP_DIR": str(scratch.tmp),
-    })
-    if tcmalloc:
-        env["LD_PRELOAD"] = f"{tcmalloc} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else tcmalloc
-    return ForgeCommand(argv, env, layout.forge_dir)
-
-
-def find_tcmalloc() -> str | None:
-    return next((p for p in TCMALLOC if os.path.exists(p)), None)
-
-
-def prepare_scratch(volume: Volume, root: Path) -> Scratch:
-    """Make the scratch folders: Forge's settings seeded from the volume, extensions linked to the volume's."""
-    scratch = Scratch(root)
-    for folder in (scratch.data, scratch.cache, scratch.tmp):
-        folder.mkdir(parents=True, exist_ok=True)
-    seed = volume.layout.config_dir
-    if seed.is_dir():
-        for item in seed.iterdir():
-            if item.is_file():
-                shutil.copy2(item, scratch.data / item.name)
-    extensions = volume.layout.extensions_dir
-    if extensions.is_dir() and not os.path.lexists(scratch.data / "extensions"):
-        (scratch.data / "extensions").symlink_to(extensions, target_is_directory=True)
-    return scratch
 
 
 def _die_with_parent() -> None:
