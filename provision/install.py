@@ -264,4 +264,7 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
     unfinished = [s.name for s in STEPS if s.name != "models" and recorded.get(s.name, {}).get("key") != keys[s.name]]
     if unfinished:
         problems.append(f"install has not finished for this lock: {', '.join(unfinished)} still to run")
+    boot = state.get("boot") or {}
+    if boot.get("ok") is False:
+        problems.append(f"boot: Forge did not boot from the volume at the last install ({boot.get('error')})")
     return problems

@@ -393,6 +393,41 @@ def _links_describe(ctx: Ctx) -> list[str]:
             if not (p.is_symlink() and os.readlink(p) == t)]
 
 
+# --- boot proof ---------------------------------------------------------------------------------
+
+def _boot_done(ctx: Ctx) -> bool:
+    boot = ctx.recorded("boot") or {}
+    return bool(boot.get("ok")) and all(os.path.lexists(ctx.layout.absolute(p)) for p in boot.get("forge_files") or [])
+
+
+def _boot_run(ctx: Ctx) -> Change:
+    from provision import boot_proof  # starts Forge: only when the step runs
+
+    record = boot_proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
+                                   timeout=boot_proof.boot_timeout(os.environ))
+    made = record["forge_files"]
+    ctx.notes.append(f"Forge booted from the volume in {record['seconds']:.1f} s"
+                     + (f"; its first start made {len(made)} folder(s)/file(s) under models/, recorded as Forge's own"
+                        if made else ""))
+    previous = [p for p in (ctx.recorded("boot") or {}).get("forge_files") or []
+                if os.path.lexists(ctx.layout.absolute(p))]
+    record["forge_files"] = sorted({*previous, *made})
+
+    def change(state: State) -> None:
+        state["boot"] = record
+
+    return change
+
+
+def _boot_describe(ctx: Ctx) -> list[str]:
+    from provision import boot_proof
+    from provision.forge_launch import has_gpu
+
+    cpu = "" if has_gpu() else ", --always-cpu: no GPU on this machine"
+    return [f"start Forge from the volume as a worker will (API only on 127.0.0.1{cpu}), wait up to "
+            f"{boot_proof.boot_timeout(os.environ):g} s for its API, stop it"]
+
+
 # --- the list -----------------------------------------------------------------------------------
 
 def _nothing(ctx: Ctx) -> list[str]:
@@ -431,6 +466,10 @@ STEPS: tuple[Step, ...] = (
     Step("bytecode", "bytecode", ("requirements",), lambda lock: {},
          _bytecode_done, _bytecode_run,
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),
+    # Last: Forge's first start makes its own files on the volume here, not in every worker.
+    Step("boot", "boot proof", ("requirements", "config", "links", "bytecode"),
+         lambda lock: {"args": lock.forge.args, "env": lock.forge.env},
+         _boot_done, _boot_run, _boot_describe),
 )
 BY_NAME = {s.name: s for s in STEPS}
 

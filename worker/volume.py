@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from provision.boot_proof import boot_problem
 from provision.errors import StateError, VolumeError
 from provision.state import read_state
 from volume_layout import VolumeLayout
@@ -49,6 +50,10 @@ def check_volume(root: Path) -> Volume:
     for path, what in ((layout.venv_python, "Forge's venv"), (layout.launch_py, "Forge's checkout")):
         if not os.path.lexists(path):
             raise VolumeError(f"{what} is missing on the volume ({path})", INSTALL_HINT)
+    problem = boot_problem(state)
+    if problem:
+        # Forge would die at boot (or write its first-start files into the shared volume): say so at once.
+        raise StateError(problem, INSTALL_HINT)
     return Volume(layout, state)
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from filelock import FileLock
 
 from provision.download import is_download_temp
-from provision.errors import LockError, PathError
+from provision.errors import LockError, PathError, StateError
+from provision.forge_files import RULE_FILES, forge_own_files
 from provision.lockfile import LockedModel
 from provision.sources import shown_source
 from provision.state import now, read_state, record_model, update_state
@@ -133,12 +134,19 @@ def destination(layout: VolumeLayout, dest: str | Path, name: str | None) -> Pat
 
 
 def model_files(layout: VolumeLayout) -> Iterator[Path]:
-    """Every model file under models/ (regular files and links, not followed; hidden files skipped)."""
+    """Every model file under models/ (regular files and links, not followed; hidden files skipped).
+
+    Files Forge made itself (``forge_files``) are not models: they are neither extras nor pruned."""
+    try:
+        own = forge_own_files(read_state(layout))
+    except StateError:
+        own = RULE_FILES
     for folder, dirs, files in os.walk(layout.models_dir):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if not name.startswith("."):
-                yield Path(folder) / name
+            path = Path(folder) / name
+            if not name.startswith(".") and layout.relative(path) not in own:
+                yield path
 
 
 def temp_files(layout: VolumeLayout) -> Iterator[Path]:

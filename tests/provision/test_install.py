@@ -25,7 +25,7 @@ from tests.provision.conftest import cli, git_calls, installed_dists, pip_instal
 from volume_layout import VolumeLayout
 
 STEPS = ["python", "venv", "torch", "forge", "extensions", "prepare", "requirements", "models", "config", "links",
-         "bytecode"]
+         "bytecode", "boot"]
 
 
 def test_fresh_install_builds_everything(provisioned_world: World, installed_volume: Path) -> None:
@@ -82,6 +82,16 @@ def test_fresh_install_builds_everything(provisioned_world: World, installed_vol
     assert state["sizes"]["venv"] > 1_000_000
     assert installation_problems(VolumeLayout(volume), read_lock(volume / "forge-volume.lock")) == []
 
+    # The boot proof started Forge as a worker does (API only, loopback, no GPU here) and its API answered;
+    # Forge's first start made its own folders and files, recorded as Forge's.
+    boot = state["boot"]
+    assert boot["ok"] is True and "Forge booted from the volume in" in summary
+    assert boot["argv"][:2] == ["--nowebui", "--api"] and "--always-cpu" in boot["argv"]
+    assert boot["argv"][boot["argv"].index("--server-name") + 1] == "127.0.0.1"
+    assert {"models/diffusers/version.txt", "models/Codeformer", "models/ControlNetPreprocessor/clip_vision"} \
+        <= set(boot["forge_files"])
+    assert (volume / "models" / "diffusers" / "version.txt").is_file() and (checkout / "config_states").is_dir()
+
 
 def test_second_install_starts_no_process(installed_volume: Path, spawns: list[list[str]]) -> None:
     before = state_of(installed_volume)
@@ -102,7 +112,7 @@ def test_a_venv_lifted_over_forges_pins_is_restored_by_the_next_install(
     result = cli("install")
 
     assert result.exit_code == 0, result.output
-    assert "ran requirements, bytecode;" in result.stdout  # no second launch.py --exit
+    assert "ran requirements, bytecode, boot;" in result.stdout  # no second launch.py --exit
     assert "restored Forge's pinned requirements over what extension installers installed: " \
            "forge-req-dep 2.0 -> 1.0" in result.stdout
     assert installed_dists(installed_volume)["forge_req_dep"] == "1.0"
@@ -137,7 +147,7 @@ def test_resume_after_a_step_fails_half_way(provisioned_world: World, installed_
     spawns.clear()
     resumed = cli("install")
     assert resumed.exit_code == 0, resumed.output
-    assert "ran prepare, requirements, bytecode;" in resumed.stdout
+    assert "ran prepare, requirements, bytecode, boot;" in resumed.stdout
     assert (installed_volume / "extensions" / "flaky" / "install-ran.txt").read_text() == "ok"
     # The installer itself cloned and pip-installed nothing on the second run (launch.py did its own part)
     # but put back the pin the built-in installer lifted again.
@@ -161,7 +171,7 @@ def test_ref_moved_updates_in_place(provisioned_world: World, installed_volume: 
     assert result.exit_code == 0, result.output
     assert "Forge updated at" in result.stdout
     # python, venv, torch and extensions untouched
-    assert "ran forge, prepare, requirements, bytecode;" in result.stdout
+    assert "ran forge, prepare, requirements, bytecode, boot;" in result.stdout
     assert git(checkout, "rev-parse", "HEAD") == new
     assert (checkout / "NEWS.md").is_file()
     assert (checkout / ".git").stat().st_ino == git_dir_inode  # updated, not re-cloned
@@ -233,7 +243,7 @@ def test_installation_problems_names_each_mismatch_and_install_repairs_them(inst
 
     assert result.exit_code == 0, result.output
     # A new venv invalidates everything built into the old one: torch, extension packages, preparation.
-    assert "ran venv, torch, forge, extensions, prepare, requirements, bytecode;" in result.stdout
+    assert "ran venv, torch, forge, extensions, prepare, requirements, bytecode, boot;" in result.stdout
     assert installation_problems(layout, lock) == []
     assert installed_dists(installed_volume).items() >= {"fake_torch": "1.0", "ext_extra": "1.0"}.items()
 
@@ -279,7 +289,7 @@ def test_two_installs_at_once_never_interleave(provisioned_world: World, install
         gate.write_text("go")
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, err
-        assert "ran extensions, prepare, requirements, bytecode" in out
+        assert "ran extensions, prepare, requirements, bytecode, boot" in out
         out, err = waiter.communicate(timeout=120)
         assert waiter.returncode == 0, err
         assert "nothing to do" in out  # it ran after the first, and found the work done
@@ -366,7 +376,7 @@ def test_the_original_workers_model_paths_lead_to_the_volumes_models(installed_v
         "links: stable-diffusion-webui-forge/models/insightface links to /elsewhere, not ../../models/insightface "
         "(`forge-volume install` corrects it)"]
     result = cli("install")
-    assert result.exit_code == 0 and "ran links;" in result.stdout, result.output
+    assert result.exit_code == 0 and "ran links, boot;" in result.stdout, result.output
     assert installation_problems(layout, lock) == [] and old_path.read_bytes() == b"swap model\n"
 
 

@@ -76,7 +76,7 @@ def test_plan_on_a_fresh_volume_with_a_lock_lists_every_step(provisioned_world: 
     assert result.exit_code == 0, result.output
     steps = [line.split(" (")[0] for line in result.stdout.splitlines() if not line.startswith("  ")]
     assert steps == ["python", "venv", "torch", "forge", "extensions", "prepare", "requirements", "models", "config",
-                     "links", "bytecode"]
+                     "links", "bytecode", "boot"]
     assert "  pip install fake-torch into the venv" in result.stdout
     assert "  clone extension ext-one at" in result.stdout
     assert sorted(p.name for p in volume.iterdir()) == ["forge-volume.lock", "forge-volume.toml"]

@@ -1,0 +1,121 @@
+"""Install's last step: start Forge from the volume exactly as a worker will, and see its API answer.
+
+The boot uses the worker's own builder (``forge_launch.forge_command``: API only, 127.0.0.1, the
+spec's args and env, the same environment rules), plus ``--always-cpu`` on a pod without a GPU. It
+is also Forge's first start on this volume: Forge creates its own folders and bookkeeping files
+under ``models/`` (``Codeformer``, ``GFPGAN``, ``diffusers/version.txt``...) and ``config_states/``
+in the checkout when they are missing. Made here, once, they are already there when a worker boots,
+so workers write nothing to the shared volume. What appeared under ``models/`` is recorded in
+state.json (``boot.forge_files``): ``verify`` and ``refresh-models --prune`` leave those files alone
+(``provision.forge_files``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from provision.errors import ForgeVolumeError
+from provision.forge_launch import Launch, find_tcmalloc, forge_command, has_gpu, prepare_scratch
+from provision.forge_process import BOOTING, READY, ForgeProcess
+from provision.state import State, now, update_state
+from volume_layout import VolumeLayout
+
+DEFAULT_TIMEOUT = 900.0  # a cold start from a network volume: imports of torch and Forge, extensions' scripts
+TAIL = 15
+
+
+class BootProofError(ForgeVolumeError):
+    """Forge did not boot from the freshly installed volume."""
+
+    hint = ("the lines after the cause are the end of Forge's log; fix what it names (a package, an extension, "
+            "the spec's args or env) and run `forge-volume install` again")
+
+
+def boot_timeout(env: Mapping[str, str]) -> float:
+    raw = env.get("FORGE_BOOT_TIMEOUT", "").strip()
+    try:
+        return float(raw) if raw and float(raw) > 0 else DEFAULT_TIMEOUT
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tree(root: Path) -> set[str]:
+    """Every path under ``root`` (folders and files, links not followed), relative to ``root``'s parent."""
+    out: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            out.add(os.path.relpath(os.path.join(folder, name), root.parent))
+    return out
+
+
+def launch_for_install(spec_args: list[str] | tuple[str, ...], spec_env: Mapping[str, str], port: int) -> Launch:
+    """The worker's launch, on a free loopback port, on the CPU when this machine has no GPU."""
+    return Launch(spec_args=tuple(spec_args), spec_env=dict(spec_env), port=port, always_cpu=not has_gpu(),
+                  tcmalloc=find_tcmalloc())
+
+
+def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spec_env: Mapping[str, str], *,
+               timeout: float) -> dict[str, Any]:
+    """Boot Forge from the volume, wait for its API, stop it; the record for state.json, or BootProofError."""
+    before = _tree(layout.models_dir)
+    scratch_root = Path(tempfile.mkdtemp(prefix="forge-volume-boot-"))  # local disk, never the volume
+    port = _free_port()
+    started = time.monotonic()
+    try:
+        scratch = prepare_scratch(layout, scratch_root / "forge")
+        command = forge_command(layout, scratch, os.environ, launch_for_install(spec_args, spec_env, port))
+        forge = ForgeProcess(command, port=port, boot_timeout=timeout, out=lambda line: None)
+        forge.start()
+        try:
+            # The process's watcher enforces the deadline (and stops Forge); the margin only guards against it.
+            deadline = started + timeout + 30.0
+            while forge.phase == BOOTING and time.monotonic() < deadline:
+                time.sleep(0.1)
+            ok = forge.phase == READY
+            failure = "" if ok else forge.failure()
+            tail = forge.tail(TAIL)
+        finally:
+            forge.stop()
+    finally:
+        shutil.rmtree(scratch_root, ignore_errors=True)
+    seconds = round(time.monotonic() - started, 1)
+    if not ok:
+        log = " | ".join(line for line in tail if line.strip())
+        message = f"Forge did not boot from the volume (install's boot proof, {' '.join(command.argv[2:])}): " \
+                  f"{failure}" + (f" || Forge's log: {log}" if log else "")
+        _record_failure(layout, failure)
+        raise BootProofError(message)
+    made = sorted(_tree(layout.models_dir) - before)
+    return {"ok": True, "seconds": seconds, "argv": command.argv[2:], "forge_files": made, "at": now()}
+
+
+def _record_failure(layout: VolumeLayout, failure: str) -> None:
+    def change(state: State) -> None:
+        state["boot"] = {"ok": False, "error": failure[:500], "at": now()}
+
+    update_state(layout, change)
+
+
+def boot_problem(state: Mapping[str, Any]) -> str | None:
+    """Why this volume's preparation is incomplete (one line: install's boot proof failed or is missing), or None."""
+    boot = state.get("boot") or {}
+    if boot.get("ok") is False:
+        error = " ".join(str(boot.get("error") or "no cause recorded").split())
+        return f"this volume's preparation is incomplete: install's boot proof failed at {boot.get('at')} ({error})"
+    if not boot.get("ok") or "boot" not in (state.get("steps") or {}):
+        return ("this volume's preparation is incomplete: install has not proved that Forge boots from it "
+                "(no boot proof in state.json; an install older than this worker, or one that did not finish)")
+    return None
