@@ -45,7 +45,7 @@ def test_lock_pins_every_source(locked: Path, hosts: Hosts) -> None:
     civ = models["models/Lora/civitai-lora.safetensors"]
     lora = hosts.blobs["models/Lora/civitai-lora.safetensors"]
     assert (civ["name"], civ["sha256"], civ["size"]) == ("civitai-lora.safetensors", sha(lora), len(lora))
-    assert not (locked / "models" / "Lora").exists()  # locking downloads nothing
+    assert not list((locked / "models").rglob("*.safetensors"))  # locking downloads nothing
 
 
 def test_refresh_fetches_everything_then_does_nothing_offline(locked: Path, hosts: Hosts) -> None:
@@ -154,7 +154,7 @@ def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Pat
     lora = locked / "models" / "Lora"
     stray = lora / "stray.safetensors"
     stray.write_bytes(b"s" * 1000)
-    (locked / "models" / "ControlNet").mkdir(parents=True)
+    (locked / "models" / "ControlNet").mkdir(parents=True, exist_ok=True)  # Forge's first start made it
     (locked / "models" / "ControlNet" / "old.pth").write_bytes(b"o" * 10)
     abandoned = lora / ".gone.safetensors.0a1b2c3d.part"
     abandoned.write_bytes(b"a")

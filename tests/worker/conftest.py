@@ -46,10 +46,17 @@ def module_volume(world: World, folder: Path, *, checkpoint: bool = True) -> Pat
     return volume
 
 
+# The stand-in's switches reach Forge the way a user's own settings do: named in FORGE_ENV_PASSTHROUGH
+# (Forge's environment is allow-listed).
+STANDIN_SWITCHES = ("FORGE_STANDIN_MODE", "FORGE_STANDIN_BOOT_SECONDS", "FORGE_STANDIN_STEP_SECONDS",
+                    "FORGE_STANDIN_IMAGE_BYTES", "FORGE_STANDIN_RECORD", "FORGE_STANDIN_BOOT_GATE", "FAULT_FORGE_LOG")
+
+
 def worker_env(volume: Path, scratch: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE_", "BUCKET_", "RUNPOD_"))}
     env.update(FORGE_VOLUME=str(volume), FORGE_PORT=str(free_port()), FORGE_SCRATCH=str(scratch),
-               FORGE_BOOT_TIMEOUT="60", FORGE_PROGRESS_INTERVAL="0.2", UVICORN_LOG_LEVEL="warning")
+               FORGE_BOOT_TIMEOUT="60", FORGE_PROGRESS_INTERVAL="0.2", UVICORN_LOG_LEVEL="warning",
+               FORGE_ENV_PASSTHROUGH=",".join(STANDIN_SWITCHES))
     env.update(extra)
     return env
 
