@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from provision.errors import ForgeVolumeError
+from provision.errors import CommandError
 from provision.forge_launch import Launch, find_tcmalloc, forge_command, has_gpu, prepare_scratch
 from provision.forge_process import BOOTING, READY, ForgeProcess
 from provision.state import State, now, update_state
@@ -31,7 +31,7 @@ DEFAULT_TIMEOUT = 900.0  # a cold start from a network volume: imports of torch 
 TAIL = 15
 
 
-class BootProofError(ForgeVolumeError):
+class BootProofError(CommandError):
     """Forge did not boot from the freshly installed volume."""
 
     hint = ("the lines after the cause are the end of Forge's log; fix what it names (a package, an extension, "

@@ -33,7 +33,7 @@ CLI = str(Path(sys.executable).with_name("forge-volume"))
 INSTALL_TIMEOUT = 3600.0
 BOOT_TIMEOUT = "900"
 
-pytestmark = pytest.mark.skipif(not LAB, reason="set FORGE_LAB to a lab built by ../shared/forge-lab/build.sh")
+SKIP = pytest.mark.skipif(not LAB, reason="set FORGE_LAB to a lab built by ../shared/forge-lab/build.sh")
 
 
 def lab_env(lab: Path) -> dict[str, str]:

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.real_forge.conftest import CHECKPOINT, Installed, Served, forge_volume, snapshot
+from tests.real_forge.conftest import CHECKPOINT, SKIP, Installed, Served, forge_volume, snapshot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, SKIP]
 FIRST_JOB_TIMEOUT = 900.0
 JOB_TIMEOUT = 300.0
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 1, "sampler_name": "Euler"}

@@ -5,6 +5,7 @@ nothing to a volume the boot proof prepared."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,20 @@ def test_forges_first_start_files_removed_later_are_made_again_by_install(instal
     result = cli("install")
     assert result.exit_code == 0, result.output
     assert "ran boot;" in result.stdout and codeformer.is_dir()
+
+
+def test_a_venv_lifted_over_forges_pins_makes_forge_exit_at_boot_as_the_real_one_does(
+        provisioned_world: World, tmp_path: Path) -> None:
+    volume = module_volume(provisioned_world, tmp_path)
+    subprocess.run([volume / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "forge-req-dep==2.0"], check=True)
+    worker = start_worker(worker_env(volume, tmp_path / "scratch"), tmp_path / "logs")
+    try:
+        out = worker.runsync(SAMPLERS)
+    finally:
+        worker.stop()
+    assert out["status"] == "FAILED", out
+    assert "Forge exited with code 1 while booting" in str(out["error"])
+    assert "numpy.dtype size changed, may indicate binary incompatibility" in str(out["error"])
 
 
 def test_a_workers_boot_and_inference_write_nothing_to_the_volume(provisioned_world: World, tmp_path: Path) -> None:
