@@ -22,9 +22,9 @@ from types import ModuleType
 
 import pytest
 
+from provision.forge_launch import TCMALLOC, Launch, Scratch, forge_command
 from tests.worker.conftest import REPO, start_worker, worker_env
 from worker.config import load_settings
-from worker.forge_process import TCMALLOC, Scratch, forge_command
 from worker.volume import check_volume
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ GITPYTHON = "GitPython==3.1.32"  # Forge's pin (requirements_versions.txt at dfd
 SYSTEM_NEEDS = {
     "libgl1": "libGL.so.1: cv2 (opencv-python, imported by Forge at start) links it",
     "libglib2.0-0": "libglib-2.0.so.0 and libgthread-2.0.so.0: cv2 links them",
-    "libtcmalloc-minimal4": "libtcmalloc_minimal.so.4: the worker preloads it into Forge (worker.forge_process)",
+    "libtcmalloc-minimal4": "libtcmalloc_minimal.so.4: the worker preloads it into Forge (provision.forge_launch)",
 }
 
 
@@ -175,4 +175,7 @@ def forge_env_in_image(volume: Path, tmp: Path) -> dict[str, str]:
     """Forge's environment as the worker makes it from the image's (the Dockerfile's ENV on its base's)."""
     image_env = dict(rootfs.read_image(REPO / "Dockerfile").env)
     settings = load_settings({**image_env, "FORGE_VOLUME": str(volume), "FORGE_SCRATCH": str(tmp)})
-    return forge_command(check_volume(volume), settings, Scratch(tmp / "forge"), image_env).env
+    state = check_volume(volume)
+    launch = Launch(spec_args=tuple(state.forge_args), spec_env=state.forge_env, extra_args=tuple(settings.forge_args),
+                    port=settings.forge_port, passthrough=settings.env_passthrough)
+    return forge_command(state.layout, Scratch(tmp / "forge"), image_env, launch).env
