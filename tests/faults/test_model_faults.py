@@ -91,6 +91,7 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
                     for f, d in datas.items())
     (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
     assert cli(streams, "lock").exit_code == 0
+    locked_gets = {frac: r.gets for frac, r in routes.items()}  # lock asks each host for a byte: not a download
     lora = installed_volume / "models" / "Lora"
     finals = {frac: lora / f"drop{int(frac * 100)}.safetensors" for frac in datas}
 
@@ -99,7 +100,7 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
                                 stderr=subprocess.PIPE, text=True)
         try:
             # The watch's own count too: on a busy machine its 2 ms polls may come far less often.
-            wait_until(lambda: all(r.gets >= 2 for r in routes.values()) and watch.polls > 100, 30,
+            wait_until(lambda: all(r.gets >= locked_gets[f] + 2 for f, r in routes.items()) and watch.polls > 100, 30,
                        "every model dropped and retried")
             proc.send_signal(signal.SIGINT)
             interrupted = time.monotonic()
