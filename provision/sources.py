@@ -144,6 +144,8 @@ def check_repo_id(repo_id: str) -> str:
     """A Hugging Face repository id, OWNER/NAME, by the hub's own rules (checked before any request)."""
     if (not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id
             or any(part.endswith((".", "-")) for part in repo_id.split("/")) or repo_id.endswith(".git")):
-        raise SourceError(f"{repo_id[:100]!r} is not a Hugging Face repository id",
+        # Text before an '@' may be credentials pasted into a source (hf://TOKEN@owner/name): never echoed.
+        shown = "***@" + repo_id.rpartition("@")[2] if "@" in repo_id else repo_id
+        raise SourceError(f"{shown[:100]!r} is not a Hugging Face repository id",
                           "give it as OWNER/NAME, as on the repository's page: letters, digits, '-', '_' and '.'")
     return repo_id
