@@ -25,51 +25,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.audited_cli import audited, cli_path, spawned, timed  # noqa: E402
 from tests.helpers.fake_hub import FakeHub  # noqa: E402
 from tests.helpers.forge_world import build_world  # noqa: E402
 from tests.helpers.http_server import FileServer  # noqa: E402
 
 NOCHANGE_TARGET_S = 0.5
-# Runs the CLI in this process with an audit hook that reports every subprocess it starts.
-AUDITED = (
-    "import sys\n"
-    "spawned = []\n"
-    "sys.addaudithook(lambda e, a: spawned.append([str(x) for x in a[1]]) if e == 'subprocess.Popen' else None)\n"
-    "from provision.cli import main\n"
-    "try:\n"
-    "    main(sys.argv[1:])\n"
-    "finally:\n"
-    "    import json\n"
-    "    sys.stderr.write('SPAWNED ' + json.dumps(spawned) + '\\n')\n"
-)
-
-
-def cli_path() -> str:
-    script = Path(sys.executable).with_name("forge-volume")
-    if not script.exists():
-        raise SystemExit(f"{script} not found: install the package first (pip install -e .)")
-    return str(script)
-
-
-def run(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
-    start = time.perf_counter()
-    result = subprocess.run(argv, env=env, text=True, capture_output=True, timeout=600, check=False)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    return elapsed, result
-
-
 def git_remote_calls(result: subprocess.CompletedProcess[str]) -> list[list[str]]:
-    line = next(line for line in result.stderr.splitlines() if line.startswith("SPAWNED "))
-    calls = json.loads(line[len("SPAWNED "):])
-    return [c for c in calls if c and Path(c[0]).name == "git" and ({"ls-remote", "fetch", "clone"} & set(c))]
+    return [c for c in spawned(result) if c and Path(c[0]).name == "git" and ({"ls-remote", "fetch", "clone"} & set(c))]
 
 
 def model(kind: str, source: str) -> str:
@@ -107,20 +75,20 @@ def main() -> int:
             servers = (hub.server, hub.cdn, files)
             cli = cli_path()
 
-            first, locked = run([sys.executable, "-c", AUDITED, "lock"], env)
+            first, locked = timed(audited("lock"), env)
             first_git = len(git_remote_calls(locked))
             first_http = sum(len(s.requests) for s in servers)
 
             before = sum(len(s.requests) for s in servers)
-            times = [run([cli, "lock"], env)[0] for _ in range(args.runs)]
-            _, audited = run([sys.executable, "-c", AUDITED, "lock"], env)
+            times = [timed([cli, "lock"], env)[0] for _ in range(args.runs)]
+            _, nochange = timed(audited("lock"), env)
             nochange_http = sum(len(s.requests) for s in servers) - before
-            nochange_git = git_remote_calls(audited)
-            said = audited.stdout.strip()
+            nochange_git = git_remote_calls(nochange)
+            said = nochange.stdout.strip()
 
             spec.write_text(world.spec(extra=models + model("lora", files.url("/files/added.safetensors"))))
             marks = {id(s): len(s.requests) for s in servers}
-            _, added = run([sys.executable, "-c", AUDITED, "lock"], env)
+            _, added = timed(audited("lock"), env)
             asked = [(r.method, r.path) for s in servers for r in s.requests[marks[id(s)]:]]
             added_git = git_remote_calls(added)
 

@@ -17,53 +17,18 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.audited_cli import audited, cli_path, spawned, timed  # noqa: E402
 from tests.helpers.forge_world import build_world, make_wheelhouse, offline_pip_env  # noqa: E402
 
 NOOP_TARGET_S = 2.0
 PLAN_TARGET_S = 1.0
-# Runs the CLI in this process with an audit hook that reports every subprocess it starts.
-AUDITED = (
-    "import sys\n"
-    "spawned = []\n"
-    "sys.addaudithook(lambda e, a: spawned.append(a[1]) if e == 'subprocess.Popen' else None)\n"
-    "from provision.cli import main\n"
-    "try:\n"
-    "    main(sys.argv[1:])\n"
-    "finally:\n"
-    "    sys.stderr.write(f'SPAWNED {len(spawned)} {spawned!r}\\n')\n"
-)
-
-
-def cli_path() -> str:
-    script = Path(sys.executable).with_name("forge-volume")
-    if not script.exists():
-        raise SystemExit(f"{script} not found: install the package first (pip install -e .)")
-    return str(script)
-
-
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
-    start = time.perf_counter()
-    result = subprocess.run(argv, env=env, text=True, capture_output=True, timeout=600, check=False)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    return elapsed, result
-
-
-def spawn_count(result: subprocess.CompletedProcess[str]) -> int:
-    line = next(line for line in result.stderr.splitlines() if line.startswith("SPAWNED"))
-    return int(line.split()[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each command (default 5)")
@@ -82,11 +47,11 @@ def main() -> int:
         cli = cli_path()
 
         # The fresh install runs audited too: its count shows the counter sees git and pip.
-        first, fresh = timed([sys.executable, "-c", AUDITED, "--quiet", "install"], env)
-        fresh_spawned = spawn_count(fresh)
+        first, fresh = timed(audited("--quiet", "install"), env)
+        fresh_spawned = len(spawned(fresh))
         noop = [timed([cli, "install"], env)[0] for _ in range(args.runs)]
-        _, audited = timed([sys.executable, "-c", AUDITED, "install"], env)
-        spawned = spawn_count(audited)
+        _, audited_run = timed(audited("install"), env)
+        noop_spawned = len(spawned(audited_run))
         plan_times = []
         for _ in range(args.runs):
             elapsed, result = timed([cli, "plan"], env)
@@ -96,11 +61,11 @@ def main() -> int:
         print(f"fresh install of the test volume:     {first:.2f} s, {fresh_spawned} processes started")
         print(f"no-op re-install, {args.runs} runs:           median {statistics.median(noop):.3f} s, "
               f"max {max(noop):.3f} s (target < {NOOP_TARGET_S} s)")
-        print(f"processes started by a no-op install: {spawned} (target 0: no git clone, no pip install)")
+        print(f"processes started by a no-op install: {noop_spawned} (target 0: no git clone, no pip install)")
         print(f"plan on the installed volume, {args.runs} runs: median {statistics.median(plan_times):.3f} s, "
               f"max {max(plan_times):.3f} s (target < {PLAN_TARGET_S} s)")
         print(f"plan said: {plan_output}")
-        ok = max(noop) < NOOP_TARGET_S and spawned == 0 and max(plan_times) < PLAN_TARGET_S
+        ok = max(noop) < NOOP_TARGET_S and noop_spawned == 0 and max(plan_times) < PLAN_TARGET_S
         print("PASS" if ok else "FAIL")
         if args.keep:
             print(f"volume kept at {volume}")
