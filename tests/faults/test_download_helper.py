@@ -15,6 +15,7 @@ from typing import Any
 from filelock import Timeout
 
 from provision.models.files import target_lock
+from tests.helpers.internal_addresses import internal_spellings
 from volume_layout import VolumeLayout
 
 from .conftest import PAYLOAD_LORA, PAYLOAD_SECRET, PRIVATE_LORA, Fleet, Streams
@@ -125,25 +126,8 @@ def test_case09_download_helper_refuses_paths_and_hosts_it_must_not_touch(fleet:
 
 
 def internal_sources(canary_port: int, forge_port: int) -> list[tuple[str, str]]:
-    """Every spelling of an internal address issue 10 lists, with the rule its refusal names."""
-    port = canary_port
-    return [
-        (f"http://127.0.0.1:{forge_port}/sdapi/v1/options", "loopback"),  # Forge's unlisted routes
-        (f"http://localhost:{port}/x.bin", "loopback"),
-        (f"http://127.1:{port}/x.bin", "loopback"),
-        (f"http://0x7f.1:{port}/x.bin", "loopback"),
-        (f"http://2130706433:{port}/x.bin", "loopback"),
-        (f"http://0.0.0.0:{port}/x.bin", "unspecified"),
-        (f"http://[::1]:{port}/x.bin", "loopback"),
-        (f"http://[::ffff:127.0.0.1]:{port}/x.bin", "loopback"),
-        (f"http://user@127.0.0.1:{port}/x.bin", "loopback"),
-        ("http://169.254.169.254/latest/meta-data/iam/security-credentials/", "link-local"),
-        ("http://10.0.0.1/x.bin", "private"),
-        ("http://172.16.0.1/x.bin", "private"),
-        ("http://192.168.1.1/x.bin", "private"),
-        ("http://[fc00::1]/x.bin", "private"),
-        ("http://[fe80::1]/x.bin", "link-local"),
-    ]
+    """Forge's unlisted routes on loopback, then every other spelling of an internal address."""
+    return [(f"http://127.0.0.1:{forge_port}/sdapi/v1/options", "loopback"), *internal_spellings(canary_port)]
 
 
 def test_download_helper_refuses_internal_addresses(fleet: Fleet, streams: Streams) -> None:

@@ -20,6 +20,7 @@ from provision.download import Retry, download
 from provision.errors import DownloadError
 from provision.netguard import AddressGuard, AddressRefused, parse_networks
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, FileServer
+from tests.helpers.internal_addresses import internal_spellings
 
 FAST = Retry(attempts=2, base=0.01, cap=0.05)
 DATA = os.urandom(200_000)
@@ -45,32 +46,9 @@ def fetch(url: str, target: Path, allowed: Any = ()) -> None:
     download(url, target, retry=FAST, guard=AddressGuard.for_url(url, allowed))
 
 
-def spellings(port: int) -> list[tuple[str, str]]:
-    """Internal addresses a job could name, each with the rule its refusal must name."""
-    return [
-        (f"http://127.0.0.1:{port}/x.bin", "loopback"),
-        (f"http://localhost:{port}/x.bin", "loopback"),  # a name that resolves to loopback
-        (f"http://127.1:{port}/x.bin", "loopback"),
-        (f"http://0x7f.1:{port}/x.bin", "loopback"),
-        (f"http://2130706433:{port}/x.bin", "loopback"),
-        (f"http://0.0.0.0:{port}/x.bin", "unspecified"),
-        (f"http://[::1]:{port}/x.bin", "loopback"),
-        (f"http://[::ffff:127.0.0.1]:{port}/x.bin", "loopback"),
-        (f"http://user@127.0.0.1:{port}/x.bin", "loopback"),
-        ("http://169.254.169.254/latest/meta-data/", "link-local"),
-        ("http://10.1.2.3/x.bin", "private"),
-        ("http://172.16.0.1/x.bin", "private"),
-        ("http://172.31.255.1/x.bin", "private"),
-        ("http://192.168.0.1/x.bin", "private"),
-        ("http://[fc00::1]/x.bin", "private"),
-        ("http://[fe80::1]/x.bin", "link-local"),
-        ("http://224.0.0.1/x.bin", "multicast"),
-    ]
-
-
 def test_every_spelling_of_an_internal_address_is_refused_before_connecting(canary: FileServer,
                                                                              tmp_path: Path) -> None:
-    for url, rule in spellings(canary.port):
+    for url, rule in internal_spellings(canary.port):
         with pytest.raises(AddressRefused) as info:
             fetch(url, tmp_path / "m.bin")
         message = info.value.one_line()
