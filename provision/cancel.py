@@ -8,7 +8,9 @@ download, lock wait and retry pause checks it.
 A ``Watchdog`` per download looks at it a few times a second, together with the bytes received: on
 a cancel, or when less than ``STALL_BYTES`` arrived within ``FORGE_DOWNLOAD_STALL_TIMEOUT`` seconds
 (default 60; a server trickling a byte a second never trips a per-read timeout), it cuts the
-download's sockets, so even a read blocked in the kernel returns at once.
+download's sockets, so even a read blocked in the kernel returns at once. A connection still being
+made is in those sockets too (``provision.netguard``): a cancel ends a pending connect at once
+instead of after ``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` (default 15 s).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from provision.netguard import Sockets
 
 STALL_ENV = "FORGE_DOWNLOAD_STALL_TIMEOUT"
 STALL_DEFAULT = 60.0
+CONNECT_ENV = "FORGE_DOWNLOAD_CONNECT_TIMEOUT"
+CONNECT_DEFAULT = 15.0
 STALL_BYTES = 64 << 10  # less than this within the stall timeout counts as nothing (about 1 KiB/s)
 TICK = 0.2  # seconds between two looks of the watchdog
 
@@ -47,20 +51,30 @@ def cancelling(event: threading.Event) -> Iterator[threading.Event]:
         _CANCEL.reset(token)
 
 
-def stall_timeout(env: Mapping[str, str] | None = None) -> float:
-    """``FORGE_DOWNLOAD_STALL_TIMEOUT`` in seconds (read at each call, so the worker's and the CLI's
-    environment both count); a value that is not a positive number is an error naming it."""
-    raw = (os.environ if env is None else env).get(STALL_ENV, "").strip()
+def _seconds(env: Mapping[str, str] | None, name: str, default: float, advice: str) -> float:
+    """A positive number of seconds from ``name`` (read at each call, so the worker's and the CLI's
+    environment both count), ``default`` when unset; anything else is an error naming it."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
-        return STALL_DEFAULT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ForgeVolumeError(f"{STALL_ENV}={raw!r} is not a positive number of seconds",
-                               f"set {STALL_ENV} to the seconds a download may receive nothing, or unset it (60)")
+        raise ForgeVolumeError(f"{name}={raw!r} is not a positive number of seconds",
+                               f"set {name} to {advice}, or unset it ({default:g})")
     return value
+
+
+def stall_timeout(env: Mapping[str, str] | None = None) -> float:
+    """``FORGE_DOWNLOAD_STALL_TIMEOUT``: seconds a download may receive (almost) nothing."""
+    return _seconds(env, STALL_ENV, STALL_DEFAULT, "the seconds a download may receive nothing")
+
+
+def connect_timeout(env: Mapping[str, str] | None = None) -> float:
+    """``FORGE_DOWNLOAD_CONNECT_TIMEOUT``: seconds a download's TCP connect (and TLS handshake) may take."""
+    return _seconds(env, CONNECT_ENV, CONNECT_DEFAULT, "the seconds a download may wait for a server to answer")
 
 
 def wait_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -> None:

@@ -30,13 +30,13 @@ import requests
 import urllib3.exceptions
 
 from provision import __version__, resume
-from provision.cancel import Watchdog, current_cancel, stall_timeout
+from provision.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 from provision.netguard import AddressGuard, AddressRefused, Sockets, watch_session
 from provision.sources import shown_source
 from provision.stream import OnBytes, Sink
 
-TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds
+TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds; a download's connect: FORGE_DOWNLOAD_CONNECT_TIMEOUT
 MAX_REDIRECTS = 10
 RESERVE_MAX = 1 << 30  # a download of unknown size stops while min(1 GiB, 2 % of the volume) is still free
 RESERVE_SHARE = 2
@@ -352,7 +352,7 @@ def download(
     headers: dict[str, str] | None = None,
     on_bytes: OnBytes | None = None,
     retry: Retry = Retry(),
-    timeout: tuple[float, float] = TIMEOUT,
+    timeout: tuple[float, float] | None = None,
     what: str | None = None,
     guard: AddressGuard | None = None,
     cancel: threading.Event | None = None,
@@ -362,7 +362,9 @@ def download(
     ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
     ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
     job named; see ``provision.netguard``). ``cancel`` (default: the ambient one, ``provision.cancel``)
-    stops it within a fraction of a second; so does receiving almost nothing for the stall timeout.
+    stops it within a fraction of a second, a pending connect included; so does receiving almost
+    nothing for the stall timeout. ``timeout`` is (connect, between two reads) in seconds; by default
+    (``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` or 15, 60).
     A server without Content-Length is read only while a reserve of free space remains
     (``disk_reserve``). Attempts that bring no new bytes are bounded by ``retry.attempts``.
     Raises AuthError, NotFoundError, ChecksumError, DiskFullError or DownloadError; ``target`` is
@@ -370,6 +372,7 @@ def download(
     """
     label = what or target.name
     _check_scheme(url)
+    timeout = timeout or (connect_timeout(), TIMEOUT[1])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, held = _claim(target)
     keep = False

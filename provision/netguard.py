@@ -18,9 +18,14 @@ then, only the host and port the job named may be on such a network, not a redir
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
+import os
+import select
 import socket
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +35,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NameResolutionError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.poolmanager import PoolManager
+from urllib3.util.connection import allowed_gai_family
 
 from provision.errors import DownloadError
 
@@ -130,63 +136,130 @@ class AddressGuard:
 
 
 class Sockets:
-    """The sockets a download's session opened, so another thread can cut them (a cancel, a stall):
-    a read blocked on one returns at once instead of waiting out its timeout."""
+    """The sockets a download's session opened or is opening, so another thread can cut them (a cancel, a
+    stall): a read blocked on one returns at once instead of waiting out its timeout, and so does a
+    connect still pending (``connect``). Once cut, every later connection is cut as it starts."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
+        self._cut = False
 
     def add(self, sock: socket.socket) -> None:
         with self._lock:
             self._open = [s for s in self._open if s.fileno() != -1]
             self._open.append(sock)
+            if self._cut:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         with self._lock:
+            self._cut = True
             for sock in self._open:
                 with contextlib.suppress(OSError):
+                    # On a socket still connecting (SYN sent), Linux aborts the connect: it fails at once.
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def connect(self, sock: socket.socket, address: Any, timeout: float | None) -> None:
+        """``sock.connect(address)`` within ``timeout`` seconds (None: no limit), ended by ``cut``.
+
+        The connect starts non-blocking and the socket is recorded only then, so a cut at any moment
+        reaches it: before, ``add`` shuts it; after, ``cut`` does. The wait is also sliced, checking
+        the flag, so the end never hangs on how a kernel treats a shut connecting socket. Leaves the
+        socket in timeout mode with ``timeout``, as ``socket.create_connection`` does."""
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        self.add(sock)
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT | select.POLLERR | select.POLLHUP)
+            end = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._cut:
+                    raise ConnectionAbortedError(errno.ECONNABORTED, "connect cut (the download was stopped)")
+                left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                if poller.poll(left * 1000):
+                    break
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if self._cut:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "connect cut (the download was stopped)")
+        if err:
+            raise OSError(err, os.strerror(err))
+        sock.settimeout(timeout)
+
+
+_SLICE = 0.25  # seconds between two looks at the cut flag while a connect is pending
 
 
 class _Watched:
     """Mixed into urllib3's connections: with a guard, resolve once, check, connect to the checked address;
-    every socket is recorded in ``sockets``."""
+    every socket is recorded in ``sockets`` from the moment it starts connecting."""
 
     _dns_host: str
     port: int
     host: str
+    timeout: Any
+    source_address: tuple[str, int] | None
+    socket_options: list[tuple[int, int, int | bytes]] | None
 
     def __init__(self, *args: Any, guard: AddressGuard | None = None, sockets: Sockets | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._guard = guard
-        self._sockets = sockets
+        self._sockets = sockets if sockets is not None else Sockets()
 
     def _new_conn(self) -> socket.socket:
-        sock = self._guarded_conn() if self._guard is not None else super()._new_conn()  # type: ignore[misc]
-        if self._sockets is not None:
-            self._sockets.add(sock)
+        """urllib3's ``_new_conn`` (same errors), connecting through ``Sockets.connect``."""
+        try:
+            sock = self._connect(self._dns_host) if self._guard is None else self._guarded_conn()
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out. "
+                                            f"(connect timeout={self.timeout})") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc  # type: ignore[arg-type]
+        sys.audit("http.client.connect", self, self.host, self.port)
         return sock
 
     def _guarded_conn(self) -> socket.socket:
         assert self._guard is not None
-        name = self._dns_host
-        try:
-            addresses = self._guard.resolve(name, self.port)
-        except socket.gaierror as exc:
-            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[arg-type]
-        failure: NewConnectionError | None = None
-        for address in addresses:
-            self._dns_host = address  # the socket goes to this address; TLS and Host keep self.host
+        addresses = self._guard.resolve(self._dns_host, self.port)
+        failure: OSError | None = None
+        for address in addresses:  # the socket goes to a checked address; TLS and Host keep self.host
             try:
-                return super()._new_conn()  # type: ignore[misc]
-            except NewConnectionError as exc:
+                return self._connect(address)
+            except (ConnectionAbortedError, TimeoutError):
+                raise  # stopped, or the connect timeout spent: not worth another address
+            except OSError as exc:
                 failure = exc
-            finally:
-                self._dns_host = name
         assert failure is not None  # getaddrinfo never answers an empty list
         raise failure
+
+    def _connect(self, host: str) -> socket.socket:
+        """``urllib3.util.connection.create_connection`` with a connect that ``Sockets.cut`` ends."""
+        timeout = self.timeout if isinstance(self.timeout, (int, float)) else socket.getdefaulttimeout()
+        failure: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(host.strip("[]"), self.port, allowed_gai_family(),
+                                                                  socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                if self.source_address:
+                    sock.bind(self.source_address)
+                self._sockets.connect(sock, address, timeout)
+                return sock
+            except ConnectionAbortedError:
+                sock.close()
+                raise
+            except OSError as exc:
+                sock.close()
+                failure = exc
+        raise failure if failure is not None else OSError("getaddrinfo returns an empty list")
 
 
 class _WatchedHTTPConnection(_Watched, HTTPConnection):

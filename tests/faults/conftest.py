@@ -221,7 +221,8 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
     scratch = root / "scratch"
     specs: dict[str, tuple[Path, dict[str, str]]] = {
         # The strictest log level: a secret must not show up even in the SDK's debug lines.
-        "main": (volume, {"RUNPOD_LOG_LEVEL": "DEBUG"}),
+        # Its downloads wait ten minutes for a connect: only a cancel ends one to a host that never answers.
+        "main": (volume, {"RUNPOD_LOG_LEVEL": "DEBUG", "FORGE_DOWNLOAD_CONNECT_TIMEOUT": "600"}),
         "bucket": (volume, bucket_env),
         "hang": (volume, {"FORGE_REQUEST_TIMEOUT": "2"}),
         "exit": (volume, {"FORGE_STANDIN_MODE": "exit_mid_generation"}),

@@ -15,6 +15,8 @@ from typing import Any
 from filelock import Timeout
 
 from provision.models.files import target_lock
+from tests.helpers.black_hole import BlackHole
+from tests.helpers.http_server import PRIVATE_MODEL_HOST
 from tests.helpers.internal_addresses import internal_spellings
 from volume_layout import VolumeLayout
 
@@ -222,6 +224,47 @@ def test_a_cancelled_download_job_stops_and_frees_its_lock(fleet: Fleet, streams
         time.sleep(0.05)
     assert freed < 20 and not target.exists()
     again = result(worker.run(download({"source": files.url("/files/cancel-target.safetensors"), "kind": "lora",
+                                        "name": target.name}), 60), streams)
+    assert "error" not in again, again
+    assert target.read_bytes() == MODEL and record.result is None
+
+
+def test_a_cancelled_download_job_stops_while_connecting(fleet: Fleet, streams: Streams) -> None:
+    """Fault (issue 10, hole 7): RunPod cancels (as it does at the job's timeout) a /v1/download job
+    whose server never completes the TCP connect: its SYNs are dropped, as by a firewall. The main
+    worker waits up to FORGE_DOWNLOAD_CONNECT_TIMEOUT=600 s for a connect, so only the cancel can end
+    this one before the deadlines here (which only catch a hang).
+    Expected: the pending connect is abandoned and the job lets go of its target's lock; no partial
+    (nothing arrived); the worker posts nothing for the cancelled job.
+    Checked after: a refresh-models job on the same worker runs (no lock left held, nothing "busy"),
+    and the same target then downloads from a good source."""
+    files, worker = fleet.hosts.files, fleet["main"]
+    files.add("/files/connect-target.safetensors", MODEL)
+    layout = VolumeLayout(fleet.volume)
+    target = fleet.volume / "models" / "Lora" / "connect-target.safetensors"
+    with BlackHole(PRIVATE_MODEL_HOST) as hole:  # an address the fleet's workers opt in to
+        record = worker.submit(download({"source": hole.url("/m.safetensors"), "kind": "lora",
+                                         "name": target.name}))
+        deadline = time.monotonic() + 60
+        while hole.pending() == 0:
+            assert time.monotonic() < deadline, "the download never started connecting"
+            time.sleep(0.05)
+        fleet.platform.cancel(record.job_id)
+        lock = target_lock(layout, target, timeout=60)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise AssertionError("the cancelled download still holds its target's lock after 60 s") from None
+        lock.release()
+        deadline = time.monotonic() + 60
+        while hole.pending():
+            assert time.monotonic() < deadline, "the cancelled download's connect is still pending"
+            time.sleep(0.05)
+    refreshed = result(worker.run({"api": {"method": "POST", "endpoint": "/v1/refresh-models"}, "payload": {}}, 120),
+                       streams)
+    assert "error" not in refreshed, refreshed
+    assert not any(p.name.startswith(f".{target.name}") for p in target.parent.iterdir())
+    again = result(worker.run(download({"source": files.url("/files/connect-target.safetensors"), "kind": "lora",
                                         "name": target.name}), 60), streams)
     assert "error" not in again, again
     assert target.read_bytes() == MODEL and record.result is None

@@ -18,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.black_hole import fill_backlog
+
 
 @dataclass
 class Route:
@@ -217,6 +219,7 @@ class FileServer:
         self._server = _Server((host, 0), _Handler)
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._dark: list[socket.socket] = []
 
     @property
     def port(self) -> int:
@@ -243,9 +246,26 @@ class FileServer:
         self._thread.start()
         return self
 
+    def go_dark(self) -> None:
+        """Stop accepting, the listening socket left open with its queue filled: from here every connect
+        hangs (``tests.helpers.black_hole``), as towards a host gone behind a firewall."""
+        self._server.shutdown()
+        self._dark = fill_backlog("127.0.0.1" if self.host == "0.0.0.0" else self.host, self.port)
+
+    def come_back(self) -> None:
+        """After ``go_dark``: serve again (the connections that filled the queue are dropped)."""
+        for sock in self._dark:
+            sock.close()
+        self._dark = []
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        for sock in self._dark:
+            sock.close()
 
     def __enter__(self) -> FileServer:
         return self.start()

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from provision.cancel import STALL_ENV
+from provision.cancel import CONNECT_ENV, STALL_ENV
 from provision.download import Retry, download, partial_path
 from provision.errors import DownloadCancelled, DownloadError
+from provision.netguard import AddressGuard, parse_networks
+from tests.helpers.black_hole import BlackHole
 from tests.helpers.http_server import FileServer
 
 FAST = Retry(attempts=3, base=0.01, cap=0.05)
@@ -67,6 +69,39 @@ def test_a_cancel_stops_a_download_blocked_on_a_silent_server(server: FileServer
     assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
     assert "cancelled" in errors[0].one_line()
     assert not target.exists() and partial_path(target).exists()
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["spec-source", "job-named-url"])
+def test_a_cancel_stops_a_download_waiting_for_its_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           guarded: bool) -> None:
+    """Issue 10, hole 7: a server whose TCP connect never completes (its SYNs are dropped). With a
+    connect timeout of ten minutes, only the cancel can end the download before the deadline: it cuts
+    the connect still pending, through the address guard's connection (a job's URL) or the plain one."""
+    monkeypatch.setenv(CONNECT_ENV, "600")
+    with BlackHole() as hole:
+        guard = AddressGuard.for_url(hole.url("/m.bin"), parse_networks("127.0.0.0/8")) if guarded else None
+        cancel = threading.Event()
+        target = tmp_path / "m.bin"
+        thread, errors = in_thread(target, hole.url("/m.bin"), cancel=cancel, guard=guard)
+        wait_until(lambda: hole.pending() > 0)
+        cancel.set()
+        thread.join(HANG_DEADLINE)
+        assert not thread.is_alive(), "the cancel did not end the pending connect"
+        assert hole.pending() == 0
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
+    assert "cancelled after 0 bytes" in errors[0].one_line()
+    assert sorted(tmp_path.iterdir()) == []  # nothing received, nothing kept
+
+
+def test_the_connect_timeout_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FORGE_DOWNLOAD_CONNECT_TIMEOUT bounds each connect; a bad value is named before any connection."""
+    monkeypatch.setenv(CONNECT_ENV, "0.3")
+    with BlackHole() as hole, pytest.raises(DownloadError, match="giving up after 3 attempts") as info:
+        download(hole.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    assert f"ConnectTimeout connecting to {hole.url('/m.bin')}" in info.value.one_line()
+    monkeypatch.setenv(CONNECT_ENV, "0")
+    with pytest.raises(Exception, match=f"{CONNECT_ENV}='0' is not a positive number of seconds"):
+        download(hole.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
 
 
 def test_a_trickling_server_fails_as_stalled(server: FileServer, tmp_path: Path,

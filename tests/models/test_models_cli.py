@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from provision.cancel import CONNECT_ENV
+from tests.helpers.black_hole import connects_pending
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
 from tests.helpers.timing import PROMPT
@@ -463,6 +465,42 @@ def test_ctrl_c_stops_a_refresh_blocked_on_a_silent_server(installed_volume: Pat
                 proc.kill()
     assert proc.returncode == 1 and "interrupted" in err, err
     assert partial.stat().st_size > 0
+
+
+def test_ctrl_c_stops_a_refresh_waiting_for_a_connect(installed_volume: Path, provisioned_world: World,
+                                                     cli_env: dict[str, str]) -> None:
+    """Issue 10, hole 7: the model's host answered `lock`, then went dark: a connect to it never completes
+    (its SYNs are dropped). With FORGE_DOWNLOAD_CONNECT_TIMEOUT=600 only Ctrl-C can end the refresh
+    before the deadline here; it does, and leaves no lock held: once the host is back, the next
+    refresh-models fetches the model."""
+    data = os.urandom(1 << 20)
+    with FileServer() as server:
+        server.add("/dark.safetensors", data)
+        extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/dark.safetensors")}"\n'
+        (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
+        assert cli(installed_volume, "lock").exit_code == 0
+        server.go_dark()
+        proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
+                                 "refresh-models"], env={**cli_env, CONNECT_ENV: "600"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while connects_pending(server.port) == 0:
+                assert time.monotonic() < deadline and proc.poll() is None, "the refresh never started connecting"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)  # far below the connect timeout: only catches a hang
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 1 and "interrupted" in err, err
+        server.come_back()
+        result = cli(installed_volume, "refresh-models")
+        assert result.exit_code == 0, result.output
+    target = installed_volume / "models" / "Stable-diffusion" / "dark.safetensors"
+    assert target.read_bytes() == data
+    assert not any(p.name.startswith(".dark") for p in target.parent.iterdir())
 
 
 def test_a_trickling_server_fails_the_refresh_as_stalled(installed_volume: Path, provisioned_world: World,
