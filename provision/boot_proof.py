@@ -8,10 +8,16 @@ in the checkout when they are missing. Made here, once, they are already there w
 so workers write nothing to the shared volume. What appeared under ``models/`` is recorded in
 state.json (``boot.forge_files``): ``verify`` and ``refresh-models --prune`` leave those files alone
 (``provision.forge_files``).
+
+Forge runs under ``boot_tracer.py``, and when the volume has a checkpoint a 64x64 one-step txt2img
+follows the boot: what Forge read for both becomes the volume's boot set (``provision.boot_set``),
+from which workers boot from local disk. A warm-up that fails is noted, not fatal: the boot is proved.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import socket
@@ -21,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from provision import boot_set
+from provision.boot_tracer import RECORD_ENV
 from provision.errors import CommandError
 from provision.forge_launch import Launch, find_tcmalloc, forge_command, has_gpu, prepare_scratch
 from provision.forge_process import BOOTING, READY, ForgeProcess
@@ -29,6 +37,9 @@ from volume_layout import VolumeLayout
 
 DEFAULT_TIMEOUT = 900.0  # a cold start from a network volume: imports of torch and Forge, extensions' scripts
 TAIL = 15
+# The cheapest generation Forge does: it loads the checkpoint and runs every stage of a first txt2img once.
+WARM_UP = {"prompt": "forge-volume boot proof", "width": 64, "height": 64, "steps": 1, "batch_size": 1,
+           "save_images": False, "send_images": False}
 
 
 class BootProofError(CommandError):
@@ -67,16 +78,58 @@ def launch_for_install(spec_args: list[str] | tuple[str, ...], spec_env: Mapping
                   tcmalloc=find_tcmalloc())
 
 
+def _has_checkpoint(layout: VolumeLayout) -> bool:
+    folder = layout.kind_dir("checkpoint")
+    return folder.is_dir() and any(p.suffix in boot_set.CHECKPOINT_SUFFIXES for p in folder.rglob("*"))
+
+
+def _warm_up(port: int, timeout: float) -> str | None:
+    """A tiny txt2img, so the boot set holds what a first generation reads; why it failed, or None."""
+    body = json.dumps(WARM_UP).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/sdapi/v1/txt2img", body, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        answer.read()
+        return None if answer.status == 200 else f"HTTP {answer.status}"
+    except (OSError, http.client.HTTPException) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        conn.close()
+
+
+def _traced_dump(record: Path, timeout: float) -> dict[str, list[str]] | None:
+    """Ask the tracer in Forge's process for what it saw; None when it does not answer in time."""
+    record.with_name(record.name + ".request").touch()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if record.exists():
+            try:
+                data = json.loads(record.read_text(encoding="utf-8"))
+            except ValueError:
+                return None
+            return data if isinstance(data, dict) else None
+        time.sleep(0.05)
+    return None
+
+
 def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spec_env: Mapping[str, str], *,
-               timeout: float) -> dict[str, Any]:
-    """Boot Forge from the volume, wait for its API, stop it; the record for state.json, or BootProofError."""
+               timeout: float, key: str = "") -> dict[str, Any]:
+    """Boot Forge from the volume, wait for its API, run a warm-up txt2img when there is a checkpoint, stop it,
+    and record the boot set (``provision.boot_set``) for ``key``; the record for state.json, or BootProofError."""
     before = _tree(layout.models_dir)
     scratch_root = Path(tempfile.mkdtemp(prefix="forge-volume-boot-"))  # local disk, never the volume
     port = _free_port()
+    record = scratch_root / "trace.json"
+    trace: dict[str, list[str]] | None = None
+    warm_up: str | None = "no checkpoint on the volume"
+    boot_set.evict_large_files(layout)
     started = time.monotonic()
     try:
         scratch = prepare_scratch(layout, scratch_root / "forge")
         command = forge_command(layout, scratch, os.environ, launch_for_install(spec_args, spec_env, port))
+        command.argv.insert(1, str(boot_set.TRACER))
+        command.env[RECORD_ENV] = str(record)
         forge = ForgeProcess(command, port=port, boot_timeout=timeout, out=lambda line: None)
         forge.start()
         try:
@@ -86,6 +139,10 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
                 time.sleep(0.1)
             ok = forge.phase == READY
             failure = "" if ok else forge.failure()
+            if ok:
+                if _has_checkpoint(layout):
+                    warm_up = _warm_up(port, max(deadline - time.monotonic(), 30.0))
+                trace = _traced_dump(record, 30.0)
             tail = forge.tail(TAIL)
         finally:
             forge.stop()
@@ -94,12 +151,26 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     seconds = round(time.monotonic() - started, 1)
     if not ok:
         log = " | ".join(line for line in tail if line.strip())
-        message = f"Forge did not boot from the volume (install's boot proof, {' '.join(command.argv[2:])}): " \
+        message = f"Forge did not boot from the volume (install's boot proof, {' '.join(command.argv[3:])}): " \
                   f"{failure}" + (f" || Forge's log: {log}" if log else "")
         _record_failure(layout, failure)
         raise BootProofError(message)
     made = sorted(_tree(layout.models_dir) - before)
-    return {"ok": True, "seconds": seconds, "argv": command.argv[2:], "forge_files": made, "at": now()}
+    out: dict[str, Any] = {"ok": True, "seconds": seconds, "argv": command.argv[3:], "forge_files": made, "at": now()}
+    if warm_up:
+        out["warm_up"] = warm_up
+    out["boot_set"] = _record_boot_set(layout, trace, key)
+    return out
+
+
+def _record_boot_set(layout: VolumeLayout, trace: dict[str, list[str]] | None, key: str) -> str:
+    """Write the boot set from the tracer's record; one line saying what was recorded (or why nothing was)."""
+    if trace is None:
+        layout.boot_set_index.unlink(missing_ok=True)
+        return "not recorded: Forge's tracer did not answer (workers boot from the volume)"
+    index, files = boot_set.build_index(layout, trace, key)
+    boot_set.write(layout, index, files)
+    return boot_set.summary(index)
 
 
 def _record_failure(layout: VolumeLayout, failure: str) -> None:

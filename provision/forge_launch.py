@@ -89,10 +89,16 @@ def allowed_env(base_env: Mapping[str, str], extra: Iterable[str] = ()) -> dict[
             if (k in ALLOWED_NAMES or k.startswith(ALLOWED_PREFIXES) or k in extra_names) and not secret_name(k)}
 
 
-def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str, str], launch: Launch) -> ForgeCommand:
-    """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume."""
+def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str, str], launch: Launch,
+                  code: VolumeLayout | None = None) -> ForgeCommand:
+    """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume.
+
+    ``code``: where the code trees (venv, checkout) are read from, when not from the volume itself: the
+    boot set laid out on local disk (``provision.boot_mirror``). Models always come from the volume.
+    """
+    code = code or layout
     argv = [
-        str(layout.venv_python), str(layout.launch_py),
+        str(code.venv_python), str(code.launch_py),
         "--nowebui", "--api", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
         "--no-download-sd-model", "--server-name", "127.0.0.1",
         "--data-dir", str(scratch.data),
@@ -115,8 +121,8 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         # Forge imports GitPython at start; the worker's image has no git executable, and GitPython
         # refuses to import without one unless told to stay quiet. Forge never runs git when it serves.
         "GIT_PYTHON_REFRESH": "quiet",
-        "VIRTUAL_ENV": str(layout.venv),
-        "PATH": f"{layout.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
+        "VIRTUAL_ENV": str(code.venv),
+        "PATH": f"{code.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
         "HOME": base_env.get("HOME") or str(scratch.root),
         "HF_HOME": str(scratch.cache / "huggingface"),
         "TORCH_HOME": str(scratch.cache / "torch"),
@@ -127,7 +133,7 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
     })
     if launch.tcmalloc:
         env["LD_PRELOAD"] = f"{launch.tcmalloc} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else launch.tcmalloc
-    return ForgeCommand(argv, env, layout.forge_dir)
+    return ForgeCommand(argv, env, code.forge_dir)
 
 
 def find_tcmalloc() -> str | None:
@@ -149,7 +155,15 @@ def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
         for item in seed.iterdir():
             if item.is_file():
                 shutil.copy2(item, scratch.data / item.name)
-    extensions = layout.extensions_dir
-    if extensions.is_dir() and not os.path.lexists(scratch.data / "extensions"):
-        (scratch.data / "extensions").symlink_to(extensions, target_is_directory=True)
+    if layout.extensions_dir.is_dir():
+        link_extensions(scratch, layout.extensions_dir)
     return scratch
+
+
+def link_extensions(scratch: Scratch, extensions: Path) -> None:
+    """Point Forge's extensions folder (in its data dir) at ``extensions``, replacing an earlier link."""
+    link = scratch.data / "extensions"
+    tmp = link.with_name(".extensions.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(extensions, target_is_directory=True)
+    os.replace(tmp, link)

@@ -47,9 +47,15 @@ def _die_with_parent() -> None:
 
 
 class ForgeProcess:
+    """Forge as a child process. ``prepare``, when given, runs first (in the background, within the boot
+    deadline: the phase is already ``booting``) and returns the command to start, e.g. from a mirror."""
+
     def __init__(self, command: ForgeCommand, *, port: int, boot_timeout: float,
-                 out: Callable[[str], None] | None = None) -> None:
+                 out: Callable[[str], None] | None = None,
+                 prepare: Callable[[], ForgeCommand] | None = None) -> None:
         self.command = command
+        self._prepare = prepare
+        self._stopping = False
         self.port = port
         self.boot_timeout = boot_timeout
         self.phase = NOT_STARTED
@@ -68,6 +74,39 @@ class ForgeProcess:
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self.started_at = time.monotonic()
+        if self._prepare is None:
+            self._spawn()
+            return
+        self._set(BOOTING)
+        threading.Thread(target=self._prepare_and_spawn, name="forge-prepare", daemon=True).start()
+
+    def _prepare_and_spawn(self) -> None:
+        assert self._prepare is not None
+        try:
+            self.command = self._prepare()
+        except Exception as exc:  # a failed speed-up must not keep Forge from starting
+            self._out(f"[worker] preparing Forge's start failed ({exc!r}); starting it as it is")
+        # Watch from this very thread: Linux sends the parent-death signal when the thread that started a
+        # child ends, so the thread that starts Forge (and the mirror's helper) must live as long as Forge.
+        if self._spawn(watch=False):
+            self._watch()
+
+    def _spawn(self, watch: bool = True) -> bool:
+        with self._lock:
+            if self._stopping:
+                self.start_error = "Forge was stopped before it started"
+            else:
+                self._popen()
+        if self._proc is None:
+            self._set(NOT_STARTED)
+            return False
+        self._set(BOOTING)
+        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
+        if watch:
+            threading.Thread(target=self._watch, name="forge-watch", daemon=True).start()
+        return True
+
+    def _popen(self) -> None:
         try:
             self._proc = subprocess.Popen(
                 self.command.argv, env=self.command.env, cwd=self.command.cwd, stdin=subprocess.DEVNULL,
@@ -75,13 +114,10 @@ class ForgeProcess:
             )
         except OSError as exc:
             self.start_error = f"cannot start Forge ({self.command.argv[0]}): {exc}"
-            self._set(NOT_STARTED)
-            return
-        self._set(BOOTING)
-        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
-        threading.Thread(target=self._watch, name="forge-watch", daemon=True).start()
 
     def stop(self, grace: float = 10.0) -> None:
+        with self._lock:
+            self._stopping = True
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return

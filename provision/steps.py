@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision import checkout_links, forge_reqs, gitops, pyenv
+from provision import boot_set, checkout_links, forge_reqs, gitops, pyenv
 from provision.errors import CommandError, SpecError
 from provision.lockfile import Lock, write_atomic
 from provision.proc import run
@@ -397,18 +397,26 @@ def _links_describe(ctx: Ctx) -> list[str]:
 
 def _boot_done(ctx: Ctx) -> bool:
     boot = ctx.recorded("boot") or {}
-    return bool(boot.get("ok")) and all(os.path.lexists(ctx.layout.absolute(p)) for p in boot.get("forge_files") or [])
+    if not boot.get("ok") or not all(os.path.lexists(ctx.layout.absolute(p)) for p in boot.get("forge_files") or []):
+        return False
+    # The boot set must still describe the volume (a `pip install` by hand on a pod changes the venv).
+    index = boot_set.read_index(ctx.layout)
+    key = ((ctx.state.get("steps") or {}).get("boot") or {}).get("key")
+    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None
 
 
 def _boot_run(ctx: Ctx) -> Change:
     from provision import boot_proof  # starts Forge: only when the step runs
 
     record = boot_proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
-                                   timeout=boot_proof.boot_timeout(os.environ))
+                                   timeout=boot_proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"])
     made = record["forge_files"]
     ctx.notes.append(f"Forge booted from the volume in {record['seconds']:.1f} s"
                      + (f"; its first start made {len(made)} folder(s)/file(s) under models/, recorded as Forge's own"
                         if made else ""))
+    if record.get("warm_up"):
+        ctx.notes.append(f"warm-up txt2img skipped or failed: {record['warm_up']}")
+    ctx.notes.append(record["boot_set"])
     previous = [p for p in (ctx.recorded("boot") or {}).get("forge_files") or []
                 if os.path.lexists(ctx.layout.absolute(p))]
     record["forge_files"] = sorted({*previous, *made})

@@ -138,6 +138,24 @@ class VolumeLayout:
         return self.meta_dir / "prepare-data"
 
     @property
+    def boot_set_dir(self) -> Path:
+        """The boot set: what Forge reads to boot, recorded by install's boot proof, for fast cold starts."""
+        return self.meta_dir / "boot-set"
+
+    @property
+    def boot_set_index(self) -> Path:
+        return self.boot_set_dir / "index.json"
+
+    @property
+    def boot_set_archive(self) -> Path:
+        return self.boot_set_dir / "files.bin"
+
+    @property
+    def code_trees(self) -> tuple[Path, ...]:
+        """The folders holding code Forge runs (not models): what a worker may copy to local disk at boot."""
+        return (self.python_dir, self.venv, self.forge_dir, self.extensions_dir)
+
+    @property
     def python_dir(self) -> Path:
         return self.root / "python"
 

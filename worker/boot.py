@@ -13,14 +13,17 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from provision.boot_mirror import lay_out, mirror_place
 from provision.errors import ForgeVolumeError
-from provision.forge_launch import Launch, find_tcmalloc, forge_command, prepare_scratch
+from provision.forge_launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
 from provision.forge_process import ForgeProcess
-from volume_layout import worker_volume
+from volume_layout import VolumeLayout, worker_volume
 from worker.config import ConfigError, Settings, load_settings
 from worker.handler import Worker
 from worker.proxy import Proxy
 from worker.volume import check_volume, link_mount_point
+
+MIRROR_TIMEOUT = 120.0  # at most this long (and a quarter of the boot deadline) to lay out the boot set
 
 
 def say(message: str) -> None:
@@ -53,8 +56,22 @@ def build_worker(env: Mapping[str, str]) -> Worker:
                     extra_args=tuple(settings.forge_args), port=settings.forge_port, tcmalloc=find_tcmalloc(),
                     passthrough=settings.env_passthrough)
     command = forge_command(volume.layout, forge_scratch, env, launch)
-    say(f"starting Forge: {' '.join(command.argv)}")
-    forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout)
+
+    def prepare() -> ForgeCommand:
+        chosen = command
+        if settings.fast_boot:
+            mirror = mirror_place(volume.layout, scratch)
+            if mirror.parent != scratch:
+                atexit.register(shutil.rmtree, mirror, True)
+            if lay_out(volume.layout, mirror, min(MIRROR_TIMEOUT, settings.boot_timeout / 4), say):
+                code = VolumeLayout(mirror)
+                if volume.layout.extensions_dir.is_dir():
+                    link_extensions(forge_scratch, code.extensions_dir)
+                chosen = forge_command(volume.layout, forge_scratch, env, launch, code=code)
+        say(f"starting Forge: {' '.join(chosen.argv)}")
+        return chosen
+
+    forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout, prepare=prepare)
     forge.start()
     atexit.register(forge.stop)
     worker.forge = forge

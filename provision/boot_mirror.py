@@ -1,0 +1,369 @@
+"""A worker's fast boot: the volume's code trees laid out on local disk from the boot set, then prefetching.
+
+Run by the worker as a child process (``python -m provision.boot_mirror <volume> <mirror>``), so its
+threads and buffers never weigh on the worker's own memory or event loop. It:
+
+1. checks the boot set against state.json (the boot step's key) and, in parallel with the rest,
+   every recorded file's and folder's mtime on the volume (one stat each, many in flight);
+2. makes every recorded folder under ``<mirror>``, writes the recorded files from one ranged read
+   of ``files.bin`` (many reads in flight), and makes every other entry a link to the volume (or,
+   for a link, to where it leads), so each path of the code trees resolves under ``<mirror>``;
+3. prints one JSON line: ``{"ok": true, ...}`` (start Forge from ``<mirror>``) or ``{"ok": false,
+   "reason": ...}`` (boot from the volume as before: nothing is lost, only time);
+4. then, while Forge imports, reads into the page cache the ranges of the large libraries that Forge
+   touched at install and the checkpoint its first txt2img loads, ahead of Forge needing them.
+
+Nothing is written to the volume. ``FORGE_FAST_BOOT=0`` on the worker skips all of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from provision.boot_set import Index, changed, read_index
+from provision.errors import ForgeVolumeError
+from provision.state import read_state
+from volume_layout import VolumeLayout
+
+THREADS = 16
+CHUNK = 16 << 20  # files.bin is read in pieces this large, many in flight
+PREFETCH_CHUNK = 4 << 20
+PREFETCH_THREADS = 8
+LINK_BATCH = 2000
+SHM = Path("/dev/shm")
+SHM_MARGIN = 512 << 20
+
+
+class Stale(Exception):
+    """The boot set does not describe the volume any more (or was never recorded)."""
+
+
+def _volume_target(layout: VolumeLayout, index: Index, mirror: Path, folder: str, target: str) -> str:
+    """Where a link of the volume (in ``folder``, relative to the root) must lead from the mirror."""
+    trees = [layout.relative(t) for t in layout.code_trees]
+    if os.path.isabs(target):
+        for root in dict.fromkeys((index.root, str(layout.root))):
+            if target == root or target.startswith(f"{root}/"):
+                rel = os.path.relpath(target, root)
+                inside = any(rel == t or rel.startswith(f"{t}/") for t in trees)
+                return str((mirror if inside else layout.root) / rel)
+        return target
+    rel = os.path.normpath(os.path.join(folder, target))
+    if not rel.startswith("..") and any(rel == t or rel.startswith(f"{t}/") for t in trees):
+        return target  # relative and inside the trees: the mirror has the same shape
+    return os.path.normpath(os.path.join(str(layout.root), folder, target))
+
+
+def _pyvenv_cfg(layout: VolumeLayout, index: Index, mirror: Path) -> str | None:
+    """The venv's pyvenv.cfg with ``home`` led into the mirror, or None when it needs no change."""
+    try:
+        text = (layout.venv / "pyvenv.cfg").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    lines = text.splitlines(keepends=True)
+    out = []
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home":
+            home = value.strip()
+            moved = _volume_target(layout, index, mirror, layout.relative(layout.venv), home)
+            if moved != home:
+                line = f"home = {moved}\n"
+        out.append(line)
+    new = "".join(out)
+    return new if new != text else None
+
+
+def _unpack(archive_fd: int, mirror: Path, group: list[tuple[str, int, int, int, int]]) -> int:
+    """Write one contiguous group of recorded files from files.bin; the bytes written."""
+    start = group[0][1]
+    end = group[-1][1] + group[-1][2]
+    data = os.pread(archive_fd, end - start, start) if end - start <= CHUNK else None
+    written = 0
+    for rel, offset, size, mtime, mode in group:
+        path = mirror / rel
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode or 0o644)
+        try:
+            if data is not None:
+                os.write(fd, memoryview(data)[offset - start:offset - start + size])
+            else:  # one large file: streamed in pieces
+                done = 0
+                while done < size:
+                    piece = os.pread(archive_fd, min(CHUNK, size - done), offset + done)
+                    if not piece:
+                        raise OSError(f"files.bin ends inside {rel}")
+                    os.write(fd, piece)
+                    done += len(piece)
+        finally:
+            os.close(fd)
+        # Python checks a module's .pyc against its source's mtime: keep the volume's.
+        os.utime(path, ns=(mtime, mtime))
+        written += size
+    return written
+
+
+def _groups(files: list[tuple[str, int, int, int, int]]) -> list[list[tuple[str, int, int, int, int]]]:
+    groups: list[list[tuple[str, int, int, int, int]]] = []
+    current: list[tuple[str, int, int, int, int]] = []
+    size = 0
+    for item in files:
+        if current and size + item[2] > CHUNK:
+            groups.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item[2]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[str, Any]:
+    """Lay out the mirror; raise Stale when the boot set cannot be used. Returns what was done."""
+    started = time.monotonic()
+    index = read_index(layout)
+    if index is None:
+        raise Stale("no boot set recorded (run `forge-volume install` to record one)")
+    try:
+        state = read_state(layout) or {}
+    except ForgeVolumeError as exc:
+        raise Stale(exc.one_line()) from None
+    key = ((state.get("steps") or {}).get("boot") or {}).get("key")
+    if key != index.key:
+        raise Stale("the boot set was recorded for another install (run `forge-volume install`)")
+    copied = {rel for rel, *_ in index.files}
+    times: dict[str, float] = {"index": time.monotonic() - started}
+    mirror.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        check = pool.submit(changed, layout, index, threads, files=False)
+        for rel in sorted(index.dirs):  # parents sort before their children
+            os.mkdir(mirror / rel)
+        times["folders"] = time.monotonic() - started
+        archive = os.open(layout.boot_set_archive, os.O_RDONLY)
+        try:
+            unpacked = [pool.submit(_unpack, archive, mirror, group) for group in _groups(index.files)]
+            links = _links(layout, index, mirror, copied)
+            linked = [pool.submit(_make_links, links[i:i + LINK_BATCH]) for i in range(0, len(links), LINK_BATCH)]
+            cfg = _pyvenv_cfg(layout, index, mirror)
+            if cfg is not None:
+                (mirror / layout.relative(layout.venv / "pyvenv.cfg")).write_text(cfg, encoding="utf-8")
+            for future in linked:
+                future.result()
+            times["links"] = time.monotonic() - started
+            written = sum(f.result() for f in unpacked)
+            times["files"] = time.monotonic() - started
+        finally:
+            os.close(archive)
+        problem = check.result()
+        times["checked"] = time.monotonic() - started
+    if problem:
+        raise Stale(f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)")
+    return {"ok": True, "seconds": round(time.monotonic() - started, 3), "files": len(index.files),
+            "bytes": written, "folders": len(index.dirs), "links": len(links),
+            "times": {k: round(v, 3) for k, v in times.items()}}
+
+
+def _links(layout: VolumeLayout, index: Index, mirror: Path, copied: set[str]) -> list[tuple[str, Path]]:
+    """(target, link) for every entry of the mirrored folders that is neither a mirrored folder nor a copied file."""
+    links: list[tuple[str, Path]] = []
+    for tree in layout.code_trees:
+        rel = layout.relative(tree)
+        if rel not in index.dirs and os.path.lexists(tree):
+            links.append((str(tree), mirror / rel))
+    cfg = layout.relative(layout.venv / "pyvenv.cfg")
+    for folder, (_, entries) in index.dirs.items():
+        for name, kind, target in entries:
+            rel = f"{folder}/{name}"
+            if (kind == "d" and rel in index.dirs) or (kind == "f" and rel in copied):
+                continue
+            if rel == cfg and _pyvenv_cfg(layout, index, mirror) is not None:
+                continue
+            link = _volume_target(layout, index, mirror, folder, target) if kind == "l" else str(layout.absolute(rel))
+            links.append((link, mirror / rel))
+    return links
+
+
+def _make_links(links: list[tuple[str, Path]]) -> None:
+    for target, link in links:
+        os.symlink(target, link)
+
+
+def _read_range(fd: int, offset: int, length: int) -> int:
+    """Read a range of an open file into the page cache (sent to /dev/null by the kernel: no copy here)."""
+    with open(os.devnull, "wb") as sink:
+        done = 0
+        while done < length:
+            sent = os.sendfile(sink.fileno(), fd, offset + done, length - done)
+            if not sent:
+                break
+            done += sent
+        return done
+
+
+def prefetch_plan(index: Index) -> list[tuple[str, int, int]]:
+    """(file, offset, length) pieces: the large libraries' touched ranges first, then the checkpoint."""
+    plan: list[tuple[str, int, int]] = []
+    for rel, _size, _, spans in index.ranges:
+        for offset, length in spans:
+            for piece in range(offset, offset + length, PREFETCH_CHUNK):
+                plan.append((rel, piece, min(PREFETCH_CHUNK, offset + length - piece)))
+    return plan
+
+
+def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS) -> int:
+    """Read the plan, and then the checkpoint, into the page cache, many pieces in flight; the bytes read."""
+    plan = prefetch_plan(index)
+    if index.checkpoint:
+        try:
+            size = layout.absolute(index.checkpoint).stat().st_size
+        except OSError:
+            size = 0
+        plan += [(index.checkpoint, p, min(PREFETCH_CHUNK, size - p)) for p in range(0, size, PREFETCH_CHUNK)]
+    fds: dict[str, int] = {}
+    for rel in dict.fromkeys(rel for rel, _, _ in plan):
+        with contextlib.suppress(OSError):
+            fds[rel] = os.open(layout.absolute(rel), os.O_RDONLY)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(lambda piece: _safe(_read_range, fds.get(piece[0]), piece[1], piece[2]), plan))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _safe(read: Callable[[int, int, int], int], fd: int | None, offset: int, length: int) -> int:
+    if fd is None:
+        return 0
+    try:
+        return read(fd, offset, length)
+    except OSError:
+        return 0
+
+
+def mirror_place(layout: VolumeLayout, scratch: Path, shm: Path = SHM) -> Path:
+    """Where to lay the boot set out: a memory file system (``/dev/shm``) when it has ample room for it
+    (local-disk metadata costs add up over ~20,000 entries), else the worker's scratch on local disk."""
+    try:
+        need = layout.boot_set_archive.stat().st_size * 2 + SHM_MARGIN
+        room = os.statvfs(shm)
+        if room.f_bavail * room.f_frsize >= need and _is_tmpfs(shm):
+            return Path(tempfile.mkdtemp(prefix="forge-mirror-", dir=shm))
+    except OSError:
+        pass
+    return scratch / "mirror"
+
+
+def _is_tmpfs(path: Path) -> bool:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            return any(line.split()[1:3] == [str(path), "tmpfs"] for line in mounts)
+    except OSError:
+        return False
+
+
+def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]) -> bool:
+    """Run the child that lays out the mirror; True when Forge may boot from ``mirror``.
+
+    Waits at most ``timeout`` for it; the child goes on prefetching in the background afterwards and
+    dies with the worker. Any failure is one line in the log and a boot from the volume as before.
+    """
+    from provision.forge_process import _die_with_parent
+
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "provision.boot_mirror", str(layout.root), str(mirror)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=_die_with_parent)
+    except OSError as exc:
+        say(f"fast boot off: cannot start its helper ({exc})")
+        return False
+    lines: queue.Queue[str | None] = queue.Queue()
+    errors: collections.deque[str] = collections.deque(maxlen=5)
+
+    def read_out() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            errors.append(line.rstrip())
+
+    threading.Thread(target=read_out, name="boot-mirror-out", daemon=True).start()
+    threading.Thread(target=read_err, name="boot-mirror-err", daemon=True).start()
+    try:
+        first = lines.get(timeout=max(timeout, 0.1))
+    except queue.Empty:
+        proc.kill()
+        say(f"fast boot off: the boot set was not laid out within {timeout:g} s; booting from the volume")
+        return False
+    try:
+        result = json.loads(first) if first else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        proc.wait(10)
+        say(f"fast boot off: its helper failed ({' | '.join(errors) or f'exit code {proc.returncode}'}); "
+            "booting from the volume")
+        return False
+    if not result.get("ok"):
+        say(f"fast boot off: {result.get('reason')}; booting from the volume")
+        return False
+    say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
+        f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
+
+    def finish() -> None:
+        last = lines.get()
+        proc.wait()
+        try:
+            done = json.loads(last) if last else {}
+        except ValueError:
+            done = {}
+        if isinstance(done, dict) and "prefetched" in done:
+            say(f"fast boot: prefetched {int(done['prefetched']) / 1e6:.0f} MB in {done.get('seconds')} s")
+
+    threading.Thread(target=finish, name="boot-mirror-wait", daemon=True).start()
+    return True
+
+
+def _say(result: dict[str, Any]) -> None:
+    with contextlib.suppress(BrokenPipeError):  # the worker stopped listening (it is going away)
+        print(json.dumps(result), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    layout, mirror = VolumeLayout(Path(argv[0])), Path(argv[1])
+    try:
+        result = build(layout, mirror)
+    except Stale as exc:
+        result = {"ok": False, "reason": str(exc)}
+    except OSError as exc:
+        result = {"ok": False, "reason": f"the boot set could not be laid out ({exc})"}
+    _say(result)
+    # After the lay-out (which is on the boot's critical path), while Forge imports: first the library
+    # pages torch maps in its first seconds, then the checkpoint. Also after a failure: a boot from the
+    # volume needs the same pages.
+    index = read_index(layout)
+    if index is not None:
+        started = time.monotonic()
+        got = prefetch(layout, index)
+        _say({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,356 @@
+"""The boot set: what Forge reads to boot, recorded once at install so every cold worker boots from local disk.
+
+A cold worker boots Forge from a network volume where every lookup, stat, open and folder read
+is a round trip: a boot makes about 40,000 of them, one after another. Install's boot proof runs
+Forge under ``boot_tracer.py`` and a warm-up txt2img, then records here (``.forge-volume/boot-set/``):
+
+- ``files.bin``: the content of every file of the code trees (``VolumeLayout.code_trees``: the
+  Python, the venv, the checkout, the extensions) that Forge opened, and the shared libraries it
+  mapped that are smaller than ``BIG``, one after another;
+- ``index.json``: where each of them is in ``files.bin`` with its size and mtime; every folder on
+  the way to them (and every folder Forge listed) with its mtime and complete listing; for the
+  large libraries, the byte ranges Forge touched (the pages the kernel read for it, found with
+  ``mincore`` after evicting them first); the checkpoint the warm-up loaded.
+
+A worker (``provision.boot_mirror``) lays these folders out on local disk with one sequential read
+of ``files.bin``: every other entry becomes a link to the volume, so every path still resolves and
+nothing can be missing, only slower. The index is valid for one boot-step key, and every file and
+folder in it carries its mtime: anything changed since install (a ``pip install`` by hand on a
+pod) makes the worker boot from the volume as before, and ``install`` records the set again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import json
+import mmap
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.lockfile import write_atomic
+from volume_layout import VolumeLayout
+
+VERSION = 1
+BIG = 4 << 20  # mapped libraries this large are prefetched by the pages Forge touched, not copied whole
+OPENED_LIMIT = 256 << 20  # a file Forge opened that is larger than this stays on the volume
+STAT_THREADS = 32
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
+TRACER = Path(__file__).with_name("boot_tracer.py")
+
+# --- the index ----------------------------------------------------------------------------------
+
+# One entry of a mirrored folder: (name, kind, link target) with kind "d" (folder), "f" (file), "l" (link), "o" (other).
+Entry = tuple[str, str, str]
+
+
+@dataclass
+class Index:
+    key: str  # the boot step's key it was recorded for
+    root: str  # the volume's root at install (absolute links into it are rewritten)
+    dirs: dict[str, tuple[int, list[Entry]]] = field(default_factory=dict)  # rel -> (mtime_ns, entries)
+    files: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # rel, offset, size, mtime_ns, mode
+    ranges: list[tuple[str, int, int, list[tuple[int, int]]]] = field(default_factory=list)  # rel, size, mtime_ns
+    checkpoint: str | None = None  # the checkpoint the warm-up loaded, relative to the volume
+
+    @property
+    def archive_size(self) -> int:
+        return sum(size for _, _, size, _, _ in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "key": self.key, "root": self.root, "checkpoint": self.checkpoint,
+                "dirs": {rel: [mtime, [list(e) for e in entries]] for rel, (mtime, entries) in self.dirs.items()},
+                "files": [list(f) for f in self.files],
+                "ranges": [[rel, size, mtime, [list(r) for r in spans]] for rel, size, mtime, spans in self.ranges]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Index:
+        if data.get("version") != VERSION:
+            raise ValueError(f"boot set index version {data.get('version')!r}, this forge-volume reads {VERSION}")
+        return cls(
+            key=str(data["key"]), root=str(data["root"]), checkpoint=data.get("checkpoint"),
+            dirs={str(rel): (int(mtime), [(str(n), str(k), str(t)) for n, k, t in entries])
+                  for rel, (mtime, entries) in data["dirs"].items()},
+            files=[(str(r), int(o), int(s), int(m), int(mode)) for r, o, s, m, mode in data["files"]],
+            ranges=[(str(r), int(s), int(m), [(int(a), int(b)) for a, b in spans])
+                    for r, s, m, spans in data["ranges"]])
+
+
+def read_index(layout: VolumeLayout) -> Index | None:
+    """The recorded index, or None when there is none (or it cannot be read: then it is as good as none)."""
+    try:
+        return Index.from_json(json.loads(layout.boot_set_index.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, files: bool = True) -> str | None:
+    """The first file or folder of the boot set that differs on the volume from the index (one stat each, in
+    parallel: a network volume answers them concurrently), or None when the set still describes the volume.
+
+    ``files=False`` checks the folders only (a worker's boot: a fifth of the round trips). Whatever adds,
+    removes or replaces a file changes its folder's mtime (pip, git, editors that save by renaming); only
+    an edit in place does not, and ``install`` (which checks every file) records the set again after one.
+    """
+    checks: list[tuple[str, int, int | None]] = [(rel, mtime, None) for rel, (mtime, _) in index.dirs.items()]
+    if files:
+        checks += [(rel, mtime, size) for rel, _, size, mtime, _ in index.files]
+        checks += [(rel, mtime, size) for rel, size, mtime, _ in index.ranges]
+    checks.append((layout.relative(layout.boot_set_archive), -1, index.archive_size))
+
+    def check(item: tuple[str, int, int | None]) -> str | None:
+        rel, mtime, size = item
+        try:
+            st = os.stat(layout.absolute(rel), follow_symlinks=False)
+        except OSError:
+            return f"{rel} is missing"
+        if size is not None and st.st_size != size:
+            return f"{rel} changed size"
+        if mtime != -1 and st.st_mtime_ns != mtime:
+            return f"{rel} was modified"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for problem in pool.map(check, checks):
+            if problem:
+                return problem
+    return None
+
+
+# --- recording at install -----------------------------------------------------------------------
+
+def _files_under(roots: Iterable[Path], minimum: int) -> Iterator[Path]:
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = Path(folder) / name
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_size >= minimum:
+                    yield path
+
+
+def evict_large_files(layout: VolumeLayout) -> int:
+    """Drop the large files of the venv and the Python from the page cache (written by pip, they are all
+    cached), so that after the traced boot the cached pages are exactly those Forge touched. Best effort."""
+    os.sync()
+    count = 0
+    for path in _files_under((layout.venv, layout.python_dir), BIG):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            count += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return count
+
+
+_libc: Any = None
+
+
+def _mincore_libc() -> Any:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    return _libc
+
+
+def resident_ranges(path: Path) -> list[tuple[int, int]]:
+    """The byte ranges of ``path`` that are in the page cache, as (offset, length), merged."""
+    libc = _mincore_libc()
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return []
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            pages = (size + page - 1) // page
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            data = bytes(vec)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+    spans: list[tuple[int, int]] = []
+    start = None
+    for i, flag in enumerate(data):
+        if flag & 1 and start is None:
+            start = i
+        elif not flag & 1 and start is not None:
+            spans.append((start * page, min(i * page, size) - start * page))
+            start = None
+    if start is not None:
+        spans.append((start * page, size - start * page))
+    return spans
+
+
+def _in_trees(layout: VolumeLayout, path: str) -> str | None:
+    """``path`` relative to the volume when it lies in a code tree, else None.
+
+    Links in the path are kept where the path is already inside a tree (the mirror keeps them as links);
+    a path from outside (the scratch's ``extensions`` link to the volume's) is followed into the tree.
+    """
+    for candidate in (os.path.normpath(path), os.path.realpath(path)):
+        for tree in layout.code_trees:
+            if candidate == str(tree) or candidate.startswith(f"{tree}/"):
+                return layout.relative(Path(candidate))
+    return None
+
+
+def _listing(folder: Path) -> list[Entry]:
+    entries: list[Entry] = []
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            if entry.is_symlink():
+                entries.append((entry.name, "l", os.readlink(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                entries.append((entry.name, "d", ""))
+            elif entry.is_file(follow_symlinks=False):
+                entries.append((entry.name, "f", ""))
+            else:
+                entries.append((entry.name, "o", ""))
+    return sorted(entries)
+
+
+def build_index(layout: VolumeLayout, trace: dict[str, list[str]], key: str) -> tuple[Index, list[Path]]:
+    """The index for a traced boot, and the files to copy into the archive (in index order)."""
+    index = Index(key=key, root=str(layout.root))
+    copy: dict[str, None] = {}
+    big: dict[str, None] = {}
+    mapped = set(trace.get("mapped") or [])
+    for path in [*(trace.get("opened") or []), *sorted(mapped)]:
+        rel = _in_trees(layout, path)
+        full = layout.absolute(rel) if rel else None
+        if rel is None or full is None:
+            if index.checkpoint is None and path.endswith(CHECKPOINT_SUFFIXES) and \
+                    Path(path).is_relative_to(layout.models_dir) and Path(path).is_file():
+                index.checkpoint = layout.relative(Path(os.path.normpath(path)))
+            continue
+        try:
+            st = full.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if path in mapped and st.st_size >= BIG:
+            big[rel] = None
+        elif st.st_size <= OPENED_LIMIT:
+            copy[rel] = None
+        else:
+            big[rel] = None
+    for rel in big:
+        copy.pop(rel, None)
+    for rel in list(copy):
+        # A module Python loaded from its .pyc has the .py as __file__; code that takes its realpath (to find
+        # files beside it, to extend sys.path) must land in the mirror, so the source is copied too.
+        source = _source_of(rel)
+        if source and source not in copy and layout.absolute(source).is_file():
+            copy[source] = None
+    folders: set[str] = set()
+    for rel in [*copy, *big]:
+        parent = os.path.dirname(rel)
+        while parent and parent not in folders:
+            folders.add(parent)
+            parent = os.path.dirname(parent)
+    # The interpreter starts from the venv's bin/ (and finds pyvenv.cfg beside it) before any trace.
+    for path in [str(layout.venv_python), *(trace.get("listed") or [])]:
+        rel = _in_trees(layout, path)
+        if rel is not None and path == str(layout.venv_python):
+            rel = os.path.dirname(rel)
+        if rel is not None and layout.absolute(rel).is_dir() and not layout.absolute(rel).is_symlink():
+            while rel and rel not in folders:
+                folders.add(rel)
+                rel = os.path.dirname(rel)
+    # A folder whose path runs through a link cannot be mirrored as a folder: the link is kept instead.
+    folders = {f for f in folders if not any(layout.absolute(a).is_symlink() for a in _ancestors(f))}
+    for rel in sorted(folders):
+        full = layout.absolute(rel)
+        index.dirs[rel] = (full.stat().st_mtime_ns, _listing(full))
+    offset = 0
+    files: list[Path] = []
+    for rel in copy:
+        if os.path.dirname(rel) not in index.dirs:
+            continue
+        full = layout.absolute(rel)
+        st = full.lstat()
+        index.files.append((rel, offset, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)))
+        files.append(full)
+        offset += st.st_size
+    for rel in big:
+        if os.path.dirname(rel) not in index.dirs:
+            continue
+        full = layout.absolute(rel)
+        try:
+            spans = resident_ranges(full)
+        except OSError:
+            spans = []
+        st = full.lstat()
+        index.ranges.append((rel, st.st_size, st.st_mtime_ns, spans))
+    return index, files
+
+
+def _source_of(rel: str) -> str | None:
+    """``pkg/mod.py`` for ``pkg/__pycache__/mod.cpython-311.pyc``, else None."""
+    folder, name = os.path.split(rel)
+    if os.path.basename(folder) != "__pycache__" or not name.endswith(".pyc"):
+        return None
+    return os.path.join(os.path.dirname(folder), name.split(".", 1)[0] + ".py")
+
+
+def _ancestors(rel: str) -> Iterator[str]:
+    while rel:
+        yield rel
+        rel = os.path.dirname(rel)
+
+
+def write(layout: VolumeLayout, index: Index, files: list[Path]) -> None:
+    """Write the archive, then the index (last: an interrupted write leaves no index, so no boot set)."""
+    layout.boot_set_dir.mkdir(parents=True, exist_ok=True)
+    layout.boot_set_index.unlink(missing_ok=True)
+    tmp = layout.boot_set_archive.with_name(f".{layout.boot_set_archive.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for (rel, offset, size, _, _), path in zip(index.files, files, strict=True):
+                with open(path, "rb") as src:
+                    copied = 0
+                    while chunk := src.read(min(8 << 20, size - copied)):
+                        out.write(chunk)
+                        copied += len(chunk)
+                if copied != size or out.tell() != offset + size:
+                    raise OSError(f"{rel} changed while the boot set was written")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, layout.boot_set_archive)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_atomic(layout.boot_set_index, json.dumps(index.to_json(), separators=(",", ":")))
+
+
+def summary(index: Index) -> str:
+    prefetch = sum(length for _, _, _, spans in index.ranges for _, length in spans)
+    return (f"boot set: {len(index.files)} files ({index.archive_size / 1e6:.0f} MB) in {len(index.dirs)} folders, "
+            f"{len(index.ranges)} large libraries ({prefetch / 1e6:.0f} MB to prefetch)"
+            + (f", checkpoint {index.checkpoint}" if index.checkpoint else ""))

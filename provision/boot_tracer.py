@@ -1,0 +1,74 @@
+"""Run Forge's launch.py and record what it reads (install's boot proof; stdlib only: the volume's Python runs it).
+
+Usage, as Forge's launcher: ``python boot_tracer.py <launch.py> <Forge's args...>`` with
+``FORGE_VOLUME_BOOT_TRACE=<record path>`` in the environment (removed before Forge starts). An audit
+hook notes every path Forge opens and every folder it lists; when ``<record>.request`` appears, a
+thread writes them, with the files mapped into the process (shared libraries loaded by the dynamic
+linker, which no audit hook sees), to ``<record>`` as JSON, atomically. Forge itself runs unchanged:
+``sys.argv`` and ``sys.path[0]`` are what ``python launch.py`` would have given it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import threading
+import time
+
+RECORD_ENV = "FORGE_VOLUME_BOOT_TRACE"
+POLL = 0.05
+
+
+def _absolute(path: object) -> str | None:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, str) or not path:
+        return None
+    return path if path.startswith("/") else os.path.join(os.getcwd(), path)
+
+
+def _mapped() -> list[str]:
+    out = set()
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                out.add(fields[5].rstrip("\n").removesuffix(" (deleted)"))
+    return sorted(out)
+
+
+def main() -> None:
+    record = os.environ.pop(RECORD_ENV)
+    opened: dict[str, None] = {}  # insertion-ordered: the order Forge first opened them
+    listed: dict[str, None] = {}
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if event == "open":
+            path = _absolute(args[0])
+            if path is not None:
+                opened.setdefault(path, None)
+        elif event in ("os.listdir", "os.scandir"):
+            path = _absolute(args[0] if args and args[0] is not None else ".")
+            if path is not None:
+                listed.setdefault(path, None)
+
+    def answer() -> None:
+        request = record + ".request"
+        while not os.path.exists(request):
+            time.sleep(POLL)
+        data = {"opened": list(opened), "listed": list(listed), "mapped": _mapped()}
+        with open(record + ".tmp", "w", encoding="utf-8") as out:
+            json.dump(data, out)
+        os.replace(record + ".tmp", record)
+
+    sys.addaudithook(hook)
+    threading.Thread(target=answer, name="boot-tracer", daemon=True).start()
+    sys.argv = sys.argv[1:]
+    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

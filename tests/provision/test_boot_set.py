@@ -1,0 +1,180 @@
+"""The boot set and its mirror, on a volume made of real files, links and folders (no Forge needed).
+
+The mirror must be indistinguishable from the volume's code trees for every path a program can name:
+same bytes for every file, folders where there are folders, links that lead where the volume's lead
+(into the mirror when they stay in the code trees, to the volume when they leave them), and the venv's
+``home`` moved with it. It must refuse to be used once the volume changed, and never write to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from provision import boot_mirror, boot_set
+from provision.state import read_state, write_state
+from volume_layout import LAYOUT_VERSION, VolumeLayout
+
+KEY = "k1"
+
+
+def _write(path: Path, data: bytes | str = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> VolumeLayout:
+    layout = VolumeLayout(tmp_path / "vol")
+    root = layout.root
+    _write(layout.python_dir / "bin" / "python3", b"#!interpreter\n")
+    _write(layout.python_dir / "lib" / "os.py", "import sys\n")
+    _write(layout.venv / "pyvenv.cfg", f"home = {layout.python_dir / 'bin'}\nversion = 3.11.7\n")
+    (layout.venv / "bin").mkdir(parents=True)
+    (layout.venv / "bin" / "python").symlink_to(layout.python_dir / "bin" / "python3")  # absolute, into the trees
+    site = layout.venv / "lib" / "site-packages"
+    _write(site / "pkg" / "__init__.py", "VALUE = 1\n")
+    _write(site / "pkg" / "__pycache__" / "__init__.cpython-311.pyc", b"\x00pyc")
+    _write(site / "pkg" / "data.txt", "not read at boot\n")
+    _write(site / "pkg" / "sub" / "deep.py", "never imported\n")
+    with open(site / "pkg" / "big.so", "wb") as big:  # a large mapped library: prefetched, never copied
+        big.truncate(boot_set.BIG + 4096)
+    (site / "elsewhere").symlink_to("/etc")  # absolute, out of the volume
+    (layout.venv / "lib64").symlink_to("lib")  # relative, inside the trees
+    _write(layout.forge_dir / "launch.py", "print('forge')\n")
+    _write(layout.forge_dir / "modules" / "paths.py", "X = 1\n")
+    _write(layout.forge_dir / ".git" / "HEAD", "ref: refs/heads/main\n")
+    _write(layout.models_dir / "Lora" / "a.safetensors", b"lora")
+    (layout.forge_dir / "models").mkdir()
+    (layout.forge_dir / "models" / "Lora").symlink_to("../../models/Lora")  # relative, out of the trees
+    _write(layout.extensions_dir / "ext" / "scripts" / "s.py", "print('ext')\n")
+    checkpoint = _write(layout.models_dir / "Stable-diffusion" / "m.safetensors", b"weights")
+    layout.meta_dir.mkdir(parents=True)
+    write_state(layout, {"layout_version": LAYOUT_VERSION, "steps": {"boot": {"key": KEY}}})
+    scratch_link = root.parent / "scratch-extensions"  # Forge sees extensions through its data dir's link
+    scratch_link.symlink_to(layout.extensions_dir)
+    trace = {
+        "opened": [str(layout.python_dir / "lib" / "os.py"),
+                   str(site / "pkg" / "__pycache__" / "__init__.cpython-311.pyc"), str(layout.launch_py),
+                   str(layout.forge_dir / "modules" / "paths.py"), str(scratch_link / "ext" / "scripts" / "s.py"),
+                   str(layout.forge_dir / "nothing-here.py"), str(checkpoint), "/etc/hostname"],
+        "listed": [str(site), str(layout.forge_dir / "models")],
+        "mapped": [str(site / "pkg" / "big.so"), str(checkpoint)],
+    }
+    index, files = boot_set.build_index(layout, trace, KEY)
+    boot_set.write(layout, index, files)
+    return layout
+
+
+def _tree(layout: VolumeLayout) -> dict[str, tuple[str, int]]:
+    out = {}
+    for folder, dirs, files in os.walk(layout.root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, layout.root)] = (oct(st.st_mode), st.st_mtime_ns)
+    return out
+
+
+def test_the_index_holds_what_forge_read_and_the_sources_of_its_bytecode(volume: VolumeLayout) -> None:
+    index = boot_set.read_index(volume)
+    assert index is not None and index.key == KEY
+    copied = {rel for rel, *_ in index.files}
+    assert copied == {"python/lib/os.py", "venv/lib/site-packages/pkg/__pycache__/__init__.cpython-311.pyc",
+                      "venv/lib/site-packages/pkg/__init__.py", "stable-diffusion-webui-forge/launch.py",
+                      "stable-diffusion-webui-forge/modules/paths.py", "extensions/ext/scripts/s.py"}
+    assert [rel for rel, *_ in index.ranges] == ["venv/lib/site-packages/pkg/big.so"]
+    assert index.checkpoint == "models/Stable-diffusion/m.safetensors"
+    assert "venv/bin" in index.dirs and "venv/lib/site-packages" in index.dirs
+    assert "venv/lib/site-packages/pkg/sub" not in index.dirs  # never looked into: a link to the volume
+    assert volume.boot_set_archive.stat().st_size == index.archive_size
+    assert "6 files" in boot_set.summary(index)
+
+
+def test_every_path_of_the_code_trees_reads_the_same_through_the_mirror(volume: VolumeLayout, tmp_path: Path) -> None:
+    before = _tree(volume)
+    mirror = tmp_path / "mirror"
+
+    result = boot_mirror.build(volume, mirror)
+
+    assert result["ok"] and result["files"] == 6
+    assert _tree(volume) == before  # nothing written to the volume
+    compared = 0
+    for tree in volume.code_trees:
+        for folder, dirs, files in os.walk(tree, followlinks=False):
+            for name in dirs + files:
+                path = Path(folder) / name
+                seen = mirror / volume.relative(path)
+                assert os.path.lexists(seen), seen
+                if path == volume.venv / "pyvenv.cfg":
+                    continue  # rewritten (below): its home moves with the mirror
+                if path.is_file():
+                    assert seen.read_bytes() == path.read_bytes(), seen
+                elif path.is_dir():
+                    assert seen.is_dir() and sorted(os.listdir(seen)) == sorted(os.listdir(path)), seen
+                compared += 1
+    assert compared > 20
+    site = mirror / "venv" / "lib" / "site-packages"
+    for rel, *_ in boot_set.read_index(volume).files:  # type: ignore[union-attr]
+        local = mirror / rel
+        assert not local.is_symlink() and local.stat().st_mtime_ns == volume.absolute(rel).stat().st_mtime_ns
+    assert (site / "pkg" / "data.txt").is_symlink()  # not read at boot: still the volume's file
+    assert os.readlink(mirror / "venv" / "bin" / "python") == str(mirror / "python" / "bin" / "python3")
+    assert (mirror / "venv" / "pyvenv.cfg").read_text().startswith(f"home = {mirror / 'python' / 'bin'}\n")
+    assert os.readlink(mirror / "venv" / "lib64") == "lib"
+    assert os.readlink(site / "elsewhere") == "/etc"
+    assert os.readlink(mirror / "stable-diffusion-webui-forge" / "models" / "Lora") == str(volume.models_dir / "Lora")
+    assert (mirror / "stable-diffusion-webui-forge" / "models" / "Lora" / "a.safetensors").read_bytes() == b"lora"
+
+
+@pytest.mark.parametrize("change", ["new file", "install key", "no index", "short archive"])
+def test_a_changed_volume_or_a_broken_boot_set_is_refused_with_the_fix(
+        volume: VolumeLayout, tmp_path: Path, change: str) -> None:
+    if change == "new file":
+        _write(volume.venv / "lib" / "site-packages" / "pkg" / "new.py", "added by hand\n")
+    elif change == "install key":
+        write_state(volume, {**(read_state(volume) or {}), "steps": {"boot": {"key": "other"}}})
+    elif change == "no index":
+        volume.boot_set_index.unlink()
+    else:
+        with open(volume.boot_set_archive, "r+b") as archive:
+            archive.truncate(10)
+
+    with pytest.raises(boot_mirror.Stale) as refused:
+        boot_mirror.build(volume, tmp_path / "mirror")
+
+    message = str(refused.value)
+    assert "forge-volume install" in message and "\n" not in message
+    if change == "new file":
+        assert "venv/lib/site-packages/pkg was modified" in message
+
+
+def test_install_side_check_also_sees_a_file_edited_in_place(volume: VolumeLayout) -> None:
+    index = boot_set.read_index(volume)
+    assert index is not None and boot_set.changed(volume, index) is None
+    launch = volume.launch_py
+    folder_mtime = launch.parent.stat().st_mtime_ns
+    with open(launch, "a") as edit:  # in place: the folder's mtime does not move
+        edit.write("# edited\n")
+    os.utime(launch.parent, ns=(folder_mtime, folder_mtime))
+
+    assert boot_set.changed(volume, index, files=False) is None  # a worker's cheap check cannot see it
+    assert boot_set.changed(volume, index) == "stable-diffusion-webui-forge/launch.py changed size"
+
+
+def test_a_corrupt_index_counts_as_none(volume: VolumeLayout) -> None:
+    volume.boot_set_index.write_text(json.dumps({"version": 99}))
+    assert boot_set.read_index(volume) is None
+    volume.boot_set_index.write_text("{not json")
+    assert boot_set.read_index(volume) is None
+
+
+def test_the_prefetch_reads_the_touched_ranges_and_the_checkpoint(volume: VolumeLayout) -> None:
+    index = boot_set.read_index(volume)
+    assert index is not None
+    spans = sum(length for _, _, _, ranges in index.ranges for _, length in ranges)
+    assert boot_mirror.prefetch(volume, index) == spans + len(b"weights")

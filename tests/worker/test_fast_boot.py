@@ -1,0 +1,128 @@
+"""Fast boot, end to end: install records the boot set, a worker boots Forge from it laid out on local disk.
+
+Real workers on RunPod's local API boot the Forge stand-in from a volume installed by the real installer;
+the tests read where Forge's process runs from (``/proc/<pid>/cmdline`` and ``cwd``) and what the
+worker's log says, and change the volume the ways users do (a package added by hand, the switch off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.provision.conftest import cli
+from tests.worker.conftest import CHECKPOINT, WorkerProc, start_worker, worker_env
+from tests.worker.test_forge_env import children
+from volume_layout import VolumeLayout
+from worker.config import ConfigError, load_settings
+
+pytestmark = pytest.mark.slow
+SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
+TXT2IMG = {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {"prompt": "a", "steps": 2}}
+
+
+def forge_of(worker: WorkerProc) -> tuple[str, Path]:
+    """Forge's interpreter (argv[0]) and working folder, read from /proc."""
+    [pid] = [pid for pid in children(worker.proc.pid) if b"launch.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    return argv0, Path(os.readlink(f"/proc/{pid}/cwd"))
+
+
+def with_checkpoint(volume: Path) -> None:
+    checkpoint = volume / "models" / "Stable-diffusion" / CHECKPOINT
+    if not checkpoint.exists():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"not really a checkpoint\n")
+
+
+def boot(volume: Path, tmp_path: Path, name: str, **env: str) -> tuple[WorkerProc, dict[str, object]]:
+    with_checkpoint(volume)
+    worker = start_worker(worker_env(volume, tmp_path / name, **env), tmp_path / f"logs-{name}")
+    out = worker.runsync(TXT2IMG)
+    return worker, out
+
+
+def test_install_records_the_boot_set_and_a_worker_boots_forge_from_it(installed_volume: Path, tmp_path: Path) -> None:
+    layout = VolumeLayout(installed_volume)
+    index = json.loads(layout.boot_set_index.read_text())
+    copied = {rel for rel, *_ in index["files"]}
+    assert "stable-diffusion-webui-forge/launch.py" in copied  # what the stand-in's boot opened
+    assert any(rel.startswith("venv/lib/") for rel in copied)
+    with_checkpoint(installed_volume)
+    before = {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")}
+
+    worker, out = boot(installed_volume, tmp_path, "fast")
+    try:
+        assert out["status"] == "COMPLETED", out
+        argv0, cwd = forge_of(worker)
+        log = worker.log()
+    finally:
+        worker.stop()
+    assert not argv0.startswith(str(installed_volume)) and argv0.endswith("/venv/bin/python"), argv0
+    assert not str(cwd).startswith(str(installed_volume)) and cwd.name == "stable-diffusion-webui-forge"
+    assert f"fast boot: {len(copied)} files" in log
+    assert {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")} == before  # nothing written to the volume
+
+
+def test_with_the_switch_off_forge_boots_from_the_volume(installed_volume: Path, tmp_path: Path) -> None:
+    worker, out = boot(installed_volume, tmp_path, "off", FORGE_FAST_BOOT="0")
+    try:
+        assert out["status"] == "COMPLETED", out
+        argv0, cwd = forge_of(worker)
+        log = worker.log()
+    finally:
+        worker.stop()
+    assert argv0 == str(installed_volume / "venv" / "bin" / "python")
+    assert cwd == installed_volume / "stable-diffusion-webui-forge"
+    assert "fast boot" not in log
+
+
+def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_set_again(
+        installed_volume: Path, tmp_path: Path) -> None:
+    site = next((installed_volume / "venv" / "lib").glob("python3*/site-packages"))
+    (site / "added_by_hand.py").write_text("VALUE = 1\n")
+
+    worker, out = boot(installed_volume, tmp_path, "stale")
+    try:
+        assert out["status"] == "COMPLETED", out
+        argv0, _ = forge_of(worker)
+        log = worker.log()
+    finally:
+        worker.stop()
+    assert argv0 == str(installed_volume / "venv" / "bin" / "python")
+    [line] = [line for line in log.splitlines() if "fast boot off" in line]
+    assert f"the volume changed since the boot set was recorded: {site.relative_to(installed_volume)} was modified" \
+        in line and "run `forge-volume install`" in line
+
+    again = cli("install")  # the fix the line names: install sees the change and records the set again
+    assert again.exit_code == 0, again.output
+    assert "ran boot;" in again.stdout and "boot set: " in again.stdout
+    worker, out = boot(installed_volume, tmp_path, "again")
+    try:
+        assert out["status"] == "COMPLETED", out
+        argv0, _ = forge_of(worker)
+    finally:
+        worker.stop()
+    assert not argv0.startswith(str(installed_volume))
+
+
+def test_a_volume_without_a_boot_set_boots_as_before_and_says_why(installed_volume: Path, tmp_path: Path) -> None:
+    VolumeLayout(installed_volume).boot_set_index.unlink()
+    worker, out = boot(installed_volume, tmp_path, "none")
+    try:
+        assert out["status"] == "COMPLETED", out
+        log = worker.log()
+    finally:
+        worker.stop()
+    assert "fast boot off: no boot set recorded (run `forge-volume install` to record one); booting from the volume" \
+        in log
+
+
+def test_a_bad_switch_value_is_a_one_line_boot_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_FAST_BOOT": "maybe"})
+    assert info.value.one_line() == ("FORGE_FAST_BOOT='maybe' is neither on nor off (set FORGE_FAST_BOOT=1 or "
+                                     "FORGE_FAST_BOOT=0, or leave it unset)")
