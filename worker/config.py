@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision.cancel import stall_timeout
+from provision.cancel import connect_timeout, stall_timeout
 from provision.download import clean_token
 from provision.errors import ForgeVolumeError
 from provision.forge_launch import DEFAULT_PORT, secret_name
@@ -119,10 +119,12 @@ def _token(env: Mapping[str, str], name: str) -> str | None:
         raise ConfigError(exc.message, f"set {name} to the token alone in the endpoint's secrets") from None
 
 
-def _check_stall(env: Mapping[str, str]) -> None:
-    """FORGE_DOWNLOAD_STALL_TIMEOUT is read by each download; a bad value fails the worker's boot instead."""
+def _check_download_timeouts(env: Mapping[str, str]) -> None:
+    """FORGE_DOWNLOAD_STALL_TIMEOUT and _CONNECT_TIMEOUT are read by each download; a bad value fails the
+    worker's boot instead."""
     try:
         stall_timeout(env)
+        connect_timeout(env)
     except ForgeVolumeError as exc:
         raise ConfigError(exc.message) from None
 
@@ -145,7 +147,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         raise ConfigError("BUCKET_ENDPOINT_URL is set but BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not",
                           "set all three bucket variables, or none to return images inline")
     scratch = env.get("FORGE_SCRATCH") or tempfile.gettempdir()
-    _check_stall(env)
+    _check_download_timeouts(env)
     return Settings(
         volume=worker_volume(env, serverless_mount).absolute(),
         forge_port=_port(env),

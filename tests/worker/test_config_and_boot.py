@@ -48,6 +48,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     ({"FORGE_ARGS": "--x 'unclosed"}, "FORGE_ARGS cannot be split"),
     ({"FORGE_DEFAULTS": "none"}, "FORGE_DEFAULTS='none' is neither 'original' nor 'forge'"),
     ({"BUCKET_ENDPOINT_URL": "https://s3.example"}, "BUCKET_ACCESS_KEY_ID or BUCKET_SECRET_ACCESS_KEY is not"),
+    ({"FORGE_DOWNLOAD_STALL_TIMEOUT": "-1"}, "FORGE_DOWNLOAD_STALL_TIMEOUT='-1' is not a positive number"),
+    ({"FORGE_DOWNLOAD_CONNECT_TIMEOUT": "soon"}, "FORGE_DOWNLOAD_CONNECT_TIMEOUT='soon' is not a positive number"),
 ])
 def test_bad_values_are_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
