@@ -123,7 +123,7 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     record = scratch_root / "trace.json"
     trace: dict[str, list[str]] | None = None
     warm_up: str | None = "no checkpoint on the volume"
-    boot_set.evict_large_files(layout)
+    boot_set.evict_large_libraries(layout)
     started = time.monotonic()
     try:
         scratch = prepare_scratch(layout, scratch_root / "forge")

@@ -123,10 +123,13 @@ def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, 
 
 # --- recording at install -----------------------------------------------------------------------
 
-def _files_under(roots: Iterable[Path], minimum: int) -> Iterator[Path]:
+def _libraries_under(roots: Iterable[Path], minimum: int) -> Iterator[Path]:
+    """Shared libraries (by name: ``*.so``, ``*.so.N``) of at least ``minimum`` bytes; only those are stat'ed."""
     for root in roots:
         for folder, _, names in os.walk(root):
             for name in names:
+                if not (name.endswith(".so") or ".so." in name):
+                    continue
                 path = Path(folder) / name
                 try:
                     st = path.lstat()
@@ -136,12 +139,12 @@ def _files_under(roots: Iterable[Path], minimum: int) -> Iterator[Path]:
                     yield path
 
 
-def evict_large_files(layout: VolumeLayout) -> int:
-    """Drop the large files of the venv and the Python from the page cache (written by pip, they are all
-    cached), so that after the traced boot the cached pages are exactly those Forge touched. Best effort."""
+def evict_large_libraries(layout: VolumeLayout) -> int:
+    """Drop the large shared libraries of the venv and the Python from the page cache (pip just wrote them:
+    all cached), so that after the traced boot the cached pages are exactly those Forge touched. Best effort."""
     os.sync()
     count = 0
-    for path in _files_under((layout.venv, layout.python_dir), BIG):
+    for path in _libraries_under((layout.venv, layout.python_dir), BIG):
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
