@@ -39,7 +39,8 @@ from provision.state import read_state
 from volume_layout import VolumeLayout
 
 THREADS = 16
-CHUNK = 16 << 20  # files.bin is read in pieces this large, many in flight
+CHUNK = 16 << 20  # files.bin is unpacked in groups of files this large, many in flight
+PIECE = 1 << 20
 PREFETCH_CHUNK = 4 << 20
 PREFETCH_THREADS = 8
 LINK_BATCH = 2000
@@ -88,25 +89,25 @@ def _pyvenv_cfg(layout: VolumeLayout, index: Index, mirror: Path) -> str | None:
 
 
 def _unpack(archive_fd: int, mirror: Path, group: list[tuple[str, int, int, int, int]]) -> int:
-    """Write one contiguous group of recorded files from files.bin; the bytes written."""
-    start = group[0][1]
-    end = group[-1][1] + group[-1][2]
-    data = os.pread(archive_fd, end - start, start) if end - start <= CHUNK else None
+    """Write one contiguous group of recorded files from files.bin; the bytes written.
+
+    The kernel copies (sendfile from files.bin into each file): no buffer in this process, whatever the size.
+    """
     written = 0
     for rel, offset, size, mtime, mode in group:
         path = mirror / rel
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode or 0o644)
         try:
-            if data is not None:
-                os.write(fd, memoryview(data)[offset - start:offset - start + size])
-            else:  # one large file: streamed in pieces
-                done = 0
-                while done < size:
-                    piece = os.pread(archive_fd, min(CHUNK, size - done), offset + done)
-                    if not piece:
-                        raise OSError(f"files.bin ends inside {rel}")
-                    os.write(fd, piece)
-                    done += len(piece)
+            done = 0
+            while done < size:
+                try:
+                    sent = os.sendfile(fd, archive_fd, offset + done, size - done)
+                except OSError:  # a file system that cannot splice: through a small buffer instead
+                    piece = os.pread(archive_fd, min(PIECE, size - done), offset + done)
+                    sent = os.write(fd, piece) if piece else 0
+                if not sent:
+                    raise OSError(f"files.bin ends inside {rel}")
+                done += sent
         finally:
             os.close(fd)
         # Python checks a module's .pyc against its source's mtime: keep the volume's.
@@ -162,14 +163,15 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[st
             for future in linked:
                 future.result()
             times["links"] = time.monotonic() - started
-            written = sum(f.result() for f in unpacked)
+            concurrent.futures.wait(unpacked)
             times["files"] = time.monotonic() - started
         finally:
             os.close(archive)
         problem = check.result()
         times["checked"] = time.monotonic() - started
-    if problem:
+    if problem:  # before the unpacking's own errors: a short files.bin is a changed volume, with its fix
         raise Stale(f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)")
+    written = sum(f.result() for f in unpacked)
     return {"ok": True, "seconds": round(time.monotonic() - started, 3), "files": len(index.files),
             "bytes": written, "folders": len(index.dirs), "links": len(links),
             "times": {k: round(v, 3) for k, v in times.items()}}
