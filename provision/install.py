@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision import checkout_links, gitops, pyenv, recover
+from provision import boot_set, checkout_links, gitops, pyenv, recover
 from provision.errors import CorruptLockError, CorruptStateError, VolumeError
 from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
 from provision.proc import output_to
@@ -267,4 +267,10 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
     boot = state.get("boot") or {}
     if boot.get("ok") is False:
         problems.append(f"boot: Forge did not boot from the volume at the last install ({boot.get('error')})")
+    elif boot.get("ok") and "boot" not in unfinished:
+        index = boot_set.read_index(layout)
+        why = "none is recorded" if index is None else boot_set.changed(layout, index)
+        if why:
+            problems.append(f"boot set: {why}; workers boot Forge straight from the volume, slowly, until "
+                            "`forge-volume install` records it again")
     return problems

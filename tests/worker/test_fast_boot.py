@@ -97,9 +97,14 @@ def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_
     assert f"the volume changed since the boot set was recorded: {site.relative_to(installed_volume)} was modified" \
         in line and "run `forge-volume install`" in line
 
+    verify = cli("verify")
+    assert verify.exit_code == 1
+    assert f"boot set: {site.relative_to(installed_volume)} was modified; workers boot Forge straight from the volume" \
+        in verify.output
     again = cli("install")  # the fix the line names: install sees the change and records the set again
     assert again.exit_code == 0, again.output
     assert "ran boot;" in again.stdout and "boot set: " in again.stdout
+    assert cli("verify").exit_code == 0
     worker, out = boot(installed_volume, tmp_path, "again")
     try:
         assert out["status"] == "COMPLETED", out
