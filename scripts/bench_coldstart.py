@@ -1,0 +1,764 @@
+#!/usr/bin/env python3
+"""Cold start of the real Forge from a simulated network volume: the original worker's way, ours, the limit.
+
+Opt-in: needs root, /dev/fuse, the Forge lab (``/work/lab``, see ``../shared/forge-lab/``) and a volume
+provisioned from it by ``forge-volume install`` (``--volume``, default ``/work/realvol/volume``). Its
+own setup installs Debian's ``fuse3 libfuse3-3`` and ``mfusepy`` when they are missing.
+
+It first runs ``forge-volume install`` on the volume (nothing to do unless something changed;
+``--no-install`` skips it). Then, for each latency setting (``--settings``: META_MS,READ_MS,BW_MBPS
+of ``scripts/netvol.py``; ``0,0,0`` is FUSE without delays), round by round (``--runs``), each
+variant once, timed from process start to (a) Forge answering on its API port, (b) the first
+``GET /sdapi/v1/sd-models`` answered, (c) the first txt2img (64x64, 2 steps) answered:
+
+- ``original``: runpod-worker-forge's way: its ``start.sh`` runs ``webui.py`` from the volume's venv
+  with its flags (``ORIGINAL_FLAGS``); (b) and (c) go to Forge directly (its handler's relay costs
+  about a millisecond, nothing at this scale).
+- ``ours-off``: our worker (``python -m worker`` behind RunPod's local API, jobs to ``/runsync``),
+  ``FORGE_FAST_BOOT=0``.
+- ``ours``: the same, fast boot on (``FORGE_FAST_BOOT`` unset).
+- ``limit``: the page-cache limit: our worker (fast boot off) on the volume directly, no FUSE, right
+  after an untimed warm-up run, caches not dropped.
+- ``warm``: the same with fast boot on: ``warm`` against ``limit`` is "a warm worker's first answer".
+
+A FUSE variant's run is cold: a fresh ``netvol`` mount of the volume, ``sync; echo 3 >
+/proc/sys/vm/drop_caches``, then the process in ``unshare -m`` with the mount bind-mounted over the
+volume's own path (the venv holds absolute paths). Per run it records netvol's counters when Forge
+answers and at the end (metadata calls, opens, bytes, top sources) and the peak memory of the
+worker and of Forge (VmHWM, and the highest RssAnon sampled: memory outside the page cache).
+
+Prints medians per setting and variant, the ratios ours/original and ours/limit, and writes every
+run to ``--out`` (JSON, rewritten after each run). Logs and counters of each run stay under
+``--work`` (default ``bench-out/coldstart/<time>``). A cold run takes about 90 s at 1,1,400 and
+300 s at 5,2,200 on 2 cores; the defaults (two settings, three runs, five variants) about 70 minutes.
+
+    sudo .venv/bin/python scripts/bench_coldstart.py
+    sudo .venv/bin/python scripts/bench_coldstart.py --settings 1,1,400 --runs 1 --variants ours-off --no-install
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(ROOT))
+
+import netvol  # noqa: E402
+from netvol import Latency  # noqa: E402
+
+from volume_layout import VolumeLayout  # noqa: E402
+
+VARIANTS = ("original", "ours-off", "ours", "limit", "warm")
+FUSE_VARIANTS = ("original", "ours-off", "ours")
+DEFAULT_SETTINGS = ("1,1,400", "5,2,200")
+DEFAULT_VOLUME = Path("/work/realvol/volume")
+DEFAULT_LAB = Path("/work/lab")
+PROBE_ROUTE = "/sdapi/v1/samplers"  # the worker's own readiness probe: cheap, no model scan
+TXT2IMG: dict[str, Any] = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 1}
+# runpod-worker-forge's start.sh (ashleykleynhans/runpod-worker-forge; read from the fork
+# swimmingyoshi/runpod-worker-forge@78c185bc, start.sh), in its order. Dropped: --xformers (no
+# xformers on a CPU). It also sets PYTHONUNBUFFERED=true, HF_HOME=/workspace (the volume) and
+# LD_PRELOAD to a libtcmalloc.so.N when `ldconfig -p` lists one.
+ORIGINAL_FLAGS = ("--no-half-vae", "--skip-python-version-check", "--skip-torch-cuda-test", "--skip-install",
+                  "--lowram", "--opt-sdp-attention", "--disable-safe-unpickle", "--api", "--nowebui",
+                  "--skip-version-check", "--no-hashing", "--no-download-sd-model")
+DROPPED_FLAGS = ("--xformers",)
+
+
+class BenchError(Exception):
+    """A run or a setup step failed; the message says what and carries the stderr tail."""
+
+
+# -- arguments and the refusal ---------------------------------------------------------------------
+def _latency(text: str) -> Latency:
+    try:
+        return Latency.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = tuple(n for n in re.split(r"[,\s]+", text) if n)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(VARIANTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench_coldstart.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--volume", type=Path, default=DEFAULT_VOLUME, help="a volume provisioned from the lab")
+    ap.add_argument("--lab", type=Path, default=DEFAULT_LAB, help="the Forge lab (its env.sh)")
+    ap.add_argument("--settings", type=_latency, nargs="+", default=[Latency.parse(s) for s in DEFAULT_SETTINGS],
+                    metavar="META_MS,READ_MS,BW_MBPS", help="latency settings (default: 1,1,400 5,2,200)")
+    ap.add_argument("--runs", type=_positive, default=3, help="rounds per setting (default 3)")
+    ap.add_argument("--variants", type=_variants, default=VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--no-install", action="store_true", help="skip `forge-volume install` on the volume")
+    ap.add_argument("--deadline", type=float, default=900.0, help="seconds each wait may take (default 900)")
+    ap.add_argument("--work", type=Path, help="logs and counters (default bench-out/coldstart/<time>)")
+    ap.add_argument("--out", type=Path, help="result JSON (default WORK/result.json)")
+    args = ap.parse_args(list(argv))
+    if args.deadline <= 0:
+        ap.error("--deadline must be > 0")
+    args.volume = args.volume.absolute()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.work = (args.work or ROOT / "bench-out" / "coldstart" / stamp).absolute()
+    args.out = (args.out or args.work / "result.json").absolute()
+    return args
+
+
+def refusal(args: argparse.Namespace, euid: int | None = None, fuse_dev: Path = Path("/dev/fuse")) -> str | None:
+    """Why this machine cannot run the benchmark, in one line; None when it can."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return "needs root (FUSE mounts, unshare -m, drop_caches): run it with sudo"
+    if not fuse_dev.exists():
+        return f"needs {fuse_dev} (FUSE): this machine or container has none"
+    if not (args.lab / "env.sh").is_file():
+        return f"needs the Forge lab: {args.lab}/env.sh not found (build it with ../shared/forge-lab/build.sh; --lab)"
+    layout = VolumeLayout(args.volume)
+    if not layout.venv_python.exists() or not layout.forge_dir.is_dir():
+        return (f"needs a volume provisioned from the lab: {args.volume} has no venv or Forge "
+                f"(forge-volume install; --volume)")
+    for tool in ("unshare", "mount"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (util-linux)"
+    return None
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def lab_env(lab: Path) -> dict[str, str]:
+    """The ``export NAME=value`` lines of the lab's env.sh (the launcher's offline overrides)."""
+    env: dict[str, str] = {}
+    for line in (lab / "env.sh").read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            for word in words[1:]:
+                name, eq, value = word.partition("=")
+                if eq:
+                    env[name] = value
+    return env
+
+
+def tcmalloc_like_start_sh() -> str:
+    """What start.sh puts in LD_PRELOAD: the first ``libtcmalloc.so.N`` that ``ldconfig -p`` lists, else ''."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"libtcmalloc\.so\.\d", out)
+    return found.group(0) if found else ""
+
+
+def http_call(port: int, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"content-type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw[:500].decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def answers(port: int) -> bool:
+    try:
+        return http_call(port, "GET", PROBE_ROUTE, timeout=2.0)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def wait_until(what: str, check: Callable[[], bool], deadline: float, alive: Callable[[], str | None],
+               interval: float = 0.1) -> None:
+    """Poll ``check`` until true; BenchError when ``alive`` reports a death or the deadline passes."""
+    end = time.monotonic() + deadline
+    while not check():
+        dead = alive()
+        if dead:
+            raise BenchError(f"{what}: {dead}")
+        if time.monotonic() > end:
+            raise BenchError(f"{what}: not within {deadline:g} s")
+        time.sleep(interval)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True, timeout=300)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def mounted(mnt: Path) -> bool:
+    """From the mount table, without touching the mount (a stat would be counted as a call)."""
+    target = str(mnt)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM, VmRSS and RssAnon of a live process, in kB (empty when it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon"):
+                out[key] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def child_matching(parent: int, needle: str) -> int | None:
+    """A child of ``parent`` whose command line contains ``needle`` (Forge under the worker)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent and needle in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    real = [v for v in values if v is not None]
+    return statistics.median(real) if real else None
+
+
+# -- processes and mounts, cleaned up on every exit path ------------------------------------------
+class Cleanup:
+    """Every process group and mount the bench started; ``close`` ends them all (also on Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.mounts: list[Path] = []
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, grace: float = 20.0) -> None:
+        """``sig`` to the group's leader (SIGINT: the SDK's graceful stop), then SIGKILL to the group."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Forge and anything else left in the group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def unmount(self, mnt: Path) -> None:
+        for args in (["fusermount3", "-u", str(mnt)], ["fusermount3", "-u", "-z", str(mnt)]):
+            if not mounted(mnt):
+                break
+            subprocess.run(args, capture_output=True, timeout=60, check=False)
+        if mnt in self.mounts:
+            self.mounts.remove(mnt)
+
+    def close(self) -> None:
+        for proc in list(reversed(self.procs)):
+            self.stop(proc, signal.SIGTERM, grace=10.0)
+        for mnt in list(self.mounts):
+            self.unmount(mnt)
+
+
+# -- one run ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    setting: str
+    variant: str
+    round: int
+    ok: bool = False
+    error: str = ""
+    forge_s: float | None = None
+    models_s: float | None = None
+    image_s: float | None = None
+    fuse_before: dict[str, Any] | None = None  # netvol.summarize when Forge answered
+    fuse_total: dict[str, Any] | None = None
+    fuse_after: dict[str, int] | None = None  # total minus before
+    memory: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = ""
+
+
+class Sampler(threading.Thread):
+    """Samples the worker's and Forge's memory every half second; finds Forge under the worker."""
+
+    def __init__(self, main_pid: int, forge_pid: int | None) -> None:
+        super().__init__(name="memory", daemon=True)
+        self.main_pid = main_pid
+        self.forge_pid = forge_pid
+        self.peak_anon: dict[str, int] = {}
+        self.last: dict[str, dict[str, int]] = {}
+        self.halt = threading.Event()
+
+    def sample(self) -> None:
+        if self.forge_pid is None:
+            self.forge_pid = child_matching(self.main_pid, "launch.py") or child_matching(self.main_pid, "webui.py")
+        for name, pid in (("worker", self.main_pid), ("forge", self.forge_pid)):
+            if pid is None or (name == "worker" and pid == self.forge_pid):
+                continue
+            status = proc_status(pid)
+            if status:
+                self.last[name] = status
+                self.peak_anon[name] = max(self.peak_anon.get(name, 0), status.get("RssAnon", 0))
+
+    def run(self) -> None:
+        while not self.halt.wait(0.5):
+            self.sample()
+
+    def result(self) -> dict[str, Any]:
+        self.sample()
+        self.halt.set()
+        return {name: {"vmhwm_kb": self.last[name].get("VmHWM"), "peak_rss_anon_kb": self.peak_anon.get(name)}
+                for name in self.last}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, cleanup: Cleanup) -> None:
+        self.args = args
+        self.cleanup = cleanup
+        self.layout = VolumeLayout(args.volume)
+        self.lab_env = lab_env(args.lab)
+        self.tcmalloc = tcmalloc_like_start_sh()
+        self.mnt = args.work / "mnt"
+        self.runs: list[Run] = []
+
+    # -- commands ------------------------------------------------------------------------------
+    def base_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith(("FORGE_", "BUCKET_", "RUNPOD_"))}
+
+    def original_command(self, run_dir: Path, port: int) -> tuple[list[str], dict[str, str]]:
+        """start.sh's Forge command on this machine: see ``original_argv``."""
+        from provision.forge_launch import prepare_scratch
+
+        scratch = prepare_scratch(self.layout, run_dir / "scratch")
+        env = self.base_env()
+        env.update(self.lab_env)  # the lab's offline overrides (HF_HUB_OFFLINE, ...): no network here
+        env.update(VIRTUAL_ENV=str(self.layout.venv), PATH=f"{self.layout.venv / 'bin'}:{env.get('PATH', '')}",
+                   PYTHONUNBUFFERED="true", HF_HOME=str(self.layout.root), LD_PRELOAD=self.tcmalloc)
+        return original_argv(self.layout, scratch.data, port), env
+
+    def worker_command(self, run_dir: Path, variant: str, forge_port: int, api_port: int
+                       ) -> tuple[list[str], dict[str, str]]:
+        env = self.base_env()
+        env.update(FORGE_VOLUME=str(self.layout.root), FORGE_PORT=str(forge_port),
+                   FORGE_SCRATCH=str(run_dir / "scratch"), FORGE_BOOT_TIMEOUT=str(int(self.args.deadline)),
+                   FORGE_ARGS="--always-cpu", UVICORN_LOG_LEVEL="warning")
+        if variant in ("ours-off", "limit"):
+            env["FORGE_FAST_BOOT"] = "0"
+        return [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_port", str(api_port)], env
+
+    # -- the volume ----------------------------------------------------------------------------
+    def install(self) -> None:
+        cli = Path(sys.executable).with_name("forge-volume")
+        log = self.args.work / "install.log"
+        print(f"forge-volume install on {self.layout.root} (log: {log}) ...", flush=True)
+        started = time.monotonic()
+        with log.open("wb") as out:
+            try:
+                result = subprocess.run([str(cli), "--volume", str(self.layout.root), "install"], stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=3600,
+                                        env={**self.base_env(), "FORGE_BOOT_TIMEOUT": str(int(self.args.deadline))})
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"forge-volume install did not end within 3600 s:\n{tail(log)}") from None
+        if result.returncode != 0:
+            raise BenchError(f"forge-volume install failed (exit {result.returncode}):\n{tail(log)}")
+        print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
+
+    def mount(self, latency: Latency, stats: Path, log: Path) -> subprocess.Popen[bytes]:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        if mounted(self.mnt):
+            self.cleanup.unmount(self.mnt)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "netvol.py"), "mount", str(self.layout.root), str(self.mnt),
+                 "--meta-ms", f"{latency.meta_ms:g}", "--read-ms", f"{latency.read_ms:g}",
+                 "--bw-mbps", f"{latency.bw_mbps:g}", "--stats", str(stats)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.cleanup.procs.append(proc)
+        self.cleanup.mounts.append(self.mnt)
+
+        def gone() -> str | None:
+            return None if proc.poll() is None else f"netvol exited with {proc.returncode}:\n{tail(log)}"
+
+        wait_until("netvol mount", lambda: mounted(self.mnt), 60.0, gone)
+        return proc
+
+    def unmount(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.cleanup.unmount(self.mnt)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.cleanup.stop(proc, signal.SIGTERM)
+            raise BenchError(f"netvol did not exit after the unmount:\n{tail(log)}") from None
+        if proc in self.cleanup.procs:
+            self.cleanup.procs.remove(proc)
+
+    # -- a run ---------------------------------------------------------------------------------
+    def run_once(self, setting: Latency | None, variant: str, round_no: int, timed: bool = True) -> Run:
+        label = setting.label if setting else "page-cache"
+        name = f"{label.replace(',', '_')}-{variant}-r{round_no}" + ("" if timed else "-warmup")
+        run_dir = self.args.work / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        run = Run(setting=label, variant=variant, round=round_no, run_dir=str(run_dir))
+        netvol_proc: subprocess.Popen[bytes] | None = None
+        netvol_log, stats = run_dir / "netvol.log", run_dir / "fuse-total.json"
+        try:
+            if setting is not None:
+                netvol_proc = self.mount(setting, stats, netvol_log)
+                drop_caches()
+            self.boot_and_ask(run, run_dir, variant, fuse=setting is not None)
+            run.ok = True
+        except BenchError as exc:
+            run.error = str(exc)
+        finally:
+            if netvol_proc is not None:
+                try:
+                    self.unmount(netvol_proc, netvol_log)
+                except BenchError as exc:
+                    run.error = run.error or str(exc)
+                    run.ok = False
+        if setting is not None and stats.is_file():
+            run.fuse_total = netvol.summarize(json.loads(stats.read_text()))
+            if run.fuse_before is not None:
+                run.fuse_after = netvol.subtract(run.fuse_total, run.fuse_before)
+        return run
+
+    def boot_and_ask(self, run: Run, run_dir: Path, variant: str, fuse: bool) -> None:
+        log = run_dir / "process.log"
+        forge_port = free_port()
+        api_port = free_port()
+        if variant == "original":
+            argv, env = self.original_command(run_dir, forge_port)
+        else:
+            argv, env = self.worker_command(run_dir, variant, forge_port, api_port)
+        if fuse:
+            # A private mount namespace where the netvol mount lies over the volume's own path.
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(self.mnt), str(self.layout.root),
+                    *argv]
+        (run_dir / "command.txt").write_text(shlex.join(argv) + "\n")
+        with log.open("wb") as out:
+            started = time.monotonic()
+            proc = subprocess.Popen(argv, cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.cleanup.procs.append(proc)
+        sampler = Sampler(proc.pid, proc.pid if variant == "original" else None)
+        sampler.start()
+        deadline = self.args.deadline
+
+        def gone() -> str | None:
+            return None if proc.poll() is None else f"exited with {proc.returncode}; its log ends:\n{tail(log)}"
+
+        forge_seen = threading.Event()
+        forge_error: list[str] = []
+
+        def watch_forge() -> None:
+            try:
+                wait_until("Forge's API", lambda: answers(forge_port), deadline, gone)
+                run.forge_s = time.monotonic() - started
+                if fuse:
+                    before = run_dir / "fuse-at-answer.json"
+                    netvol.dump(self.mnt, before)
+                    run.fuse_before = netvol.summarize(json.loads(before.read_text()))
+            except (BenchError, RuntimeError, OSError, ValueError) as exc:
+                forge_error.append(str(exc))
+            finally:
+                forge_seen.set()
+
+        watcher = threading.Thread(target=watch_forge, name="forge-watch", daemon=True)
+        watcher.start()
+        try:
+            if variant == "original":
+                forge_seen.wait(deadline + 5)
+                if forge_error or run.forge_s is None:
+                    raise BenchError(forge_error[0] if forge_error else "Forge's API: no answer")
+                status, body = http_call(forge_port, "GET", "/sdapi/v1/sd-models", timeout=deadline)
+                check_models(status, body, log)
+                run.models_s = time.monotonic() - started
+                from worker.original_defaults import TXT2IMG as ROUTE
+                from worker.original_defaults import with_defaults
+
+                # What the original handler sends: its schema's defaults for every field left out.
+                status, body = http_call(forge_port, "POST", ROUTE, with_defaults(ROUTE, dict(TXT2IMG)),
+                                         timeout=deadline)
+                check_image(status, body, log)
+                run.image_s = time.monotonic() - started
+            else:
+                wait_until("RunPod's local API", lambda: port_open(api_port), deadline, gone)
+                job: dict[str, Any] = {"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}}
+                status, body = http_call(api_port, "POST", "/runsync", {"input": job}, timeout=deadline)
+                check_models(status, job_output(status, body, log), log)
+                run.models_s = time.monotonic() - started
+                job = {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": dict(TXT2IMG)}
+                status, body = http_call(api_port, "POST", "/runsync", {"input": job}, timeout=deadline)
+                check_image(status, job_output(status, body, log), log)
+                run.image_s = time.monotonic() - started
+                forge_seen.wait(30)
+                if forge_error:
+                    raise BenchError(forge_error[0])
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchError(f"{variant}: {exc}; its log ends:\n{tail(log)}") from None
+        finally:
+            run.memory = sampler.result()
+            self.cleanup.stop(proc)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def job_output(status: int, body: Any, log: Path) -> Any:
+    """The output of a ``/runsync`` answer, or BenchError with the answer and the worker's log."""
+    if status != 200 or not isinstance(body, dict) or body.get("status") != "COMPLETED":
+        raise BenchError(f"/runsync answered {status}: {str(body)[:500]}; the worker's log ends:\n{tail(log)}")
+    return body.get("output")
+
+
+def check_models(status: int, body: Any, log: Path) -> None:
+    if status != 200 or not isinstance(body, list) or not body:
+        raise BenchError(f"sd-models answered {status}: {str(body)[:500]}; the log ends:\n{tail(log)}")
+
+
+def check_image(status: int, body: Any, log: Path) -> None:
+    if status != 200 or not isinstance(body, dict) or not body.get("images"):
+        raise BenchError(f"txt2img answered {status}: {str(body)[:500]}; the log ends:\n{tail(log)}")
+
+
+def original_argv(layout: VolumeLayout, data_dir: Path, port: int) -> list[str]:
+    """start.sh's ``python3 webui.py`` with its flags, and what this machine and this volume need.
+
+    Added: ``--always-cpu`` (no GPU here); ``--port`` a free port (for 3000: the machine is shared);
+    ``--server-name 127.0.0.1`` (start.sh's Forge listens on all interfaces); ``--data-dir`` in local
+    scratch (the simulated volume is read-only, and the original writes its settings into the
+    checkout) with ``--models-dir``, ``--embeddings-dir`` and ``--hypernetwork-dir`` on the volume,
+    where forge-volume keeps the models (the same folders our worker passes).
+    """
+    return [str(layout.venv_python), str(layout.forge_dir / "webui.py"), *ORIGINAL_FLAGS,
+            "--always-cpu", "--port", str(port), "--server-name", "127.0.0.1",
+            "--data-dir", str(data_dir), "--models-dir", str(layout.models_dir),
+            "--embeddings-dir", str(layout.kind_dir("embedding")),
+            "--hypernetwork-dir", str(layout.kind_dir("hypernetwork"))]
+
+
+# -- the schedule and the report -------------------------------------------------------------------
+def schedule(settings: Sequence[Latency], variants: Sequence[str], runs: int) -> Iterator[tuple[Latency, int, str]]:
+    """For each setting, round by round, every variant once; the order turns by one each round so no
+    variant always runs first (after the mount) or right after another's warm-up."""
+    for setting in settings:
+        for r in range(runs):
+            shift = r % len(variants)
+            for variant in [*variants[shift:], *variants[:shift]]:
+                yield setting, r + 1, variant
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Medians per setting and variant, and the ratios the issue asks for (first image and first models)."""
+    out: dict[str, Any] = {}
+    settings = list(dict.fromkeys(r["setting"] for r in runs))
+    for setting in settings:
+        per: dict[str, Any] = {}
+        for variant in dict.fromkeys(r["variant"] for r in runs if r["setting"] == setting):
+            mine = [r for r in runs if r["setting"] == setting and r["variant"] == variant]
+            ok = [r for r in mine if r["ok"]]
+            entry: dict[str, Any] = {"runs": len(mine), "failed": len(mine) - len(ok)}
+            for key in ("forge_s", "models_s", "image_s"):
+                entry[key] = median([r[key] for r in ok])
+                entry[key + "_all"] = [r[key] for r in mine]
+            for part in ("fuse_before", "fuse_total"):
+                found = [r[part] for r in ok if r.get(part)]
+                if found:
+                    entry[part] = {k: median([f[k] for f in found]) for k in ("meta", "missing", "opens",
+                                                                               "files_opened", "bytes")}
+                    entry[part]["top_sources"] = found[-1]["top_sources"]
+            for proc in ("worker", "forge"):
+                hwm = [r["memory"].get(proc, {}).get("vmhwm_kb") for r in ok]
+                anon = [r["memory"].get(proc, {}).get("peak_rss_anon_kb") for r in ok]
+                if any(v is not None for v in hwm):
+                    entry[f"{proc}_vmhwm_kb"] = median(hwm)
+                    entry[f"{proc}_peak_rss_anon_kb"] = median(anon)
+            per[variant] = entry
+        ratios: dict[str, float] = {}
+        for num, den in (("ours", "original"), ("ours-off", "original"), ("ours", "limit"), ("ours", "ours-off"),
+                         ("warm", "limit")):
+            for key in ("image_s", "models_s"):
+                a, b = per.get(num, {}).get(key), per.get(den, {}).get(key)
+                if a is not None and b:
+                    ratios[f"{num}/{den} {key[:-2]}"] = round(a / b, 3)
+        out[setting] = {"variants": per, "ratios": ratios}
+    return out
+
+
+def fmt(value: float | None, unit: str = "s") -> str:
+    return "—" if value is None else f"{value:.1f} {unit}" if unit else f"{value:.0f}"
+
+
+def report(summary: Mapping[str, Any]) -> str:
+    lines = []
+    for setting, block in summary.items():
+        lines.append(f"\n== setting {setting} (meta ms, read ms, MB/s) ==")
+        lines.append(f"{'variant':9} {'forge':>8} {'models':>8} {'image':>8}  {'meta<ans':>9} {'meta':>7} "
+                     f"{'opens':>6} {'MB<ans':>7} {'MB':>7}  {'wkr MB':>7} {'forge MB':>9}  runs (image s)")
+        for variant, e in block["variants"].items():
+            before, total = e.get("fuse_before") or {}, e.get("fuse_total") or {}
+            mem_w = e.get("worker_peak_rss_anon_kb")
+            mem_f = e.get("forge_peak_rss_anon_kb")
+            runs = ", ".join("fail" if v is None else f"{v:.1f}" for v in e["image_s_all"])
+            lines.append(
+                f"{variant:9} {fmt(e['forge_s']):>8} {fmt(e['models_s']):>8} {fmt(e['image_s']):>8}  "
+                f"{fmt(before.get('meta'), ''):>9} {fmt(total.get('meta'), ''):>7} {fmt(total.get('opens'), ''):>6} "
+                f"{fmt(before['bytes'] / 1e6 if before else None, ''):>7} "
+                f"{fmt(total['bytes'] / 1e6 if total else None, ''):>7}  "
+                f"{fmt(mem_w / 1024 if mem_w else None, ''):>7} {fmt(mem_f / 1024 if mem_f else None, ''):>9}  {runs}")
+        for variant, e in block["variants"].items():
+            top = (e.get("fuse_total") or {}).get("top_sources")
+            if top:
+                lines.append(f"  top sources of metadata calls, {variant}: "
+                             + ", ".join(f"{path} {n}" for path, n in top[:6]))
+        if block["ratios"]:
+            lines.append("  ratios (medians): " + ", ".join(f"{k} {v:.2f}" for k, v in block["ratios"].items()))
+    lines.append("\n(original: (b) and (c) sent to Forge directly; its handler's relay adds about a millisecond. "
+                 "MB columns: peak RssAnon, memory outside the page cache; VmHWM in the JSON.)")
+    return "\n".join(lines)
+
+
+def write_result(args: argparse.Namespace, bench: Bench, started: str) -> dict[str, Any]:
+    runs = [vars(r) for r in bench.runs]
+    result = {
+        "started": started, "volume": str(args.volume), "lab": str(args.lab),
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release()},
+        "settings": [s.label for s in args.settings], "runs_per_setting": args.runs, "variants": list(args.variants),
+        "original": {"flags": list(ORIGINAL_FLAGS), "dropped": list(DROPPED_FLAGS),
+                     "argv_example": original_argv(bench.layout, Path("<scratch>/data"), 0),
+                     "ld_preload": bench.tcmalloc,
+                     "source": "ashleykleynhans/runpod-worker-forge start.sh (fork swimmingyoshi@78c185bc)"},
+        "summary": aggregate(runs), "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    netvol.write_json(args.out, result)
+    return result
+
+
+# -- setup -----------------------------------------------------------------------------------------
+def ensure_fuse() -> None:
+    """The bench's own setup: Debian's libfuse3 and mfusepy, installed when missing."""
+    if shutil.which("fusermount3") is None or not Path("/usr/lib/x86_64-linux-gnu/libfuse3.so.3").exists():
+        print("installing fuse3 libfuse3-3 (apt-get) ...", flush=True)
+        result = subprocess.run(["apt-get", "install", "-y", "fuse3", "libfuse3-3"], capture_output=True, text=True,
+                                timeout=900, check=False)
+        if result.returncode != 0:
+            raise BenchError(f"apt-get install fuse3 libfuse3-3 failed:\n{result.stderr[-2000:]}")
+    probe = subprocess.run([sys.executable, "-c", "import os; os.environ['FUSE_LIBRARY_NAME']='fuse3'; import mfusepy"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    if probe.returncode != 0:
+        print(f"installing mfusepy into {sys.prefix} (pip) ...", flush=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "mfusepy"], capture_output=True,
+                                text=True, timeout=900, check=False)
+        if result.returncode != 0:
+            raise BenchError(f"pip install mfusepy failed:\n{result.stderr[-2000:]}")
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    why = refusal(args)
+    if why:
+        print(f"bench_coldstart: {why}", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    cleanup = Cleanup()
+    # SIGTERM ends the bench as Ctrl-C does: through the finally below.
+    signal.signal(signal.SIGTERM, interrupt)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    bench = Bench(args, cleanup)
+    try:
+        ensure_fuse()
+        if not args.no_install:
+            bench.install()
+        plan = list(schedule(args.settings, args.variants, args.runs))
+        print(f"{len(plan)} timed runs; work folder {args.work}; results {args.out}", flush=True)
+        for setting, round_no, variant in plan:
+            fuse_setting = setting if variant in FUSE_VARIANTS else None
+            if fuse_setting is None:  # page cache warm: an untimed run of the same variant first
+                warm = bench.run_once(None, variant, round_no, timed=False)
+                if not warm.ok:
+                    print(f"  warm-up {variant} failed: {warm.error}", flush=True)
+            run = bench.run_once(fuse_setting, variant, round_no)
+            run.setting = setting.label  # warm variants are reported beside the setting they ran with
+            bench.runs.append(run)
+            status = (f"forge {fmt(run.forge_s)}, models {fmt(run.models_s)}, image {fmt(run.image_s)}" if run.ok
+                      else f"FAILED: {run.error}")
+            print(f"[{setting.label} round {round_no}] {variant}: {status}", flush=True)
+            write_result(args, bench, started)
+    except KeyboardInterrupt:
+        print("interrupted: stopping processes and unmounting", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench_coldstart: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup.close()
+        if bench.runs:
+            result = write_result(args, bench, started)
+            print(report(result["summary"]))
+            print(f"\nresults: {args.out}")
+    return 0 if all(r.ok for r in bench.runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

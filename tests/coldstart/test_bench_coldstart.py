@@ -1,0 +1,139 @@
+"""scripts/bench_coldstart.py's pure parts: its arguments, its refusal, the schedule, the original's command
+line and the aggregation of runs. The benchmark itself needs root, FUSE and the real Forge; the lead runs it."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.coldstart.conftest import SCRIPTS, load_script
+from volume_layout import VolumeLayout
+
+bench = load_script("bench_coldstart")
+
+
+def test_defaults_are_the_issues_settings_and_every_variant(tmp_path: Path) -> None:
+    args = bench.parse_args(["--work", str(tmp_path)])
+    assert [s.label for s in args.settings] == ["1,1,400", "5,2,200"]
+    assert args.runs == 3 and args.variants == ("original", "ours-off", "ours", "limit", "warm")
+    assert args.volume == Path("/work/realvol/volume") and not args.no_install
+    assert args.out == tmp_path / "result.json"
+    args = bench.parse_args(["--settings", "0,0,0", "1,1,400", "--runs", "1", "--variants", "ours-off,limit",
+                             "--no-install", "--out", str(tmp_path / "r.json")])
+    assert [s.label for s in args.settings] == ["0,0,0", "1,1,400"]
+    assert args.variants == ("ours-off", "limit") and args.no_install and args.out == tmp_path / "r.json"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--settings", "1,1"], "META_MS,READ_MS,BW_MBPS"),
+    (["--settings", "1,-1,400"], "finite number >= 0"),
+    (["--variants", "ours,bogus"], "unknown variant(s) bogus"),
+    (["--runs", "0"], "whole number >= 1"),
+    (["--deadline", "0"], "--deadline must be > 0"),
+])
+def test_bad_arguments_are_refused_with_what_is_wrong(argv: list[str], message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _args(tmp_path: Path, **kw: Any) -> argparse.Namespace:
+    lab = tmp_path / "lab"
+    volume = tmp_path / "volume"
+    lab.mkdir(exist_ok=True)
+    (lab / "env.sh").write_text("export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1\n")
+    layout = VolumeLayout(volume)
+    layout.venv_python.parent.mkdir(parents=True, exist_ok=True)
+    layout.venv_python.write_text("")
+    layout.forge_dir.mkdir(parents=True, exist_ok=True)
+    args = bench.parse_args(["--lab", str(lab), "--volume", str(volume), "--work", str(tmp_path / "work")])
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_refusal_says_in_one_line_what_is_missing(tmp_path: Path) -> None:
+    args = _args(tmp_path)
+    assert bench.refusal(args, euid=0, fuse_dev=Path("/dev/null")) is None
+    assert "needs root" in bench.refusal(args, euid=1000)
+    assert "needs /no/fuse" in bench.refusal(args, euid=0, fuse_dev=Path("/no/fuse"))
+    no_lab = _args(tmp_path, lab=tmp_path / "nolab")
+    assert "needs the Forge lab" in bench.refusal(no_lab, euid=0, fuse_dev=Path("/dev/null"))
+    no_volume = _args(tmp_path, volume=tmp_path / "empty")
+    assert "needs a volume provisioned from the lab" in bench.refusal(no_volume, euid=0, fuse_dev=Path("/dev/null"))
+    for why in (bench.refusal(args, euid=1000), bench.refusal(no_lab, euid=0, fuse_dev=Path("/dev/null"))):
+        assert "\n" not in why
+
+
+def test_the_script_refuses_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "bench_coldstart.py"), "--lab", str(tmp_path / "nolab"),
+                          "--work", str(work)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_coldstart: needs "), run.stderr
+    assert not work.exists()
+
+
+def test_lab_env_reads_the_exports(tmp_path: Path) -> None:
+    (tmp_path / "env.sh").write_text('# comment\nexport A=/x B="two words" # trailing\nexport C=1\nD=2\n')
+    assert bench.lab_env(tmp_path) == {"A": "/x", "B": "two words", "C": "1"}
+
+
+def test_schedule_interleaves_rounds_and_turns_the_order() -> None:
+    one, five = bench.Latency.parse("1,1,400"), bench.Latency.parse("5,2,200")
+    plan = [(s.label, r, v) for s, r, v in bench.schedule([one, five], ["a", "b", "c"], 3)]
+    assert plan[:9] == [("1,1,400", 1, "a"), ("1,1,400", 1, "b"), ("1,1,400", 1, "c"),
+                        ("1,1,400", 2, "b"), ("1,1,400", 2, "c"), ("1,1,400", 2, "a"),
+                        ("1,1,400", 3, "c"), ("1,1,400", 3, "a"), ("1,1,400", 3, "b")]
+    assert len(plan) == 18 and {p[0] for p in plan[9:]} == {"5,2,200"}
+
+
+def test_the_originals_command_is_its_start_sh_with_what_this_machine_needs(tmp_path: Path) -> None:
+    layout = VolumeLayout(tmp_path / "volume")
+    argv = bench.original_argv(layout, tmp_path / "scratch" / "data", 4321)
+    assert argv[:2] == [str(layout.venv_python), str(layout.forge_dir / "webui.py")]
+    for flag in ("--api", "--nowebui", "--no-hashing", "--skip-install", "--lowram", "--no-half-vae",
+                 "--disable-safe-unpickle", "--opt-sdp-attention", "--no-download-sd-model"):
+        assert flag in argv
+    assert "--xformers" not in argv and "--always-cpu" in argv
+    assert argv[argv.index("--port") + 1] == "4321"
+    assert argv[argv.index("--models-dir") + 1] == str(layout.models_dir)
+    assert argv[argv.index("--data-dir") + 1] == str(tmp_path / "scratch" / "data")
+
+
+def _run(variant: str, image: float | None, setting: str = "1,1,400", meta: int = 100, **kw: Any) -> dict[str, Any]:
+    fuse = {"meta": meta, "missing": 1, "opens": 10, "files_opened": 9, "bytes": 1000,
+            "top_sources": [["/venv/lib/python3.11/site-packages/torch", meta]]}
+    return {"setting": setting, "variant": variant, "round": 1, "ok": image is not None, "error": "",
+            "forge_s": image and image / 2, "models_s": image and image / 2 + 1, "image_s": image,
+            "fuse_before": fuse, "fuse_total": fuse, "fuse_after": None,
+            "memory": {"worker": {"vmhwm_kb": 60000, "peak_rss_anon_kb": 50000},
+                       "forge": {"vmhwm_kb": 7000000, "peak_rss_anon_kb": 4000000}}, **kw}
+
+
+def test_aggregate_takes_medians_of_the_runs_that_worked_and_the_ratios() -> None:
+    runs = [_run("original", 90.0), _run("original", 100.0), _run("original", 95.0),
+            _run("ours", 40.0, meta=10), _run("ours", None), _run("ours", 50.0, meta=30),
+            _run("limit", 20.0), _run("warm", 21.0), _run("ours", 300.0, setting="5,2,200")]
+    out = bench.aggregate(runs)
+    one = out["1,1,400"]
+    assert one["variants"]["original"]["image_s"] == 95.0
+    assert one["variants"]["original"]["image_s_all"] == [90.0, 100.0, 95.0]
+    ours = one["variants"]["ours"]
+    assert (ours["image_s"], ours["runs"], ours["failed"]) == (45.0, 3, 1)
+    assert ours["image_s_all"] == [40.0, None, 50.0]
+    assert ours["fuse_total"]["meta"] == 20 and ours["forge_peak_rss_anon_kb"] == 4000000
+    assert one["ratios"]["ours/original image"] == pytest.approx(45 / 95, abs=1e-3)
+    assert one["ratios"]["ours/limit image"] == pytest.approx(2.25)
+    assert one["ratios"]["warm/limit image"] == pytest.approx(1.05)
+    assert "ours/original image" not in out["5,2,200"]["ratios"]  # no original there: no ratio
+    text = bench.report(out)
+    assert "ours/original image 0.47" in text and "original" in text and "5,2,200" in text
