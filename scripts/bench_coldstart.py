@@ -44,6 +44,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import shutil
@@ -163,10 +164,23 @@ def tail(path: Path, chars: int = 3000) -> str:
         return f"(no log: {exc})"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Ports free now, below the ephemeral range: a port the kernel hands out for port 0 can be taken by
+    another program (a test server on this shared machine) between this check and the bind."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", random.randint(20000, 32000)))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def lab_env(lab: Path) -> dict[str, str]:
@@ -324,6 +338,7 @@ class Run:
     fuse_total: dict[str, Any] | None = None
     fuse_after: dict[str, int] | None = None  # total minus before
     memory: dict[str, Any] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)  # the 1-minute load average at start and end: a busy machine
     run_dir: str = ""
 
 
@@ -448,7 +463,7 @@ class Bench:
         run_dir = self.args.work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        run = Run(setting=label, variant=variant, round=round_no, run_dir=str(run_dir))
+        run = Run(setting=label, variant=variant, round=round_no, run_dir=str(run_dir), load=[os.getloadavg()[0]])
         netvol_proc: subprocess.Popen[bytes] | None = None
         netvol_log, stats = run_dir / "netvol.log", run_dir / "fuse-total.json"
         try:
@@ -466,6 +481,7 @@ class Bench:
                 except BenchError as exc:
                     run.error = run.error or str(exc)
                     run.ok = False
+        run.load.append(os.getloadavg()[0])
         if setting is not None and stats.is_file():
             run.fuse_total = netvol.summarize(json.loads(stats.read_text()))
             if run.fuse_before is not None:
@@ -474,8 +490,7 @@ class Bench:
 
     def boot_and_ask(self, run: Run, run_dir: Path, variant: str, fuse: bool) -> None:
         log = run_dir / "process.log"
-        forge_port = free_port()
-        api_port = free_port()
+        forge_port, api_port = free_ports(2)
         if variant == "original":
             argv, env = self.original_command(run_dir, forge_port)
         else:
@@ -533,7 +548,7 @@ class Bench:
                 check_image(status, body, log)
                 run.image_s = time.monotonic() - started
             else:
-                wait_until("RunPod's local API", lambda: port_open(api_port), deadline, gone)
+                wait_until("RunPod's local API", lambda: runpod_api(api_port), deadline, gone)
                 job: dict[str, Any] = {"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}}
                 status, body = http_call(api_port, "POST", "/runsync", {"input": job}, timeout=deadline)
                 check_models(status, job_output(status, body, log), log)
@@ -552,12 +567,13 @@ class Bench:
             self.cleanup.stop(proc)
 
 
-def port_open(port: int) -> bool:
+def runpod_api(port: int) -> bool:
+    """RunPod's local API answers on ``port`` (its FastAPI schema names /runsync: not some other server)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
+        status, body = http_call(port, "GET", "/openapi.json", timeout=2.0)
+    except (OSError, http.client.HTTPException):
         return False
+    return status == 200 and isinstance(body, dict) and "/runsync" in body.get("paths", {})
 
 
 def job_output(status: int, body: Any, log: Path) -> Any:
@@ -741,8 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = bench.run_once(fuse_setting, variant, round_no)
             run.setting = setting.label  # warm variants are reported beside the setting they ran with
             bench.runs.append(run)
-            status = (f"forge {fmt(run.forge_s)}, models {fmt(run.models_s)}, image {fmt(run.image_s)}" if run.ok
-                      else f"FAILED: {run.error}")
+            status = (f"forge {fmt(run.forge_s)}, models {fmt(run.models_s)}, image {fmt(run.image_s)} "
+                      f"(load {run.load[0]:.1f} -> {run.load[-1]:.1f})" if run.ok else f"FAILED: {run.error}")
             print(f"[{setting.label} round {round_no}] {variant}: {status}", flush=True)
             write_result(args, bench, started)
     except KeyboardInterrupt:
