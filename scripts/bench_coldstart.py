@@ -266,6 +266,18 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def shmem_kb() -> int:
+    """The machine's shared memory (tmpfs such as /dev/shm) in kB: memory outside any process's RSS that
+    the page cache cannot give back."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Shmem:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def child_matching(parent: int, needle: str) -> int | None:
     """A child of ``parent`` whose command line contains ``needle`` (Forge under the worker)."""
     for entry in Path("/proc").iterdir():
@@ -351,9 +363,11 @@ class Sampler(threading.Thread):
         self.forge_pid = forge_pid
         self.peak_anon: dict[str, int] = {}
         self.last: dict[str, dict[str, int]] = {}
+        self.shmem_start = self.shmem_peak = shmem_kb()
         self.halt = threading.Event()
 
     def sample(self) -> None:
+        self.shmem_peak = max(self.shmem_peak, shmem_kb())
         if self.forge_pid is None:
             self.forge_pid = child_matching(self.main_pid, "launch.py") or child_matching(self.main_pid, "webui.py")
         for name, pid in (("worker", self.main_pid), ("forge", self.forge_pid)):
@@ -371,8 +385,10 @@ class Sampler(threading.Thread):
     def result(self) -> dict[str, Any]:
         self.sample()
         self.halt.set()
-        return {name: {"vmhwm_kb": self.last[name].get("VmHWM"), "peak_rss_anon_kb": self.peak_anon.get(name)}
-                for name in self.last}
+        out: dict[str, Any] = {name: {"vmhwm_kb": self.last[name].get("VmHWM"),
+                                      "peak_rss_anon_kb": self.peak_anon.get(name)} for name in self.last}
+        out["shmem_growth_kb"] = self.shmem_peak - self.shmem_start  # e.g. a boot set laid out in /dev/shm
+        return out
 
 
 class Bench:
@@ -645,6 +661,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 if any(v is not None for v in hwm):
                     entry[f"{proc}_vmhwm_kb"] = median(hwm)
                     entry[f"{proc}_peak_rss_anon_kb"] = median(anon)
+            shm = [r["memory"].get("shmem_growth_kb") for r in ok]
+            if any(v is not None for v in shm):
+                entry["shmem_growth_kb"] = median(shm)
             per[variant] = entry
         ratios: dict[str, float] = {}
         for num, den in (("ours", "original"), ("ours-off", "original"), ("ours", "limit"), ("ours", "ours-off"),
@@ -666,18 +685,21 @@ def report(summary: Mapping[str, Any]) -> str:
     for setting, block in summary.items():
         lines.append(f"\n== setting {setting} (meta ms, read ms, MB/s) ==")
         lines.append(f"{'variant':9} {'forge':>8} {'models':>8} {'image':>8}  {'meta<ans':>9} {'meta':>7} "
-                     f"{'opens':>6} {'MB<ans':>7} {'MB':>7}  {'wkr MB':>7} {'forge MB':>9}  runs (image s)")
+                     f"{'opens':>6} {'MB<ans':>7} {'MB':>7}  {'wkr MB':>7} {'forge MB':>9} {'shm MB':>7}  "
+                     "runs (image s)")
         for variant, e in block["variants"].items():
             before, total = e.get("fuse_before") or {}, e.get("fuse_total") or {}
             mem_w = e.get("worker_peak_rss_anon_kb")
             mem_f = e.get("forge_peak_rss_anon_kb")
+            shm = e.get("shmem_growth_kb")
             runs = ", ".join("fail" if v is None else f"{v:.1f}" for v in e["image_s_all"])
             lines.append(
                 f"{variant:9} {fmt(e['forge_s']):>8} {fmt(e['models_s']):>8} {fmt(e['image_s']):>8}  "
                 f"{fmt(before.get('meta'), ''):>9} {fmt(total.get('meta'), ''):>7} {fmt(total.get('opens'), ''):>6} "
                 f"{fmt(before['bytes'] / 1e6 if before else None, ''):>7} "
                 f"{fmt(total['bytes'] / 1e6 if total else None, ''):>7}  "
-                f"{fmt(mem_w / 1024 if mem_w else None, ''):>7} {fmt(mem_f / 1024 if mem_f else None, ''):>9}  {runs}")
+                f"{fmt(mem_w / 1024 if mem_w else None, ''):>7} {fmt(mem_f / 1024 if mem_f else None, ''):>9} "
+                f"{fmt(shm / 1024 if shm is not None else None, ''):>7}  {runs}")
         for variant, e in block["variants"].items():
             top = (e.get("fuse_total") or {}).get("top_sources")
             if top:
@@ -686,7 +708,8 @@ def report(summary: Mapping[str, Any]) -> str:
         if block["ratios"]:
             lines.append("  ratios (medians): " + ", ".join(f"{k} {v:.2f}" for k, v in block["ratios"].items()))
     lines.append("\n(original: (b) and (c) sent to Forge directly; its handler's relay adds about a millisecond. "
-                 "MB columns: peak RssAnon, memory outside the page cache; VmHWM in the JSON.)")
+                 "wkr/forge MB: peak RssAnon, memory outside the page cache (VmHWM in the JSON); shm MB: growth of the "
+                 "machine's shared memory (tmpfs) during the run.)")
     return "\n".join(lines)
 
 

@@ -115,7 +115,7 @@ def _run(variant: str, image: float | None, setting: str = "1,1,400", meta: int 
     return {"setting": setting, "variant": variant, "round": 1, "ok": image is not None, "error": "",
             "forge_s": image and image / 2, "models_s": image and image / 2 + 1, "image_s": image,
             "fuse_before": fuse, "fuse_total": fuse, "fuse_after": None,
-            "memory": {"worker": {"vmhwm_kb": 60000, "peak_rss_anon_kb": 50000},
+            "memory": {"worker": {"vmhwm_kb": 60000, "peak_rss_anon_kb": 50000}, "shmem_growth_kb": 2048,
                        "forge": {"vmhwm_kb": 7000000, "peak_rss_anon_kb": 4000000}}, **kw}
 
 
@@ -131,6 +131,7 @@ def test_aggregate_takes_medians_of_the_runs_that_worked_and_the_ratios() -> Non
     assert (ours["image_s"], ours["runs"], ours["failed"]) == (45.0, 3, 1)
     assert ours["image_s_all"] == [40.0, None, 50.0]
     assert ours["fuse_total"]["meta"] == 20 and ours["forge_peak_rss_anon_kb"] == 4000000
+    assert ours["shmem_growth_kb"] == 2048
     assert one["ratios"]["ours/original image"] == pytest.approx(45 / 95, abs=1e-3)
     assert one["ratios"]["ours/limit image"] == pytest.approx(2.25)
     assert one["ratios"]["warm/limit image"] == pytest.approx(1.05)
