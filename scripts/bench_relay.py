@@ -9,7 +9,10 @@ each round), over keep-alive HTTP connections from this process:
   (``scripts/bench_relay_floor.py``): what the SDK costs with no work in the handler;
 - original: ``/runsync`` of the original runpod-worker-forge's handler (``scripts/bench_relay_original.py``,
   a reconstruction, with requests and RunPod's validator);
-- ours: ``/runsync`` of ``python -m worker --rp_serve_api``.
+- ours: ``/runsync`` of ``python -m worker --rp_serve_api``;
+- with ``--baseline REV``, also ``ours@REV``: the worker's packages as they were at git revision REV,
+  the same way (on its own, identical stand-in: a worker always boots its own Forge), so a change is
+  measured before and after in one run.
 
 Two sizes: a small GET (``/sdapi/v1/samplers``, about 2 KB) and a txt2img whose answer is 16 MiB of
 base64. Every answer is parsed, as a caller would. Prints per way the median time, the time added
@@ -17,7 +20,8 @@ over the direct call (the median of each round's difference, with its 25th-75th 
 for the large answer the ratio to floor + direct. Every SDK process runs at ``RUNPOD_LOG_LEVEL=INFO``
 (our worker's default), so the SDK's own per-job logging is the same for all.
 
-Run from the repository root: ``.venv/bin/python scripts/bench_relay.py [--rounds N] [--big-rounds N]``.
+Run from the repository root: ``.venv/bin/python scripts/bench_relay.py [--rounds N] [--big-rounds N]
+[--baseline REV]``.
 Offline; takes about a minute plus the test volume's install.
 """
 
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +56,7 @@ JOBS = {
     "small": {"api": {"method": "GET", "endpoint": SMALL_PATH}, "payload": {}},
     "big": {"api": {"method": "POST", "endpoint": BIG_PATH}, "payload": BIG_PAYLOAD},
 }
-WAYS = ("direct", "floor", "original", "ours")
+WAYS = ("direct", "floor", "original", "ours")  # and "ours@REV" with --baseline
 Call = Callable[[], Any]
 
 
@@ -101,40 +107,59 @@ def spawn_fixture(script: str, env: dict[str, str], logs: Path) -> WorkerProc:
     return server
 
 
+def worker_sources(rev: str, into: Path) -> Path:
+    """The worker's packages at git revision ``rev``, for PYTHONPATH (ahead of the editable install)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "worker", "provision", "volume_layout"],
+                             capture_output=True, check=False)
+    if archive.returncode:
+        raise SystemExit(f"git archive {rev} failed: {archive.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def relaying_worker(env: dict[str, str], logs: Path) -> tuple[WorkerProc, Client]:
+    """``python -m worker --rp_serve_api`` once it relays (its API answers at once; jobs wait for Forge)."""
+    proc = start_worker(env, logs)
+    client = Client(proc.port)
+    deadline = time.monotonic() + 60
+    while True:
+        status, out = client.call("POST", "/runsync", {"input": JOBS["small"]})
+        if status == 200 and out.get("status") == "COMPLETED":
+            return proc, client
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise SystemExit(f"the worker did not relay: {out}\n{proc.log()[-3000:]}")
+        time.sleep(0.2)
+
+
 @contextmanager
-def servers(volume: Path, tmp: Path) -> Iterator[dict[str, Client]]:
+def servers(volume: Path, tmp: Path, baseline: str | None) -> Iterator[dict[str, Client]]:
     """Our worker (booting the stand-in), then the floor and the original on the same backend; their clients."""
     logs = tmp / "logs"
     logs.mkdir()
     env = worker_env(volume, tmp / "scratch", FORGE_STANDIN_IMAGE_BYTES=str(BIG), FORGE_STANDIN_STEP_SECONDS="0.001",
                      FORGE_PROGRESS_INTERVAL="1", RUNPOD_LOG_LEVEL="INFO")
     backend = f"http://127.0.0.1:{env['FORGE_PORT']}"
+    clients: dict[str, Client] = {"direct": Client(int(env["FORGE_PORT"]))}
     with ExitStack() as stack:
-        ours = start_worker(env, logs)
+        stack.callback(lambda: [c.close() for c in clients.values()])
+        ours, clients["ours"] = relaying_worker(env, logs)
         stack.callback(ours.stop)
-        client = Client(ours.port)
-        deadline = time.monotonic() + 60
-        while True:  # the worker's API answers at once; its jobs wait for Forge
-            status, out = client.call("POST", "/runsync", {"input": JOBS["small"]})
-            if status == 200 and out.get("status") == "COMPLETED":
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"our worker did not relay: {out}\n{ours.log()[-3000:]}")
-            time.sleep(0.2)
         fixture_env = {**env, "ORIGINAL_FORGE_URL": backend, "FLOOR_FORGE_URL": backend,
                        "FLOOR_ENDPOINTS": f"GET {SMALL_PATH},POST {BIG_PATH}",
                        "FLOOR_POST_BODY": json.dumps(BIG_PAYLOAD)}
-        floor = spawn_fixture("bench_relay_floor.py", fixture_env, logs)
-        stack.callback(floor.stop)
-        original = spawn_fixture("bench_relay_original.py", fixture_env, logs)
-        stack.callback(original.stop)
-        clients = {"direct": Client(int(env["FORGE_PORT"])), "floor": Client(floor.port),
-                   "original": Client(original.port), "ours": client}
-        try:
-            yield clients
-        finally:
-            for c in clients.values():
-                c.close()
+        for way, script in (("floor", "bench_relay_floor.py"), ("original", "bench_relay_original.py")):
+            fixture = spawn_fixture(script, fixture_env, logs)
+            stack.callback(fixture.stop)
+            clients[way] = Client(fixture.port)
+        if baseline:
+            source = worker_sources(baseline, tmp / "baseline")
+            then = worker_env(volume, tmp / "scratch-baseline", **{k: v for k, v in env.items() if k.startswith(
+                ("FORGE_STANDIN", "FORGE_PROGRESS", "RUNPOD_"))}, PYTHONPATH=str(source))
+            old, clients[f"ours@{baseline}"] = relaying_worker(then, logs)
+            stack.callback(old.stop)
+        yield {w: clients[w] for w in sorted(clients, key=lambda w: WAYS.index(w) if w in WAYS else len(WAYS))}
 
 
 def calls(clients: dict[str, Client], size: str) -> dict[str, Call]:
@@ -148,8 +173,9 @@ def calls(clients: dict[str, Client], size: str) -> dict[str, Call]:
         return out
 
     made: dict[str, Call] = {"direct": direct}
-    for way in WAYS[1:]:
-        made[way] = (lambda c: lambda: c.runsync(job))(clients[way])
+    for way, client in clients.items():
+        if way != "direct":
+            made[way] = (lambda c: lambda: c.runsync(job))(client)
     return made
 
 
@@ -165,9 +191,10 @@ def check_same(answers: dict[str, Any], size: str) -> None:
 
 
 def measure(ways: dict[str, Call], size: str, rounds: int, warmup: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {w: [] for w in WAYS}
+    names = list(ways)
+    times: dict[str, list[float]] = {w: [] for w in names}
     for i in range(warmup + rounds):
-        order = WAYS[i % len(WAYS):] + WAYS[:i % len(WAYS)]
+        order = names[i % len(names):] + names[:i % len(names)]
         answers = {}
         for way in order:
             started = time.perf_counter()
@@ -195,34 +222,36 @@ def report(times: dict[str, list[float]], title: str, rounds: int, big: bool) ->
     direct, floor = times["direct"], times["floor"]
     digits = 1 if big else 3
     plain, signed = f".{digits}f", f"+.{digits}f"
-    median = {w: statistics.median(times[w]) for w in WAYS}
+    median = {w: statistics.median(v) for w, v in times.items()}
     print(f"\n{title} ({rounds} rounds; ms; differences are per round, median [p25, p75])")
     columns = ["median [p25, p75]", "added over direct", "over floor + direct"]
-    print(f"  {'way':<9}" + "".join(f" {c:<28}" for c in columns) + ("  x (floor + direct)" if big else ""))
-    for way in WAYS:
+    print(f"  {'way':<14}" + "".join(f" {c:<28}" for c in columns) + ("  x (floor + direct)" if big else ""))
+    for way in times:
         cells = [spread(times[way], plain)]
         if way != "direct":
             cells.append(spread([t - d for t, d in zip(times[way], direct, strict=True)], signed))
-        if way in ("original", "ours"):
+        if way not in ("direct", "floor"):
             cells.append(spread([t - f - d for t, f, d in zip(times[way], floor, direct, strict=True)], signed))
-        line = f"  {way:<9}" + "".join(f" {c:<28}" for c in cells)
-        if big and way in ("original", "ours"):
+        line = f"  {way:<14}" + "".join(f" {c:<28}" for c in cells)
+        if big and way not in ("direct", "floor"):
             line += f"  {median[way] / (median['floor'] + median['direct']):.2f}x"
         print(line)
-    ours_vs = [o - r for o, r in zip(times["ours"], times["original"], strict=True)]
-    ratio = median["ours"] / median["original"]
-    print(f"  ours - original: {spread(ours_vs, signed)}; ours / original (medians) {ratio:.3f}")
+    for other in (w for w in times if w not in WAYS[:2] and w != "ours"):
+        diff = [o - r for o, r in zip(times["ours"], times[other], strict=True)]
+        ratio = median["ours"] / median[other]
+        print(f"  ours - {other}: {spread(diff, signed)}; ours / {other} (medians) {ratio:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1000, help="small-GET rounds (default 1000)")
     parser.add_argument("--big-rounds", type=int, default=30, help="16 MiB rounds (default 30)")
+    parser.add_argument("--baseline", metavar="REV", help="also measure the worker as it was at this git revision")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-relay-") as name:
         tmp = Path(name)
         print("installing a test volume ...", file=sys.stderr)
-        with installed_volume(tmp) as volume, servers(volume, tmp) as clients:
+        with installed_volume(tmp) as volume, servers(volume, tmp, args.baseline) as clients:
             print("measuring ...", file=sys.stderr)
             small = measure(calls(clients, "small"), "small", args.rounds, warmup=50)
             big = measure(calls(clients, "big"), "big", args.big_rounds, warmup=3)
