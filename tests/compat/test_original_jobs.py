@@ -139,6 +139,14 @@ def test_a_gets_payload_goes_to_forge_as_query_parameters(compat: Compat) -> Non
     assert answer["status"] == "COMPLETED" and set(answer["output"]) >= {"progress", "state"}, answer
     assert received == [{"method": "GET", "path": "/sdapi/v1/progress", "query": [["skip_current_image", "true"]],
                          "body": None}]
+    # The proxy keeps one URL per route: the next job's parameters are its own, none carried over.
+    answer, received = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/progress"},
+                                   "payload": {"id_live_preview": 3}}, polls=True)
+    assert answer["status"] == "COMPLETED", answer
+    assert [r["query"] for r in received] == [[["id_live_preview", "3"]]]
+    answer, received = compat.job({"api": {"method": "GET", "endpoint": "/sdapi/v1/progress"}, "payload": {}},
+                                  polls=True)
+    assert answer["status"] == "COMPLETED" and [r["query"] for r in received] == [[]], answer
 
 
 def test_a_refused_call_keeps_its_one_line_error_and_the_worker(compat: Compat) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.conftest import DATA
 from tests.helpers.timing import PROMPT
 from tests.worker.conftest import free_port, worker_env
 from worker.boot import build_worker
@@ -85,6 +86,33 @@ def test_forges_error_body_comes_back_as_output_cut_to_size_and_without_the_work
     out = run(worker, make_handler(worker)(job("POST", "/sdapi/v1/options", {"sd_model_checkpoint": token})))
     assert out["forge_status"] == 500 and "not found" in out["output"]["message"]
     assert token not in json.dumps(out)
+
+
+def test_the_sdk_gets_answers_whole_and_logs_only_a_summary(live: Worker, capsys: pytest.CaptureFixture[str]) -> None:
+    """RunPod's run_job formats every output into two debug lines, whatever the log level: not the answer itself."""
+    from fastapi.encoders import jsonable_encoder
+
+    from worker.sdk import import_runpod
+
+    import_runpod()
+    from runpod.serverless.modules import rp_job
+
+    handler = make_handler(live)
+    samplers = json.loads((DATA / "forge" / "responses" / "GET_sdapi_v1_samplers.json").read_text())["body"]
+    level, rp_job.log.level = rp_job.log.level, "DEBUG"
+    try:
+        listed = run(live, rp_job.run_job(handler, job("GET", "/sdapi/v1/samplers")))
+        options = run(live, rp_job.run_job(handler, job("GET", "/sdapi/v1/options")))
+    finally:
+        rp_job.log.level = level
+    logged = capsys.readouterr().out
+    # Whole, and plain JSON to the platform's encoder and to the local API's.
+    assert listed == {"output": samplers} and json.loads(json.dumps(listed)) == {"output": samplers}
+    assert jsonable_encoder(listed) == {"output": samplers} and type(jsonable_encoder(listed)["output"]) is list
+    assert isinstance(options["output"], dict) and jsonable_encoder(options)["output"] == options["output"]
+    assert f"Handler output: <Forge output: {len(samplers)} items>" in logged
+    assert "Handler output: <Forge output: samples_save, " in logged
+    assert samplers[0]["name"] not in logged and options["output"]["outdir_txt2img_samples"] not in logged
 
 
 def test_progress_is_reported_while_generating(live: Worker) -> None:
