@@ -20,6 +20,10 @@ over the direct call (the median of each round's difference, with its 25th-75th 
 for the large answer the ratio to floor + direct. Every SDK process runs at ``RUNPOD_LOG_LEVEL=INFO``
 (our worker's default), so the SDK's own per-job logging is the same for all.
 
+Reading it: "added over direct" includes the SDK's own round trip, which no handler avoids (the floor
+row: about 0.8 ms on this 2-core machine, 0.25 ms of it FastAPI's ``jsonable_encoder`` walking the
+answer); "over floor + direct" is what a relay itself costs beyond the SDK and the backend call.
+
 Run from the repository root: ``.venv/bin/python scripts/bench_relay.py [--rounds N] [--big-rounds N]
 [--baseline REV]``.
 Offline; takes about a minute plus the test volume's install.
