@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from tests.real_forge.conftest import CHECKPOINT, SKIP, Installed, Served, forge_volume, snapshot
+from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, Installed, Served, forge_volume, snapshot
 
-pytestmark = [pytest.mark.slow, SKIP]
+# The first test's setup installs the real Forge from nothing (minutes on 2 cores): the suite's own deadlines apply.
+pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT)]
 FIRST_JOB_TIMEOUT = 900.0
 JOB_TIMEOUT = 300.0
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 1, "sampler_name": "Euler"}
