@@ -237,6 +237,9 @@ def test_installation_problems_names_each_mismatch_and_install_repairs_them(inst
         f"forge: the checkout is at {git(layout.forge_dir, 'rev-parse', 'HEAD')[:12]}, "
         f"the lock says {lock.forge.commit[:12]}",
         f"extension ext-two: missing from {layout.extensions_dir}",
+        # Workers would still boot, from the volume: the boot set recorded at install no longer describes it.
+        "boot set: venv/bin was modified; workers boot Forge straight from the volume, slowly, until "
+        "`forge-volume install` records it again",
     ]
 
     result = cli("install")
