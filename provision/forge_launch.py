@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from provision.forge_hashes import seed_hash_cache
 from volume_layout import VolumeLayout
 
 DEFAULT_PORT = 7861  # Forge's API port with --nowebui
@@ -146,7 +147,8 @@ def has_gpu() -> bool:
 
 
 def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
-    """Make the scratch folders: Forge's settings seeded from the volume, extensions linked to the volume's."""
+    """Make the scratch folders: Forge's settings seeded from the volume, extensions linked to the volume's,
+    and Forge's sha256 cache seeded from state.json (``provision.forge_hashes``: no checkpoint re-hashed)."""
     scratch = Scratch(root)
     for folder in (scratch.data, scratch.cache, scratch.tmp):
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,7 @@ def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
                 shutil.copy2(item, scratch.data / item.name)
     if layout.extensions_dir.is_dir():
         link_extensions(scratch, layout.extensions_dir)
+    seed_hash_cache(layout, scratch.data)
     return scratch
 
 
