@@ -71,6 +71,12 @@ class Index:
     def from_json(cls, data: dict[str, Any]) -> Index:
         if data.get("version") != VERSION:
             raise ValueError(f"boot set index version {data.get('version')!r}, this forge-volume reads {VERSION}")
+        rels = [*data["dirs"], *(f[0] for f in data["files"]), *(r[0] for r in data["ranges"]),
+                *(f"{d}/{e[0]}" for d, (_, entries) in data["dirs"].items() for e in entries)]
+        if data.get("checkpoint") is not None:
+            rels.append(data["checkpoint"])
+        if bad := next((r for r in rels if not _plain_relative(r)), None):
+            raise ValueError(f"boot set index names {bad!r}, which is not a plain path inside the volume")
         return cls(
             key=str(data["key"]), root=str(data["root"]), checkpoint=data.get("checkpoint"),
             dirs={str(rel): (int(mtime), [(str(n), str(k), str(t)) for n, k, t in entries])
@@ -78,6 +84,12 @@ class Index:
             files=[(str(r), int(o), int(s), int(m), int(mode)) for r, o, s, m, mode in data["files"]],
             ranges=[(str(r), int(s), int(m), [(int(a), int(b)) for a, b in spans])
                     for r, s, m, spans in data["ranges"]])
+
+
+def _plain_relative(rel: object) -> bool:
+    """A path the index may name: relative, inside the volume, no '..', '.', empty part or NUL."""
+    return isinstance(rel, str) and bool(rel) and "\0" not in rel and not rel.startswith("/") and \
+        all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def read_index(layout: VolumeLayout) -> Index | None:

@@ -171,6 +171,9 @@ def test_a_corrupt_index_counts_as_none(volume: VolumeLayout) -> None:
     assert boot_set.read_index(volume) is None
     volume.boot_set_index.write_text("{not json")
     assert boot_set.read_index(volume) is None
+    escaping = boot_set.Index(key=KEY, root=str(volume.root), files=[("venv/../../escape", 0, 1, 0, 0o644)])
+    volume.boot_set_index.write_text(json.dumps(escaping.to_json()))
+    assert boot_set.read_index(volume) is None  # a path out of the volume: never written to, never trusted
 
 
 def test_the_prefetch_reads_the_touched_ranges_and_the_checkpoint(volume: VolumeLayout) -> None:
