@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,25 @@ def with_checkpoint(volume: Path) -> None:
         checkpoint.write_bytes(b"not really a checkpoint\n")
 
 
-def boot(volume: Path, tmp_path: Path, name: str, **env: str) -> tuple[WorkerProc, dict[str, object]]:
+@dataclass
+class Booted:
+    out: dict[str, object]  # a txt2img job's answer through RunPod's local API
+    argv0: str  # Forge's interpreter
+    cwd: Path  # Forge's working folder
+    log: str  # the worker's log
+
+
+def boot(volume: Path, tmp_path: Path, name: str, **env: str) -> Booted:
+    """Start a worker, run one txt2img, read where its Forge runs from, stop it."""
     with_checkpoint(volume)
     worker = start_worker(worker_env(volume, tmp_path / name, **env), tmp_path / f"logs-{name}")
-    out = worker.runsync(TXT2IMG)
-    return worker, out
+    try:
+        out = worker.runsync(TXT2IMG)
+        assert out["status"] == "COMPLETED", out
+        argv0, cwd = forge_of(worker)
+        return Booted(out, argv0, cwd, worker.log())
+    finally:
+        worker.stop()
 
 
 def test_install_records_the_boot_set_and_a_worker_boots_forge_from_it(installed_volume: Path, tmp_path: Path) -> None:
@@ -54,30 +69,20 @@ def test_install_records_the_boot_set_and_a_worker_boots_forge_from_it(installed
     with_checkpoint(installed_volume)
     before = {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")}
 
-    worker, out = boot(installed_volume, tmp_path, "fast")
-    try:
-        assert out["status"] == "COMPLETED", out
-        argv0, cwd = forge_of(worker)
-        log = worker.log()
-    finally:
-        worker.stop()
-    assert not argv0.startswith(str(installed_volume)) and argv0.endswith("/venv/bin/python"), argv0
-    assert not str(cwd).startswith(str(installed_volume)) and cwd.name == "stable-diffusion-webui-forge"
-    assert f"fast boot: {len(copied)} files" in log
+    fast = boot(installed_volume, tmp_path, "fast")
+
+    assert not fast.argv0.startswith(str(installed_volume)) and fast.argv0.endswith("/venv/bin/python"), fast.argv0
+    assert not str(fast.cwd).startswith(str(installed_volume)) and fast.cwd.name == "stable-diffusion-webui-forge"
+    assert f"fast boot: {len(copied)} files" in fast.log
     assert {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")} == before  # nothing written to the volume
 
 
 def test_with_the_switch_off_forge_boots_from_the_volume(installed_volume: Path, tmp_path: Path) -> None:
-    worker, out = boot(installed_volume, tmp_path, "off", FORGE_FAST_BOOT="0")
-    try:
-        assert out["status"] == "COMPLETED", out
-        argv0, cwd = forge_of(worker)
-        log = worker.log()
-    finally:
-        worker.stop()
-    assert argv0 == str(installed_volume / "venv" / "bin" / "python")
-    assert cwd == installed_volume / "stable-diffusion-webui-forge"
-    assert "fast boot" not in log
+    off = boot(installed_volume, tmp_path, "off", FORGE_FAST_BOOT="0")
+
+    assert off.argv0 == str(installed_volume / "venv" / "bin" / "python")
+    assert off.cwd == installed_volume / "stable-diffusion-webui-forge"
+    assert "fast boot" not in off.log
 
 
 def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_set_again(
@@ -85,15 +90,10 @@ def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_
     site = next((installed_volume / "venv" / "lib").glob("python3*/site-packages"))
     (site / "added_by_hand.py").write_text("VALUE = 1\n")
 
-    worker, out = boot(installed_volume, tmp_path, "stale")
-    try:
-        assert out["status"] == "COMPLETED", out
-        argv0, _ = forge_of(worker)
-        log = worker.log()
-    finally:
-        worker.stop()
-    assert argv0 == str(installed_volume / "venv" / "bin" / "python")
-    [line] = [line for line in log.splitlines() if "fast boot off" in line]
+    stale = boot(installed_volume, tmp_path, "stale")
+
+    assert stale.argv0 == str(installed_volume / "venv" / "bin" / "python")
+    [line] = [line for line in stale.log.splitlines() if "fast boot off" in line]
     assert f"the volume changed since the boot set was recorded: {site.relative_to(installed_volume)} was modified" \
         in line and "run `forge-volume install`" in line
 
@@ -105,25 +105,13 @@ def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_
     assert again.exit_code == 0, again.output
     assert "ran boot;" in again.stdout and "boot set: " in again.stdout
     assert cli("verify").exit_code == 0
-    worker, out = boot(installed_volume, tmp_path, "again")
-    try:
-        assert out["status"] == "COMPLETED", out
-        argv0, _ = forge_of(worker)
-    finally:
-        worker.stop()
-    assert not argv0.startswith(str(installed_volume))
+    assert not boot(installed_volume, tmp_path, "again").argv0.startswith(str(installed_volume))
 
 
 def test_a_volume_without_a_boot_set_boots_as_before_and_says_why(installed_volume: Path, tmp_path: Path) -> None:
     VolumeLayout(installed_volume).boot_set_index.unlink()
-    worker, out = boot(installed_volume, tmp_path, "none")
-    try:
-        assert out["status"] == "COMPLETED", out
-        log = worker.log()
-    finally:
-        worker.stop()
     assert "fast boot off: no boot set recorded (run `forge-volume install` to record one); booting from the volume" \
-        in log
+        in boot(installed_volume, tmp_path, "none").log
 
 
 def test_a_bad_switch_value_is_a_one_line_boot_error(tmp_path: Path) -> None:
