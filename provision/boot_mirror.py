@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ CHUNK = 16 << 20  # files.bin is unpacked in groups of files this large, many in
 PIECE = 1 << 20
 PREFETCH_CHUNK = 4 << 20
 PREFETCH_THREADS = 8
+# A stat answered faster than this came from local disk or memory, not over a network: a lay-out costs a
+# second there and gains nothing, so FORGE_FAST_BOOT=auto (the default) skips it.
+LOCAL_STAT = 100e-6
 LINK_BATCH = 2000
 SHM = Path("/dev/shm")
 SHM_MARGIN = 512 << 20
@@ -252,6 +256,20 @@ def _safe(read: Callable[[int, int, int], int], fd: int | None, offset: int, len
         return read(fd, offset, length)
     except OSError:
         return 0
+
+
+def stat_latency(layout: VolumeLayout) -> float:
+    """The median time the volume takes to stat a path of its code trees that the worker has not looked at yet."""
+    probes = [layout.venv / "lib", layout.venv / "pyvenv.cfg", layout.venv / "include", layout.forge_dir / "modules",
+              layout.forge_dir / "webui.py", layout.forge_dir / "requirements_versions.txt", layout.extensions_dir,
+              layout.boot_set_archive, layout.forge_dir / "modules" / "paths_internal.py"]
+    times = []
+    for path in probes:
+        started = time.perf_counter()
+        with contextlib.suppress(OSError):
+            os.stat(path)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def mirror_place(layout: VolumeLayout, scratch: Path, shm: Path = SHM) -> Path:

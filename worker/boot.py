@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from provision.boot_mirror import lay_out, mirror_place
+from provision.boot_mirror import LOCAL_STAT, lay_out, mirror_place, stat_latency
 from provision.errors import ForgeVolumeError
 from provision.forge_launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
 from provision.forge_process import ForgeProcess
@@ -59,7 +59,13 @@ def build_worker(env: Mapping[str, str]) -> Worker:
 
     def prepare() -> ForgeCommand:
         chosen = command
-        if settings.fast_boot:
+        fast = settings.fast_boot == "on"
+        if settings.fast_boot == "auto":
+            latency = stat_latency(volume.layout)
+            fast = latency >= LOCAL_STAT
+            if not fast:
+                say(f"fast boot: not needed, the volume answers like a local disk (a stat in {latency * 1e6:.0f} µs)")
+        if fast:
             mirror = mirror_place(volume.layout, scratch)
             if mirror.parent != scratch:
                 atexit.register(shutil.rmtree, mirror, True)

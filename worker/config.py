@@ -41,7 +41,7 @@ class Settings:
     progress_interval: float = 1.0  # FORGE_PROGRESS_INTERVAL: seconds between progress updates
     original_defaults: bool = True  # FORGE_DEFAULTS: "original" (the old worker's, for absent fields) or "forge"
     scratch_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))  # FORGE_SCRATCH
-    fast_boot: bool = True  # FORGE_FAST_BOOT: boot Forge from the boot set laid out on local disk
+    fast_boot: str = "auto"  # FORGE_FAST_BOOT: boot Forge from the boot set laid out on local disk: auto, on, off
     bucket_endpoint: str | None = None
     bucket_name: str | None = None  # BUCKET_NAME: else rp_upload's default (the month, "MM-YY")
     upload: bool = False  # all three BUCKET_* variables are set
@@ -92,15 +92,16 @@ def _defaults(env: Mapping[str, str]) -> bool:
     return raw == "original"
 
 
-def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
+def _fast_boot(env: Mapping[str, str]) -> str:
+    raw = env.get("FORGE_FAST_BOOT", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
     if raw in ("1", "true", "yes", "on"):
-        return True
+        return "on"
     if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is neither on nor off", f"set {name}=1 or {name}=0, or leave it unset")
+        return "off"
+    raise ConfigError(f"FORGE_FAST_BOOT={raw!r} is not auto, on or off",
+                      "set FORGE_FAST_BOOT=auto (the default: when the volume answers over a network), 1 or 0")
 
 
 def _networks(env: Mapping[str, str]) -> tuple[Network, ...]:
@@ -158,7 +159,7 @@ def load_settings(env: Mapping[str, str], serverless_mount: Path = SERVERLESS_MO
         result_limit=int(_number(env, "FORGE_RESULT_LIMIT_MB", 20.0) * MB),
         progress_interval=_number(env, "FORGE_PROGRESS_INTERVAL", 1.0),
         original_defaults=_defaults(env),
-        fast_boot=_switch(env, "FORGE_FAST_BOOT", True),
+        fast_boot=_fast_boot(env),
         scratch_root=Path(scratch),
         bucket_endpoint=endpoint,
         bucket_name=env.get("BUCKET_NAME") or None,

@@ -54,7 +54,9 @@ STANDIN_SWITCHES = ("FORGE_STANDIN_MODE", "FORGE_STANDIN_BOOT_SECONDS", "FORGE_S
 
 def worker_env(volume: Path, scratch: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORGE_", "BUCKET_", "RUNPOD_"))}
-    env.update(FORGE_VOLUME=str(volume), FORGE_PORT=str(free_port()), FORGE_SCRATCH=str(scratch),
+    # FORGE_FAST_BOOT=1: test volumes sit on local disk, where the default (auto) would skip the boot set's
+    # lay-out; the workers under test take the path a worker on a network volume takes.
+    env.update(FORGE_VOLUME=str(volume), FORGE_PORT=str(free_port()), FORGE_SCRATCH=str(scratch), FORGE_FAST_BOOT="1",
                FORGE_BOOT_TIMEOUT="60", FORGE_PROGRESS_INTERVAL="0.2", UVICORN_LOG_LEVEL="warning",
                FORGE_ENV_PASSTHROUGH=",".join(STANDIN_SWITCHES))
     env.update(extra)

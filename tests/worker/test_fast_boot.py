@@ -85,6 +85,14 @@ def test_with_the_switch_off_forge_boots_from_the_volume(installed_volume: Path,
     assert "fast boot" not in off.log
 
 
+def test_by_default_a_volume_that_answers_like_a_local_disk_is_booted_from_directly(
+        installed_volume: Path, tmp_path: Path) -> None:
+    auto = boot(installed_volume, tmp_path, "auto", FORGE_FAST_BOOT="auto")
+
+    assert auto.argv0 == str(installed_volume / "venv" / "bin" / "python")
+    assert "fast boot: not needed, the volume answers like a local disk (a stat in " in auto.log
+
+
 def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_set_again(
         installed_volume: Path, tmp_path: Path) -> None:
     site = next((installed_volume / "venv" / "lib").glob("python3*/site-packages"))
@@ -117,5 +125,7 @@ def test_a_volume_without_a_boot_set_boots_as_before_and_says_why(installed_volu
 def test_a_bad_switch_value_is_a_one_line_boot_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_FAST_BOOT": "maybe"})
-    assert info.value.one_line() == ("FORGE_FAST_BOOT='maybe' is neither on nor off (set FORGE_FAST_BOOT=1 or "
-                                     "FORGE_FAST_BOOT=0, or leave it unset)")
+    assert info.value.one_line() == ("FORGE_FAST_BOOT='maybe' is not auto, on or off (set FORGE_FAST_BOOT=auto (the "
+                                     "default: when the volume answers over a network), 1 or 0)")
+    assert load_settings({"FORGE_VOLUME": str(tmp_path)}).fast_boot == "auto"
+    assert load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_FAST_BOOT": "On"}).fast_boot == "on"
