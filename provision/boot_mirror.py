@@ -159,9 +159,10 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[st
         archive = os.open(layout.boot_set_archive, os.O_RDONLY)
         try:
             unpacked = [pool.submit(_unpack, archive, mirror, group) for group in _groups(index.files)]
-            links = _links(layout, index, mirror, copied)
+            cfg = _pyvenv_cfg(layout, index, mirror)  # rewritten below: not a link
+            local = copied | ({layout.relative(layout.venv / "pyvenv.cfg")} if cfg is not None else set())
+            links = _links(layout, index, mirror, local)
             linked = [pool.submit(_make_links, links[i:i + LINK_BATCH]) for i in range(0, len(links), LINK_BATCH)]
-            cfg = _pyvenv_cfg(layout, index, mirror)
             if cfg is not None:
                 (mirror / layout.relative(layout.venv / "pyvenv.cfg")).write_text(cfg, encoding="utf-8")
             for future in linked:
@@ -181,20 +182,17 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[st
             "times": {k: round(v, 3) for k, v in times.items()}}
 
 
-def _links(layout: VolumeLayout, index: Index, mirror: Path, copied: set[str]) -> list[tuple[str, Path]]:
-    """(target, link) for every entry of the mirrored folders that is neither a mirrored folder nor a copied file."""
+def _links(layout: VolumeLayout, index: Index, mirror: Path, local: set[str]) -> list[tuple[str, Path]]:
+    """(target, link) for every entry of the mirrored folders that is neither a mirrored folder nor a local file."""
     links: list[tuple[str, Path]] = []
     for tree in layout.code_trees:
         rel = layout.relative(tree)
         if rel not in index.dirs and os.path.lexists(tree):
             links.append((str(tree), mirror / rel))
-    cfg = layout.relative(layout.venv / "pyvenv.cfg")
     for folder, (_, entries) in index.dirs.items():
         for name, kind, target in entries:
             rel = f"{folder}/{name}"
-            if (kind == "d" and rel in index.dirs) or (kind == "f" and rel in copied):
-                continue
-            if rel == cfg and _pyvenv_cfg(layout, index, mirror) is not None:
+            if (kind == "d" and rel in index.dirs) or (kind == "f" and rel in local):
                 continue
             link = _volume_target(layout, index, mirror, folder, target) if kind == "l" else str(layout.absolute(rel))
             links.append((link, mirror / rel))
