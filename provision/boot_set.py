@@ -256,7 +256,8 @@ def build_index(layout: VolumeLayout, trace: dict[str, list[str]], key: str) -> 
     copy: dict[str, None] = {}
     big: dict[str, None] = {}
     mapped = set(trace.get("mapped") or [])
-    for path in [*(trace.get("opened") or []), *sorted(mapped)]:
+    # Libraries keep the tracer's order (first mapped, first needed): the prefetch reads them in that order.
+    for path in [*(trace.get("opened") or []), *(trace.get("mapped") or [])]:
         rel = _in_trees(layout, path)
         full = layout.absolute(rel) if rel else None
         if rel is None or full is None:

@@ -30,7 +30,7 @@ def _absolute(path: object) -> str | None:
 
 
 def _mapped() -> list[str]:
-    out = set()
+    out: set[str] = set()
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
         for line in maps:
             fields = line.split(None, 5)
@@ -54,11 +54,17 @@ def main() -> None:
             if path is not None:
                 listed.setdefault(path, None)
 
+    mapped: dict[str, None] = {}  # in the order the libraries first appeared: the order the boot needs them
+
     def answer() -> None:
         request = record + ".request"
         while not os.path.exists(request):
+            for path in _mapped():
+                mapped.setdefault(path, None)
             time.sleep(POLL)
-        data = {"opened": list(opened), "listed": list(listed), "mapped": _mapped()}
+        for path in _mapped():
+            mapped.setdefault(path, None)
+        data = {"opened": list(opened), "listed": list(listed), "mapped": list(mapped)}
         with open(record + ".tmp", "w", encoding="utf-8") as out:
             json.dump(data, out)
         os.replace(record + ".tmp", record)
