@@ -131,6 +131,17 @@ def provisioned_world(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path
     return world
 
 
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime (links not followed): equal snapshots mean nothing
+    was written there."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(folder, name))
+            out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def copy_volume(source: Path, target: Path) -> Path:
     """Copy an installed volume, keeping symlinks, and record the copy's path as its mount point.
 

@@ -16,6 +16,7 @@ import pytest
 
 from provision import boot_mirror, boot_set
 from provision.state import read_state, write_state
+from tests.conftest import snapshot
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
 KEY = "k1"
@@ -70,16 +71,6 @@ def volume(tmp_path: Path) -> VolumeLayout:
     return layout
 
 
-def _tree(layout: VolumeLayout) -> dict[str, tuple[str, int]]:
-    out = {}
-    for folder, dirs, files in os.walk(layout.root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            out[os.path.relpath(path, layout.root)] = (oct(st.st_mode), st.st_mtime_ns)
-    return out
-
-
 def test_the_index_holds_what_forge_read_and_the_sources_of_its_bytecode(volume: VolumeLayout) -> None:
     index = boot_set.read_index(volume)
     assert index is not None and index.key == KEY
@@ -96,13 +87,13 @@ def test_the_index_holds_what_forge_read_and_the_sources_of_its_bytecode(volume:
 
 
 def test_every_path_of_the_code_trees_reads_the_same_through_the_mirror(volume: VolumeLayout, tmp_path: Path) -> None:
-    before = _tree(volume)
+    before = snapshot(volume.root)
     mirror = tmp_path / "mirror"
 
     result = boot_mirror.build(volume, mirror)
 
     assert result["ok"] and result["files"] == 6
-    assert _tree(volume) == before  # nothing written to the volume
+    assert snapshot(volume.root) == before  # nothing written to the volume
     compared = 0
     for tree in volume.code_trees:
         for folder, dirs, files in os.walk(tree, followlinks=False):

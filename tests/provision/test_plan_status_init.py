@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from provision.spec import PRESETS, parse_spec
+from tests.conftest import snapshot
 from tests.helpers.forge_world import SECRET_ENV, World
 from tests.provision.conftest import cli, state_of
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``root`` with its size and mtime: equal snapshots mean nothing was written."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def test_plan_on_an_installed_volume_has_nothing_to_do(installed_volume: Path, spawns: list[list[str]]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import snapshot
 from tests.helpers.http_server import FileServer
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
 
@@ -75,17 +76,6 @@ def forge_volume(volume: Path, *args: str, timeout: float = INSTALL_TIMEOUT) -> 
     result = subprocess.run([CLI, "--volume", str(volume), *args], env=env, text=True, capture_output=True,
                             timeout=timeout, stdin=subprocess.DEVNULL)
     return result, time.monotonic() - started
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under the volume with its size and mtime (links not followed)."""
-    out = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            st = path.lstat()
-            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, Installed, Served, forge_volume, snapshot
+from tests.conftest import snapshot
+from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, Installed, Served, forge_volume
 
 # The first test's setup installs the real Forge from nothing (minutes on 2 cores): the suite's own deadlines apply.
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT)]

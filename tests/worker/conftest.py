@@ -116,6 +116,15 @@ class WorkerProc:
         stop_group(self.proc)
 
 
+def run_once(env: dict[str, str], log_dir: Path, job: Any) -> dict[str, Any]:
+    """A worker started for one job (through RunPod's local API) and stopped: the job's answer."""
+    worker = start_worker(env, log_dir)
+    try:
+        return worker.runsync(job)
+    finally:
+        worker.stop()
+
+
 def start_worker(env: dict[str, str], log_dir: Path, python: str = sys.executable, wait: bool = True) -> WorkerProc:
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)

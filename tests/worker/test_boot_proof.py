@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from provision.errors import StateError
+from tests.conftest import snapshot
 from tests.helpers.forge_world import World
 from tests.provision.conftest import cli, state_of
-from tests.worker.conftest import CHECKPOINT, module_volume, start_worker, worker_env
-from tests.worker.test_e2e_routes import snapshot
+from tests.worker.conftest import CHECKPOINT, module_volume, run_once, start_worker, worker_env
 from volume_layout import VolumeLayout
 from worker.volume import check_volume
 
@@ -105,11 +105,7 @@ def test_a_venv_lifted_over_forges_pins_makes_forge_exit_at_boot_as_the_real_one
         provisioned_world: World, tmp_path: Path) -> None:
     volume = module_volume(provisioned_world, tmp_path)
     subprocess.run([volume / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "forge-req-dep==2.0"], check=True)
-    worker = start_worker(worker_env(volume, tmp_path / "scratch"), tmp_path / "logs")
-    try:
-        out = worker.runsync(SAMPLERS)
-    finally:
-        worker.stop()
+    out = run_once(worker_env(volume, tmp_path / "scratch"), tmp_path / "logs", SAMPLERS)
     assert out["status"] == "FAILED", out
     assert "Forge exited with code 1 while booting" in str(out["error"])
     assert "numpy.dtype size changed, may indicate binary incompatibility" in str(out["error"])

@@ -7,7 +7,6 @@ mistakes fail the job and leave the worker serving; the volume is not written du
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA
+from tests.conftest import DATA, snapshot
 from tests.worker.conftest import CHECKPOINT, WorkerProc, worker_env
 from worker.routes import FORGE_ROUTES
 
@@ -30,16 +29,6 @@ def call(worker: WorkerProc, method: str, endpoint: str, payload: Any = None, **
     if payload is not None:
         job["payload"] = payload
     return worker.runsync(job, **kw)
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")

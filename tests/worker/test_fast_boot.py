@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import snapshot
 from tests.provision.conftest import cli
 from tests.worker.conftest import CHECKPOINT, WorkerProc, start_worker, worker_env
 from tests.worker.test_forge_env import children
@@ -67,14 +68,14 @@ def test_install_records_the_boot_set_and_a_worker_boots_forge_from_it(installed
     assert "stable-diffusion-webui-forge/launch.py" in copied  # what the stand-in's boot opened
     assert any(rel.startswith("venv/lib/") for rel in copied)
     with_checkpoint(installed_volume)
-    before = {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")}
+    before = snapshot(installed_volume)
 
     fast = boot(installed_volume, tmp_path, "fast")
 
     assert not fast.argv0.startswith(str(installed_volume)) and fast.argv0.endswith("/venv/bin/python"), fast.argv0
     assert not str(fast.cwd).startswith(str(installed_volume)) and fast.cwd.name == "stable-diffusion-webui-forge"
     assert f"fast boot: {len(copied)} files" in fast.log
-    assert {p: p.lstat().st_mtime_ns for p in installed_volume.rglob("*")} == before  # nothing written to the volume
+    assert snapshot(installed_volume) == before  # nothing written to the volume
 
 
 def test_with_the_switch_off_forge_boots_from_the_volume(installed_volume: Path, tmp_path: Path) -> None:
