@@ -297,13 +297,13 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     Waits at most ``timeout`` for it; the child goes on prefetching in the background afterwards and
     dies with the worker. Any failure is one line in the log and a boot from the volume as before.
     """
-    from provision.forge_process import _die_with_parent
+    from provision.forge_process import dying_with_parent
 
     started = time.monotonic()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "provision.boot_mirror", str(layout.root), str(mirror)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=_die_with_parent)
+        argv = [sys.executable, "-m", "provision.boot_mirror", str(layout.root), str(mirror)]
+        proc = subprocess.Popen(dying_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     except OSError as exc:
         say(f"fast boot off: cannot start its helper ({exc})")
         return False

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import ctypes
+import errno
 import http.client
-import signal
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,10 +40,31 @@ class ForgeUnavailable(ForgeVolumeError):
         self.log = log
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: Linux sends SIGTERM to Forge if the worker dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Run by the child before it becomes the real command: it asks Linux for SIGTERM when the worker dies
+# (even by SIGKILL; the request survives exec), gives up if the worker is already gone, then execs. This
+# is the child's own code rather than Popen's preexec_fn, which is unsafe while other threads run: a
+# thread that imports a module registering fork hooks during the fork gets "release unlocked lock".
+_DIE_WITH_PARENT = """\
+import ctypes, os, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, 15)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(143)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def dying_with_parent(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """``argv`` started through this interpreter (isolated, no site: a few ms) so that it dies with the
+    worker. Linux sends the signal when the *thread* that started it ends, so start it from a thread
+    that lives as long as it does. Raises OSError, as Popen would, when ``argv[0]`` cannot be run."""
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    program = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=path)
+    if program is None or not os.access(program, os.X_OK) or os.path.isdir(program):
+        raise OSError(errno.ENOENT, "no such program, or not executable", argv[0])
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 class ForgeProcess:
@@ -109,8 +130,8 @@ class ForgeProcess:
     def _popen(self) -> None:
         try:
             self._proc = subprocess.Popen(
-                self.command.argv, env=self.command.env, cwd=self.command.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                dying_with_parent(self.command.argv, self.command.env), env=self.command.env,
+                cwd=self.command.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
         except OSError as exc:
             self.start_error = f"cannot start Forge ({self.command.argv[0]}): {exc}"

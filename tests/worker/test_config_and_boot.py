@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -229,3 +231,39 @@ def test_a_missing_interpreter_fails_without_raising(tmp_path: Path) -> None:
     forge.start()
     with pytest.raises(ForgeUnavailable, match="cannot start Forge"):
         asyncio.run(forge.wait_ready())
+
+
+OWNER = """
+import sys, threading, time
+from pathlib import Path
+from provision.forge_launch import ForgeCommand
+from provision.forge_process import ForgeProcess
+command = ForgeCommand([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"],
+                       {"PATH": "/usr/bin"}, Path.cwd())
+prepare = (lambda: command) if sys.argv[1] == "prepared" else None
+ForgeProcess(command, port=1, boot_timeout=600, out=print, prepare=prepare).start()
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("how", ["direct", "prepared"])
+def test_forge_dies_with_the_worker_even_by_sigkill(tmp_path: Path, how: str) -> None:
+    """Started directly or from the thread that prepares it (the fast boot), Forge gets SIGTERM when
+    the worker is killed, so a worker RunPod kills never leaves a Forge holding the GPU."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, how], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        forge_pid = int(owner.stdout.readline())  # Forge's own line, relayed by the worker
+        assert Path(f"/proc/{forge_pid}/cmdline").read_bytes().split(b"\0")[0] == sys.executable.encode()
+        owner.kill()
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{forge_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # it may linger as a zombie until init reaps it: read its state
+            with contextlib.suppress(FileNotFoundError):
+                if Path(f"/proc/{forge_pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                    break
+        stat = Path(f"/proc/{forge_pid}/stat")
+        assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z"), "Forge outlived the worker"
+    finally:
+        owner.kill()
