@@ -98,7 +98,7 @@ def _warm_up(port: int, timeout: float) -> str | None:
         conn.close()
 
 
-def _traced_dump(record: Path, timeout: float) -> dict[str, list[str]] | None:
+def _traced_dump(record: Path, timeout: float) -> dict[str, Any] | None:
     """Ask the tracer in Forge's process for what it saw; None when it does not answer in time."""
     record.with_name(record.name + ".request").touch()
     deadline = time.monotonic() + timeout
@@ -121,7 +121,7 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     scratch_root = Path(tempfile.mkdtemp(prefix="forge-volume-boot-"))  # local disk, never the volume
     port = _free_port()
     record = scratch_root / "trace.json"
-    trace: dict[str, list[str]] | None = None
+    trace: dict[str, Any] | None = None
     warm_up: str | None = "no checkpoint on the volume"
     boot_set.evict_large_libraries(layout)
     started = time.monotonic()
@@ -163,7 +163,7 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     return out
 
 
-def _record_boot_set(layout: VolumeLayout, trace: dict[str, list[str]] | None, key: str) -> str:
+def _record_boot_set(layout: VolumeLayout, trace: dict[str, Any] | None, key: str) -> str:
     """Write the boot set from the tracer's record; one line saying what was recorded (or why nothing was)."""
     if trace is None:
         layout.boot_set_index.unlink(missing_ok=True)

@@ -9,8 +9,9 @@ Forge under ``boot_tracer.py`` and a warm-up txt2img, then records here (``.forg
   mapped that are smaller than ``BIG``, one after another;
 - ``index.json``: where each of them is in ``files.bin`` with its size and mtime; every folder on
   the way to them (and every folder Forge listed) with its mtime and complete listing; for the
-  large libraries, the byte ranges Forge touched (the pages the kernel read for it, found with
-  ``mincore`` after evicting them first); the checkpoint the warm-up loaded.
+  large libraries, the byte ranges Forge touched (the pages mapped in its process, from the tracer;
+  for a large file it only read, the pages the kernel cached for it, found with ``mincore`` after
+  evicting them first); the checkpoint the warm-up loaded.
 
 A worker (``provision.boot_mirror``) lays these folders out on local disk with one sequential read
 of ``files.bin``: every other entry becomes a link to the volume, so every path still resolves and
@@ -250,9 +251,11 @@ def _listing(folder: Path) -> list[Entry]:
     return sorted(entries)
 
 
-def build_index(layout: VolumeLayout, trace: dict[str, list[str]], key: str) -> tuple[Index, list[Path]]:
+def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str) -> tuple[Index, list[Path]]:
     """The index for a traced boot, and the files to copy into the archive (in index order)."""
     index = Index(key=key, root=str(layout.root))
+    touched = {rel: spans for path, spans in (trace.get("touched") or {}).items()
+               if (rel := _in_trees(layout, path)) is not None}
     copy: dict[str, None] = {}
     big: dict[str, None] = {}
     mapped = set(trace.get("mapped") or [])
@@ -319,11 +322,12 @@ def build_index(layout: VolumeLayout, trace: dict[str, list[str]], key: str) -> 
         if os.path.dirname(rel) not in index.dirs:
             continue
         full = layout.absolute(rel)
-        try:
-            spans = resident_ranges(full)
-        except OSError:
-            spans = []
         st = full.lstat()
+        try:
+            spans = [(int(o), int(n)) for o, n in touched[rel]] if rel in touched else resident_ranges(full)
+        except (OSError, TypeError, ValueError):
+            spans = []
+        spans = [(o, min(n, st.st_size - o)) for o, n in spans if 0 <= o < st.st_size and n > 0]
         index.ranges.append((rel, st.st_size, st.st_mtime_ns, spans))
     return index, files
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from provision import boot_mirror, boot_set
+from provision.boot_tracer import RECORD_ENV
 from provision.state import read_state, write_state
 from tests.conftest import snapshot
 from volume_layout import LAYOUT_VERSION, VolumeLayout
@@ -172,3 +175,35 @@ def test_the_prefetch_reads_the_touched_ranges_and_the_checkpoint(volume: Volume
     assert index is not None
     spans = sum(length for _, _, _, ranges in index.ranges for _, length in ranges)
     assert boot_mirror.prefetch(volume, index) == spans + len(b"weights")
+
+
+TOUCHING = """
+import mmap, os, sys, time
+page = mmap.PAGESIZE
+with open(sys.argv[1], "rb") as f:
+    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+view[3 * page], view[200 * page + 7]  # touch two pages of 256
+print(os.environ.get("FORGE_VOLUME_BOOT_TRACE", "removed"), sys.argv[1:] == [sys.argv[1], sys.argv[2]])
+open(sys.argv[2] + ".request", "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+"""
+
+
+def test_the_tracer_records_the_pages_the_boot_touched_not_what_readahead_cached(tmp_path: Path) -> None:
+    """The whole file is in the page cache (just written), as after a boot from a disk with a large readahead;
+    the record holds the two touched pages (and at most the kernel's fault-around neighbours), nothing far off."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    library = tmp_path / "lib.so"
+    library.write_bytes(os.urandom(256 * page))
+    launch = _write(tmp_path / "launch.py", TOUCHING)
+    record = tmp_path / "trace.json"
+    env = {**os.environ, RECORD_ENV: str(record)}
+    run = subprocess.run([sys.executable, str(boot_set.TRACER), str(launch), str(library), str(record)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["removed", "True"]  # Forge sees its own argv, not the tracer's variable
+    touched = {offset // page for offset, length in json.loads(record.read_text())["touched"][str(library)]
+               for offset in range(offset, offset + length, page)}
+    assert {3, 200} <= touched
+    assert len(touched) <= 2 * 16 and not touched & set(range(40, 180))  # fault-around maps at most 64 KiB
