@@ -44,6 +44,9 @@ CHUNK = 16 << 20  # files.bin is unpacked in groups of files this large, many in
 PIECE = 1 << 20
 PREFETCH_CHUNK = 4 << 20
 PREFETCH_THREADS = 8
+# Reads of the checkpoint in flight: one per core, 2 to 8. Each costs CPU in the volume's client; on 2 cores,
+# 8 slowed Forge's imports by seconds, and 2 still read the lab's 2.1 GB (at 1 ms) before Forge answered.
+CHECKPOINT_THREADS = min(8, max(2, os.cpu_count() or 2))
 # A stat answered faster than this came from local disk or memory, not over a network: a lay-out costs a
 # second there and gains nothing, so FORGE_FAST_BOOT=auto (the default) skips it.
 LOCAL_STAT = 100e-6
@@ -98,8 +101,9 @@ def _unpack(archive_fd: int, mirror: Path, group: list[tuple[str, int, int, int,
     The kernel copies (sendfile from files.bin into each file): no buffer in this process, whatever the size.
     """
     written = 0
+    here = str(mirror)
     for rel, offset, size, mtime, mode in group:
-        path = mirror / rel
+        path = f"{here}/{rel}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode or 0o644)
         try:
             done = 0
@@ -135,10 +139,11 @@ def _groups(files: list[tuple[str, int, int, int, int]]) -> list[list[tuple[str,
     return groups
 
 
-def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[str, Any]:
-    """Lay out the mirror; raise Stale when the boot set cannot be used. Returns what was done."""
+def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None) -> dict[str, Any]:
+    """Lay out the mirror (from ``index`` when the caller read it); raise Stale when the boot set cannot be used.
+    Returns what was done."""
     started = time.monotonic()
-    index = read_index(layout)
+    index = index or read_index(layout)
     if index is None:
         raise Stale("no boot set recorded (run `forge-volume install` to record one)")
     try:
@@ -182,24 +187,27 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS) -> dict[st
             "times": {k: round(v, 3) for k, v in times.items()}}
 
 
-def _links(layout: VolumeLayout, index: Index, mirror: Path, local: set[str]) -> list[tuple[str, Path]]:
-    """(target, link) for every entry of the mirrored folders that is neither a mirrored folder nor a local file."""
-    links: list[tuple[str, Path]] = []
+def _links(layout: VolumeLayout, index: Index, mirror: Path, local: set[str]) -> list[tuple[str, str]]:
+    """(target, link) for every entry of the mirrored folders that is neither a mirrored folder nor a local file.
+
+    Plain strings, not Paths: a boot set has ~20,000 of them, and this is on the boot's critical path."""
+    links: list[tuple[str, str]] = []
+    here, root = str(mirror), str(layout.root)
     for tree in layout.code_trees:
         rel = layout.relative(tree)
         if rel not in index.dirs and os.path.lexists(tree):
-            links.append((str(tree), mirror / rel))
+            links.append((str(tree), f"{here}/{rel}"))
     for folder, (_, entries) in index.dirs.items():
         for name, kind, target in entries:
             rel = f"{folder}/{name}"
             if (kind == "d" and rel in index.dirs) or (kind == "f" and rel in local):
                 continue
-            link = _volume_target(layout, index, mirror, folder, target) if kind == "l" else str(layout.absolute(rel))
-            links.append((link, mirror / rel))
+            link = _volume_target(layout, index, mirror, folder, target) if kind == "l" else f"{root}/{rel}"
+            links.append((link, f"{here}/{rel}"))
     return links
 
 
-def _make_links(links: list[tuple[str, Path]]) -> None:
+def _make_links(links: list[tuple[str, str]]) -> None:
     for target, link in links:
         os.symlink(target, link)
 
@@ -226,15 +234,25 @@ def prefetch_plan(index: Index) -> list[tuple[str, int, int]]:
     return plan
 
 
-def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS) -> int:
-    """Read the plan, and then the checkpoint, into the page cache, many pieces in flight; the bytes read."""
-    plan = prefetch_plan(index)
+def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS,
+             checkpoint_threads: int = CHECKPOINT_THREADS) -> int:
+    """Read the libraries' touched ranges, then the checkpoint, into the page cache; the bytes read.
+
+    The libraries come first and with many reads in flight: torch maps them in its first seconds. The
+    checkpoint is needed only once Forge answers, so fewer reads in flight leave the volume's client
+    (and the CPU) to Forge's own imports meanwhile."""
+    got = _read_plan(layout, prefetch_plan(index), threads)
     if index.checkpoint:
         try:
             size = layout.absolute(index.checkpoint).stat().st_size
         except OSError:
             size = 0
-        plan += [(index.checkpoint, p, min(PREFETCH_CHUNK, size - p)) for p in range(0, size, PREFETCH_CHUNK)]
+        plan = [(index.checkpoint, p, min(PREFETCH_CHUNK, size - p)) for p in range(0, size, PREFETCH_CHUNK)]
+        got += _read_plan(layout, plan, checkpoint_threads)
+    return got
+
+
+def _read_plan(layout: VolumeLayout, plan: list[tuple[str, int, int]], threads: int) -> int:
     fds: dict[str, int] = {}
     for rel in dict.fromkeys(rel for rel, _, _ in plan):
         with contextlib.suppress(OSError):
@@ -365,8 +383,9 @@ def _say(result: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     layout, mirror = VolumeLayout(Path(argv[0])), Path(argv[1])
+    index = read_index(layout)
     try:
-        result = build(layout, mirror)
+        result = build(layout, mirror, index=index)
     except Stale as exc:
         result = {"ok": False, "reason": str(exc)}
     except OSError as exc:
@@ -375,7 +394,6 @@ def main(argv: list[str]) -> int:
     # After the lay-out (which is on the boot's critical path), while Forge imports: first the library
     # pages torch maps in its first seconds, then the checkpoint. Also after a failure: a boot from the
     # volume needs the same pages.
-    index = read_index(layout)
     if index is not None:
         started = time.monotonic()
         got = prefetch(layout, index)

@@ -27,6 +27,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -87,10 +88,13 @@ class Index:
                     for r, s, m, spans in data["ranges"]])
 
 
+# Parts of one or more characters, none of them NUL or '/', none '.' or '..', joined by single slashes.
+_PLAIN = re.compile(r"(?!\.\.?(?:/|\Z))[^/\x00]+(?:/(?!\.\.?(?:/|\Z))[^/\x00]+)*\Z")
+
+
 def _plain_relative(rel: object) -> bool:
     """A path the index may name: relative, inside the volume, no '..', '.', empty part or NUL."""
-    return isinstance(rel, str) and bool(rel) and "\0" not in rel and not rel.startswith("/") and \
-        all(part not in ("", ".", "..") for part in rel.split("/"))
+    return isinstance(rel, str) and _PLAIN.match(rel) is not None
 
 
 def read_index(layout: VolumeLayout) -> Index | None:
