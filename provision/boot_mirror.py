@@ -139,9 +139,11 @@ def _groups(files: list[tuple[str, int, int, int, int]]) -> list[list[tuple[str,
     return groups
 
 
-def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None) -> dict[str, Any]:
+def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None,
+          check: bool = True) -> dict[str, Any]:
     """Lay out the mirror (from ``index`` when the caller read it); raise Stale when the boot set cannot be used.
-    Returns what was done."""
+    Returns what was done. ``check=False`` leaves out the stat of every recorded folder (``changed``): the
+    worker runs it while Forge starts, and restarts Forge from the volume if it finds a change."""
     started = time.monotonic()
     index = index or read_index(layout)
     if index is None:
@@ -157,7 +159,7 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Ind
     times: dict[str, float] = {"index": time.monotonic() - started}
     mirror.mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        check = pool.submit(changed, layout, index, threads, files=False)
+        checked = pool.submit(changed, layout, index, threads, files=False) if check else None
         for rel in sorted(index.dirs):  # parents sort before their children
             os.mkdir(mirror / rel)
         times["folders"] = time.monotonic() - started
@@ -177,7 +179,7 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Ind
             times["files"] = time.monotonic() - started
         finally:
             os.close(archive)
-        problem = check.result()
+        problem = checked.result() if checked else None
         times["checked"] = time.monotonic() - started
     if problem:  # before the unpacking's own errors: a short files.bin is a changed volume, with its fix
         raise Stale(f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)")
@@ -309,11 +311,14 @@ def _is_tmpfs(path: Path) -> bool:
         return False
 
 
-def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]) -> bool:
-    """Run the child that lays out the mirror; True when Forge may boot from ``mirror``.
+def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]
+            ) -> Callable[[float], str | None] | None:
+    """Run the child that lays out the mirror; when Forge may start from ``mirror``, a function that waits
+    (at most the seconds it is given) for the child's check of the volume behind it: None when the volume
+    is as recorded, else what changed. None when the lay-out failed.
 
-    Waits at most ``timeout`` for it; the child goes on prefetching in the background afterwards and
-    dies with the worker. Any failure is one line in the log and a boot from the volume as before.
+    Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
+    background, and dies with the worker. Any failure is one line in the log and a boot from the volume.
     """
     from provision.forge_process import dying_with_parent
 
@@ -324,7 +329,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
                                 stderr=subprocess.PIPE, text=True)
     except OSError as exc:
         say(f"fast boot off: cannot start its helper ({exc})")
-        return False
+        return None
     lines: queue.Queue[str | None] = queue.Queue()
     errors: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -346,7 +351,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     except queue.Empty:
         proc.kill()
         say(f"fast boot off: the boot set was not laid out within {timeout:g} s; booting from the volume")
-        return False
+        return None
     try:
         result = json.loads(first) if first else None
     except ValueError:
@@ -355,29 +360,48 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
         proc.wait(10)
         say(f"fast boot off: its helper failed ({' | '.join(errors) or f'exit code {proc.returncode}'}); "
             "booting from the volume")
-        return False
+        return None
     if not result.get("ok"):
         say(f"fast boot off: {result.get('reason')}; booting from the volume")
-        return False
+        return None
     say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
         f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
 
-    def finish() -> None:
-        last = lines.get()
-        proc.wait()
-        try:
-            done = json.loads(last) if last else {}
-        except ValueError:
-            done = {}
-        if isinstance(done, dict) and "prefetched" in done:
-            say(f"fast boot: prefetched {int(done['prefetched']) / 1e6:.0f} MB in {done.get('seconds')} s")
+    verdict: list[str | None] = []
+    checked = threading.Event()
 
-    threading.Thread(target=finish, name="boot-mirror-wait", daemon=True).start()
-    return True
+    def follow() -> None:
+        while (line := lines.get()) is not None:
+            try:
+                said = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(said, dict) and "changed" in said and not checked.is_set():
+                verdict.append(str(said["changed"]) if said["changed"] is not None else None)
+                checked.set()
+            elif isinstance(said, dict) and "prefetched" in said:
+                say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
+        proc.wait()
+        if not checked.is_set():
+            verdict.append(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
+            checked.set()
+
+    def wait_for_verdict(seconds: float) -> str | None:
+        if not checked.wait(max(seconds, 0.0)):
+            return f"the volume was not checked within {seconds:g} s"
+        problem = verdict[0]
+        return None if problem is None else f"the volume changed since the boot set was recorded: {problem} " \
+            "(run `forge-volume install`)"
+
+    threading.Thread(target=follow, name="boot-mirror-follow", daemon=True).start()
+    return wait_for_verdict
+
+
+_said = threading.Lock()
 
 
 def _say(result: dict[str, Any]) -> None:
-    with contextlib.suppress(BrokenPipeError):  # the worker stopped listening (it is going away)
+    with _said, contextlib.suppress(BrokenPipeError):  # the worker stopped listening (it is going away)
         print(json.dumps(result), flush=True)
 
 
@@ -385,19 +409,26 @@ def main(argv: list[str]) -> int:
     layout, mirror = VolumeLayout(Path(argv[0])), Path(argv[1])
     index = read_index(layout)
     try:
-        result = build(layout, mirror, index=index)
+        result = build(layout, mirror, index=index, check=False)
     except Stale as exc:
         result = {"ok": False, "reason": str(exc)}
     except OSError as exc:
         result = {"ok": False, "reason": f"the boot set could not be laid out ({exc})"}
     _say(result)
-    # After the lay-out (which is on the boot's critical path), while Forge imports: first the library
-    # pages torch maps in its first seconds, then the checkpoint. Also after a failure: a boot from the
-    # volume needs the same pages.
-    if index is not None:
-        started = time.monotonic()
-        got = prefetch(layout, index)
-        _say({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
+    if index is None:
+        return 0
+    # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
+    # from the volume if one changed), and the prefetch of the library pages torch maps in its first
+    # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
+    check = threading.Thread(target=lambda: _say({"changed": changed(layout, index, THREADS, files=False)}),
+                             name="check")
+    if result.get("ok"):
+        check.start()
+    started = time.monotonic()
+    got = prefetch(layout, index)
+    _say({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
+    if check.ident is not None:
+        check.join()
     return 0
 
 

@@ -69,13 +69,18 @@ def dying_with_parent(argv: list[str], env: dict[str, str] | None = None) -> lis
 
 class ForgeProcess:
     """Forge as a child process. ``prepare``, when given, runs first (in the background, within the boot
-    deadline: the phase is already ``booting``) and returns the command to start, e.g. from a mirror."""
+    deadline: the phase is already ``booting``) and returns the command to start, e.g. from a mirror.
+    ``confirm``, when given, is asked once, when Forge first answers (or exits while booting), whether that
+    command was the right one: None if so, else the command to start instead (Forge is restarted with it,
+    within the same deadline). The fast boot starts Forge while it still checks the volume behind the mirror."""
 
     def __init__(self, command: ForgeCommand, *, port: int, boot_timeout: float,
                  out: Callable[[str], None] | None = None,
-                 prepare: Callable[[], ForgeCommand] | None = None) -> None:
+                 prepare: Callable[[], ForgeCommand] | None = None,
+                 confirm: Callable[[], ForgeCommand | None] | None = None) -> None:
         self.command = command
         self._prepare = prepare
+        self._confirm = confirm
         self._stopping = False
         self.port = port
         self.boot_timeout = boot_timeout
@@ -191,9 +196,9 @@ class ForgeProcess:
             conn.close()
 
     def _watch(self) -> None:
+        deadline = self.started_at + self.boot_timeout
         proc = self._proc
         assert proc is not None
-        deadline = self.started_at + self.boot_timeout
         while proc.poll() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -203,12 +208,51 @@ class ForgeProcess:
                 self.returncode = proc.poll()
                 return
             if self._probe(min(2.0, remaining)):
+                if self._restarted(proc):
+                    proc = self._current()
+                    continue
                 self._set(READY)
                 self._out(f"[worker] Forge ready after {self.ready_at - self.started_at:.2f} s")  # type: ignore[operator]
                 break
             time.sleep(min(PROBE_INTERVAL, max(remaining, 0)))
+            if proc.poll() is not None and self._restarted(proc):
+                proc = self._current()
         self.returncode = proc.wait()
         self._set(EXITED)
+
+    def _current(self) -> subprocess.Popen[bytes]:
+        assert self._proc is not None
+        return self._proc
+
+    def _restarted(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Ask ``confirm`` (once); when it names another command, stop ``proc`` and start that. True if started."""
+        confirm, self._confirm = self._confirm, None
+        if confirm is None:
+            return False
+        try:
+            command = confirm()
+        except Exception as exc:  # a failed check must not take down a Forge that answers
+            self._out(f"[worker] checking Forge's start failed ({exc!r}); keeping it")
+            return False
+        if command is None:
+            return False
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with self._lock:
+            if self._stopping:
+                return False
+            self.command = command
+            self._popen()
+        if self._proc is None or self._proc is proc:
+            self._proc = proc  # could not start the replacement: what ended is Forge's end
+            return False
+        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
+        return True
 
     def failure(self) -> str:
         """Why Forge cannot serve, in one line (only meaningful when the phase is not booting or ready)."""

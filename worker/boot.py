@@ -10,7 +10,7 @@ import atexit
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from provision.boot_mirror import LOCAL_STAT, lay_out, mirror_place, stat_latency
@@ -56,6 +56,8 @@ def build_worker(env: Mapping[str, str]) -> Worker:
                     extra_args=tuple(settings.forge_args), port=settings.forge_port, tcmalloc=find_tcmalloc(),
                     passthrough=settings.env_passthrough)
     command = forge_command(volume.layout, forge_scratch, env, launch)
+    mirror_wait = min(MIRROR_TIMEOUT, settings.boot_timeout / 4)
+    checks: list[Callable[[float], str | None]] = []  # the fast boot's check of the volume, still running
 
     def prepare() -> ForgeCommand:
         chosen = command
@@ -69,7 +71,9 @@ def build_worker(env: Mapping[str, str]) -> Worker:
             mirror = mirror_place(volume.layout, scratch)
             if mirror.parent != scratch:
                 atexit.register(shutil.rmtree, mirror, True)
-            if lay_out(volume.layout, mirror, min(MIRROR_TIMEOUT, settings.boot_timeout / 4), say):
+            check = lay_out(volume.layout, mirror, mirror_wait, say)
+            if check is not None:
+                checks.append(check)
                 code = VolumeLayout(mirror)
                 if volume.layout.extensions_dir.is_dir():
                     link_extensions(forge_scratch, code.extensions_dir)
@@ -77,7 +81,16 @@ def build_worker(env: Mapping[str, str]) -> Worker:
         say(f"starting Forge: {' '.join(chosen.argv)}")
         return chosen
 
-    forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout, prepare=prepare)
+    def confirm() -> ForgeCommand | None:
+        """Once Forge answers from the mirror: if the volume behind it changed, start Forge from the volume."""
+        problem = checks[0](mirror_wait) if checks else None
+        if problem is None:
+            return None
+        say(f"fast boot off: {problem}; restarting Forge from the volume: {' '.join(command.argv)}")
+        return command
+
+    forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout, prepare=prepare,
+                         confirm=confirm)
     forge.start()
     atexit.register(forge.stop)
     worker.forge = forge

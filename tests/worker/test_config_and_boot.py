@@ -267,3 +267,44 @@ def test_forge_dies_with_the_worker_even_by_sigkill(tmp_path: Path, how: str) ->
         assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z"), "Forge outlived the worker"
     finally:
         owner.kill()
+
+
+@pytest.mark.parametrize("first", ["answers", "exits"])
+@pytest.mark.parametrize("verdict", ["replace", "keep", "fails"])
+def test_confirm_is_asked_once_before_ready_and_can_restart_forge_with_another_command(
+        tmp_path: Path, first: str, verdict: str) -> None:
+    """The fast boot's check of the volume: Forge starts from the copy, and when it first answers (or exits
+    while booting), ``confirm`` says whether to keep it or start another command (Forge from the volume)."""
+    port = free_port()
+    started_from = tmp_path / "started-from"
+    code = SERVER.replace("import http.server, sys, time", "import http.server, pathlib, sys, time\n"
+                          f"pathlib.Path({str(started_from)!r}).write_text(sys.argv[3])")
+    if first == "exits":
+        code = code.replace("time.sleep(float(sys.argv[2]))", "time.sleep(float(sys.argv[2]))\n"
+                            "if sys.argv[3] == 'copy': sys.exit('a module of the copy is stale')")
+    def command(where: str) -> ForgeCommand:
+        return ForgeCommand([sys.executable, "-c", code, str(port), "0.1", where], {"PATH": "/usr/bin"}, tmp_path)
+    asked: list[str] = []
+
+    def confirm() -> ForgeCommand | None:
+        asked.append(started_from.read_text())
+        if verdict == "fails":
+            raise OSError("the check broke")
+        return command("volume") if verdict == "replace" else None
+
+    lines: list[str] = []
+    forge = ForgeProcess(command("volume"), port=port, boot_timeout=60, out=lines.append,
+                         prepare=lambda: command("copy"), confirm=confirm)
+    forge.start()
+    try:
+        if first == "exits" and verdict != "replace":
+            with pytest.raises(ForgeUnavailable, match="a module of the copy is stale"):
+                asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
+        else:
+            asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
+            assert forge.phase == READY
+            assert started_from.read_text() == ("volume" if verdict == "replace" else "copy")
+        assert asked == ["copy"]  # asked once, about the first command
+        assert ("checking Forge's start failed" in "\n".join(lines)) == (verdict == "fails")
+    finally:
+        forge.stop()

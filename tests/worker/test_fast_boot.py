@@ -101,10 +101,15 @@ def test_a_venv_changed_by_hand_boots_from_the_volume_until_install_records_the_
 
     stale = boot(installed_volume, tmp_path, "stale")
 
+    # Forge started from the copy while the volume behind it was checked; the check found the change before
+    # Forge's first answer was let through, and Forge was started again, from the volume.
     assert stale.argv0 == str(installed_volume / "venv" / "bin" / "python")
     [line] = [line for line in stale.log.splitlines() if "fast boot off" in line]
     assert f"the volume changed since the boot set was recorded: {site.relative_to(installed_volume)} was modified" \
-        in line and "run `forge-volume install`" in line
+        in line and "run `forge-volume install`" in line and "restarting Forge from the volume" in line
+    starts = [line for line in stale.log.splitlines() if line.startswith("[worker] starting Forge: ")]
+    assert len(starts) == 1 and str(installed_volume) not in starts[0].split()[3], starts  # first from the copy
+    assert stale.log.count("[worker] Forge ready after") == 1  # ready once: from the volume
 
     verify = cli("verify")
     assert verify.exit_code == 1
