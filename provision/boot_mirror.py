@@ -3,15 +3,17 @@
 Run by the worker as a child process (``python -m provision.boot_mirror <volume> <mirror>``), so its
 threads and buffers never weigh on the worker's own memory or event loop. It:
 
-1. checks the boot set against state.json (the boot step's key) and, in parallel with the rest,
-   every recorded file's and folder's mtime on the volume (one stat each, many in flight);
+1. checks the boot set against state.json (the boot step's key);
 2. makes every recorded folder under ``<mirror>``, writes the recorded files from one ranged read
    of ``files.bin`` (many reads in flight), and makes every other entry a link to the volume (or,
    for a link, to where it leads), so each path of the code trees resolves under ``<mirror>``;
 3. prints one JSON line: ``{"ok": true, ...}`` (start Forge from ``<mirror>``) or ``{"ok": false,
    "reason": ...}`` (boot from the volume as before: nothing is lost, only time);
-4. then, while Forge imports, reads into the page cache the ranges of the large libraries that Forge
-   touched at install and the checkpoint its first txt2img loads, ahead of Forge needing them.
+4. then, while Forge imports: stats every recorded folder on the volume (many in flight) and prints
+   ``{"changed": null}`` or what changed (the worker lets Forge's first answer through only after
+   that line, and restarts Forge from the volume on a change); and reads into the page cache the
+   pages of the large libraries Forge touched at install, then the checkpoint its first txt2img
+   loads, ahead of Forge needing them.
 
 Nothing is written to the volume. ``FORGE_FAST_BOOT=0`` on the worker skips all of it.
 """
@@ -311,11 +313,33 @@ def _is_tmpfs(path: Path) -> bool:
         return False
 
 
-def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]
-            ) -> Callable[[float], str | None] | None:
-    """Run the child that lays out the mirror; when Forge may start from ``mirror``, a function that waits
-    (at most the seconds it is given) for the child's check of the volume behind it: None when the volume
-    is as recorded, else what changed. None when the lay-out failed.
+class VolumeCheck:
+    """The lay-out child's check of the volume behind the mirror, which it runs while Forge starts."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._problem: str | None = None
+
+    def answer(self, problem: str | None) -> None:
+        if not self._done.is_set():
+            self._problem = problem
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def problem(self, seconds: float) -> str | None:
+        """None when the volume is as recorded, else what changed; waits at most ``seconds`` for the answer."""
+        if not self._done.wait(max(seconds, 0.0)):
+            return f"the volume was not checked within {seconds:g} s"
+        if self._problem is None:
+            return None
+        return f"the volume changed since the boot set was recorded: {self._problem} (run `forge-volume install`)"
+
+
+def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]) -> VolumeCheck | None:
+    """Run the child that lays out the mirror; when Forge may start from ``mirror``, the child's check of
+    the volume behind it (still running); None when the lay-out failed.
 
     Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
     background, and dies with the worker. Any failure is one line in the log and a boot from the volume.
@@ -367,8 +391,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
         f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
 
-    verdict: list[str | None] = []
-    checked = threading.Event()
+    check = VolumeCheck()
 
     def follow() -> None:
         while (line := lines.get()) is not None:
@@ -376,25 +399,15 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
                 said = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(said, dict) and "changed" in said and not checked.is_set():
-                verdict.append(str(said["changed"]) if said["changed"] is not None else None)
-                checked.set()
+            if isinstance(said, dict) and "changed" in said:
+                check.answer(None if said["changed"] is None else str(said["changed"]))
             elif isinstance(said, dict) and "prefetched" in said:
                 say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
         proc.wait()
-        if not checked.is_set():
-            verdict.append(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
-            checked.set()
-
-    def wait_for_verdict(seconds: float) -> str | None:
-        if not checked.wait(max(seconds, 0.0)):
-            return f"the volume was not checked within {seconds:g} s"
-        problem = verdict[0]
-        return None if problem is None else f"the volume changed since the boot set was recorded: {problem} " \
-            "(run `forge-volume install`)"
+        check.answer(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
 
     threading.Thread(target=follow, name="boot-mirror-follow", daemon=True).start()
-    return wait_for_verdict
+    return check
 
 
 _said = threading.Lock()

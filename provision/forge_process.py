@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from provision.errors import ForgeVolumeError
 from provision.forge_launch import ForgeCommand
@@ -67,17 +68,28 @@ def dying_with_parent(argv: list[str], env: dict[str, str] | None = None) -> lis
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
+@dataclass
+class Confirm:
+    """A check that may replace the command Forge was started with (the fast boot's check of the volume
+    behind its copy): ``done`` says whether it has an answer; ``replacement`` waits for it and returns
+    None (keep Forge) or the command to start instead."""
+
+    done: Callable[[], bool]
+    replacement: Callable[[], ForgeCommand | None]
+
+
 class ForgeProcess:
     """Forge as a child process. ``prepare``, when given, runs first (in the background, within the boot
     deadline: the phase is already ``booting``) and returns the command to start, e.g. from a mirror.
-    ``confirm``, when given, is asked once, when Forge first answers (or exits while booting), whether that
-    command was the right one: None if so, else the command to start instead (Forge is restarted with it,
-    within the same deadline). The fast boot starts Forge while it still checks the volume behind the mirror."""
+    ``confirm``, when given, is asked once, as soon as it has an answer or at the latest when Forge first
+    answers (or exits while booting), whether that command was the right one; if not, Forge is restarted
+    with the command it gives, within the same deadline. The fast boot starts Forge from its copy while
+    it still checks the volume behind it."""
 
     def __init__(self, command: ForgeCommand, *, port: int, boot_timeout: float,
                  out: Callable[[str], None] | None = None,
                  prepare: Callable[[], ForgeCommand] | None = None,
-                 confirm: Callable[[], ForgeCommand | None] | None = None) -> None:
+                 confirm: Confirm | None = None) -> None:
         self.command = command
         self._prepare = prepare
         self._confirm = confirm
@@ -207,6 +219,9 @@ class ForgeProcess:
                 self.stop()
                 self.returncode = proc.poll()
                 return
+            if self._confirm is not None and self._confirm.done() and self._restarted(proc):
+                proc = self._current()
+                continue
             if self._probe(min(2.0, remaining)):
                 if self._restarted(proc):
                     proc = self._current()
@@ -230,7 +245,7 @@ class ForgeProcess:
         if confirm is None:
             return False
         try:
-            command = confirm()
+            command = confirm.replacement()
         except Exception as exc:  # a failed check must not take down a Forge that answers
             self._out(f"[worker] checking Forge's start failed ({exc!r}); keeping it")
             return False

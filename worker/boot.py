@@ -10,13 +10,13 @@ import atexit
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-from provision.boot_mirror import LOCAL_STAT, lay_out, mirror_place, stat_latency
+from provision.boot_mirror import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
 from provision.errors import ForgeVolumeError
 from provision.forge_launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
-from provision.forge_process import ForgeProcess
+from provision.forge_process import Confirm, ForgeProcess
 from volume_layout import VolumeLayout, worker_volume
 from worker.config import ConfigError, Settings, load_settings
 from worker.handler import Worker
@@ -57,7 +57,7 @@ def build_worker(env: Mapping[str, str]) -> Worker:
                     passthrough=settings.env_passthrough)
     command = forge_command(volume.layout, forge_scratch, env, launch)
     mirror_wait = min(MIRROR_TIMEOUT, settings.boot_timeout / 4)
-    checks: list[Callable[[float], str | None]] = []  # the fast boot's check of the volume, still running
+    checks: list[VolumeCheck] = []  # the fast boot's check of the volume behind its copy
 
     def prepare() -> ForgeCommand:
         chosen = command
@@ -81,14 +81,15 @@ def build_worker(env: Mapping[str, str]) -> Worker:
         say(f"starting Forge: {' '.join(chosen.argv)}")
         return chosen
 
-    def confirm() -> ForgeCommand | None:
-        """Once Forge answers from the mirror: if the volume behind it changed, start Forge from the volume."""
-        problem = checks[0](mirror_wait) if checks else None
+    def replacement() -> ForgeCommand | None:
+        """If the volume behind the mirror changed, Forge is started again from the volume."""
+        problem = checks[0].problem(mirror_wait) if checks else None
         if problem is None:
             return None
         say(f"fast boot off: {problem}; restarting Forge from the volume: {' '.join(command.argv)}")
         return command
 
+    confirm = Confirm(done=lambda: not checks or checks[0].done(), replacement=replacement)
     forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout, prepare=prepare,
                          confirm=confirm)
     forge.start()

@@ -14,7 +14,7 @@ import pytest
 
 from provision.errors import StateError, VolumeError
 from provision.forge_launch import ForgeCommand, Launch, Scratch, forge_command
-from provision.forge_process import READY, ForgeProcess, ForgeUnavailable
+from provision.forge_process import READY, Confirm, ForgeProcess, ForgeUnavailable
 from tests.helpers.timing import PROMPT
 from tests.worker.conftest import free_port
 from volume_layout import LAYOUT_VERSION, VolumeLayout
@@ -269,12 +269,13 @@ def test_forge_dies_with_the_worker_even_by_sigkill(tmp_path: Path, how: str) ->
         owner.kill()
 
 
-@pytest.mark.parametrize("first", ["answers", "exits"])
+@pytest.mark.parametrize("first", ["answers", "exits", "checked"])
 @pytest.mark.parametrize("verdict", ["replace", "keep", "fails"])
 def test_confirm_is_asked_once_before_ready_and_can_restart_forge_with_another_command(
         tmp_path: Path, first: str, verdict: str) -> None:
-    """The fast boot's check of the volume: Forge starts from the copy, and when it first answers (or exits
-    while booting), ``confirm`` says whether to keep it or start another command (Forge from the volume)."""
+    """The fast boot's check of the volume: Forge starts from the copy, and as soon as the check has its
+    answer (``checked``: long before Forge answers), or else when Forge first answers or exits while booting,
+    ``confirm`` says whether to keep it or start another command (Forge from the volume)."""
     port = free_port()
     started_from = tmp_path / "started-from"
     code = SERVER.replace("import http.server, sys, time", "import http.server, pathlib, sys, time\n"
@@ -283,22 +284,29 @@ def test_confirm_is_asked_once_before_ready_and_can_restart_forge_with_another_c
         code = code.replace("time.sleep(float(sys.argv[2]))", "time.sleep(float(sys.argv[2]))\n"
                             "if sys.argv[3] == 'copy': sys.exit('a module of the copy is stale')")
     def command(where: str) -> ForgeCommand:
-        return ForgeCommand([sys.executable, "-c", code, str(port), "0.1", where], {"PATH": "/usr/bin"}, tmp_path)
+        pause = "600" if first == "checked" and where == "copy" else "0.1"  # only the check ends this one's boot
+        return ForgeCommand([sys.executable, "-c", code, str(port), pause, where], {"PATH": "/usr/bin"}, tmp_path)
     asked: list[str] = []
 
-    def confirm() -> ForgeCommand | None:
+    def replacement() -> ForgeCommand | None:
+        while not started_from.exists():
+            time.sleep(0.01)
         asked.append(started_from.read_text())
         if verdict == "fails":
             raise OSError("the check broke")
         return command("volume") if verdict == "replace" else None
 
     lines: list[str] = []
-    forge = ForgeProcess(command("volume"), port=port, boot_timeout=60, out=lines.append,
-                         prepare=lambda: command("copy"), confirm=confirm)
+    confirm = Confirm(done=lambda: first == "checked", replacement=replacement)
+    forge = ForgeProcess(command("volume"), port=port, boot_timeout=60 if first != "checked" or verdict == "replace"
+                         else 3, out=lines.append, prepare=lambda: command("copy"), confirm=confirm)
     forge.start()
     try:
         if first == "exits" and verdict != "replace":
             with pytest.raises(ForgeUnavailable, match="a module of the copy is stale"):
+                asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
+        elif first == "checked" and verdict != "replace":  # kept: the copy's Forge boots for 600 s
+            with pytest.raises(ForgeUnavailable, match="did not become ready within FORGE_BOOT_TIMEOUT=3 s"):
                 asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
         else:
             asyncio.run(asyncio.wait_for(forge.wait_ready(), 60))
