@@ -72,6 +72,8 @@ def test_download_by_kind_lands_verified_and_recorded(helper_worker: WorkerProc,
 def test_the_original_source_url_and_download_path_form(helper_worker: WorkerProc, worker_volume: Path,
                                                         hosts: tuple[FakeHub, FileServer]) -> None:
     _, files = hosts
+    # A Forge job waits for Forge's boot: helper jobs do not, so without it the download may beat the boot.
+    assert helper(helper_worker, "GET", "/sdapi/v1/samplers")["status"] == "COMPLETED"
     out = helper(helper_worker, "POST", "/v1/download", {"source_url": files.url("/files/model.safetensors"),
                                                           "download_path": f"{worker_volume}/models/Stable-diffusion"})
     assert out["status"] == "COMPLETED", out
@@ -100,6 +102,8 @@ def test_the_original_workers_checkout_models_path_maps_to_models(helper_worker:
 def test_a_path_outside_models_is_refused(helper_worker: WorkerProc, worker_volume: Path, path: str,
                                           hosts: tuple[FakeHub, FileServer]) -> None:
     _, files = hosts
+    # A Forge job waits for Forge's boot: helper jobs do not, so without it the download may beat the boot.
+    assert helper(helper_worker, "GET", "/sdapi/v1/samplers")["status"] == "COMPLETED"
     out = helper(helper_worker, "POST", "/v1/download", {"source_url": files.url("/files/model.safetensors"),
                                                           "download_path": path})
     assert out["status"] == "FAILED" and "outside the volume's models folder" in out["error"], out
