@@ -141,11 +141,15 @@ def _groups(files: list[tuple[str, int, int, int, int]]) -> list[list[tuple[str,
     return groups
 
 
-def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None,
-          check: bool = True) -> dict[str, Any]:
+def stale(problem: str) -> str:
+    """The one line for a volume that no longer matches its boot set, with the fix."""
+    return f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)"
+
+
+def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None) -> dict[str, Any]:
     """Lay out the mirror (from ``index`` when the caller read it); raise Stale when the boot set cannot be used.
-    Returns what was done. ``check=False`` leaves out the stat of every recorded folder (``changed``): the
-    worker runs it while Forge starts, and restarts Forge from the volume if it finds a change."""
+    Returns what was done. The stat of every recorded folder (``changed``) is not part of it: ``main`` runs
+    it while Forge starts, and the worker restarts Forge from the volume if it finds a change."""
     started = time.monotonic()
     index = index or read_index(layout)
     if index is None:
@@ -158,15 +162,14 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Ind
     if key != index.key:
         raise Stale("the boot set was recorded for another install (run `forge-volume install`)")
     copied = {rel for rel, *_ in index.files}
-    times: dict[str, float] = {"index": time.monotonic() - started}
     mirror.mkdir(parents=True, exist_ok=True)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        checked = pool.submit(changed, layout, index, threads, files=False) if check else None
-        for rel in sorted(index.dirs):  # parents sort before their children
-            os.mkdir(mirror / rel)
-        times["folders"] = time.monotonic() - started
-        archive = os.open(layout.boot_set_archive, os.O_RDONLY)
-        try:
+    archive = os.open(layout.boot_set_archive, os.O_RDONLY)
+    try:
+        if os.fstat(archive).st_size != index.archive_size:
+            raise Stale(stale(f"{layout.relative(layout.boot_set_archive)} changed size"))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for rel in sorted(index.dirs):  # parents sort before their children
+                os.mkdir(mirror / rel)
             unpacked = [pool.submit(_unpack, archive, mirror, group) for group in _groups(index.files)]
             cfg = _pyvenv_cfg(layout, index, mirror)  # rewritten below: not a link
             local = copied | ({layout.relative(layout.venv / "pyvenv.cfg")} if cfg is not None else set())
@@ -176,19 +179,11 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Ind
                 (mirror / layout.relative(layout.venv / "pyvenv.cfg")).write_text(cfg, encoding="utf-8")
             for future in linked:
                 future.result()
-            times["links"] = time.monotonic() - started
-            concurrent.futures.wait(unpacked)
-            times["files"] = time.monotonic() - started
-        finally:
-            os.close(archive)
-        problem = checked.result() if checked else None
-        times["checked"] = time.monotonic() - started
-    if problem:  # before the unpacking's own errors: a short files.bin is a changed volume, with its fix
-        raise Stale(f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)")
-    written = sum(f.result() for f in unpacked)
+            written = sum(f.result() for f in unpacked)
+    finally:
+        os.close(archive)
     return {"ok": True, "seconds": round(time.monotonic() - started, 3), "files": len(index.files),
-            "bytes": written, "folders": len(index.dirs), "links": len(links),
-            "times": {k: round(v, 3) for k, v in times.items()}}
+            "bytes": written, "folders": len(index.dirs), "links": len(links)}
 
 
 def _links(layout: VolumeLayout, index: Index, mirror: Path, local: set[str]) -> list[tuple[str, str]]:
@@ -332,9 +327,7 @@ class VolumeCheck:
         """None when the volume is as recorded, else what changed; waits at most ``seconds`` for the answer."""
         if not self._done.wait(max(seconds, 0.0)):
             return f"the volume was not checked within {seconds:g} s"
-        if self._problem is None:
-            return None
-        return f"the volume changed since the boot set was recorded: {self._problem} (run `forge-volume install`)"
+        return None if self._problem is None else stale(self._problem)
 
 
 def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]) -> VolumeCheck | None:
@@ -422,7 +415,7 @@ def main(argv: list[str]) -> int:
     layout, mirror = VolumeLayout(Path(argv[0])), Path(argv[1])
     index = read_index(layout)
     try:
-        result = build(layout, mirror, index=index, check=False)
+        result = build(layout, mirror, index=index)
     except Stale as exc:
         result = {"ok": False, "reason": str(exc)}
     except OSError as exc:
