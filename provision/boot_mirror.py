@@ -426,14 +426,15 @@ def main(argv: list[str]) -> int:
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
     # from the volume if one changed), and the prefetch of the library pages torch maps in its first
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
-    check = threading.Thread(target=lambda: _say({"changed": changed(layout, index, THREADS, files=False)}),
-                             name="check")
+    check = None
     if result.get("ok"):
+        check = threading.Thread(target=lambda: _say({"changed": changed(layout, index, THREADS, files=False)}),
+                                 name="check")
         check.start()
     started = time.monotonic()
     got = prefetch(layout, index)
     _say({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
-    if check.ident is not None:
+    if check is not None:
         check.join()
     return 0
 
