@@ -22,7 +22,7 @@ import click
 
 from provision import __version__
 from provision.errors import ForgeVolumeError
-from provision.preflight import mount_note, not_a_folder, require_usable
+from provision.installer.preflight import mount_note, not_a_folder, require_usable
 from provision.progress import Progress
 from volume_layout import MODEL_KIND_DIRS, VolumeLayout, provisioning_volume
 
@@ -36,7 +36,7 @@ class Context:
 
     @property
     def lock_path(self) -> Path:
-        from provision.lockfile import lock_path_for
+        from provision.records.lockfile import lock_path_for
 
         return lock_path_for(self.spec_path)
 
@@ -174,7 +174,7 @@ pass_ctx = click.make_pass_decorator(Context)
 @pass_ctx
 def init(obj: Context, preset: str, force: bool, create: bool) -> None:
     """Write a spec file to edit (forge-volume.toml on the volume, or --spec)."""
-    from provision.spec import preset_text
+    from provision.records.spec import preset_text
 
     if obj.spec_path.exists() and not force:
         raise click.ClickException(f"{obj.spec_path} already exists; edit it, or pass --force to overwrite it")
@@ -198,8 +198,8 @@ def lock(obj: Context, upgrade: tuple[str, ...]) -> None:
     An entry whose spec text is unchanged keeps its commit, revision, sha256 and size, so with
     nothing changed this needs no network. Prints each change (added, removed, moved, pinned).
     """
-    from provision.resolve import UnknownEntryError, update_lock
-    from provision.spec import load_spec
+    from provision.installer.resolve import UnknownEntryError, update_lock
+    from provision.records.spec import load_spec
 
     try:
         update = update_lock(load_spec(obj.spec_path), obj.lock_path, obj.progress, upgrade)
@@ -228,7 +228,7 @@ def add(obj: Context, kind: str, source: str, name: str | None, sha256: str | No
     text_encoder, insightface, adetailer, clip_vision. SOURCE is hf://OWNER/REPO/PATH[@REVISION],
     https://... or civitai://MODEL_VERSION_ID. The spec keeps its comments and layout.
     """
-    from provision.models.add_remove import add_model
+    from provision.commands.add_remove import add_model
 
     added = add_model(obj.layout, obj.spec_path, kind=kind, source=source, name=name, sha256=sha256,
                       progress=obj.progress, install=not no_install)
@@ -244,8 +244,8 @@ def add(obj: Context, kind: str, source: str, name: str | None, sha256: str | No
 @pass_ctx
 def remove(obj: Context, name: str, delete: bool) -> None:
     """Take a model out of the spec and the lock (NAME: its file name, or KIND/NAME); its file stays unless --delete."""
-    from provision.models.add_remove import remove_model
-    from provision.resolve import UnknownEntryError
+    from provision.commands.add_remove import remove_model
+    from provision.installer.resolve import UnknownEntryError
 
     try:
         removed = remove_model(obj.layout, obj.spec_path, name, delete=delete)
@@ -260,7 +260,7 @@ def remove(obj: Context, name: str, delete: bool) -> None:
 @pass_ctx
 def plan(obj: Context, as_json: bool) -> None:
     """Print what `install` would change. Writes nothing; works offline once a lock exists."""
-    from provision.plan import make_plan
+    from provision.commands.plan import make_plan
 
     result = make_plan(obj.layout, obj.spec_path)
     if as_json:
@@ -276,7 +276,7 @@ def plan(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def install(obj: Context, wait: bool) -> None:
     """Make the volume match the lock (writing the lock first if there is none). Idempotent and resumable."""
-    from provision.install import install as run_install
+    from provision.commands.install import install as run_install
 
     report = run_install(obj.layout, obj.spec_path, progress=obj.progress, wait=wait)
     click.echo(report.summary())
@@ -306,7 +306,7 @@ def verify(obj: Context, deep: bool, as_json: bool) -> None:
     Model files the lock does not list (fetched by the worker's /v1/download or /v1/sync helper
     jobs, or copied by hand) are listed as extras; they do not make verify fail.
     """
-    from provision.verify import verify_report
+    from provision.commands.verify import verify_report
 
     report = verify_report(obj.layout, obj.lock_path, obj.spec_path, deep=deep, progress=obj.progress)
     if as_json:
@@ -333,7 +333,7 @@ def verify(obj: Context, deep: bool, as_json: bool) -> None:
 def status(obj: Context, as_json: bool, every_file: bool) -> None:
     """What is installed, sizes, free space; partial downloads, files the lock does not list, what
     `refresh-models --prune` would remove."""
-    from provision.status import format_files, format_status, volume_files, volume_status
+    from provision.commands.status import format_files, format_status, volume_files, volume_status
 
     report = volume_status(obj.layout)
     if report["exists"] and not report.get("problem"):  # a corrupt state.json: status says so, and no more

@@ -24,7 +24,7 @@ TAIL_LINES = 15
 
 
 class OutputSink(Protocol):
-    """Where a streamed command's lines go (``provision.steplog.StepLog``)."""
+    """Where a streamed command's lines go (``provision.installer.steplog.StepLog``)."""
 
     path: Path
 

@@ -407,7 +407,7 @@ class Bench:
 
     def original_command(self, run_dir: Path, port: int) -> tuple[list[str], dict[str, str]]:
         """start.sh's Forge command on this machine: see ``original_argv``."""
-        from provision.forge_launch import prepare_scratch
+        from provision.forge.launch import prepare_scratch
 
         scratch = prepare_scratch(self.layout, run_dir / "scratch")
         env = self.base_env()

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provision.download import Retry, download  # noqa: E402
-from provision.netguard import AddressGuard, AddressRefused  # noqa: E402
+from provision.fetch.download import Retry, download  # noqa: E402
+from provision.fetch.netguard import AddressGuard, AddressRefused  # noqa: E402
 
 SERVER = """
 import sys, time
@@ -45,7 +45,7 @@ CLIENT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from provision.download import download
+from provision.fetch.download import download
 started = time.perf_counter()
 got = download(sys.argv[2], Path(sys.argv[3]))
 print(got.size / (time.perf_counter() - started) / 2**20)

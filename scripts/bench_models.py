@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provision.download import Retry, download, partial_path  # noqa: E402
 from provision.errors import DownloadError  # noqa: E402
+from provision.fetch.download import Retry, download, partial_path  # noqa: E402
 
 SERVER = """
 import json, sys, time
@@ -149,7 +149,7 @@ def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
 
 def bench_kill_resume(port: int, work: Path, size: int, digest: str) -> None:
     """The CLI as a user runs it: `refresh-models` killed with SIGKILL once 60% of the file is on disk."""
-    from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
+    from provision.records.lockfile import Lock, LockedForge, LockedModel, write_lock
     from volume_layout import VolumeLayout
 
     volume = work / "kill-volume"
@@ -194,8 +194,8 @@ def bench_kill_resume(port: int, work: Path, size: int, digest: str) -> None:
 
 def sparse_volume(work: Path, count: int, each: int) -> Path:
     """A volume with ``count`` sparse files of ``each`` bytes, locked and recorded as install leaves them."""
-    from provision.lockfile import Lock, LockedForge, LockedModel, write_lock
     from provision.models.files import make_record, save_records
+    from provision.records.lockfile import Lock, LockedForge, LockedModel, write_lock
     from volume_layout import VolumeLayout
 
     volume = work / "volume"
@@ -232,8 +232,8 @@ def timed_cli(volume: Path, *args: str) -> tuple[float, subprocess.CompletedProc
 
 
 def bench_volume(work: Path) -> None:
+    from provision.commands.verify import verify_volume
     from provision.progress import QUIET
-    from provision.verify import verify_volume
     from volume_layout import VolumeLayout
 
     volume = sparse_volume(work, 50, 1 << 30)

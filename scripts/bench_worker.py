@@ -44,7 +44,7 @@ BIG_JOB = {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload"
 
 @contextmanager
 def installed_volume(tmp: Path) -> Iterator[Path]:
-    from provision.install import install
+    from provision.commands.install import install
     from provision.progress import QUIET
     from volume_layout import VolumeLayout
 

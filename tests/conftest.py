@@ -113,7 +113,7 @@ def cli_env() -> Iterator[dict[str, str]]:
 def provisioned_world(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> World:
     """Repositories (Forge, helpers, extensions ext-one and ext-two) and ONE volume installed from them
     with the real installer, at ``world.root / "volume"``. Read-only for tests: copy it first."""
-    from provision.install import install
+    from provision.commands.install import install
     from provision.progress import QUIET
     from volume_layout import VolumeLayout
 

@@ -13,10 +13,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from provision.boot_mirror import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
+from provision.boot.mirror import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
 from provision.errors import ForgeVolumeError
-from provision.forge_launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
-from provision.forge_process import Confirm, ForgeProcess
+from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
+from provision.forge.process import Confirm, ForgeProcess
 from volume_layout import VolumeLayout, worker_volume
 from worker.config import ConfigError, Settings, load_settings
 from worker.handler import Worker

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision.cancel import connect_timeout, stall_timeout
-from provision.download import clean_token
 from provision.errors import ForgeVolumeError
-from provision.forge_launch import DEFAULT_PORT, secret_name
-from provision.netguard import ALLOW_ENV, Network, parse_networks
+from provision.fetch.cancel import connect_timeout, stall_timeout
+from provision.fetch.download import clean_token
+from provision.fetch.netguard import ALLOW_ENV, Network, parse_networks
+from provision.forge.launch import DEFAULT_PORT, secret_name
 from volume_layout import SERVERLESS_MOUNT, worker_volume
 
 MB = 1_000_000

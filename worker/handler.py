@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
-from provision.forge_process import READY, ForgeProcess, ForgeUnavailable
+from provision.forge.process import READY, ForgeProcess, ForgeUnavailable
 from worker import outputs
 from worker.config import Settings
 from worker.helpers import run_helper, scrub

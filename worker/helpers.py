@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from provision.cancel import cancelling
-from provision.download import clean_token
 from provision.errors import ForgeVolumeError
-from provision.netguard import AddressGuard
+from provision.fetch.cancel import cancelling
+from provision.fetch.download import clean_token
+from provision.fetch.netguard import AddressGuard
+from provision.fetch.sources import UrlSource, parse_source
 from provision.progress import QUIET
-from provision.sources import UrlSource, parse_source
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings
 from worker.normalise import HelperCall, InputError
@@ -133,7 +133,7 @@ def _refresh(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) 
 
 
 def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from provision.status import volume_status
+    from provision.commands.status import volume_status
 
     return volume_status(layout, surface="job")
 

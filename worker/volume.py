@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provision.boot_proof import boot_problem
+from provision.boot.proof import boot_problem
 from provision.errors import StateError, VolumeError
-from provision.state import read_state
+from provision.records.state import read_state
 from volume_layout import VolumeLayout
 
 INSTALL_HINT = "run `forge-volume install` on a pod with this volume attached, then restart the workers"

@@ -15,12 +15,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from provision.download import is_download_temp
 from provision.errors import LockError, PathError, StateError
-from provision.forge_files import RULE_FILES, forge_own_files
-from provision.lockfile import LockedModel
-from provision.sources import shown_source
-from provision.state import now, read_state, record_model, update_state
+from provision.fetch.download import is_download_temp
+from provision.fetch.sources import shown_source
+from provision.forge.files import RULE_FILES, forge_own_files
+from provision.records.lockfile import LockedModel
+from provision.records.state import now, read_state, record_model, update_state
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout
 
 READ = 8 << 20

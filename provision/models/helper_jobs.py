@@ -11,15 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from provision.download import download
 from provision.errors import ChecksumError, ForgeVolumeError, PathError, ReplaceError, SourceError
-from provision.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
+from provision.fetch.download import download
+from provision.fetch.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
+from provision.fetch.netguard import AddressGuard
+from provision.fetch.sources import check_repo_id, parse_source, shown_source
 from provision.models import files as mf
 from provision.models.overwrite import OverwriteGuard
 from provision.models.pool import POOL, Bars, hold_target, parallel, raise_failures, require_volume
-from provision.netguard import AddressGuard
 from provision.progress import Progress
-from provision.sources import check_repo_id, parse_source, shown_source
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout, check_file_name
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

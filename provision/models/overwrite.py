@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provision.errors import ReplaceError
-from provision.lockfile import LockedModel, read_lock
+from provision.fetch.sources import shown_source
 from provision.models import files as mf
-from provision.sources import shown_source
+from provision.records.lockfile import LockedModel, read_lock
 from volume_layout import VolumeLayout
 
 

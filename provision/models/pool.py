@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from provision.cancel import cancelling, current_cancel
 from provision.errors import DownloadCancelled, DownloadError, ForgeVolumeError, VolumeError
+from provision.fetch.cancel import cancelling, current_cancel
 from provision.models import files as mf
 from provision.progress import Progress
 from volume_layout import VolumeLayout
@@ -38,7 +38,7 @@ def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
 
     On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
     next chunk instead of finishing their downloads first. Each item runs in a copy of the caller's
-    context with ``cancel`` as its cancel event (``provision.cancel``): a download blocked on a silent
+    context with ``cancel`` as its cancel event (``provision.fetch.cancel``): a download blocked on a silent
     server is cut too.
     """
     context = contextvars.copy_context()
@@ -123,7 +123,7 @@ LOCK_POLL = 0.5  # seconds between two looks at the cancel event while waiting f
 
 
 def hold_target(layout: VolumeLayout, path: Path, what: str) -> FileLock:
-    """Take the per-target lock, waiting up to TARGET_LOCK_WAIT; a cancel (``provision.cancel``) ends the wait."""
+    """Take the per-target lock, waiting up to TARGET_LOCK_WAIT; a cancel (``provision.fetch.cancel``) ends the wait."""
     lock = mf.target_lock(layout, path)
     cancel = current_cancel()
     deadline = time.monotonic() + mf.TARGET_LOCK_WAIT

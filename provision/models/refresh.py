@@ -1,6 +1,6 @@
 """Make the volume's models match the lock: check, fetch, repair, pin, plan, refresh and prune.
 
-Every download goes through ``provision.download`` under a per-target file lock, and is recorded
+Every download goes through ``provision.fetch.download`` under a per-target file lock, and is recorded
 in state.json (path, kind, source, sha256, size, mtime) so later runs trust it without reading it.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 from filelock import Timeout
 
-from provision.download import Downloaded, download, sweep_leftovers
 from provision.errors import ChecksumError, ForgeVolumeError
-from provision.hub import Tokens, remote_for
-from provision.lockfile import Lock, LockedModel, check_matches, read_lock, write_lock
+from provision.fetch.download import Downloaded, download, sweep_leftovers
+from provision.fetch.hub import Tokens, remote_for
+from provision.fetch.sources import parse_source, shown_source
 from provision.models import files as mf
 from provision.models.pool import (
     POOL,
@@ -29,9 +29,9 @@ from provision.models.pool import (
     require_volume,
 )
 from provision.progress import Progress
-from provision.sources import parse_source, shown_source
-from provision.spec import load_spec
-from provision.volume_lock import hold_volume
+from provision.records.lockfile import Lock, LockedModel, check_matches, read_lock, write_lock
+from provision.records.spec import load_spec
+from provision.records.volume_lock import hold_volume
 from volume_layout import VolumeLayout
 
 STALE_TEMP = 3600.0  # a temporary file untouched this long, with its target lock free, is abandoned

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provision.errors import ChecksumError, ForgeVolumeError, SourceError
-from provision.hub import RemoteFile, probe_url, remote_for
-from provision.lockfile import LockedModel
-from provision.models.names import check_server_name, unlisted_warning, url_path_name
+from provision.fetch.hub import RemoteFile, probe_url, remote_for
+from provision.fetch.names import check_server_name, unlisted_warning, url_path_name
+from provision.fetch.sources import CivitaiSource, HfSource, shown_source
 from provision.models.pool import parallel, raise_failures
 from provision.progress import Progress
-from provision.sources import CivitaiSource, HfSource, shown_source
-from provision.spec import ModelSpec
+from provision.records.lockfile import LockedModel
+from provision.records.spec import ModelSpec
 from volume_layout import LayoutError, VolumeLayout
 
 RESOLVE_POOL = 8

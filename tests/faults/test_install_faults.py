@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.gitops import head_commit
-from provision.state import read_state
+from provision.installer.gitops import head_commit
+from provision.records.state import read_state
 from tests.helpers.forge_world import World, base_python
 from tests.helpers.gitrepo import Repo, git
 from volume_layout import VolumeLayout

@@ -1,4 +1,4 @@
-"""provision.download against a real loopback server: resume, retries, errors, token scoping, disk full."""
+"""provision.fetch.download against a real loopback server: resume, retries, errors, token scoping, disk full."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.download import Credential, Retry, download, origin_of, partial_path
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+from provision.fetch.download import Credential, Retry, download, origin_of, partial_path
 from tests.helpers.http_server import FileServer
 
 FAST = Retry(attempts=3, base=0.01, cap=0.05)
@@ -198,7 +198,7 @@ import shutil, subprocess, sys
 from pathlib import Path
 folder, sized, unsized = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
-from provision.download import download, disk_reserve, Retry
+from provision.fetch.download import download, disk_reserve, Retry
 from provision.errors import DiskFullError
 target = folder / "m.bin"
 target.write_bytes(b"old")

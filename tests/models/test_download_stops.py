@@ -1,6 +1,6 @@
 """Downloads that must end: a cancel, a server that stalls or trickles, retries that bring nothing new.
 
-Each runs provision.download against a real loopback server that misbehaves; deadlines here only
+Each runs provision.fetch.download against a real loopback server that misbehaves; deadlines here only
 catch a hang (they are far below the 60 s read timeout a stuck download would otherwise wait out).
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from provision.cancel import CONNECT_ENV, STALL_ENV
-from provision.download import Retry, download, partial_path
 from provision.errors import DownloadCancelled, DownloadError
-from provision.netguard import AddressGuard, parse_networks
+from provision.fetch.cancel import CONNECT_ENV, STALL_ENV
+from provision.fetch.download import Retry, download, partial_path
+from provision.fetch.netguard import AddressGuard, parse_networks
 from tests.helpers.black_hole import BlackHole
 from tests.helpers.http_server import FileServer
 
@@ -150,7 +150,7 @@ def test_after_a_success_no_partial_of_the_target_remains(server: FileServer, tm
     live writer's temporary (flock held) and another file's temporary stay."""
     import fcntl
 
-    from provision.download import host_tag
+    from provision.fetch.download import host_tag
 
     server.add("/m.bin", DATA)
     target = tmp_path / "m.bin"

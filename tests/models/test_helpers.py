@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.download import Retry, download
 from provision.errors import ChecksumError, PathError
+from provision.fetch.download import Retry, download
 from provision.models import fetch_model, sync_hf_repo
 from provision.progress import QUIET
 from tests.helpers.fake_hub import FakeHub

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.cancel import CONNECT_ENV
+from provision.fetch.cancel import CONNECT_ENV
 from tests.helpers.black_hole import connects_pending
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
@@ -302,8 +302,8 @@ def test_transient_500_is_retried(locked: Path, hosts: Hosts) -> None:
 
 
 def test_plan_lists_what_install_would_fetch(locked: Path, hosts: Hosts) -> None:
-    from provision.lockfile import read_lock
     from provision.models import plan_models
+    from provision.records.lockfile import read_lock
     from volume_layout import VolumeLayout
 
     lock = read_lock(locked / "forge-volume.lock")

@@ -1,4 +1,4 @@
-"""The address fence of job-named downloads (provision.netguard) through provision.download, on real sockets.
+"""The address fence of job-named downloads (provision.fetch.netguard) through the downloader, on real sockets.
 
 A canary server listens on every local address: any loopback spelling that got through would reach
 it. Refusals happen before a connection is opened, so the refused private and link-local addresses
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from provision.download import Retry, download
 from provision.errors import DownloadError
-from provision.netguard import AddressGuard, AddressRefused, parse_networks
+from provision.fetch.download import Retry, download
+from provision.fetch.netguard import AddressGuard, AddressRefused, parse_networks
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, FileServer
 from tests.helpers.internal_addresses import internal_spellings
 

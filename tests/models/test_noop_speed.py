@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from provision.lockfile import Lock, LockedForge, LockedModel, read_lock, write_lock
+from provision.commands.verify import verify_volume
 from provision.models import plan_models, refresh_models, sync_models
 from provision.models.files import make_record, save_records
 from provision.progress import QUIET
-from provision.verify import verify_volume
+from provision.records.lockfile import Lock, LockedForge, LockedModel, read_lock, write_lock
 from tests.helpers.timing import PROMPT
 from volume_layout import VolumeLayout
 

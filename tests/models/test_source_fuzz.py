@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provision.errors import SourceError
-from provision.netguard import AddressGuard, AddressRefused, refused_rule
-from provision.sources import parse_source, shown_source
+from provision.fetch.netguard import AddressGuard, AddressRefused, refused_rule
+from provision.fetch.sources import parse_source, shown_source
 
 BOUNDED = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 SECRET = "S3CRETtok9Zq"

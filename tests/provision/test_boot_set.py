@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from provision import boot_mirror, boot_set
-from provision.boot_tracer import RECORD_ENV
-from provision.state import read_state, write_state
+from provision.boot import boot_set
+from provision.boot import mirror as boot_mirror
+from provision.boot.tracer import RECORD_ENV
+from provision.records.state import read_state, write_state
 from tests.conftest import snapshot
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.install import installation_problems
-from provision.lockfile import read_lock
+from provision.commands.install import installation_problems
+from provision.records.lockfile import read_lock
 from tests.helpers.forge_world import SECRET_ENV, World, base_python, make_extension_repo
 from tests.helpers.gitrepo import git
 from tests.helpers.procs import kill_group
@@ -318,10 +318,10 @@ def test_python_version_is_installed_with_uv(provisioned_world: World, volume: P
 
 def test_python_version_without_uv_names_the_extra(provisioned_world: World, volume: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import provision.pyenv
+    import provision.installer.pyenv
 
     # uv ships in the dev venv; pretend it is absent, as on a pod that installed forge-volume without [uv].
-    monkeypatch.setattr(provision.pyenv.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(provision.installer.pyenv.shutil, "which", lambda *a, **k: None)
     spec = provisioned_world.spec().replace(f'python = "{base_python()}"', 'python = "3.10"')
     (volume / "forge-volume.toml").write_text(spec)
     result = cli("install")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.spec import PRESETS, parse_spec
+from provision.records.spec import PRESETS, parse_spec
 from tests.conftest import snapshot
 from tests.helpers.forge_world import SECRET_ENV, World
 from tests.provision.conftest import cli, state_of

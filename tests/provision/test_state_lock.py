@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from provision.errors import VolumeBusyError
-from provision.state import state_lock
+from provision.records.state import state_lock
 from tests.helpers.timing import PROMPT
 from volume_layout import VolumeLayout
 

@@ -1,6 +1,6 @@
 """The real Forge does not re-hash the checkpoint the volume's record knows (issue 14), opt-in.
 
-The worker seeds Forge's sha256 cache from state.json (``provision.forge_hashes``): sd-models lists the
+The worker seeds Forge's sha256 cache from state.json (``provision.forge.hashes``): sd-models lists the
 checkpoint with the lock's sha256, and loading it (the session's first txt2img, whichever test runs it)
 prints no "Calculating sha256" line. Order-free: any load of the checkpoint in the session would have
 printed that line without the seed, so the whole worker log is checked after a txt2img of its own.

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from provision.errors import StateError, VolumeError
-from provision.forge_launch import ForgeCommand, Launch, Scratch, forge_command
-from provision.forge_process import READY, Confirm, ForgeProcess, ForgeUnavailable
+from provision.forge.launch import ForgeCommand, Launch, Scratch, forge_command
+from provision.forge.process import READY, Confirm, ForgeProcess, ForgeUnavailable
 from tests.helpers.timing import PROMPT
 from tests.worker.conftest import free_port
 from volume_layout import LAYOUT_VERSION, VolumeLayout
@@ -236,8 +236,8 @@ def test_a_missing_interpreter_fails_without_raising(tmp_path: Path) -> None:
 OWNER = """
 import sys, threading, time
 from pathlib import Path
-from provision.forge_launch import ForgeCommand
-from provision.forge_process import ForgeProcess
+from provision.forge.launch import ForgeCommand
+from provision.forge.process import ForgeProcess
 command = ForgeCommand([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(600)"],
                        {"PATH": "/usr/bin"}, Path.cwd())
 prepare = (lambda: command) if sys.argv[1] == "prepared" else None

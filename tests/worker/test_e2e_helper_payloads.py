@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from provision.lockfile import LockedModel, read_lock, write_lock
+from provision.records.lockfile import LockedModel, read_lock, write_lock
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.worker.conftest import WorkerProc, module_volume, start_worker, worker_env

@@ -3,7 +3,7 @@
 Forge keeps the sha256 of each checkpoint it loaded in a cache in its data dir, the worker's
 per-process scratch: without help, every cold worker hashes every checkpoint on its first load
 (seconds per GB from a network volume). The worker seeds that cache from state.json
-(``provision.forge_hashes``). The stand-in keeps Forge's cache as the real Forge does (it reads the
+(``provision.forge.hashes``). The stand-in keeps Forge's cache as the real Forge does (it reads the
 seed, trusts an entry while the file's mtime is not newer, hashes otherwise, with Forge's log line);
 tests/real_forge checks the same against the real Forge.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provision.forge_hashes import seed_hash_cache
+from provision.forge.hashes import seed_hash_cache
 from provision.models import fetch_model
 from provision.progress import QUIET
 from tests.helpers.forge_world import World

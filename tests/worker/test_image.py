@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from provision.forge_launch import TCMALLOC, Launch, Scratch, forge_command
+from provision.forge.launch import TCMALLOC, Launch, Scratch, forge_command
 from tests.worker.conftest import REPO, start_worker, worker_env
 from worker.config import load_settings
 from worker.volume import check_volume
@@ -35,7 +35,7 @@ GITPYTHON = "GitPython==3.1.32"  # Forge's pin (requirements_versions.txt at dfd
 SYSTEM_NEEDS = {
     "libgl1": "libGL.so.1: cv2 (opencv-python, imported by Forge at start) links it",
     "libglib2.0-0": "libglib-2.0.so.0 and libgthread-2.0.so.0: cv2 links them",
-    "libtcmalloc-minimal4": "libtcmalloc_minimal.so.4: the worker preloads it into Forge (provision.forge_launch)",
+    "libtcmalloc-minimal4": "libtcmalloc_minimal.so.4: the worker preloads it into Forge (provision.forge.launch)",
 }
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from provision import pyenv
 from provision.errors import CommandError
+from provision.installer import pyenv
 from provision.proc import run
 
 DEFAULT_REQS_FILE = "requirements_versions.txt"

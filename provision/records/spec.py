@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
-from provision.models.names import url_file_name
-from provision.sources import Source, UrlSource, parse_source
+from provision.fetch.names import url_file_name
+from provision.fetch.sources import Source, UrlSource, parse_source
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
 if sys.version_info >= (3, 11):

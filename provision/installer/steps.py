@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision import boot_set, checkout_links, forge_reqs, gitops, pyenv
+from provision.boot import boot_set
 from provision.errors import CommandError, SpecError
-from provision.lockfile import Lock, write_atomic
+from provision.installer import checkout_links, forge_reqs, gitops, pyenv
 from provision.proc import run
 from provision.progress import Progress
-from provision.state import State
+from provision.records.lockfile import Lock, write_atomic
+from provision.records.state import State
 from volume_layout import VolumeLayout
 
 # Bump when a step's recipe changes, so volumes installed by older code redo that work.
@@ -406,10 +407,10 @@ def _boot_done(ctx: Ctx) -> bool:
 
 
 def _boot_run(ctx: Ctx) -> Change:
-    from provision import boot_proof  # starts Forge: only when the step runs
+    from provision.boot import proof  # starts Forge: only when the step runs
 
-    record = boot_proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
-                                   timeout=boot_proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"])
+    record = proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
+                              timeout=proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"])
     made = record["forge_files"]
     ctx.notes.append(f"Forge booted from the volume in {record['seconds']:.1f} s"
                      + (f"; its first start made {len(made)} folder(s)/file(s) under models/, recorded as Forge's own"
@@ -428,12 +429,12 @@ def _boot_run(ctx: Ctx) -> Change:
 
 
 def _boot_describe(ctx: Ctx) -> list[str]:
-    from provision import boot_proof
-    from provision.forge_launch import has_gpu
+    from provision.boot import proof
+    from provision.forge.launch import has_gpu
 
     cpu = "" if has_gpu() else ", --always-cpu: no GPU on this machine"
     return [f"start Forge from the volume as a worker will (API only on 127.0.0.1{cpu}), wait up to "
-            f"{boot_proof.boot_timeout(os.environ):g} s for its API, stop it"]
+            f"{proof.boot_timeout(os.environ):g} s for its API, stop it"]
 
 
 # --- the list -----------------------------------------------------------------------------------

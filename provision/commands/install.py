@@ -12,16 +12,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provision import boot_set, checkout_links, gitops, pyenv, recover
+from provision.boot import boot_set
 from provision.errors import CorruptLockError, CorruptStateError, VolumeError
-from provision.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.installer import checkout_links, gitops, pyenv, recover
+from provision.installer.steplog import StepLog
+from provision.installer.steps import STEPS, Change, Ctx, dependents, step_keys, why_pending
 from provision.proc import output_to
 from provision.progress import Progress
-from provision.spec import load_spec
-from provision.state import State, now, read_state, update_state
-from provision.steplog import StepLog
-from provision.steps import STEPS, Change, Ctx, dependents, step_keys, why_pending
-from provision.volume_lock import hold_volume
+from provision.records.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.records.spec import load_spec
+from provision.records.state import State, now, read_state, update_state
+from provision.records.volume_lock import hold_volume
 from volume_layout import VolumeLayout
 
 
@@ -67,7 +68,7 @@ def install(layout: VolumeLayout, spec_path: Path, *, progress: Progress, wait: 
         if lock is not None:
             check_matches(spec, lock, lock_path)
         else:
-            from provision.resolve import lock_spec  # network: only when there is no lock yet
+            from provision.installer.resolve import lock_spec  # network: only when there is no lock yet
 
             lock = lock_spec(spec, progress)
             write_lock(lock_path, lock)
@@ -95,7 +96,7 @@ def _read_lock_or_set_aside(lock_path: Path, report: InstallReport) -> Lock | No
 
 def _recover_state(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
                    report: InstallReport) -> None:
-    """A corrupt state.json is set aside and rebuilt from what is on the volume (see ``provision.recover``)."""
+    """A corrupt state.json is set aside and rebuilt from what is on the volume (``provision.installer.recover``)."""
     try:
         read_state(layout)
     except CorruptStateError as exc:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import LockError, SpecError
-from provision.gitops import is_full_sha, redact_url, resolve_ref
-from provision.lockfile import (
+from provision.fetch.sources import shown_source
+from provision.installer.gitops import is_full_sha, redact_url, resolve_ref
+from provision.progress import Progress
+from provision.records.lockfile import (
     Lock,
     LockedExtension,
     LockedForge,
@@ -26,9 +28,7 @@ from provision.lockfile import (
     read_lock,
     write_lock,
 )
-from provision.progress import Progress
-from provision.sources import shown_source
-from provision.spec import ExtensionSpec, ModelSpec, Spec
+from provision.records.spec import ExtensionSpec, ModelSpec, Spec
 
 UPGRADE_ALL = "*"  # in ``upgrade``: every entry
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import LockError, StateError, Surface
-from provision.gitops import redact_url
-from provision.state import read_state
-from provision.steps import STEPS
+from provision.installer.gitops import redact_url
+from provision.installer.steps import STEPS
+from provision.records.state import read_state
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
 
@@ -76,9 +76,9 @@ def volume_status(layout: VolumeLayout, surface: Surface = "cli") -> dict[str, A
 def volume_files(layout: VolumeLayout, lock_path: Path, *, every_file: bool) -> dict[str, Any]:
     """Stray bytes under models/: download partials and temporaries, files the lock does not list, and
     what ``refresh-models --prune`` would remove; with ``every_file``, every model file and its standing."""
-    from provision.lockfile import read_lock
     from provision.models import files as mf
     from provision.models.refresh import prune_preview
+    from provision.records.lockfile import read_lock
 
     lock_problem: str | None = None
     try:

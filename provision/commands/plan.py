@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.install import require_volume
-from provision.lockfile import check_matches, lock_path_for, read_lock
+from provision.commands.install import require_volume
+from provision.installer.steps import STEPS, Ctx, step_keys, why_pending
 from provision.progress import QUIET
-from provision.spec import load_spec
-from provision.state import read_state
-from provision.steps import STEPS, Ctx, step_keys, why_pending
+from provision.records.lockfile import check_matches, lock_path_for, read_lock
+from provision.records.spec import load_spec
+from provision.records.state import read_state
 from volume_layout import VolumeLayout
 
 

@@ -1,6 +1,6 @@
 """A worker's fast boot: the volume's code trees laid out on local disk from the boot set, then prefetching.
 
-Run by the worker as a child process (``python -m provision.boot_mirror <volume> <mirror>``), so its
+Run by the worker as a child process (``python -m provision.boot.mirror <volume> <mirror>``), so its
 threads and buffers never weigh on the worker's own memory or event loop. It:
 
 1. checks the boot set against state.json (the boot step's key);
@@ -36,9 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from provision.boot_set import Index, changed, read_index
+from provision.boot.boot_set import Index, changed, read_index
 from provision.errors import ForgeVolumeError
-from provision.state import read_state
+from provision.records.state import read_state
 from volume_layout import VolumeLayout
 
 THREADS = 16
@@ -337,11 +337,11 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
     background, and dies with the worker. Any failure is one line in the log and a boot from the volume.
     """
-    from provision.forge_process import dying_with_parent
+    from provision.forge.process import dying_with_parent
 
     started = time.monotonic()
     try:
-        argv = [sys.executable, "-m", "provision.boot_mirror", str(layout.root), str(mirror)]
+        argv = [sys.executable, "-m", "provision.boot.mirror", str(layout.root), str(mirror)]
         proc = subprocess.Popen(dying_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     except OSError as exc:

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
-from provision.lockfile import read_lock
+from provision.fetch.sources import shown_source
+from provision.installer.preflight import blocked_paths
 from provision.models import files as mf
-from provision.preflight import blocked_paths
 from provision.progress import Progress
-from provision.sources import shown_source
+from provision.records.lockfile import read_lock
 
 
 def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progress: Progress) -> list[str]:
     lock = read_lock(lock_path)
-    from provision.install import installation_problems  # python, venv, Forge, extensions: the installer's
+    from provision.commands.install import installation_problems  # python, venv, Forge, extensions: the installer's
 
     problems = installation_problems(layout, lock)
     recs = mf.records(layout)

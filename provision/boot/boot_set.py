@@ -13,7 +13,7 @@ Forge under ``boot_tracer.py`` and a warm-up txt2img, then records here (``.forg
   for a large file it only read, the pages the kernel cached for it, found with ``mincore`` after
   evicting them first); the checkpoint the warm-up loaded.
 
-A worker (``provision.boot_mirror``) lays these folders out on local disk with one sequential read
+A worker (``provision.boot.mirror``) lays these folders out on local disk with one sequential read
 of ``files.bin``: every other entry becomes a link to the volume, so every path still resolves and
 nothing can be missing, only slower. The index is valid for one boot-step key, and every file and
 folder in it carries its mtime: anything changed since install (a ``pip install`` by hand on a
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.lockfile import write_atomic
+from provision.records.lockfile import write_atomic
 from volume_layout import VolumeLayout
 
 VERSION = 1

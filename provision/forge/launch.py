@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from provision.forge_hashes import seed_hash_cache
+from provision.forge.hashes import seed_hash_cache
 from volume_layout import VolumeLayout
 
 DEFAULT_PORT = 7861  # Forge's API port with --nowebui
@@ -95,7 +95,7 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
     """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume.
 
     ``code``: where the code trees (venv, checkout) are read from, when not from the volume itself: the
-    boot set laid out on local disk (``provision.boot_mirror``). Models always come from the volume.
+    boot set laid out on local disk (``provision.boot.mirror``). Models always come from the volume.
     """
     code = code or layout
     argv = [
@@ -148,7 +148,7 @@ def has_gpu() -> bool:
 
 def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
     """Make the scratch folders: Forge's settings seeded from the volume, extensions linked to the volume's,
-    and Forge's sha256 cache seeded from state.json (``provision.forge_hashes``: no checkpoint re-hashed)."""
+    and Forge's sha256 cache seeded from state.json (``provision.forge.hashes``: no checkpoint re-hashed)."""
     scratch = Scratch(root)
     for folder in (scratch.data, scratch.cache, scratch.tmp):
         folder.mkdir(parents=True, exist_ok=True)

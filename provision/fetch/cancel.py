@@ -9,7 +9,7 @@ A ``Watchdog`` per download looks at it a few times a second, together with the 
 a cancel, or when less than ``STALL_BYTES`` arrived within ``FORGE_DOWNLOAD_STALL_TIMEOUT`` seconds
 (default 60; a server trickling a byte a second never trips a per-read timeout), it cuts the
 download's sockets, so even a read blocked in the kernel returns at once. A connection still being
-made is in those sockets too (``provision.netguard``): a cancel ends a pending connect at once
+made is in those sockets too (``provision.fetch.netguard``): a cancel ends a pending connect at once
 instead of after ``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` (default 15 s).
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 
 from provision.errors import DownloadCancelled, DownloadError, ForgeVolumeError
-from provision.netguard import Sockets
+from provision.fetch.netguard import Sockets
 
 STALL_ENV = "FORGE_DOWNLOAD_STALL_TIMEOUT"
 STALL_DEFAULT = 60.0

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from provision import gitops, pyenv
-from provision.lockfile import Lock
+from provision.installer import gitops, pyenv
+from provision.installer.steps import STEPS, Ctx, step_keys
 from provision.progress import Progress
-from provision.state import State, empty_state, now, state_lock, write_state
-from provision.steps import STEPS, Ctx, step_keys
+from provision.records.lockfile import Lock
+from provision.records.state import State, empty_state, now, state_lock, write_state
 from volume_layout import VolumeLayout
 
 

@@ -2,7 +2,7 @@
 
 Each source becomes a ``RemoteFile``: the URL to fetch, what the host says its sha256 and size are,
 the revision it was resolved at, and the credential allowed to go with it. The bytes themselves go
-through ``provision.download`` for every host, so every model gets the same guarantees (sha256
+through ``provision.fetch.download`` for every host, so every model gets the same guarantees (sha256
 while streaming, resume from a kept partial, one rename of a verified file).
 
 ``HF_ENDPOINT`` is read at each call (huggingface_hub reads it once, at import), so a mirror or a
@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from provision.download import TIMEOUT, USER_AGENT, Credential, clean_token, display_url, origin_of
 from provision.errors import AuthError, DownloadError, NotFoundError
-from provision.models.names import disposition_name
-from provision.sources import CivitaiSource, HfSource, Source, UrlSource
+from provision.fetch.download import TIMEOUT, USER_AGENT, Credential, clean_token, display_url, origin_of
+from provision.fetch.names import disposition_name
+from provision.fetch.sources import CivitaiSource, HfSource, Source, UrlSource
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 CIVITAI_DEFAULT_API = "https://civitai.com/api/v1"

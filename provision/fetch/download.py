@@ -1,7 +1,7 @@
 """Streaming, verified, resumable HTTP downloads into a final path, replaced in one rename.
 
 Bytes go to a unique temporary sibling ``.<name>.<random>.part``; sha256 is computed while they
-arrive (``provision.stream``); size and sha256 are checked; then one ``os.replace`` puts the file
+arrive (``provision.fetch.stream``); size and sha256 are checked; then one ``os.replace`` puts the file
 in place. The final path therefore only ever holds
 a complete, verified file, and a file already there is replaced only by a good one.
 
@@ -29,12 +29,13 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 
-from provision import __version__, resume
-from provision.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
+from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
-from provision.netguard import AddressGuard, AddressRefused, Sockets, watch_session
-from provision.sources import shown_source
-from provision.stream import OnBytes, Sink
+from provision.fetch import resume
+from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
+from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets, watch_session
+from provision.fetch.sources import shown_source
+from provision.fetch.stream import OnBytes, Sink
 
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds; a download's connect: FORGE_DOWNLOAD_CONNECT_TIMEOUT
 MAX_REDIRECTS = 10
@@ -191,7 +192,7 @@ def _open(session: requests.Session, url: str, offset: int, credential: Credenti
           headers: dict[str, str], timeout: tuple[float, float]) -> requests.Response:
     """GET with manual redirects, so every hop's scheme is checked and a token only goes where it belongs.
 
-    A guarded session's connections check their addresses (``provision.netguard``); a refusal says
+    A guarded session's connections check their addresses (``provision.fetch.netguard``); a refusal says
     which URL (the one named, or a redirect's) it was for."""
     first_scheme = urlsplit(url).scheme.lower()
     origin = url
@@ -361,7 +362,7 @@ def download(
 
     ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
     ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
-    job named; see ``provision.netguard``). ``cancel`` (default: the ambient one, ``provision.cancel``)
+    job named; see ``provision.fetch.netguard``). ``cancel`` (default: the ambient one, ``provision.fetch.cancel``)
     stops it within a fraction of a second, a pending connect included; so does receiving almost
     nothing for the stall timeout. ``timeout`` is (connect, between two reads) in seconds; by default
     (``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` or 15, 60).

@@ -17,10 +17,16 @@ from typing import Any
 
 import tomlkit
 
-from provision.download import is_download_temp, partial_path
+from provision.commands.install import keep_copies, record_models_step
 from provision.errors import ForgeVolumeError, LockError, SpecError
-from provision.install import keep_copies, record_models_step
-from provision.lockfile import (
+from provision.fetch.download import is_download_temp, partial_path
+from provision.fetch.sources import parse_source, shown_source
+from provision.installer.resolve import Change, UnknownEntryError, model_matches_name, relock
+from provision.models import files as mf
+from provision.models.pool import human, require_volume
+from provision.models.refresh import ModelsReport, sync_models
+from provision.progress import Progress
+from provision.records.lockfile import (
     Lock,
     LockedModel,
     check_matches,
@@ -30,15 +36,9 @@ from provision.lockfile import (
     write_atomic,
     write_lock,
 )
-from provision.models import files as mf
-from provision.models.pool import human, require_volume
-from provision.models.refresh import ModelsReport, sync_models
-from provision.progress import Progress
-from provision.resolve import Change, UnknownEntryError, model_matches_name, relock
-from provision.sources import parse_source, shown_source
-from provision.spec import Spec, parse_spec
-from provision.spec_edit import with_model, without_model
-from provision.volume_lock import hold_volume
+from provision.records.spec import Spec, parse_spec
+from provision.records.spec_edit import with_model, without_model
+from provision.records.volume_lock import hold_volume
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout, check_file_name, known_kinds
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")

@@ -142,7 +142,7 @@ class Sink:
         self.pipe = Pipeline(fh)
         self.written = 0
         self.resumed_from = offset
-        self.origin: Any = None  # provision.resume.Origin of the bytes (set by the download)
+        self.origin: Any = None  # provision.fetch.resume.Origin of the bytes (set by the download)
         self.transferred = 0
         self.on_bytes = on_bytes
         if offset:

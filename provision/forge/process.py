@@ -1,6 +1,6 @@
 """Forge as a child process: its log, and whether it is ready.
 
-``ForgeProcess`` starts a ``ForgeCommand`` (``provision.forge_launch``), passes every output line on
+``ForgeProcess`` starts a ``ForgeCommand`` (``provision.forge.launch``), passes every output line on
 (the worker's stdout: RunPod's log stream) while keeping the last lines for error messages, and
 watches it: readiness is polled every
 10 ms with a deadline, and an exit is noticed at once. Nothing here writes to the volume.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from provision.errors import ForgeVolumeError
-from provision.forge_launch import ForgeCommand
+from provision.forge.launch import ForgeCommand
 
 PROBE_ROUTE = "/sdapi/v1/samplers"  # cheap: no model scan; Forge has no health route in API-only mode
 PROBE_INTERVAL = 0.01

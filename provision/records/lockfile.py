@@ -16,7 +16,7 @@ from typing import Any
 
 from provision import __version__
 from provision.errors import CorruptLockError, LockError, StaleLockError
-from provision.spec import ModelSpec, Spec
+from provision.records.spec import ModelSpec, Spec
 
 LOCK_VERSION = 1
 

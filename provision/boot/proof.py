@@ -7,10 +7,10 @@ under ``models/`` (``Codeformer``, ``GFPGAN``, ``diffusers/version.txt``...) and
 in the checkout when they are missing. Made here, once, they are already there when a worker boots,
 so workers write nothing to the shared volume. What appeared under ``models/`` is recorded in
 state.json (``boot.forge_files``): ``verify`` and ``refresh-models --prune`` leave those files alone
-(``provision.forge_files``).
+(``provision.forge.files``).
 
 Forge runs under ``boot_tracer.py``, and when the volume has a checkpoint a 64x64 one-step txt2img
-follows the boot: what Forge read for both becomes the volume's boot set (``provision.boot_set``),
+follows the boot: what Forge read for both becomes the volume's boot set (``provision.boot.boot_set``),
 from which workers boot from local disk. A warm-up that fails is noted, not fatal: the boot is proved.
 """
 
@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from provision import boot_set
-from provision.boot_tracer import RECORD_ENV
+from provision.boot import boot_set
+from provision.boot.tracer import RECORD_ENV
 from provision.errors import CommandError
-from provision.forge_launch import Launch, find_tcmalloc, forge_command, has_gpu, prepare_scratch
-from provision.forge_process import BOOTING, READY, ForgeProcess
-from provision.state import State, now, update_state
+from provision.forge.launch import Launch, find_tcmalloc, forge_command, has_gpu, prepare_scratch
+from provision.forge.process import BOOTING, READY, ForgeProcess
+from provision.records.state import State, now, update_state
 from volume_layout import VolumeLayout
 
 DEFAULT_TIMEOUT = 900.0  # a cold start from a network volume: imports of torch and Forge, extensions' scripts
@@ -116,7 +116,7 @@ def _traced_dump(record: Path, timeout: float) -> dict[str, Any] | None:
 def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spec_env: Mapping[str, str], *,
                timeout: float, key: str = "") -> dict[str, Any]:
     """Boot Forge from the volume, wait for its API, run a warm-up txt2img when there is a checkpoint, stop it,
-    and record the boot set (``provision.boot_set``) for ``key``; the record for state.json, or BootProofError."""
+    and record the boot set (``provision.boot.boot_set``) for ``key``; the record for state.json, or BootProofError."""
     before = _tree(layout.models_dir)
     scratch_root = Path(tempfile.mkdtemp(prefix="forge-volume-boot-"))  # local disk, never the volume
     port = _free_port()
