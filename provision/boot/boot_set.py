@@ -2,7 +2,7 @@
 
 A cold worker boots Forge from a network volume where every lookup, stat, open and folder read
 is a round trip: a boot makes about 40,000 of them, one after another. Install's boot proof runs
-Forge under ``boot_tracer.py`` and a warm-up txt2img, then records here (``.forge-volume/boot-set/``):
+Forge under ``tracer.py`` and a warm-up txt2img, then records here (``.forge-volume/boot-set/``):
 
 - ``files.bin``: the content of every file of the code trees (``VolumeLayout.code_trees``: the
   Python, the venv, the checkout, the extensions) that Forge opened, and the shared libraries it
@@ -42,7 +42,7 @@ BIG = 4 << 20  # mapped libraries this large are prefetched by the pages Forge t
 OPENED_LIMIT = 256 << 20  # a file Forge opened that is larger than this stays on the volume
 STAT_THREADS = 32
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
-TRACER = Path(__file__).with_name("boot_tracer.py")
+TRACER = Path(__file__).with_name("tracer.py")
 
 # --- the index ----------------------------------------------------------------------------------
 

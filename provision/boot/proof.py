@@ -1,6 +1,6 @@
 """Install's last step: start Forge from the volume exactly as a worker will, and see its API answer.
 
-The boot uses the worker's own builder (``forge_launch.forge_command``: API only, 127.0.0.1, the
+The boot uses the worker's own builder (``provision.forge.launch.forge_command``: API only, 127.0.0.1, the
 spec's args and env, the same environment rules), plus ``--always-cpu`` on a pod without a GPU. It
 is also Forge's first start on this volume: Forge creates its own folders and bookkeeping files
 under ``models/`` (``Codeformer``, ``GFPGAN``, ``diffusers/version.txt``...) and ``config_states/``
@@ -9,7 +9,7 @@ so workers write nothing to the shared volume. What appeared under ``models/`` i
 state.json (``boot.forge_files``): ``verify`` and ``refresh-models --prune`` leave those files alone
 (``provision.forge.files``).
 
-Forge runs under ``boot_tracer.py``, and when the volume has a checkpoint a 64x64 one-step txt2img
+Forge runs under ``tracer.py``, and when the volume has a checkpoint a 64x64 one-step txt2img
 follows the boot: what Forge read for both becomes the volume's boot set (``provision.boot.boot_set``),
 from which workers boot from local disk. A warm-up that fails is noted, not fatal: the boot is proved.
 """

@@ -1,6 +1,6 @@
 """Run Forge's launch.py and record what it reads (install's boot proof; stdlib only: the volume's Python runs it).
 
-Usage, as Forge's launcher: ``python boot_tracer.py <launch.py> <Forge's args...>`` with
+Usage, as Forge's launcher: ``python tracer.py <launch.py> <Forge's args...>`` with
 ``FORGE_VOLUME_BOOT_TRACE=<record path>`` in the environment (removed before Forge starts). An audit
 hook notes every path Forge opens and every folder it lists; when ``<record>.request`` appears, a
 thread writes them, with the files mapped into the process (shared libraries loaded by the dynamic
