@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from provision.errors import ChecksumError, PathError
-from provision.fetch.download import Retry, download, sweep_leftovers
+from provision.fetch.download import Retry, download
+from provision.fetch.partials import sweep_leftovers
 from provision.models import fetch_model, sync_hf_repo
 from provision.progress import QUIET
 from tests.helpers.fake_hub import FakeHub
