@@ -165,7 +165,8 @@ def bad_specs(forge: str, helper_env: dict[str, str]) -> list[tuple[str, str, st
          "must be hf://OWNER/REPO/PATH[@REVISION]"),
         ("name with a folder", head + model + 'name = "../../etc/passwd"\n', "`models[0].name` is not usable"),
         ("name too long", head + model + f'name = "{"x" * 300}.safetensors"\n', "longer than 255 bytes"),
-        ("duplicate model names", head + model + model, "line 12: `models[1]` repeats kind + name 'lora/a.safetensors'"),
+        ("duplicate model names", head + model + model,
+         "line 12: `models[1]` repeats kind + name 'lora/a.safetensors'"),
         ("duplicate extension names", head + ext + ext, "`extensions[1]` repeats name 'one'"),
         ("extension without repo", head + '\n[[extensions]]\nname = "one"\n', "`extensions[0].repo` is missing"),
     ]
