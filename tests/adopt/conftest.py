@@ -11,6 +11,9 @@ import pytest
 from tests.helpers.forge_world import World, build_world, extension_files
 from tests.helpers.http_server import FileServer
 from tests.helpers.original_volume import OriginalVolume, lay_out, reactor_repo, with_webui_user
+from tests.provision.conftest import spawns
+
+__all__ = ["spawns"]  # every command line started while a test runs (a fixture)
 
 
 @dataclass
