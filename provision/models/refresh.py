@@ -14,8 +14,9 @@ from typing import Any
 from filelock import Timeout
 
 from provision.errors import ChecksumError, ForgeVolumeError, NoSourceError
-from provision.fetch.download import Downloaded, download, sweep_leftovers
+from provision.fetch.download import Downloaded, download
 from provision.fetch.hub import Tokens, remote_for
+from provision.fetch.partials import sweep_leftovers
 from provision.fetch.sources import VOLUME_SOURCE, parse_source, shown_source
 from provision.models import files as mf
 from provision.models.pool import (
@@ -130,7 +131,7 @@ def _check_all(layout: VolumeLayout, lock: Lock, progress: Progress) -> list[mf.
     recs = mf.records(layout)
     hashing = LazyBar(progress, "checking unrecorded files")
     try:
-        return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
+        return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.files]
     finally:
         hashing.close()
 
@@ -227,7 +228,7 @@ def _prune(layout: VolumeLayout, lock: Lock, *, dry_run: bool) -> list[tuple[str
     on another pod) or while it was touched within the last hour (where locks do not hold across
     machines); a resumable partial of a model the lock lists is kept for the next fetch.
     """
-    listed = {m.path for m in lock.models}
+    listed = {m.path for m in lock.files}
     pruned: list[tuple[str, int]] = []
     for path in mf.model_files(layout):
         rel = layout.relative(path)
@@ -273,7 +274,7 @@ def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
     """What install would fetch or repair; offline and fast (no file is read)."""
     recs = mf.records(layout)
     lines = []
-    for model in lock.models:
+    for model in lock.files:
         c = mf.check(layout, model, recs, hash_files=False)
         size = f" ({human(model.size)})" if model.size else ""
         if c.status != "ok" and model.source == VOLUME_SOURCE:
