@@ -188,3 +188,17 @@ class ReplaceError(PathError):
     """A helper job would replace a model the lock pins, or one that came from another source."""
 
     hint = 'send "overwrite": true to replace it, or give the new file another name or folder'
+
+
+class RunPodError(ForgeVolumeError):
+    """RunPod's API refused or failed a request, or a datacenter's work could not be done there.
+    The message names the request (method and path, never the key)."""
+
+    hint = "check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes)"
+
+
+class RunPodKeyError(RunPodError):
+    """RUNPOD_API_KEY is missing or unusable."""
+
+    hint = ("export RUNPOD_API_KEY (RunPod console -> Settings -> API Keys, read and write); forge-volume "
+            "reads it from the environment only and never prints or stores it")
