@@ -73,6 +73,15 @@ class CorruptLockError(LockError):
                 "fix it there, then send the job again")
 
 
+class InvalidLockError(LockError):
+    """A lock field holds something no lock would (edited by hand): the message names each entry and field."""
+
+    hint = ("correct the fields named in forge-volume.lock (a sha256 is 64 hex digits, a size a number "
+            "without quotes), or run `forge-volume lock` to resolve the spec into a new lock")
+    job_hint = ("correct the fields named in the volume's forge-volume.lock on a pod with this volume (or lock "
+                "the spec again there), then send the job again")
+
+
 class StaleLockError(LockError):
     """The spec was edited after locking: the lock no longer describes it. The message names each entry
     that differs."""

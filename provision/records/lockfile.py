@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from provision import __version__
-from provision.errors import CorruptLockError, LockError, StaleLockError
+from provision.errors import CorruptLockError, InvalidLockError, LockError, StaleLockError
+from provision.records.lock_fields import extension_fields, forge_fields, model_fields
 from provision.records.spec import ModelSpec, Spec
 
 LOCK_VERSION = 1
@@ -54,6 +55,10 @@ class LockedModel:
     revision: str | None = None  # hf:// sources: the commit the file was resolved at
     pinned_by: str = "spec"  # spec | hub | server | first-download
 
+    def __post_init__(self) -> None:
+        if self.sha256 is not None:  # hex digests compare (and are written) lowercase, whoever gave them
+            object.__setattr__(self, "sha256", self.sha256.lower())
+
 
 @dataclass(frozen=True)
 class Lock:
@@ -77,19 +82,31 @@ class Lock:
 
 
 def lock_from_json(text: str, path: Path) -> Lock:
+    """Read a lock, checking every field (it may have been edited by hand): all problems in one error."""
     try:
         data = json.loads(text)
-        if data.get("lock_version") != LOCK_VERSION:
-            raise LockError(f"{path}: lock version {data.get('lock_version')!r} is not {LOCK_VERSION}")
-        return Lock(
-            forge=LockedForge(**data["forge"]),
-            extensions=[LockedExtension(**e) for e in data.get("extensions", [])],
-            models=[LockedModel(**m) for m in data.get("models", [])],
-        )
-    except LockError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptLockError(f"{path}: not a forge-volume lock file ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise CorruptLockError(f"{path}: not a forge-volume lock file (not JSON: {exc})") from None
+    if not isinstance(data, dict) or "forge" not in data:
+        raise CorruptLockError(f"{path}: not a forge-volume lock file (no forge entry)")
+    if data.get("lock_version") != LOCK_VERSION:
+        raise LockError(f"{path}: lock version {data.get('lock_version')!r} is not {LOCK_VERSION}")
+    problems: list[str] = []
+    for key in data:
+        if key not in ("lock_version", "generated_by", "forge", "extensions", "models"):
+            problems.append(f"{key} is not a field of a lock file")
+    tables = {key: data.get(key, []) for key in ("extensions", "models")}
+    for key, value in tables.items():
+        if not isinstance(value, list):
+            problems.append(f"{key} must be a list, not {type(value).__name__}")
+            tables[key] = []
+    forge = forge_fields(data["forge"], problems)
+    extensions = [extension_fields(i, e, problems) for i, e in enumerate(tables["extensions"])]
+    models = [model_fields(i, m, problems) for i, m in enumerate(tables["models"])]
+    if problems:
+        raise InvalidLockError(f"{path}: {'; '.join(problems)}")
+    return Lock(forge=LockedForge(**forge), extensions=[LockedExtension(**e) for e in extensions],
+                models=[LockedModel(**m) for m in models])
 
 
 def read_lock(path: Path) -> Lock:
