@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 import requests
 
 from provision.errors import AuthError, DownloadError, NotFoundError
-from provision.fetch.download import TIMEOUT, USER_AGENT, Credential, clean_token, display_url, origin_of
+from provision.fetch.download import TIMEOUT, USER_AGENT, display_url
 from provision.fetch.names import disposition_name
 from provision.fetch.sources import CivitaiSource, HfSource, Source, UrlSource
+from provision.fetch.tokens import Credential, clean_token, origin_of
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 CIVITAI_DEFAULT_API = "https://civitai.com/api/v1"

@@ -16,7 +16,7 @@ from typing import Any
 from filelock import FileLock
 
 from provision.errors import LockError, PathError, StateError
-from provision.fetch.download import is_download_temp
+from provision.fetch.partials import is_download_temp
 from provision.fetch.sources import shown_source
 from provision.forge.files import RULE_FILES, forge_own_files
 from provision.records.lockfile import LockedModel

@@ -14,8 +14,9 @@ from typing import Any
 from filelock import Timeout
 
 from provision.errors import ChecksumError, ForgeVolumeError
-from provision.fetch.download import Downloaded, download, sweep_leftovers
+from provision.fetch.download import Downloaded, download
 from provision.fetch.hub import Tokens, remote_for
+from provision.fetch.partials import sweep_leftovers
 from provision.fetch.sources import parse_source, shown_source
 from provision.models import files as mf
 from provision.models.pool import (

@@ -17,8 +17,9 @@ import pytest
 
 from provision.errors import DownloadCancelled, DownloadError
 from provision.fetch.cancel import CONNECT_ENV, STALL_ENV
-from provision.fetch.download import Retry, download, partial_path
+from provision.fetch.download import Retry, download
 from provision.fetch.netguard import AddressGuard, parse_networks
+from provision.fetch.partials import partial_path
 from tests.helpers.black_hole import BlackHole
 from tests.helpers.http_server import FileServer
 
@@ -150,7 +151,7 @@ def test_after_a_success_no_partial_of_the_target_remains(server: FileServer, tm
     live writer's temporary (flock held) and another file's temporary stay."""
     import fcntl
 
-    from provision.fetch.download import host_tag
+    from provision.fetch.partials import host_tag
 
     server.add("/m.bin", DATA)
     target = tmp_path / "m.bin"
