@@ -14,7 +14,8 @@ from volume_layout import MODEL_KIND_DIRS
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")  # git's SHA-1 or SHA-256 object names
-PINNED_BY = ("spec", "hub", "server", "first-download")
+PINNED_BY = ("spec", "hub", "server", "first-download", "forge-volume")
+FIRST_USE_KIND = "first-use"  # as provision.records.lockfile names it
 
 
 class Entry:
@@ -81,11 +82,13 @@ class Entry:
 
 def forge_fields(table: Any, problems: list[str]) -> dict[str, Any]:
     e = Entry("forge", table, problems)
-    e.only("repo", "ref", "commit", "python", "torch", "torch_index_url", "args", "env")
+    e.only("repo", "ref", "commit", "python", "torch", "torch_index_url", "args", "env", "features",
+           "features_mirror")
     return {"repo": e.text("repo"), "ref": e.text("ref"), "commit": e.hex("commit", _COMMIT, "a full git commit id"),
             "python": e.text("python"), "torch": e.strings("torch"),
             "torch_index_url": e.text("torch_index_url", optional=True), "args": e.strings("args"),
-            "env": e.mapping("env")}
+            "env": e.mapping("env"), "features": e.strings("features"),
+            "features_mirror": e.text("features_mirror", optional=True)}
 
 
 def extension_fields(i: int, table: Any, problems: list[str]) -> dict[str, Any]:
@@ -103,9 +106,24 @@ def model_fields(i: int, table: Any, problems: list[str]) -> dict[str, Any]:
     label = f"model {kind}/{name}" if isinstance(kind, str) and isinstance(name, str) else f"models[{i}]"
     e = Entry(label, table, problems)
     e.only("kind", "name", "source", "path", "sha256", "size", "revision", "pinned_by")
+    fields = _file_fields(e)
+    if fields["kind"] is not None and fields["kind"] not in MODEL_KIND_DIRS:
+        e.fail("kind", f"is {fields['kind']!r}, not a known kind ({', '.join(MODEL_KIND_DIRS)})")
+    return fields
+
+
+def first_use_fields(i: int, table: Any, problems: list[str]) -> dict[str, Any]:
+    path = table.get("path") if isinstance(table, dict) else None
+    e = Entry(f"first_use {path}" if isinstance(path, str) and path else f"first_use[{i}]", table, problems)
+    e.only("kind", "name", "source", "path", "sha256", "size", "revision", "pinned_by", "feature", "url")
+    fields = _file_fields(e)
+    if fields["kind"] is not None and fields["kind"] != FIRST_USE_KIND:
+        e.fail("kind", f"is {fields['kind']!r}, not {FIRST_USE_KIND!r}")
+    return {**fields, "feature": e.text("feature"), "url": e.text("url")}
+
+
+def _file_fields(e: Entry) -> dict[str, Any]:
     kind = e.text("kind")
-    if kind is not None and kind not in MODEL_KIND_DIRS:
-        e.fail("kind", f"is {kind!r}, not a known kind ({', '.join(MODEL_KIND_DIRS)})")
     pinned_by = e.text("pinned_by", optional=True) or "spec"
     if pinned_by not in PINNED_BY:
         e.fail("pinned_by", f"is {pinned_by!r}, not one of {', '.join(PINNED_BY)}")
