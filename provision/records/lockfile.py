@@ -55,7 +55,7 @@ class LockedModel:
     sha256: str | None  # None only until the first download pins it (trust on first use)
     size: int | None
     revision: str | None = None  # hf:// sources: the commit the file was resolved at
-    pinned_by: str = "spec"  # spec | hub | server | first-download
+    pinned_by: str = "spec"  # spec | hub | server | first-download | volume (no source: kept, never fetched)
 
     def __post_init__(self) -> None:
         if self.sha256 is not None:  # hex digests compare (and are written) lowercase, whoever gave them

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
 from provision.fetch.names import url_file_name
-from provision.fetch.sources import Source, UrlSource, parse_source
+from provision.fetch.sources import Source, UrlSource, VolumeSource, parse_source
 from provision.forge.first_use import parse_feature
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
@@ -198,7 +198,7 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         source = parse_source(text)
     except SourceError as exc:
         r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
-               "https://..., http://..., civitai://MODEL_VERSION_ID")
+               "https://..., http://..., civitai://MODEL_VERSION_ID, or \"volume\" (kept on the volume, no source)")
     # A URL whose path does not end in a model file name (civitai's /api/download/models/ID) is
     # named by the server, at lock time.
     name = r.string("name") or (url_file_name(source.url) if isinstance(source, UrlSource) else source.default_name)
@@ -212,6 +212,9 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         sha = sha.lower()
         if not _SHA256.match(sha):
             r.fail("sha256", "must be 64 hexadecimal digits")
+    if isinstance(source, VolumeSource) and (name is None or sha is None):
+        r.fail("source", "is \"volume\" (a file kept on this volume, with no source to fetch it from), which "
+               "needs `name` and `sha256` to say which file")
     return ModelSpec(kind=kind, source=source, name=name, sha256=sha, size=r.integer("size"))
 
 
