@@ -14,7 +14,6 @@ from volume_layout import MODEL_KIND_DIRS
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")  # git's SHA-1 or SHA-256 object names
-PINNED_BY = ("spec", "hub", "server", "first-download", "forge-volume")
 FIRST_USE_KIND = "first-use"  # as provision.records.lockfile names it
 
 
@@ -124,9 +123,7 @@ def first_use_fields(i: int, table: Any, problems: list[str]) -> dict[str, Any]:
 
 def _file_fields(e: Entry) -> dict[str, Any]:
     kind = e.text("kind")
-    pinned_by = e.text("pinned_by", optional=True) or "spec"
-    if pinned_by not in PINNED_BY:
-        e.fail("pinned_by", f"is {pinned_by!r}, not one of {', '.join(PINNED_BY)}")
+    pinned_by = e.text("pinned_by", optional=True) or "spec"  # who pinned it: told, never acted on
     return {"kind": kind, "name": e.text("name"), "source": e.text("source"), "path": e.text("path"),
             "sha256": e.hex("sha256", _SHA256, "64 hexadecimal digits (or null until the first download)",
                             optional=True),
