@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from provision.boot.mirror import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
+from provision.boot.layout_driver import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
 from provision.errors import ForgeVolumeError
 from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
 from provision.forge.process import Confirm, ForgeProcess

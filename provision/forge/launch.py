@@ -79,8 +79,16 @@ class Launch:
     passthrough: tuple[str, ...] = ()  # the worker's FORGE_ENV_PASSTHROUGH: more names Forge may see
 
 
+# A word of the name (split at '_', '-', '.', digits and camelCase) that names a secret: CIVITAI_KEY,
+# NVIDIA_NGC_KEY, DB_PASS, openaiKey. (Not PWD: that is the working directory.)
+SECRET_WORDS = frozenset({"KEY", "KEYS", "PASS", "PASSWD", "PASSWORD", "PASSPHRASE", "SECRET", "SECRETS", "TOKEN",
+                          "TOKENS", "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "PRIVATE", "APIKEY", "COOKIE"})
+_WORD_BREAK = re.compile(r"[^A-Za-z]+|(?<=[a-z])(?=[A-Z])")
+
+
 def secret_name(name: str) -> bool:
-    return bool(SECRET_NAME.search(name))
+    words = {w.upper() for w in _WORD_BREAK.split(name) if w}
+    return bool(SECRET_NAME.search(name)) or bool(words & SECRET_WORDS)
 
 
 def allowed_env(base_env: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:
@@ -95,7 +103,7 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
     """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume.
 
     ``code``: where the code trees (venv, checkout) are read from, when not from the volume itself: the
-    boot set laid out on local disk (``provision.boot.mirror``). Models always come from the volume.
+    boot set laid out on local disk (``provision.boot.layout_child``). Models always come from the volume.
     """
     code = code or layout
     argv = [
