@@ -325,6 +325,35 @@ def verify(obj: Context, deep: bool, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--dry-run", is_flag=True, help="Only print what adopt found and what it would do; change nothing.")
+@click.option("--keep-local-changes", is_flag=True,
+              help="Adopt checkouts whose tracked files were changed, as they are (the changes are saved as a "
+                   "patch under .forge-volume/adopt/; the lock pins the commit without them).")
+@click.option("--python", metavar="VERSION|PATH",
+              help="The spec's [forge] python. Default: the original venv's Python line (3.10).")
+@click.option("--no-lookup", is_flag=True,
+              help="Do not ask Civitai's by-hash API for the models' sources (all are recorded with no source).")
+@pass_ctx
+def adopt(obj: Context, dry_run: bool, keep_local_changes: bool, python: str | None, no_lookup: bool) -> None:
+    """Take over a volume runpod-worker-forge's install script filled: keep every model, download none.
+
+    Prints a plan first (--dry-run stops there). Then hashes every model, moves each into models/<Kind>/
+    by rename (a link stays at its old path, so the original worker keeps working), and writes the spec
+    and the lock: Forge and extensions at the commits found, models pinned by sha256, their source found
+    by hash or none ("volume": kept, verified, never downloaded). Interrupted, it finishes when run
+    again. Then run `forge-volume install`.
+    """
+    from provision.adopt.lookup import Civitai
+    from provision.commands.adopt import adopt as run_adopt
+
+    report = run_adopt(obj.layout, obj.spec_path, dry_run=dry_run, keep_local_changes=keep_local_changes,
+                       python=python, index=None if no_lookup else Civitai(), progress=obj.progress,
+                       say=click.echo)
+    for line in report.lines:
+        click.echo(line)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--files", "every_file", is_flag=True,
               help="Also list every model file: kind, size, source, and whether the lock pins it, lists it "

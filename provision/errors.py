@@ -188,3 +188,19 @@ class ReplaceError(PathError):
     """A helper job would replace a model the lock pins, or one that came from another source."""
 
     hint = 'send "overwrite": true to replace it, or give the new file another name or folder'
+
+
+class NoSourceError(ForgeVolumeError):
+    """A model recorded with no source (``source = "volume"``, found by ``adopt``) is missing or changed:
+    nothing can download it again."""
+
+    hint = ("put the file back (the lock names its sha256 and size), or take it out of the spec and run "
+            "`forge-volume lock`; a model with a source can be added with `forge-volume add`")
+    job_hint = ("put the file back on the volume, or take it out of the spec on a pod; a model with no source "
+                "cannot be downloaded")
+
+
+class AdoptError(ForgeVolumeError):
+    """``forge-volume adopt`` cannot take this volume over as it is; the message names what and the fix."""
+
+    hint = "fix what the message names, then run `forge-volume adopt` again (nothing was moved)"

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from provision.errors import DownloadError  # noqa: E402
-from provision.fetch.download import Retry, download, partial_path  # noqa: E402
+from provision.fetch.download import Retry, download  # noqa: E402
+from provision.fetch.partials import partial_path  # noqa: E402
 
 SERVER = """
 import json, sys, time

@@ -192,6 +192,16 @@ class VolumeLayout:
         except KeyError:
             raise LayoutError(f"unknown model kind {kind!r}; known kinds: {known_kinds()}") from None
 
+    def under_models(self, relative: str) -> Path:
+        """A path the lock gives relative to the volume (``models/VAE-approx/model.pt``): plain names
+        below models/, no '..', no absolute path; links on the way are the fence's (``inside_models``)."""
+        parts = relative.split("/")
+        if len(parts) < 3 or parts[0] != "models":
+            raise LayoutError(f"{relative[:120]!r} is not a file under models/")
+        for part in parts[1:]:
+            check_file_name(part)
+        return self.root.joinpath(*parts)
+
     def model_path(self, kind: str, name: str) -> Path:
         return self.kind_dir(kind) / check_file_name(name)
 
@@ -212,6 +222,22 @@ class VolumeLayout:
         """
         link = self.checkout_models_dir / self.kind_dir(kind).name
         return link, os.path.relpath(self.kind_dir(kind), link.parent)
+
+    @property
+    def adopt_dir(self) -> Path:
+        """``forge-volume adopt``'s records: its journal of moves, its hash cache, saved local changes."""
+        return self.meta_dir / "adopt"
+
+    @property
+    def original_venv(self) -> Path:
+        """Where install puts the original worker's venv (adopted at ``venv/``) before it builds its own there."""
+        return self.root / "venv-original"
+
+    def original_checkout(self, name: str) -> Path:
+        """The original worker's checkout (one of ``ORIGINAL_CHECKOUTS``)."""
+        if name not in ORIGINAL_CHECKOUTS:
+            raise LayoutError(f"{name!r} is not one of the original worker's checkouts")
+        return self.root / name
 
     @property
     def config_dir(self) -> Path:

@@ -20,7 +20,15 @@ from pathlib import Path
 from types import FrameType
 
 from provision.boot import owner
-from provision.boot.mirror import LOCAL_STAT, MIRROR_PREFIX, SHM, VolumeCheck, lay_out, mirror_place, stat_latency
+from provision.boot.layout_driver import (
+    LOCAL_STAT,
+    MIRROR_PREFIX,
+    SHM,
+    VolumeCheck,
+    lay_out,
+    mirror_place,
+    stat_latency,
+)
 from provision.errors import ForgeVolumeError
 from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
 from provision.forge.process import Confirm, ForgeProcess

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from provision.errors import ForgeVolumeError
 from provision.fetch.cancel import connect_timeout, stall_timeout
-from provision.fetch.download import clean_token
 from provision.fetch.netguard import ALLOW_ENV, Network, parse_networks
+from provision.fetch.tokens import clean_token
 from provision.forge.launch import DEFAULT_PORT, secret_name
 from volume_layout import SERVERLESS_MOUNT, worker_volume
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from provision.errors import ForgeVolumeError
 from provision.fetch.cancel import cancelling
-from provision.fetch.download import clean_token
 from provision.fetch.netguard import AddressGuard
 from provision.fetch.sources import UrlSource, parse_source
+from provision.fetch.tokens import clean_token
 from provision.progress import QUIET
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings

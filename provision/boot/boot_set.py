@@ -13,7 +13,7 @@ Forge under ``tracer.py`` and a warm-up txt2img, then records here (``.forge-vol
   for a large file it only read, the pages the kernel cached for it, found with ``mincore`` after
   evicting them first); the checkpoint the warm-up loaded.
 
-A worker (``provision.boot.mirror``) lays these folders out on local disk with one sequential read
+A worker (``provision.boot.layout_child``) lays these folders out on local disk with one sequential read
 of ``files.bin``: every other entry becomes a link to the volume, so every path still resolves and
 nothing can be missing, only slower. The index is valid for one boot-step key, and every file and
 folder in it carries its mtime: anything changed since install (a ``pip install`` by hand on a
@@ -509,3 +509,9 @@ def summary(index: Index) -> str:
     return (f"boot set: {len(index.files)} files ({index.archive_size / 1e6:.0f} MB) in {len(index.dirs)} folders, "
             f"{len(index.ranges)} large libraries ({prefetch / 1e6:.0f} MB to prefetch)"
             + (f", checkpoint {index.checkpoint}" if index.checkpoint else ""))
+
+
+def changed_since_recorded(problem: str) -> str:
+    """The one line for a volume that no longer matches its boot set (``problem``, as ``changed`` words it),
+    with the fix."""
+    return f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)"

@@ -19,7 +19,7 @@ import tomlkit
 
 from provision.commands.install import keep_copies, record_models_step
 from provision.errors import ForgeVolumeError, LockError, SpecError
-from provision.fetch.download import is_download_temp, partial_path
+from provision.fetch.partials import is_download_temp, partial_path
 from provision.fetch.sources import parse_source, shown_source
 from provision.installer.resolve import Change, UnknownEntryError, model_matches_name, relock
 from provision.models import files as mf

@@ -5,21 +5,15 @@ arrive (``provision.fetch.stream``); size and sha256 are checked; then one ``os.
 in place. The final path therefore only ever holds
 a complete, verified file, and a file already there is replaced only by a good one.
 
-An interrupted download keeps its bytes under the stable name ``.<name>.partial``. The next
-attempt *claims* that partial by renaming it to its own unique name (an atomic step only one
-process can win), so even where file locks silently fail (network volumes) two processes never
-append to one file: the loser starts its own copy, which costs bandwidth, never data.
+An interrupted download keeps its bytes under the stable name ``.<name>.partial`` for the next
+attempt to claim (``provision.fetch.partials``); a token goes only where its ``Credential`` allows
+(``provision.fetch.tokens``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import os
-import secrets
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -34,14 +28,15 @@ from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadEr
 from provision.fetch import resume
 from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
 from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets, watch_session
+from provision.fetch.partials import claim, partial_path, sweep_leftovers
 from provision.fetch.sources import shown_source
 from provision.fetch.stream import OnBytes, Sink
+from provision.fetch.tokens import Credential
 
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds; a download's connect: FORGE_DOWNLOAD_CONNECT_TIMEOUT
 MAX_REDIRECTS = 10
 RESERVE_MAX = 1 << 30  # a download of unknown size stops while min(1 GiB, 2 % of the volume) is still free
 RESERVE_SHARE = 2
-ORPHAN_AGE = 300.0  # seconds without a write after which a temporary file's writer is presumed dead
 USER_AGENT = f"forge-volume/{__version__}"
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -49,59 +44,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.SSLError,
     ConnectionError, TimeoutError,
 )
-
-
-
-def origin_of(url: str) -> str:
-    """``scheme://host:port`` of a URL, the port always written out; "" for a URL without a valid one."""
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or {"https": 443, "http": 80}.get(scheme, 0)
-    except ValueError:
-        return ""
-    return f"{scheme}://{(parts.hostname or '').lower()}:{port}"
-
-
-_CONTROL_CHARS = frozenset(chr(c) for c in (*range(0x20), 0x7F))
-
-
-def clean_token(value: str | None, name: str) -> str | None:
-    """A token as read from the environment or a payload: surrounding whitespace stripped (a pasted
-    newline), None when empty; a control character inside is refused by a message that never shows it."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    if any(ch in _CONTROL_CHARS or ch.isspace() for ch in value):
-        raise AuthError(f"{name} holds a space or a control character inside the token",
-                        f"set {name} to the token alone, as the site shows it")
-    return value
-
-
-@dataclass(frozen=True)
-class Credential:
-    """A bearer token, the variable it came from (named in errors; the value never is), and where it may go:
-    over https on the default port to ``hosts`` (and their subdomains), or to one of ``origins`` exactly
-    (``scheme://host:port`` of an endpoint the operator configured, e.g. HF_ENDPOINT's mirror)."""
-
-    env_name: str
-    hosts: tuple[str, ...]
-    token: str | None = None
-    origins: tuple[str, ...] = ()
-
-    def applies_to(self, url: str) -> bool:
-        origin = origin_of(url)
-        if not origin:
-            return False
-        if origin in self.origins:
-            return True
-        scheme, _, rest = origin.partition("://")
-        host, _, port = rest.rpartition(":")
-        return scheme == "https" and port == "443" and any(host == h or host.endswith("." + h) for h in self.hosts)
-
-    def __repr__(self) -> str:  # never show the token, even in a traceback's locals
-        return (f"Credential(env_name={self.env_name!r}, hosts={self.hosts!r}, origins={self.origins!r}, "
-                f"token={'set' if self.token else None})")
 
 
 @dataclass(frozen=True)
@@ -130,23 +72,6 @@ class Downloaded:
 def display_url(url: str) -> str:
     """A URL fit for messages: no user info, every query value masked (signed URLs and tokens live there)."""
     return shown_source(url)
-
-
-def sibling(target: Path, suffix: str) -> Path:
-    """A hidden sibling ``.<name><suffix>``, shortened when the name would pass 255 bytes."""
-    name = f".{target.name}{suffix}"
-    if len(name.encode()) > 255:
-        name = f".{hashlib.sha1(target.name.encode()).hexdigest()[:20]}{suffix}"
-    return target.with_name(name)
-
-
-def partial_path(target: Path) -> Path:
-    return sibling(target, ".partial")
-
-
-def is_download_temp(name: str) -> bool:
-    """Whether a file name is one of this module's temporary or resumable files."""
-    return name.startswith(".") and (name.endswith(".part") or name.endswith(".partial"))
 
 
 def _check_scheme(url: str) -> None:
@@ -230,119 +155,6 @@ def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | No
         return None
 
 
-def host_tag() -> str:
-    """Four hex digits naming this machine, the start of every temporary's random part: a temporary with
-    another machine's tag may be written by a process our file locks cannot see."""
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
-
-
-def _lock_if_free(path: str) -> tuple[int, bool] | None:
-    """An open descriptor on ``path`` holding an exclusive flock, and whether the filesystem supports
-    flock at all; None when a live writer holds it (or it is gone). Writers hold this lock for their
-    whole download, and the kernel drops it when they die."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError:  # no flock on this filesystem: liveness unknown
-        return fd, False
-    return fd, True
-
-
-def _is_temporary_of(name: str, prefix: str) -> bool:
-    """Whether ``name`` is a temporary ``<prefix><8 hex digits>.part`` (and not another target's, such as
-    ``.x.bin.v2.<hex>.part`` for ``x.bin``)."""
-    middle = name[len(prefix):-len(".part")]
-    return (name.startswith(prefix) and name.endswith(".part") and len(middle) == 8
-            and all(c in "0123456789abcdef" for c in middle))
-
-
-def sweep_leftovers(target: Path) -> list[Path]:
-    """Remove ``target``'s kept partial and its dead writers' temporaries (a live writer holds its flock:
-    left alone); called once ``target`` holds a good file, so no stale partial outlives it. Returns
-    what was removed."""
-    prefix = sibling(target, ".").name
-    mine = prefix + host_tag()
-    cutoff = time.time() - ORPHAN_AGE
-    removed = []
-    try:
-        entries = list(os.scandir(target.parent))
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if entry.name != partial_path(target).name and not _is_temporary_of(entry.name, prefix):
-            continue
-        got = _lock_if_free(entry.path)
-        if got is None:
-            continue
-        fd, lockable = got
-        try:
-            # Like _claim: a temporary of another machine may have a live writer our flock cannot see.
-            dead = entry.name == partial_path(target).name or (lockable and entry.name.startswith(mine))
-            if dead or entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _claim(target: Path) -> tuple[Path, int]:
-    """Our unique temporary file, taking over a kept partial (or a dead process's temporary) if there is
-    one, and a descriptor holding its flock (close it when done).
-
-    The rename is atomic, so only one process can take over a given file. A temporary of this machine
-    whose flock is free belonged to a process that died (SIGKILL, a crash): it is resumed at once. One
-    from another machine is resumed once untouched for ORPHAN_AGE (a live download writes at least once
-    per read timeout), since flocks may not reach across machines on a network volume.
-    """
-    mine = host_tag()
-    tmp = sibling(target, f".{mine}{secrets.token_hex(2)}.part")
-    prefix = sibling(target, ".").name
-    cutoff = time.time() - ORPHAN_AGE
-    orphans = []
-    for entry in os.scandir(target.parent):
-        if _is_temporary_of(entry.name, prefix) and entry.name != tmp.name:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            old = st.st_mtime < cutoff
-            if old or entry.name[len(prefix):-len(".part")].startswith(mine):
-                orphans.append((st.st_size, entry.path, old))
-    candidates = [(str(partial_path(target)), True)] + [(path, old) for _, path, old in sorted(orphans, reverse=True)]
-    for candidate, idle in candidates:
-        got = _lock_if_free(candidate)
-        if got is None:
-            continue
-        fd, lockable = got
-        if not (idle or lockable):  # young, and without flock nothing tells whether its writer lives
-            os.close(fd)
-            continue
-        try:
-            os.replace(candidate, tmp)
-            return tmp, fd
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-    while True:  # a fresh file; O_EXCL, so a name another process just took is never shared
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            tmp = sibling(target, f".{mine}{secrets.token_hex(2)}.part")
-    with contextlib.suppress(OSError):  # a filesystem without flock: the ORPHAN_AGE rule still protects
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return tmp, fd
-
-
 def download(
     url: str,
     target: Path,
@@ -375,7 +187,7 @@ def download(
     _check_scheme(url)
     timeout = timeout or (connect_timeout(), TIMEOUT[1])
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, held = _claim(target)
+    tmp, held = claim(target)
     keep = False
     try:
         result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,

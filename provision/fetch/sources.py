@@ -93,7 +93,23 @@ class CivitaiSource:
         return f"civitai://{self.version_id}"
 
 
-Source = HfSource | UrlSource | CivitaiSource
+@dataclass(frozen=True)
+class VolumeSource:
+    """No known source: a file ``forge-volume adopt`` found on the volume and no index could name.
+
+    It is kept and verified by its sha256, never deleted and never downloaded: the volume holds the only
+    copy forge-volume knows of, so it cannot be rebuilt elsewhere."""
+
+    @property
+    def default_name(self) -> None:
+        return None  # the spec names it
+
+    def __str__(self) -> str:
+        return VOLUME_SOURCE
+
+
+VOLUME_SOURCE = "volume"
+Source = HfSource | UrlSource | CivitaiSource | VolumeSource
 
 
 def _check_url(text: str) -> None:
@@ -116,6 +132,8 @@ def _check_url(text: str) -> None:
 
 def parse_source(text: str) -> Source:
     """Parse a source string, or raise SourceError naming the accepted forms (never echoing a credential)."""
+    if text == VOLUME_SOURCE:
+        return VolumeSource()
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep:

@@ -95,7 +95,7 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
     """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume.
 
     ``code``: where the code trees (venv, checkout) are read from, when not from the volume itself: the
-    boot set laid out on local disk (``provision.boot.mirror``). Models always come from the volume.
+    boot set laid out on local disk (``provision.boot.layout_child``). Models always come from the volume.
     """
     code = code or layout
     argv = [

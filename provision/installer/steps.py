@@ -105,14 +105,33 @@ def _python_describe(ctx: Ctx) -> list[str]:
 
 # --- venv ---------------------------------------------------------------------------------------
 
+def _original_venv_aside(ctx: Ctx) -> str | None:
+    """An adopted volume's venv/ is the original worker's: move it aside (never clear it) before building ours.
+
+    A rename, and only while venv-original/ is free: after a kill between the rename and the new venv,
+    venv/ is a half-built venv of ours, which ``--clear`` may rebuild."""
+    adopted = ctx.recorded("adopted") or {}
+    layout = ctx.layout
+    if adopted.get("venv") != layout.relative(layout.venv):
+        return None
+    if layout.venv.exists() and not os.path.lexists(layout.original_venv):
+        os.rename(layout.venv, layout.original_venv)
+        ctx.notes.append(f"moved the original worker's venv aside to {layout.relative(layout.original_venv)}/ "
+                         "(remove it once the endpoint runs the new worker)")
+    return layout.relative(layout.original_venv) if layout.original_venv.exists() else None
+
+
 def _venv_run(ctx: Ctx) -> Change:
     python = Path((ctx.recorded("python") or {})["path"])
+    aside = _original_venv_aside(ctx)
     pyenv.create_venv(python, ctx.layout.venv)
     root = str(ctx.layout.root)
 
     def change(state: State) -> None:
         # The venv's absolute paths are those of this mount point; the worker links it back here.
         state["mount_point"] = root
+        if aside is not None:
+            state.setdefault("adopted", {})["venv"] = aside
 
     return change
 
@@ -293,7 +312,7 @@ def _requirements_describe(ctx: Ctx) -> list[str]:
 # --- models -------------------------------------------------------------------------------------
 
 def _models_done(ctx: Ctx) -> bool:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return True
     from provision.models import plan_models  # stats files only: still no process, no network
 
@@ -301,7 +320,7 @@ def _models_done(ctx: Ctx) -> bool:
 
 
 def _models_run(ctx: Ctx) -> None:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return
     from provision.models import sync_models  # pulls in huggingface_hub and requests: only when needed
 
@@ -309,11 +328,11 @@ def _models_run(ctx: Ctx) -> None:
 
 
 def _models_describe(ctx: Ctx) -> list[str]:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return ["no models in the lock"]
     from provision.models import plan_models
 
-    return plan_models(ctx.layout, ctx.lock) or [f"{len(ctx.lock.models)} model(s) already match the lock"]
+    return plan_models(ctx.layout, ctx.lock) or [f"{len(ctx.lock.files)} model(s) and file(s) already match the lock"]
 
 
 # --- config seed --------------------------------------------------------------------------------
@@ -465,7 +484,8 @@ STEPS: tuple[Step, ...] = (
     Step("requirements", "Forge's pinned requirements", ("prepare",),
          lambda lock: {"reqs_file": lock.forge.env.get("REQS_FILE") or forge_reqs.DEFAULT_REQS_FILE},
          _requirements_done, _requirements_run, _requirements_describe),
-    Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
+    # The first-use files only when there are some, so volumes installed before keep their key.
+    Step("models", "models", (), lambda lock: [asdict(m) for m in lock.files],
          _models_done, _models_run, _models_describe),
     Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},

@@ -14,7 +14,8 @@ from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
 from provision.fetch.names import url_file_name
-from provision.fetch.sources import Source, UrlSource, parse_source
+from provision.fetch.sources import Source, UrlSource, VolumeSource, parse_source
+from provision.forge.first_use import parse_feature
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
 if sys.version_info >= (3, 11):
@@ -38,6 +39,9 @@ class ForgeSpec:
     torch_index_url: str | None = DEFAULT_TORCH_INDEX
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # What Forge would fetch at first use, installed onto the volume instead (provision.forge.first_use).
+    features: tuple[str, ...] = ()
+    features_mirror: str | None = None  # fetch the features' files from here: <mirror>/<host>/<path>
 
     @property
     def python_is_path(self) -> bool:
@@ -140,8 +144,17 @@ def _torch_index(r: _Reader) -> str | None:
 
 def _forge(path: Path, table: Any) -> ForgeSpec:
     r = _Reader(path, "forge", table)
-    r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env")
+    r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env", "features", "features_mirror")
     index = _torch_index(r)
+    features = r.strings("features")
+    for text in features:
+        try:
+            parse_feature(text)
+        except ValueError as exc:
+            r.fail("features", f"entry {exc}")
+    mirror = r.string("features_mirror")
+    if mirror is not None and not mirror.startswith(("http://", "https://")):
+        r.fail("features_mirror", f"must be an http:// or https:// URL, not {mirror!r}")
     return ForgeSpec(
         repo=r.string("repo", FORGE_REPO) or FORGE_REPO,
         ref=r.string("ref", "main") or "main",
@@ -150,6 +163,8 @@ def _forge(path: Path, table: Any) -> ForgeSpec:
         torch_index_url=index,
         args=r.strings("args"),
         env=r.mapping("env"),
+        features=tuple(dict.fromkeys(features)),
+        features_mirror=mirror,
     )
 
 
@@ -183,7 +198,7 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         source = parse_source(text)
     except SourceError as exc:
         r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
-               "https://..., http://..., civitai://MODEL_VERSION_ID")
+               "https://..., http://..., civitai://MODEL_VERSION_ID, or \"volume\" (kept on the volume, no source)")
     # A URL whose path does not end in a model file name (civitai's /api/download/models/ID) is
     # named by the server, at lock time.
     name = r.string("name") or (url_file_name(source.url) if isinstance(source, UrlSource) else source.default_name)
@@ -197,6 +212,9 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         sha = sha.lower()
         if not _SHA256.match(sha):
             r.fail("sha256", "must be 64 hexadecimal digits")
+    if isinstance(source, VolumeSource) and (name is None or sha is None):
+        r.fail("source", "is \"volume\" (a file kept on this volume, with no source to fetch it from), which "
+               "needs `name` and `sha256` to say which file")
     return ModelSpec(kind=kind, source=source, name=name, sha256=sha, size=r.integer("size"))
 
 

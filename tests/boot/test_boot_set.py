@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.boot import boot_set
-from provision.boot import mirror as boot_mirror
+from provision.boot import boot_set, layout_child, layout_driver
 from provision.boot.tracer import RECORD_ENV
 from provision.records.state import read_state, write_state
 from tests.conftest import snapshot
@@ -94,7 +93,7 @@ def test_every_path_of_the_code_trees_reads_the_same_through_the_mirror(volume: 
     before = snapshot(volume.root)
     mirror = tmp_path / "mirror"
 
-    result = boot_mirror.build(volume, mirror)
+    result = layout_child.build(volume, mirror)
 
     assert result["ok"] and result["files"] == 6
     assert snapshot(volume.root) == before  # nothing written to the volume
@@ -141,7 +140,7 @@ def test_a_changed_volume_or_a_broken_boot_set_is_refused_with_the_fix(
 
     said: list[str] = []
     # As the worker runs it: the child lays the set out (Forge may start), then checks every folder.
-    check = boot_mirror.lay_out(volume, tmp_path / "mirror", 120, said.append)
+    check = layout_driver.lay_out(volume, tmp_path / "mirror", 120, said.append)
 
     if change == "none":
         assert check is not None and check.problem(120) is None
@@ -186,7 +185,7 @@ def test_the_prefetch_reads_the_touched_ranges_and_the_checkpoint(volume: Volume
     index = boot_set.read_index(volume)
     assert index is not None
     spans = sum(length for _, _, _, ranges in index.ranges for _, length in ranges)
-    assert boot_mirror.prefetch(volume, index) == spans + len(b"weights")
+    assert layout_child.prefetch(volume, index) == spans + len(b"weights")
 
 
 TOUCHING = """

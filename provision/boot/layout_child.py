@@ -1,12 +1,17 @@
-"""A worker's fast boot: the volume's code trees laid out on local disk from the boot set, then prefetching.
+"""The lay-out child of a worker's fast boot: the volume's code trees laid out on local disk from the
+boot set, then prefetching.
 
-Run by the worker as a child process (``python -m provision.boot.mirror <volume> <mirror>``), so its
-threads and buffers never weigh on the worker's own memory or event loop. It:
+Run by the worker as a child process (``python -m provision.boot.layout_child <volume> <mirror>``, started
+by ``provision.boot.layout_driver.lay_out``), so its threads and buffers never weigh on the worker's own
+memory or event loop. It:
 
 1. checks the boot set against state.json (the boot step's key);
-2. makes every recorded folder under ``<mirror>``, writes the recorded files from one ranged read
-   of ``files.bin`` (many reads in flight), and makes every other entry a link to the volume (or,
-   for a link, to where it leads), so each path of the code trees resolves under ``<mirror>``;
+2. checks the index as hostile input (``provision.boot.plan``: it must describe a tree that can be made
+   under ``<mirror>`` without leaving it), makes every recorded folder under ``<mirror>``, writes the
+   recorded files from one read of ``files.bin`` (many reads in flight, each chunk checked against its
+   sha256 as it is written), and makes every other entry a link to the volume (or, for a link, to
+   where it leads), so each path of the code trees resolves under ``<mirror>``; all of it through
+   folder descriptors, never following a link (``provision.boot.unpack``);
 3. prints one JSON line: ``{"ok": true, ...}`` (start Forge from ``<mirror>``) or ``{"ok": false,
    "reason": ...}`` (boot from the volume as before: nothing is lost, only time);
 4. then, while Forge imports: stats every recorded folder on the volume (many in flight) and prints
@@ -20,15 +25,11 @@ Nothing is written to the volume. ``FORGE_FAST_BOOT=0`` on the worker skips all 
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import json
 import os
-import queue
 import stat
-import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -36,8 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from provision.boot import owner
-from provision.boot.boot_set import BootSetError, Index, changed, load_index
+from provision.boot.boot_set import BootSetError, Index, changed, changed_since_recorded, load_index
 from provision.boot.plan import Plan, Refused, plan, volume_target
 from provision.boot.unpack import Corrupt, carry_out, folders
 from provision.errors import ForgeVolumeError
@@ -50,19 +50,14 @@ PREFETCH_THREADS = 8
 # Reads of the checkpoint in flight: one per core, 2 to 8. Each costs CPU in the volume's client; on 2 cores,
 # 8 slowed Forge's imports by seconds, and 2 still read the lab's 2.1 GB (at 1 ms) before Forge answered.
 CHECKPOINT_THREADS = min(8, max(2, os.cpu_count() or 2))
-# A stat answered faster than this came from local disk or memory, not over a network: a lay-out costs a
-# second there and gains nothing, so FORGE_FAST_BOOT=auto (the default) skips it.
-LOCAL_STAT = 100e-6
-SHM = Path("/dev/shm")
-SHM_MARGIN = 512 << 20
-MIRROR_PREFIX = "forge-mirror-"
 CFG_LIMIT = 64 << 10  # a pyvenv.cfg is a few lines
 SHORT_LINK = 127  # tmpfs keeps a link target this short in its inode; a longer one takes a page
 _READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never blocks on a FIFO on the volume
 
 
-class Stale(Exception):
-    """The boot set does not describe the volume any more (or was never recorded, or cannot be used)."""
+class BootSetUnusable(Exception):
+    """The boot set does not describe the volume any more, was never recorded, or cannot be used: boot from the
+    volume."""
 
 
 def _pyvenv_cfg(layout: VolumeLayout, index: Index, mirror: Path) -> str | None:
@@ -90,33 +85,28 @@ def _pyvenv_cfg(layout: VolumeLayout, index: Index, mirror: Path) -> str | None:
     return new if new != text else None
 
 
-def stale(problem: str) -> str:
-    """The one line for a volume that no longer matches its boot set, with the fix."""
-    return f"the volume changed since the boot set was recorded: {problem} (run `forge-volume install`)"
-
-
 def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None) -> dict[str, Any]:
-    """Lay out the mirror (from ``index`` when the caller read it); raise Stale when the boot set cannot be used.
-    Returns what was done. The stat of every recorded folder (``changed``) is not part of it: ``main`` runs
+    """Lay out the mirror (from ``index`` when the caller read it); raise BootSetUnusable when the boot set cannot
+    be used. Returns what was done. The stat of every recorded folder (``changed``) is not part of it: ``main`` runs
     it while Forge starts, and the worker restarts Forge from the volume if it finds a change."""
     started = time.monotonic()
     fix = "(run `forge-volume install` to record it again)"
     try:
         index = index or load_index(layout)
     except BootSetError as exc:
-        raise Stale(str(exc)) from None
+        raise BootSetUnusable(str(exc)) from None
     try:
         state = read_state(layout) or {}
     except ForgeVolumeError as exc:
-        raise Stale(exc.one_line()) from None
+        raise BootSetUnusable(exc.one_line()) from None
     key = ((state.get("steps") or {}).get("boot") or {}).get("key")
     if key != index.key:
-        raise Stale("the boot set was recorded for another install (run `forge-volume install`)")
+        raise BootSetUnusable("the boot set was recorded for another install (run `forge-volume install`)")
     cfg = _pyvenv_cfg(layout, index, mirror)
     try:
         todo = plan(layout, index, mirror, cfg=cfg is not None)
     except Refused as exc:
-        raise Stale(f"the boot set breaks a rule of the lay-out: {exc} {fix}") from None
+        raise BootSetUnusable(f"the boot set breaks a rule of the lay-out: {exc} {fix}") from None
     mirror.mkdir(parents=True, exist_ok=True)
     mirror_fd = os.open(mirror, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -125,12 +115,12 @@ def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Ind
         if archive is None or os.fstat(archive).st_size != todo.size:
             if archive is not None:
                 os.close(archive)
-            raise Stale(stale(f"{layout.relative(layout.boot_set_archive)} changed size"))
+            raise BootSetUnusable(changed_since_recorded(f"{layout.relative(layout.boot_set_archive)} changed size"))
         try:
             with folders(todo, mirror_fd) as fds:
                 written = carry_out(todo, fds, archive, threads, cfg)
         except Corrupt as exc:
-            raise Stale(f"the boot set is damaged: {exc} {fix}") from None
+            raise BootSetUnusable(f"the boot set is damaged: {exc} {fix}") from None
         finally:
             os.close(archive)
     finally:
@@ -148,7 +138,7 @@ def _check_room(mirror: Path, mirror_fd: int, todo: Plan) -> None:
     need += block * (len(todo.folders) + sum(len(target) > SHORT_LINK for _, _, target in todo.links))
     entries = todo.files + len(todo.folders) + len(todo.links)
     if room.f_bavail * room.f_frsize < need or (room.f_files and room.f_favail < entries):
-        raise Stale(f"{mirror} has room for {room.f_bavail * room.f_frsize / 1e6:.0f} MB and {room.f_favail} "
+        raise BootSetUnusable(f"{mirror} has room for {room.f_bavail * room.f_frsize / 1e6:.0f} MB and {room.f_favail} "
                     f"entries; the boot set needs {need / 1e6:.0f} MB and {entries} (set FORGE_SCRATCH to a larger "
                     "local disk)")
 
@@ -238,145 +228,11 @@ def _safe(read: Callable[[int, int, int], int], fd: int, offset: int, length: in
         return 0
 
 
-def stat_latency(layout: VolumeLayout) -> float:
-    """The median time the volume takes to stat a path of its code trees that the worker has not looked at yet."""
-    probes = [layout.venv / "lib", layout.venv / "pyvenv.cfg", layout.venv / "include", layout.forge_dir / "modules",
-              layout.forge_dir / "webui.py", layout.forge_dir / "requirements_versions.txt", layout.extensions_dir,
-              layout.boot_set_archive, layout.forge_dir / "modules" / "paths_internal.py"]
-    times = []
-    for path in probes:
-        started = time.perf_counter()
-        with contextlib.suppress(OSError):
-            os.stat(path)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+_stdout_lock = threading.Lock()
 
 
-def mirror_place(layout: VolumeLayout, scratch: Path, shm: Path = SHM) -> Path:
-    """Where to lay the boot set out: a memory file system (``/dev/shm``) when it has ample room for it
-    (local-disk metadata costs add up over ~20,000 entries), else the worker's scratch on local disk."""
-    try:
-        need = layout.boot_set_archive.stat().st_size * 2 + SHM_MARGIN
-        room = os.statvfs(shm)
-        if room.f_bavail * room.f_frsize >= need and _is_tmpfs(shm):
-            return owner.make(MIRROR_PREFIX, shm)  # named for this worker: a later start removes it if it dies
-    except OSError:
-        pass
-    return scratch / "mirror"
-
-
-def _is_tmpfs(path: Path) -> bool:
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            return any(line.split()[1:3] == [str(path), "tmpfs"] for line in mounts)
-    except OSError:
-        return False
-
-
-class VolumeCheck:
-    """The lay-out child's check of the volume behind the mirror, which it runs while Forge starts."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._problem: str | None = None
-
-    def answer(self, problem: str | None) -> None:
-        if not self._done.is_set():
-            self._problem = problem
-            self._done.set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def problem(self, seconds: float) -> str | None:
-        """None when the volume is as recorded, else what changed; waits at most ``seconds`` for the answer."""
-        if not self._done.wait(max(seconds, 0.0)):
-            return f"the volume was not checked within {seconds:g} s"
-        return None if self._problem is None else stale(self._problem)
-
-
-def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None],
-            started_child: Callable[[subprocess.Popen[str]], None] | None = None) -> VolumeCheck | None:
-    """Run the child that lays out the mirror; when Forge may start from ``mirror``, the child's check of
-    the volume behind it (still running); None when the lay-out failed.
-
-    Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
-    background, and dies with the worker (``started_child`` is given it, to stop it sooner). Any failure is
-    one line in the log and a boot from the volume.
-    """
-    from provision.forge.process import dying_with_parent
-
-    started = time.monotonic()
-    try:
-        argv = [sys.executable, "-m", "provision.boot.mirror", str(layout.root), str(mirror)]
-        proc = subprocess.Popen(dying_with_parent(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    except OSError as exc:
-        say(f"fast boot off: cannot start its helper ({exc})")
-        return None
-    if started_child is not None:
-        started_child(proc)  # the worker stops it before it removes the copy
-    lines: queue.Queue[str | None] = queue.Queue()
-    errors: collections.deque[str] = collections.deque(maxlen=5)
-
-    def read_out() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def read_err() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            errors.append(line.rstrip())
-
-    threading.Thread(target=read_out, name="boot-mirror-out", daemon=True).start()
-    threading.Thread(target=read_err, name="boot-mirror-err", daemon=True).start()
-    try:
-        first = lines.get(timeout=max(timeout, 0.1))
-    except queue.Empty:
-        proc.kill()
-        say(f"fast boot off: the boot set was not laid out within {timeout:g} s; booting from the volume")
-        return None
-    try:
-        result = json.loads(first) if first else None
-    except ValueError:
-        result = None
-    if not isinstance(result, dict):
-        proc.wait(10)
-        say(f"fast boot off: its helper failed ({' | '.join(errors) or f'exit code {proc.returncode}'}); "
-            "booting from the volume")
-        return None
-    if not result.get("ok"):
-        say(f"fast boot off: {result.get('reason')}; booting from the volume")
-        return None
-    say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
-        f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
-
-    check = VolumeCheck()
-
-    def follow() -> None:
-        while (line := lines.get()) is not None:
-            try:
-                said = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(said, dict) and "changed" in said:
-                check.answer(None if said["changed"] is None else str(said["changed"]))
-            elif isinstance(said, dict) and "prefetched" in said:
-                say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
-        proc.wait()
-        check.answer(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
-
-    threading.Thread(target=follow, name="boot-mirror-follow", daemon=True).start()
-    return check
-
-
-_said = threading.Lock()
-
-
-def _say(result: dict[str, Any]) -> None:
-    with _said, contextlib.suppress(BrokenPipeError):  # the worker stopped listening (it is going away)
+def _print_line(result: dict[str, Any]) -> None:
+    with _stdout_lock, contextlib.suppress(BrokenPipeError):  # the worker stopped listening (it is going away)
         print(json.dumps(result), flush=True)
 
 
@@ -388,11 +244,11 @@ def main(argv: list[str]) -> int:
         result = build(layout, mirror, index=index)
     except BootSetError as exc:
         result = {"ok": False, "reason": str(exc)}
-    except Stale as exc:
+    except BootSetUnusable as exc:
         result = {"ok": False, "reason": str(exc)}
     except OSError as exc:
         result = {"ok": False, "reason": f"the boot set could not be laid out ({exc})"}
-    _say(result)
+    _print_line(result)
     if index is None:
         return 0
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
@@ -400,12 +256,12 @@ def main(argv: list[str]) -> int:
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
     check = None
     if result.get("ok"):
-        check = threading.Thread(target=lambda: _say({"changed": changed(layout, index, THREADS, files=False)}),
+        check = threading.Thread(target=lambda: _print_line({"changed": changed(layout, index, THREADS, files=False)}),
                                  name="check")
         check.start()
     started = time.monotonic()
     got = prefetch(layout, index)
-    _say({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
+    _print_line({"prefetched": got, "seconds": round(time.monotonic() - started, 3)})
     if check is not None:
         check.join()
     return 0

@@ -1,6 +1,6 @@
 """The fast boot's lay-out against a boot set that a broken disk or a hostile writer of the volume changed.
 
-The lay-out runs as the worker runs it (``lay_out``: ``python -m provision.boot.mirror VOL MIRROR`` as a
+The lay-out runs as the worker runs it (``lay_out``: ``python -m provision.boot.layout_child VOL MIRROR`` as a
 child), on the small volume of ``test_boot_set`` whose boot set the real recorder wrote, then edited with
 ``tests.helpers.boot_sets`` (from the documented format). Whatever the edit: nothing is made outside the
 mirror, and a boot set that breaks a rule is one ``fast boot off: ...`` line (Forge boots from the volume).
@@ -18,19 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from provision.boot import mirror as boot_mirror
+from provision.boot import layout_driver
 from provision.boot.boot_set import BIG
+from tests.boot import test_boot_set
 from tests.helpers import boot_sets
-from tests.provision import test_boot_set
 from volume_layout import VolumeLayout
 
 FORGE = "stable-diffusion-webui-forge"
 volume = test_boot_set.volume  # the fixture: a small volume whose boot set the real recorder wrote
 
 
-def lay(volume: VolumeLayout, mirror: Path) -> tuple[boot_mirror.VolumeCheck | None, list[str]]:
+def lay(volume: VolumeLayout, mirror: Path) -> tuple[layout_driver.VolumeCheck | None, list[str]]:
     said: list[str] = []
-    check = boot_mirror.lay_out(volume, mirror, 60, said.append)
+    check = layout_driver.lay_out(volume, mirror, 60, said.append)
     if check is not None:
         assert check.problem(60) is None  # the child checked the volume (it is unchanged) and went on
     return check, said
@@ -110,7 +110,7 @@ def test_a_huge_prefetch_span_is_clamped_to_its_file(volume: VolumeLayout, tmp_p
     def limited() -> None:  # the memory the issue saw a span of 2**52 bytes exhaust
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
-    child = subprocess.run([sys.executable, "-m", "provision.boot.mirror", str(volume.root), str(tmp_path / "m")],
+    child = subprocess.run([sys.executable, "-m", "provision.boot.layout_child", str(volume.root), str(tmp_path / "m")],
                            capture_output=True, text=True, timeout=120, preexec_fn=limited,
                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
 

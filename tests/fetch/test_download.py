@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
-from provision.fetch.download import Credential, Retry, download, origin_of, partial_path
+from provision.fetch.download import Retry, download
+from provision.fetch.partials import partial_path
+from provision.fetch.tokens import Credential, origin_of
 from tests.helpers.http_server import FileServer
 
 FAST = Retry(attempts=3, base=0.01, cap=0.05)

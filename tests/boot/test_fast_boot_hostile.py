@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.boot.test_fast_boot import TXT2IMG, boot, forge_of, with_checkpoint
 from tests.conftest import snapshot
 from tests.helpers.read_only import available, read_only
 from tests.provision.conftest import cli
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
-from tests.worker.test_fast_boot import TXT2IMG, boot, forge_of, with_checkpoint
 from tests.worker.test_forge_env import children
 from volume_layout import VolumeLayout
 
