@@ -61,10 +61,10 @@ class Leftovers:
         self._lock = threading.RLock()
         self._started = False
 
-    def remove_mirror(self, mirror: Path) -> None:
-        """A copy no longer used (its lay-out failed, or Forge restarted from the volume): its memory back now."""
-        for child in self.children:
-            _end(child)
+    @staticmethod
+    def remove_mirror(mirror: Path) -> None:
+        """A copy no longer used (its lay-out failed, or Forge restarted from the volume): its memory back now.
+        The lay-out's helper is left to prefetch for the boot from the volume (it no longer writes the copy)."""
         shutil.rmtree(mirror, ignore_errors=True)
 
     def remove(self) -> None:

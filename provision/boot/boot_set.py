@@ -60,7 +60,12 @@ INDEX_LIMIT = 256 << 20  # an index.json larger than this is not one install wro
 
 
 class BootSetError(ValueError):
-    """The recorded boot set cannot be used as it is (missing, unreadable, malformed, or its digest differs)."""
+    """The recorded boot set cannot be used as it is (missing, unreadable, malformed, or its digest differs).
+    ``problem`` says what, ``str()`` adds the fix."""
+
+    def __init__(self, problem: str, fix: str = "(run `forge-volume install` to record it again)") -> None:
+        super().__init__(f"{problem} {fix}")
+        self.problem = problem
 
 
 @dataclass
@@ -155,20 +160,19 @@ def seal(data: dict[str, Any]) -> bytes:
 
 def load_index(layout: VolumeLayout) -> Index:
     """The recorded index, checked against its seal; BootSetError says why it cannot be used."""
-    fix = "(run `forge-volume install` to record it again)"
     try:
         raw = _read_regular(layout.boot_set_index, INDEX_LIMIT)
     except FileNotFoundError:
-        raise BootSetError("no boot set recorded (run `forge-volume install` to record one)") from None
+        raise BootSetError("no boot set recorded", "(run `forge-volume install` to record one)") from None
     except OSError as exc:
-        raise BootSetError(f"the boot set's index cannot be read ({exc}) {fix}") from None
+        raise BootSetError(f"the boot set's index cannot be read ({exc})") from None
     sealed = SEAL.search(raw)
     if sealed is None or hashlib.sha256(raw[:sealed.start()] + b"}").hexdigest() != sealed.group(1).decode():
-        raise BootSetError(f"{layout.relative(layout.boot_set_index)} does not match its digest {fix}")
+        raise BootSetError(f"{layout.relative(layout.boot_set_index)} does not match its digest")
     try:
         return Index.from_json(json.loads(raw[:sealed.start()] + b"}"))
     except (ValueError, KeyError, TypeError) as exc:
-        raise BootSetError(f"the boot set's index is not valid ({exc}) {fix}") from None
+        raise BootSetError(f"the boot set's index is not valid ({exc})") from None
 
 
 def _read_regular(path: Path, limit: int) -> bytes:

@@ -90,6 +90,11 @@ class VolumeCheck:
         return None if self._problem is None else changed_since_recorded(self._problem)
 
 
+def _printable(text: str) -> str:
+    """Text the child took from the volume (a crafted name may hold newlines or terminal escapes), on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None],
             started_child: Callable[[subprocess.Popen[str]], None] | None = None) -> VolumeCheck | None:
     """Run the child that lays out the mirror; when Forge may start from ``mirror``, the child's check of
@@ -123,7 +128,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     def read_err() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            errors.append(line.rstrip())
+            errors.append(_printable(line.rstrip()))
 
     threading.Thread(target=read_out, name="boot-mirror-out", daemon=True).start()
     threading.Thread(target=read_err, name="boot-mirror-err", daemon=True).start()
@@ -143,7 +148,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             "booting from the volume")
         return None
     if not result.get("ok"):
-        say(f"fast boot off: {result.get('reason')}; booting from the volume")
+        say(f"fast boot off: {_printable(str(result.get('reason')))}; booting from the volume")
         return None
     say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
         f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
@@ -157,7 +162,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             except ValueError:
                 continue
             if isinstance(said, dict) and "changed" in said:
-                check.answer(None if said["changed"] is None else str(said["changed"]))
+                check.answer(None if said["changed"] is None else _printable(str(said["changed"])))
             elif isinstance(said, dict) and "prefetched" in said:
                 say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
         proc.wait()
