@@ -33,6 +33,7 @@ class Context:
     spec_path: Path
     progress: Progress
     debug: bool
+    spec_given: bool = False  # --spec was given (`regions` falls back to ./forge-volume.toml otherwise)
 
     @property
     def lock_path(self) -> Path:
@@ -158,7 +159,7 @@ def main(ctx: click.Context, volume: Path | None, spec: Path | None, quiet: bool
     """
     layout = VolumeLayout((volume or provisioning_volume()).absolute())
     ctx.obj = Context(layout=layout, spec_path=(spec or layout.spec).absolute(),
-                      progress=Progress(quiet=quiet), debug=debug)
+                      progress=Progress(quiet=quiet), debug=debug, spec_given=spec is not None)
     if ctx.invoked_subcommand != "verify":  # verify lists these among its problems instead
         require_usable(layout, ctx.obj.spec_path)
 
@@ -376,6 +377,14 @@ def status(obj: Context, as_json: bool, every_file: bool) -> None:
         if text:
             click.echo(text)
 
+
+def _add_regions() -> None:
+    from provision.commands.regions import regions
+
+    main.add_command(regions)
+
+
+_add_regions()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

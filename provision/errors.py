@@ -73,6 +73,15 @@ class CorruptLockError(LockError):
                 "fix it there, then send the job again")
 
 
+class InvalidLockError(LockError):
+    """A lock field holds something no lock would (edited by hand): the message names each entry and field."""
+
+    hint = ("correct the fields named in forge-volume.lock (a sha256 is 64 hex digits, a size a number "
+            "without quotes), or run `forge-volume lock` to resolve the spec into a new lock")
+    job_hint = ("correct the fields named in the volume's forge-volume.lock on a pod with this volume (or lock "
+                "the spec again there), then send the job again")
+
+
 class StaleLockError(LockError):
     """The spec was edited after locking: the lock no longer describes it. The message names each entry
     that differs."""
@@ -204,3 +213,17 @@ class AdoptError(ForgeVolumeError):
     """``forge-volume adopt`` cannot take this volume over as it is; the message names what and the fix."""
 
     hint = "fix what the message names, then run `forge-volume adopt` again (nothing was moved)"
+
+
+class RunPodError(ForgeVolumeError):
+    """RunPod's API refused or failed a request, or a datacenter's work could not be done there.
+    The message names the request (method and path, never the key)."""
+
+    hint = "check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes)"
+
+
+class RunPodKeyError(RunPodError):
+    """RUNPOD_API_KEY is missing or unusable."""
+
+    hint = ("export RUNPOD_API_KEY (RunPod console -> Settings -> API Keys, read and write); forge-volume "
+            "reads it from the environment only and never prints or stores it")
