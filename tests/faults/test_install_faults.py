@@ -142,7 +142,7 @@ def bad_specs(forge: str, helper_env: dict[str, str]) -> list[tuple[str, str, st
         ("unclosed string", head.replace('ref = "main"', 'ref = "main'), "not valid TOML: "),
         ("unknown top-level key", head + "[forj]\nrepo = 'x'\n",
          "line 7: `[forj]` is not a known table; did you mean `[forge]`? (a spec holds [forge], [[extensions]], "
-         "[[models]])"),
+         "[[models]], [runpod])"),
         ("unknown forge key", head.replace("torch = []", "torch = []\ntorch_version = '2.3'"),
          "line 6: `forge.torch_version` is not a known key (allowed here: repo, ref, python, torch"),
         ("unknown model key", head + model + 'sha = "abc"\n',
