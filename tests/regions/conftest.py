@@ -98,7 +98,7 @@ def folder_of(standin: RunPodStandIn, dc: str) -> Path:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
-    world = build_world(root / "world")
+    world = build_world(root / "world", extensions=("ext-one",))  # one extension: its clone, pip and installer
     with FileServer() as server, pytest.MonkeyPatch.context() as mp:
         server.add("/files/tiny.safetensors", data=WEIGHTS)
         server.add("/files/more.safetensors", data=MORE_WEIGHTS)

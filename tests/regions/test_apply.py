@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from tests.helpers.procs import kill_group
 from tests.regions.conftest import (
     DCS,
     KEY,
@@ -13,6 +18,7 @@ from tests.regions.conftest import (
     WEIGHTS,
     Copy,
     Fleet,
+    api_env,
     done_actions,
     folder_of,
     lock,
@@ -183,3 +189,67 @@ def test_key_never_shown(fleet: Fleet, tmp_path: Path) -> None:
     assert wrong.exit_code == 1 and "answered 401" in wrong.stderr and "rpa_WRONGKEY" not in wrong.output
     missing = regions(fleet.spec, standin, "plan", env={"RUNPOD_API_KEY": ""})
     assert missing.exit_code == 1 and "RUNPOD_API_KEY is not set" in missing.stderr
+
+
+def test_a_pod_whose_caller_died_ends_itself(fleet_copy: Copy) -> None:
+    standin, spec, server = fleet_copy.standin, fleet_copy.spec, fleet_copy.server
+    text = spec.read_text().replace("\n[runpod]", model_entry(server, "/files/more.safetensors", MORE_WEIGHTS)
+                                    + "\n[runpod]", 1)
+    spec.write_text(text.replace("\n[runpod.endpoint]", 'env = { FORGE_VOLUME_LINGER = "1" }\n\n[runpod.endpoint]'))
+    lock(spec)
+    proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--spec", str(spec), "regions", "apply"],
+                            env={**os.environ, **api_env(standin)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(standin.pods) < len(DCS):
+            assert time.monotonic() < deadline, "the pods did not start"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the caller's machine went away before any pod finished
+        proc.wait(10)
+    finally:
+        kill_group(proc)
+    pods = sorted(standin.pods)
+    deadline = time.monotonic() + 120
+    while standin.pods:
+        assert time.monotonic() < deadline, f"pods left running: {sorted(standin.pods)}"
+        time.sleep(0.2)
+    # Each finished its refresh, then ended itself with its own pod-scoped key.
+    assert sorted(path.split("/")[3] for method, path in standin.pod_calls if path.endswith("/action")) == pods
+    for dc in DCS:
+        assert (folder_of(standin, dc) / "models" / "Lora" / "more.safetensors").read_bytes() == MORE_WEIGHTS
+
+
+def test_volumes_grow_and_never_shrink(fleet_copy: Copy) -> None:
+    standin, spec = fleet_copy.standin, fleet_copy.spec
+    small = next(v for v in standin.volumes.values() if v["dataCenter"] == "US-KS-2")
+    small["size"] = 20  # made smaller than the spec by hand in the console
+    big = next(v for v in standin.volumes.values() if v["dataCenter"] == "EU-RO-1")
+    big["size"] = 80
+    planned = plan_actions(spec, standin)
+    assert planned == {**NOTHING, "US-KS-2": "grow volume"}
+    shown = regions(spec, standin, "plan").stdout
+    assert "kept at 80 GB: the spec says 50 GB, and volumes are never shrunk" in shown
+
+    result = regions(spec, standin, "apply", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert done_actions(result) == planned
+    assert (small["size"], big["size"]) == (50, 80)
+    assert standin.mutating_requests() == [("PATCH", f"/v2/network-volumes/{small['id']}")]
+    assert standin.pod_bodies == []
+
+
+def test_two_volumes_of_one_name_are_never_guessed_between(fleet_copy: Copy) -> None:
+    standin, spec = fleet_copy.standin, fleet_copy.spec
+    twin = {"id": "twin000001", "name": "forge", "size": 50, "dataCenter": "EUR-IS-1", "type": "STANDARD"}
+    standin.volumes[twin["id"]] = twin
+    plan = regions(spec, standin, "plan")
+    assert "EUR-IS-1: cannot apply: 2 volumes are named 'forge' here" in plan.stdout, plan.output
+
+    result = regions(spec, standin, "apply")
+
+    assert result.exit_code == 1 and "EUR-IS-1 does not match the lock" in result.stderr
+    assert standin.pod_bodies == [] and [r for r in standin.mutating_requests() if "network-volumes" in r[1]] == []
+    (endpoint,) = standin.endpoints.values()
+    assert sorted(endpoint["dataCenterIds"]) == ["EU-RO-1", "US-KS-2"]
