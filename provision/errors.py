@@ -213,3 +213,17 @@ class AdoptError(ForgeVolumeError):
     """``forge-volume adopt`` cannot take this volume over as it is; the message names what and the fix."""
 
     hint = "fix what the message names, then run `forge-volume adopt` again (nothing was moved)"
+
+
+class RunPodError(ForgeVolumeError):
+    """RunPod's API refused or failed a request, or a datacenter's work could not be done there.
+    The message names the request (method and path, never the key)."""
+
+    hint = "check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes)"
+
+
+class RunPodKeyError(RunPodError):
+    """RUNPOD_API_KEY is missing or unusable."""
+
+    hint = ("export RUNPOD_API_KEY (RunPod console -> Settings -> API Keys, read and write); forge-volume "
+            "reads it from the environment only and never prints or stores it")

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import requests
 
-from provision.errors import SourceError
+from provision.errors import ForgeVolumeError, SourceError
 from provision.fetch.download import USER_AGENT
 from provision.fetch.hub import civitai_api_base, civitai_credential
 from provision.fetch.sources import CivitaiSource, UrlSource, parse_source, shown_source
@@ -84,16 +84,51 @@ def _source(data: dict[str, object], sha256: str) -> str | None:
 
 
 @dataclass
+class HfRepos:
+    """The Hugging Face repositories the user named (``--hf-repo``): one listing each (the hub gives every LFS
+    file's sha256), then a file matches by hash. Sources are pinned at the commit listed."""
+
+    repos: tuple[str, ...]
+    name: str = "the named Hugging Face repositories"
+    _by_hash: dict[str, str] | None = None
+
+    def find(self, sha256: str) -> str | None:
+        if self._by_hash is None:
+            from provision.fetch.hub import list_hf_repo  # huggingface_hub: only when repos are named
+
+            found: dict[str, str] = {}
+            for repo in self.repos:
+                try:
+                    commit, entries = list_hf_repo(repo, None)
+                except ForgeVolumeError as exc:
+                    raise Unreachable(f"hf://{repo}: {exc.message}") from None
+                for entry in entries:
+                    if entry.sha256:
+                        found.setdefault(entry.sha256.lower(), f"hf://{repo}/{entry.path}@{commit}")
+            self._by_hash = found
+        return self._by_hash.get(sha256)
+
+
+@dataclass
 class Found:
     sources: dict[str, str] = field(default_factory=dict)  # sha256 -> source
     notes: list[str] = field(default_factory=list)
 
 
-def look_up(hashes: Iterable[str], index: HashIndex | None, deadline: float = DEADLINE) -> Found:
-    """Ask ``index`` for each hash until it fails or the deadline passes; say what was skipped."""
-    todo = list(dict.fromkeys(hashes))
+def look_up(hashes: Iterable[str], indexes: Iterable[HashIndex], deadline: float = DEADLINE) -> Found:
+    """Ask each index in turn for the hashes no earlier one named."""
     out = Found()
-    if index is None or not todo:
+    for index in indexes:
+        found = _look_up([h for h in dict.fromkeys(hashes) if h not in out.sources], index, deadline)
+        out.sources.update(found.sources)
+        out.notes += found.notes
+    return out
+
+
+def _look_up(todo: list[str], index: HashIndex, deadline: float) -> Found:
+    """Ask ``index`` for each hash until it fails or the deadline passes; say what was skipped."""
+    out = Found()
+    if not todo:
         return out
     ends = time.monotonic() + deadline
     for i, sha in enumerate(todo):

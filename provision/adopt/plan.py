@@ -7,6 +7,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from provision.adopt.moves import Move
@@ -24,7 +25,7 @@ Journal = dict[str, Any]
 FORGE_REMOTE = "https://github.com/lllyasviel/stable-diffusion-webui-forge.git"
 
 
-def journal_path(layout: VolumeLayout) -> Any:
+def journal_path(layout: VolumeLayout) -> Path:
     return layout.adopt_dir / "journal.json"
 
 

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from provision.fetch.sources import VOLUME_SOURCE
+from provision.fetch.sources import VOLUME_SOURCE, HfSource, parse_source
 from provision.models.files import make_record
 from provision.records.lockfile import Lock, LockedExtension, LockedForge, LockedModel, write_atomic, write_lock
 from provision.records.spec import DEFAULT_TORCH, DEFAULT_TORCH_INDEX, load_spec
@@ -53,9 +53,19 @@ def make_lock(journal: Journal) -> Lock:
         extensions=[LockedExtension(name=e["name"], repo=e["remote"], ref=e["ref"], commit=e["commit"])
                     for e in journal["extensions"]],
         models=[LockedModel(kind=m["kind"], name=m["name"], source=m["source"], path=m["dest"], sha256=m["sha256"],
-                            size=m["size"], pinned_by="volume" if m["source"] == VOLUME_SOURCE else "server")
+                            size=m["size"], revision=_revision(m["source"]),
+                            pinned_by=_pinned_by(m["source"]))
                 for m in journal["models"]],
     )
+
+
+def _pinned_by(source: str) -> str:
+    return "volume" if source == VOLUME_SOURCE else "hub" if source.startswith("hf://") else "server"
+
+
+def _revision(source: str) -> str | None:
+    parsed = parse_source(source)
+    return parsed.revision if isinstance(parsed, HfSource) else None
 
 
 def _q(value: Any) -> str:

@@ -184,6 +184,8 @@ def _extensions(layout: VolumeLayout, checkout: Path, out: Survey) -> None:
             continue
         if entry.is_symlink() or not entry.is_dir():
             out.unrecognised.append((rel, "not an extension folder: left in place"))
+        elif _bad_name(entry.name):
+            out.unrecognised.append((rel + "/", f"{_bad_name(entry.name)}: left in place"))
         elif not (path / ".git").exists():
             out.unrecognised.append((rel + "/", "an extension that is not a git checkout (forge-volume installs "
                                                 "extensions from git): left in place, not loaded by the new worker"))
@@ -194,6 +196,14 @@ def _extensions(layout: VolumeLayout, checkout: Path, out: Survey) -> None:
                                                     "place, not loaded by the new worker"))
             else:
                 out.extensions.append(repo)
+
+
+def _bad_name(name: str) -> str | None:
+    try:
+        check_file_name(name)
+    except LayoutError as exc:
+        return str(exc)
+    return None
 
 
 _DIST = re.compile(r"^(torch|torchvision|xformers)-([^-]+)\.dist-info$", re.IGNORECASE)

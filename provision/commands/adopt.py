@@ -45,7 +45,7 @@ def _refuse_provisioned(layout: VolumeLayout, spec_path: Path, state: dict[str, 
 
 
 def adopt(layout: VolumeLayout, spec_path: Path, *, dry_run: bool, keep_local_changes: bool, python: str | None,
-          index: lookup.HashIndex | None, progress: Progress, say: Say) -> AdoptReport:
+          indexes: list[lookup.HashIndex], progress: Progress, say: Say) -> AdoptReport:
     require_volume(layout)
     state = read_state(layout)
     adopted = (state or {}).get("adopted") or {}
@@ -75,9 +75,9 @@ def adopt(layout: VolumeLayout, spec_path: Path, *, dry_run: bool, keep_local_ch
         seconds = time.monotonic() - started
         if found.models:
             say(f"hashed {human(found.model_bytes)} in {seconds:.1f} s")
-        if index is not None and found.models:
-            progress.info(f"looking up {len(set(hashes.values()))} sha256 in {index.name}")
-        sources = lookup.look_up(hashes.values(), index)
+        if indexes and found.models:
+            progress.info(f"looking up {len(set(hashes.values()))} sha256 in {' and '.join(i.name for i in indexes)}")
+        sources = lookup.look_up(hashes.values(), indexes)
         for note in sources.notes:
             say(note)
         patches = adopt_plan.save_patches(layout, found) if keep_local_changes else []

@@ -171,8 +171,8 @@ def format_files(files: dict[str, Any]) -> str:
     no_source = files.get("no_source") or []
     if no_source:
         total = human_bytes(sum(m["bytes"] or 0 for m in no_source))
-        lines.append(f"no source   {len(no_source)} model file(s), {total}: "
-                     "no source: cannot be rebuilt elsewhere (kept on this volume, checked by sha256, never "
+        lines.append(f"no source   {len(no_source)} model file(s), {total}, with no source: "
+                     "cannot be rebuilt elsewhere (kept on this volume, checked by sha256, never "
                      "downloaded; back them up)")
         lines += [f"              {m['path']} ({human_bytes(m['bytes'])})" for m in no_source]
     if files.get("lock_problem"):

@@ -16,6 +16,7 @@ import pytest
 from provision.adopt.moves import KILL_AFTER
 from tests.adopt.conftest import Original
 from tests.conftest import snapshot
+from tests.helpers.fake_hub import FakeHub
 from tests.helpers.http_server import FileServer
 from tests.provision.conftest import cli, state_of
 
@@ -111,6 +112,11 @@ def test_an_adopt_killed_mid_way_finishes_when_run_again(original: Original) -> 
     # every old path still resolves, moved or not
     for old, data in original.volume.models.items():
         assert (checkout / old).read_bytes() == data
+    # a kill between a move's two steps: the hard link made, the old path not yet a link
+    half = next(m for m in journal["moves"] if not (root / m["src"]).is_symlink() and m["dest"].startswith("models/"))
+    (root / half["dest"]).parent.mkdir(parents=True, exist_ok=True)
+    os.link(root / half["src"], root / half["dest"])
+    inodes[half["dest"]] = (root / half["dest"]).stat().st_ino
     dry = cli("adopt", "--dry-run")
     assert "was interrupted with 6 of 9 move(s) to go" in dry.output, dry.output
     again = run_cli("adopt")
@@ -214,3 +220,22 @@ def test_an_unreachable_index_is_skipped_with_a_note(original: Original, monkeyp
     assert result.exit_code == 0, result.output
     assert "Civitai's by-hash API did not answer (ConnectionError); 7 file(s) not looked up are recorded with " \
            "no source" in result.output
+
+
+def test_a_named_hugging_face_repo_names_sources_by_hash(original: Original, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = original.volume.root
+    upscaler = original.volume.models["models/ESRGAN/4x-UltraSharp.pth"]
+    with FakeHub() as hub:
+        commit = hub.add_repo("ashleykleynhans/upscalers", {"4x-UltraSharp.pth": upscaler, "lollypop.pth": b"l" * 99})
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        result = cli("adopt", "--no-lookup", "--hf-repo", "ashleykleynhans/upscalers")
+        assert result.exit_code == 0, result.output
+        assert not hub.resolve_requests()  # listed once, nothing downloaded
+    lock = {m["name"]: m for m in json.loads((root / "forge-volume.lock").read_text())["models"]}
+    entry = lock["4x-UltraSharp.pth"]
+    assert entry["source"] == f"hf://ashleykleynhans/upscalers/4x-UltraSharp.pth@{commit}"
+    assert (entry["revision"], entry["pinned_by"], entry["sha256"]) == (commit, "hub", sha(upscaler))
+    assert lock["sdxl_vae.safetensors"]["source"] == "volume"
+    assert "named the source of 1 file(s): hf://ashleykleynhans/upscalers/4x-UltraSharp.pth@" in result.output
+    assert cli("verify").exit_code == 1  # not installed yet; but lock and spec agree:
+    assert "no changes" in cli("lock").output
