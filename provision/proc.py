@@ -44,6 +44,13 @@ def output_to(sink: OutputSink) -> Iterator[None]:
         _SINK.reset(token)
 
 
+def log_line(text: str) -> None:
+    """A line of our own in the log of ``output_to`` (when there is one), among the commands' output."""
+    sink = _SINK.get()
+    if sink is not None:
+        sink.line(text)
+
+
 def tail(text: str, lines: int = TAIL_LINES) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept)
@@ -58,8 +65,10 @@ def run(
     error: type[CommandError] = CommandError,
     what: str | None = None,
     stream: bool = False,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command; on failure raise ``error`` naming it, its exit code and its output's last lines.
+    """Run a command; on failure raise ``error`` naming it, its exit code and its output's last lines
+    (with ``check`` False a non-zero exit is the caller's to judge: the result is returned).
 
     With ``stream`` its output (stdout and stderr merged, in ``stdout``) also goes, line by line, to
     the sink of ``output_to`` while it runs.
@@ -79,7 +88,7 @@ def run(
         raise error(f"{label} failed: {argv[0]} is not installed or not on PATH") from None
     except subprocess.TimeoutExpired:
         raise error(f"{label} did not finish within {timeout:.0f} s") from None
-    if result.returncode != 0:
+    if result.returncode != 0 and check:
         detail = tail((result.stderr or "") + "\n" + (result.stdout or ""))
         where = f" (its whole output is in {sink.path})" if sink is not None else ""
         raise error(f"{label} failed with exit code {result.returncode}: {detail}{where}")
