@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.progress import human_bytes
 from provision.records.lockfile import write_atomic
 from volume_layout import VolumeLayout
 
@@ -510,8 +511,8 @@ def write(layout: VolumeLayout, index: Index, files: list[Path]) -> None:
 
 def summary(index: Index) -> str:
     prefetch = sum(length for _, _, _, spans in index.ranges for _, length in spans)
-    return (f"boot set: {len(index.files)} files ({index.archive_size / 1e6:.0f} MB) in {len(index.dirs)} folders, "
-            f"{len(index.ranges)} large libraries ({prefetch / 1e6:.0f} MB to prefetch)"
+    return (f"boot set: {len(index.files)} files ({human_bytes(index.archive_size)}) in {len(index.dirs)} folders, "
+            f"{len(index.ranges)} large libraries ({human_bytes(prefetch)} to prefetch)"
             + (f", checkpoint {index.checkpoint}" if index.checkpoint else ""))
 
 
