@@ -474,6 +474,22 @@ def _links_describe(ctx: Ctx) -> list[str]:
 
 # --- boot proof ---------------------------------------------------------------------------------
 
+def lock_checkpoints(lock: Lock) -> list[str]:
+    """The lock's checkpoints, relative to the volume, in lock order: the only ones the toolkit picks for Forge."""
+    return [m.path for m in lock.models if m.kind == "checkpoint"]
+
+
+def boot_checkpoint_problem(layout: VolumeLayout, lock: Lock, index: boot_set.Index | None) -> str | None:
+    """Why the boot set's checkpoint (the one workers prefetch) is wrong: gone, or no longer in the lock."""
+    if index is None or index.checkpoint is None:
+        return None
+    if not layout.absolute(index.checkpoint).is_file():
+        return f"the boot set names the checkpoint {index.checkpoint} to prefetch, which is no longer on the volume"
+    if index.checkpoint not in lock_checkpoints(lock):
+        return f"the boot set names the checkpoint {index.checkpoint} to prefetch, which the lock no longer lists"
+    return None
+
+
 def _boot_done(ctx: Ctx) -> bool:
     boot = ctx.recorded("boot") or {}
     if not boot.get("ok") or not all(os.path.lexists(ctx.layout.absolute(p)) for p in boot.get("forge_files") or []):
@@ -481,14 +497,16 @@ def _boot_done(ctx: Ctx) -> bool:
     # The boot set must still describe the volume (a `pip install` by hand on a pod changes the venv).
     index = boot_set.read_index(ctx.layout)
     key = ((ctx.state.get("steps") or {}).get("boot") or {}).get("key")
-    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None
+    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None and \
+        boot_checkpoint_problem(ctx.layout, ctx.lock, index) is None
 
 
 def _boot_run(ctx: Ctx) -> Change:
     from provision.boot import proof  # starts Forge: only when the step runs
 
     record = proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
-                              timeout=proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"])
+                              timeout=proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"],
+                              checkpoints=lock_checkpoints(ctx.lock))
     made = record["forge_files"]
     ctx.notes.append(f"Forge booted from the volume in {record['seconds']:.1f} s"
                      + (f"; its first start made {len(made)} folder(s)/file(s) under models/, recorded as Forge's own"
