@@ -9,6 +9,7 @@ log file that holds all of it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from collections import deque
@@ -51,6 +52,22 @@ def log_line(text: str) -> None:
         sink.line(text)
 
 
+_USER_INFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")  # a token in a URL: never into a log
+
+
+def _log_captured(label: str, result: subprocess.CompletedProcess[str]) -> None:
+    """A short command's captured output (git, venv creation) in the log of ``output_to`` too, after it ran:
+    the log holds every command's output, not only the streamed ones'."""
+    sink = _SINK.get()
+    if sink is None:
+        return
+    shown = _USER_INFO.sub(r"\1", label)
+    sink.line(f"$ {shown} (exit code {result.returncode})")
+    for line in ((result.stdout or "") + "\n" + (result.stderr or "")).splitlines():
+        if line.strip():
+            sink.line(_USER_INFO.sub(r"\1", line))
+
+
 def tail(text: str, lines: int = TAIL_LINES) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept)
@@ -84,6 +101,8 @@ def run(
                 argv, cwd=cwd, env=None if env is None else dict(env), text=True, timeout=timeout,
                 stdin=subprocess.DEVNULL, capture_output=True,
             )
+        if not stream:
+            _log_captured(label, result)
     except FileNotFoundError:
         raise error(f"{label} failed: {argv[0]} is not installed or not on PATH") from None
     except subprocess.TimeoutExpired:
