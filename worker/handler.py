@@ -56,6 +56,7 @@ class Worker:
     refusals: Refusals | None = None  # what Forge's no-network hook refused (provision.forge.offline)
     settle_timeout: float = SETTLE_TIMEOUT
     watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
+    cleanup: Callable[[], None] | None = None  # stops Forge, removes the scratch and the copy (``worker.boot``)
     # RunPod's local test API (--rp_serve_api) answers a failed job with its `error` alone: there the error
     # also carries the end of `forge_log`, which the caller would not see otherwise.
     local_api: bool = False

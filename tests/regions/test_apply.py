@@ -37,6 +37,9 @@ def test_three_datacenters_from_nothing(fleet: Fleet) -> None:
     assert first.exit_code == 0, first.output
     assert fleet.planned == {**dict.fromkeys(DCS, "create volume + install"), "endpoint": "create"}
     assert done_actions(first) == fleet.planned  # plan said what apply did
+    for done in json.loads(first.stdout)["done"]:  # each pod's own report of its install, read from its log
+        assert done["ok"] and done["message"].startswith("installed in") and "ran python, venv" in done["message"]
+        assert done["result"]["state"]["forge_commit"] == fleet.world.forge.head()
 
     # One volume per datacenter, named as the spec says; one CPU pod each, the volume at /workspace.
     assert sorted((v["dataCenter"], v["name"], v["size"]) for v in standin.volumes.values()) == sorted(
