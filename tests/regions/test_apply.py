@@ -256,3 +256,21 @@ def test_two_volumes_of_one_name_are_never_guessed_between(fleet_copy: Copy) -> 
     assert standin.pod_bodies == [] and [r for r in standin.mutating_requests() if "network-volumes" in r[1]] == []
     (endpoint,) = standin.endpoints.values()
     assert sorted(endpoint["dataCenterIds"]) == ["EU-RO-1", "US-KS-2"]
+
+
+def test_check_installs_everywhere_and_finds_nothing_to_do(fleet_copy: Copy) -> None:
+    standin, spec = fleet_copy.standin, fleet_copy.spec
+    spec.with_suffix(".regions.json").unlink()  # another machine: no record of what the volumes hold
+    status = regions(spec, standin, "status")
+    assert status.exit_code == 1 and status.stdout.count("unknown: no record of what it holds") == 3, status.output
+    planned = plan_actions(spec, standin)
+    assert planned == {**dict.fromkeys(DCS, "install"), "endpoint": "none"}
+
+    result = regions(spec, standin, "apply", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert done_actions(result) == planned
+    assert [d["message"].split(":")[0] for d in json.loads(result.stdout)["done"]] == ["nothing to do"] * 3
+    assert regions(spec, standin, "status").exit_code == 0  # recorded again
+    forced = regions(spec, standin, "plan", "--check")
+    assert forced.stdout.count("--check: install checks everything") == 3
