@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import json
 import sys
 import threading
 import traceback
@@ -27,6 +26,7 @@ from provision.progress import QUIET
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings
 from worker.normalise import HelperCall, InputError
+from worker.scrub import scrub, secret_forms
 
 TOKEN_KEYS = ("hf_token", "civitai_token", "token")
 # Every key each helper accepts: anything else fails the job before it changes anything (a typo such
@@ -139,26 +139,6 @@ def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -
 
 
 HELPERS = {"/v1/download": _download, "/v1/sync": _sync, "/v1/refresh-models": _refresh, "/v1/volume": _status}
-
-
-def secret_forms(secrets: list[str]) -> list[str]:
-    """Each secret as written, stripped, and quoted as Python's repr or JSON would show it (a token with a
-    stray newline appears as ``'Bearer abc\\n'`` in an HTTP library's error), longest first."""
-    forms = {form for s in secrets for form in (s, s.strip(), repr(s)[1:-1], json.dumps(s)[1:-1]) if len(form) >= 4}
-    return sorted(forms, key=len, reverse=True)
-
-
-def scrub(value: Any, secrets: list[str]) -> Any:
-    """``value`` with every secret replaced, wherever a string holds one (see ``secret_forms``)."""
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
-    if isinstance(value, dict):
-        return {k: scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, secrets) for v in value]
-    return value
 
 
 CANCEL_GRACE = 5.0  # seconds a cancelled helper's thread gets to stop and free its locks

@@ -27,8 +27,9 @@ from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 from provision.fetch import resume
 from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
-from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets, watch_session
+from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets
 from provision.fetch.partials import claim, partial_path, sweep_leftovers
+from provision.fetch.session import watch_session
 from provision.fetch.sources import shown_source
 from provision.fetch.stream import OnBytes, Sink
 from provision.fetch.tokens import Credential

@@ -104,7 +104,7 @@ def test_atomic_writes_never_share_a_temporary_with_another_writer(tmp_path: Pat
     temporary file of another writer's state.json or lock (its rename would then fail, or publish a mix)."""
     import os
 
-    from provision.records.lockfile import write_atomic
+    from provision.records.atomic import write_atomic
 
     target = tmp_path / "state.json"
     other = tmp_path / f".state.json.{os.getpid()}.tmp"  # the other writer's write in progress
