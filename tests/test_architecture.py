@@ -2,7 +2,8 @@
 worker's runtime path loads neither the CLI nor the downloader.
 
 Layers, bottom to top (a module may import its own layer or a lower one; ``volume_layout`` is below all):
-errors/progress/proc < fetch < records < forge < models < boot < installer < commands < cli; worker/ above all.
+errors/progress/proc < fetch < records < forge < models < boot < installer (adopt, regions beside it) < commands
+< cli; worker/ above all.
 Every import counts, the ones inside functions too: a lazy import still climbs.
 """
 
@@ -17,8 +18,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# adopt (issue 20) and regions (issue 22) sit beside installer: they build on the volume's records, models and
+# install steps, and a command drives them.
 LAYERS = (("errors", "progress", "proc"), ("fetch",), ("records",), ("forge",), ("models",), ("boot",),
-          ("installer",), ("commands",), ("cli",))
+          ("installer", "adopt", "regions"), ("commands",), ("cli",))
 PACKAGES = ("provision", "worker")
 
 
