@@ -85,7 +85,7 @@ def _tokens(payload: dict[str, Any], settings: Settings) -> dict[str, str]:
 
 
 def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from provision.models import fetch_model
+    from provision.models import ModelRequest, fetch_model
 
     source = _text(payload, "source") or _text(payload, "source_url")
     if not source:
@@ -100,25 +100,26 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     # endpoint's settings name. A malformed source is refused before anything else.
     url = isinstance(parse_source(source), UrlSource)
     guard = AddressGuard.for_url(source, settings.download_allow_networks) if url else None
-    result = fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
-                         sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings),
-                         guard=guard, overwrite=_flag(payload, "overwrite"))
+    request = ModelRequest(source, kind=kind, name=_text(payload, "name"), dest=dest, sha256=_text(payload, "sha256"),
+                           tokens=_tokens(payload, settings), guard=guard, overwrite=_flag(payload, "overwrite"))
+    result = fetch_model(layout, request, QUIET)
     # The original worker's answer, beside ours: its clients read these three.
     return {**result, "msg": "Download successful", "source_url": result["source"],
             "download_path": str(layout.absolute(result["path"]))}
 
 
 def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from provision.models import sync_hf_repo
+    from provision.models import RepoRequest, sync_hf_repo
 
     repo_id = _text(payload, "repo_id", required=True)
     sync_path = _text(payload, "sync_path")
     # The original form names the models root: each top folder of the repo goes to the kind folder it names.
     by_kind_folder = sync_path is not None and layout.names_models_root(sync_path)
     dest = layout.models_relative(sync_path) if sync_path and not by_kind_folder else None
-    result = sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"),
-                          kind=_text(payload, "kind"), dest=dest, by_kind_folder=by_kind_folder, progress=QUIET,
-                          token=_tokens(payload, settings).get("hf"), overwrite=_flag(payload, "overwrite"))
+    request = RepoRequest(str(repo_id), revision=_text(payload, "revision"), kind=_text(payload, "kind"), dest=dest,
+                          by_kind_folder=by_kind_folder, token=_tokens(payload, settings).get("hf"),
+                          overwrite=_flag(payload, "overwrite"))
+    result = sync_hf_repo(layout, request, QUIET)
     fetched = result.pop("fetched")
     # The original worker's answer, beside ours: the files this job wrote, where they are on this worker.
     return {**result, "synced_count": len(fetched), "synced_files": [str(layout.absolute(p)) for p in fetched]}
