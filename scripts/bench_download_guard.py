@@ -2,8 +2,8 @@
 """Benchmark issue 10's costs on the downloader (not a test; run it by hand, figures printed).
 
 1. A refused internal address: each spelling of loopback, private and link-local addresses through
-   ``download(..., guard=...)``; the time per refusal (target: < 100 ms) and the connections a canary
-   listening on every local address accepted (target: 0: no network traffic).
+   ``download(Download(..., http=Http(guard=...)))``; the time per refusal (target: < 100 ms) and the
+   connections a canary listening on every local address accepted (target: 0: no network traffic).
 2. Loopback throughput of this tree against another checkout (default: the commit before issue 10),
    in interleaved rounds in one run, each download in its own process (target: within 5 %).
 

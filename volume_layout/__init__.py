@@ -192,6 +192,16 @@ class VolumeLayout:
         except KeyError:
             raise LayoutError(f"unknown model kind {kind!r}; known kinds: {known_kinds()}") from None
 
+    def under_models(self, relative: str) -> Path:
+        """A path the lock gives relative to the volume (``models/VAE-approx/model.pt``): plain names
+        below models/, no '..', no absolute path; links on the way are the fence's (``inside_models``)."""
+        parts = relative.split("/")
+        if len(parts) < 3 or parts[0] != "models":
+            raise LayoutError(f"{relative[:120]!r} is not a file under models/")
+        for part in parts[1:]:
+            check_file_name(part)
+        return self.root.joinpath(*parts)
+
     def model_path(self, kind: str, name: str) -> Path:
         return self.kind_dir(kind) / check_file_name(name)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def main() -> None:
@@ -16,6 +17,7 @@ def main() -> None:
     from worker.handler import make_handler
 
     worker = build_worker(os.environ)  # Forge starts booting now, while the SDK imports
+    worker.local_api = "--rp_serve_api" in sys.argv
     from worker.sdk import import_runpod
 
     runpod = import_runpod()

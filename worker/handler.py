@@ -54,6 +54,9 @@ class Worker:
     report: Reporter = log_reporter
     settle_timeout: float = SETTLE_TIMEOUT
     watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
+    # RunPod's local test API (--rp_serve_api) answers a failed job with its `error` alone: there the error
+    # also carries the end of `forge_log`, which the caller would not see otherwise.
+    local_api: bool = False
 
 
 def _error(message: str, *, refresh: bool = False, **detail: Any) -> dict[str, Any]:
@@ -228,6 +231,17 @@ async def _refresh_forge(worker: Worker) -> bool:
     return all(a.status == 200 for a in answers)
 
 
+LOCAL_LOG_LINES = 15
+
+
+def _with_log_tail(out: Any) -> Any:
+    """A failed Forge job's error with the last lines of ``forge_log`` appended (for the local test API)."""
+    if not (isinstance(out, dict) and out.get("error") and out.get("forge_log")):
+        return out
+    lines = [line.strip() for line in out["forge_log"] if str(line).strip()][-LOCAL_LOG_LINES:]
+    return {**out, "error": f"{out['error']} -- forge_log (last {len(lines)} lines): {' | '.join(lines)}"}
+
+
 def make_handler(worker: Worker) -> Handler:
     async def handler(job: dict[str, Any]) -> Any:
         try:
@@ -243,7 +257,8 @@ def make_handler(worker: Worker) -> Handler:
                 if "error" not in out and call.endpoint in CHANGES_MODELS:
                     out["forge_refreshed"] = await _refresh_forge(worker)
                 return out
-            return await _relay(worker, call, job)
+            out = await _relay(worker, call, job)
+            return _with_log_tail(out) if worker.local_api else out
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the boundary: log the traceback here, never send it to the caller

@@ -142,7 +142,7 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
             ctx.state = update_state(layout, forget)
             with output_to(log):
                 change = step.run(ctx)
-            if step.name == "models" and lock.models:
+            if step.name == "models" and lock.files:
                 # Downloads may pin first-seen checksums into the lock: key on what is locked now.
                 ctx.lock = lock = read_lock(lock_path)
                 keys = step_keys(lock)

@@ -85,7 +85,7 @@ def volume_files(layout: VolumeLayout, lock_path: Path, *, every_file: bool) -> 
         lock = read_lock(lock_path) if lock_path.exists() else None
     except LockError as exc:
         lock, lock_problem = None, exc.one_line()
-    found = mf.inventory(layout, lock.models if lock else None)
+    found = mf.inventory(layout, lock.files if lock else None)
     partials = []
     for temp in sorted(mf.temp_files(layout)):
         try:

@@ -22,7 +22,7 @@ from provision.fetch.sources import shown_source
 from provision.installer.preflight import blocked_paths
 from provision.models import files as mf
 from provision.progress import Progress
-from provision.records.lockfile import read_lock
+from provision.records.lockfile import LockedFirstUse, read_lock
 
 
 def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progress: Progress) -> list[str]:
@@ -31,15 +31,16 @@ def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progr
 
     problems = installation_problems(layout, lock)
     recs = mf.records(layout)
-    to_hash = sum(m.size or 0 for m in lock.models) if deep else None
+    to_hash = sum(m.size or 0 for m in lock.files) if deep else None
     bar = progress.bar(to_hash, "hashing models") if deep else None
     false_records: set[str] = set()
     try:
-        for model in lock.models:
+        for model in lock.files:
             c = mf.check(layout, model, recs, hash_files=True, deep=deep,
                          on_bytes=bar.update if bar is not None else None)
             if c.status == "missing":
-                problems.append(f"missing: {model.path} ({model.kind} from {shown_source(model.source)})")
+                what = f"feature {model.feature!r}" if isinstance(model, LockedFirstUse) else model.kind
+                problems.append(f"missing: {model.path} ({what} from {shown_source(model.source)})")
             elif c.status == "wrong-size":
                 problems.append(f"wrong size: {model.path} is {c.size:,} bytes, the lock says {model.size:,}")
             elif c.status == "wrong-hash":
@@ -81,7 +82,7 @@ def verify_report(layout: mf.VolumeLayout, lock_path: Path, spec_path: Path, *, 
     report = VerifyReport(problems=blocked_paths(layout, spec_path))
     try:
         report.problems += verify_volume(layout, lock_path, deep=deep, progress=progress)
-        report.extras = [f for f in mf.inventory(layout, read_lock(lock_path).models) if f.status == "extra"]
+        report.extras = [f for f in mf.inventory(layout, read_lock(lock_path).files) if f.status == "extra"]
     except (ForgeVolumeError, NotADirectoryError) as exc:
         if not report.problems:
             raise

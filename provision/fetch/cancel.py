@@ -121,7 +121,8 @@ class Watchdog:
     def check(self, what: str, written: int) -> None:
         """Raise the stop's error if the watchdog stopped the download (call after any failure of a request)."""
         if self.reason == "cancelled" or (self.cancel is not None and self.cancel.is_set()):
-            raise DownloadCancelled(f"{what}: cancelled after {written:,} bytes (kept to resume)")
+            kept = " (kept to resume)" if written else ""
+            raise DownloadCancelled(f"{what}: cancelled after {written:,} bytes{kept}")
         if self.reason == "stalled":
             raise DownloadError(f"{what}: stalled: less than {STALL_BYTES >> 10} KiB arrived in {self.stall:g} s "
                                 f"({written:,} bytes so far, kept to resume)",

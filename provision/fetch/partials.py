@@ -138,12 +138,36 @@ def claim(target: Path) -> tuple[Path, int]:
         except FileNotFoundError:
             os.close(fd)
             continue
-    while True:  # a fresh file; O_EXCL, so a name another process just took is never shared
+    return _fresh(target)
+
+
+def _fresh(target: Path) -> tuple[Path, int]:
+    """A new empty temporary of ``target``, already locked. It is made under a name no sweep or claim
+    looks at (``.new``), locked, then linked to its ``.part`` name: made under that name, a writer
+    finishing the same target could find it unlocked between the open and the flock, take it for a dead
+    writer's and delete it under its live writer (the FileNotFoundError of a concurrent writer)."""
+    mine = host_tag()
+    while True:
+        token = secrets.token_hex(2)
+        hidden, tmp = sibling(target, f".{mine}{token}.new"), sibling(target, f".{mine}{token}.part")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            break
+            fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # O_EXCL: never shared
         except FileExistsError:
-            tmp = sibling(target, f".{mine}{secrets.token_hex(2)}.part")
-    with contextlib.suppress(OSError):  # a filesystem without flock: the ORPHAN_AGE rule still protects
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return tmp, fd
+            continue
+        with contextlib.suppress(OSError):  # a filesystem without flock: the ORPHAN_AGE rule still protects
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            try:
+                os.link(hidden, tmp)  # fails when the name is taken (a rename would replace it)
+            except FileExistsError:
+                os.close(fd)
+                continue
+            except OSError:  # a filesystem without hard links: a rename (the name is random; checked first)
+                if os.path.lexists(tmp):
+                    os.close(fd)
+                    continue
+                os.replace(hidden, tmp)
+            return tmp, fd
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(hidden)

@@ -199,7 +199,8 @@ class Sink:
         try:
             while pipe.error is None:
                 if cancel is not None and cancel.is_set():
-                    raise DownloadCancelled(f"{what}: cancelled after {self.written:,} bytes (kept to resume)")
+                    raise DownloadCancelled(f"{what}: cancelled after {self.written:,} bytes"
+                                            + (" (kept to resume)" if self.written else ""))
                 if next_look is not None and self.written >= next_look:
                     next_look = self.written + self._room(reserve or 0, what) // 2
                 buf = pipe.buffer()

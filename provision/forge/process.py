@@ -41,6 +41,20 @@ class ForgeUnavailable(ForgeVolumeError):
         self.log = log
 
 
+# What torch says when it looks for CUDA on a machine without an NVIDIA GPU (or its driver).
+_NO_GPU = ("Found no NVIDIA driver", "No CUDA GPUs are available", "Torch not compiled with CUDA enabled",
+           "CUDA driver initialization failed")
+NO_GPU_FIX = "FORGE_ARGS=--always-cpu"
+
+
+def no_gpu_fix(log: list[str]) -> str:
+    """The fix, when Forge died looking for a GPU this machine lacks: a sentence to append, else ""."""
+    if any(sign in line for line in log for sign in _NO_GPU):
+        return (f" (this machine has no usable NVIDIA GPU: to run Forge on the CPU, as for a local test, set "
+                f"{NO_GPU_FIX})")
+    return ""
+
+
 # Run by the child before it becomes the real command: it asks Linux for SIGTERM when the worker dies
 # (even by SIGKILL; the request survives exec), gives up if the worker is already gone, then execs. This
 # is the child's own code rather than Popen's preexec_fn, which is unsafe while other threads run: a
@@ -280,7 +294,8 @@ class ForgeProcess:
             return self.stop_reason
         was = "after it was ready" if self.ready_at is not None else "while booting"
         last = " | ".join(line for line in self.tail(3) if line.strip())
-        return f"Forge exited with code {self.returncode} {was}" + (f": {last}" if last else "")
+        fix = no_gpu_fix(self.tail()) if self.ready_at is None else ""
+        return f"Forge exited with code {self.returncode} {was}" + (f": {last}" if last else "") + fix
 
     def unavailable(self) -> ForgeUnavailable:
         return ForgeUnavailable(self.failure(), self.tail())

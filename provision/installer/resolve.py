@@ -20,6 +20,7 @@ from provision.progress import Progress
 from provision.records.lockfile import (
     Lock,
     LockedExtension,
+    LockedFirstUse,
     LockedForge,
     LockedModel,
     forge_differences,
@@ -60,6 +61,8 @@ def _short(commit: str) -> str:
 def known_names(spec: Spec, previous: Lock | None) -> list[str]:
     """What ``--upgrade NAME`` and ``remove NAME`` accept: forge, extension names, model names and kind/name."""
     names = ["forge", *(e.name for e in spec.extensions)]
+    if spec.forge.features or (previous and previous.first_use):
+        names.append("features")  # --upgrade features: resolve the features' files again
     models = [(m.kind, m.name) for m in (previous.models if previous else [])]
     models += [(m.kind, m.name) for m in spec.models if m.name]
     for kind, name in dict.fromkeys(models):
@@ -105,7 +108,8 @@ def _forge(spec: Spec, previous: Lock | None, upgrade: Collection[str], progress
         for key, new, was in forge_differences(spec, previous):
             if key not in ("repo", "ref"):
                 out.changes.append(Change(f"forge.{key}", "changed", f"{was!r} → {new!r}"))
-    return LockedForge(repo=f.repo, ref=f.ref, commit=commit, **settings)
+    return LockedForge(repo=f.repo, ref=f.ref, commit=commit, features=list(f.features),
+                       features_mirror=f.features_mirror, **settings)
 
 
 def _extension(ext: ExtensionSpec, old: LockedExtension | None, upgrade: Collection[str], progress: Progress,
@@ -189,9 +193,7 @@ def _models(spec: Spec, previous: Lock | None, upgrade: Collection[str], progres
             result[i] = new
         out.warnings += resolved.warnings
     out.changes += [Change(f"model {m.path}", "removed") for m in removed]
-    models = [m for m in result if m is not None]
-    check_distinct_paths(models)
-    return models
+    return [m for m in result if m is not None]
 
 
 def check_distinct_paths(models: Sequence[LockedModel]) -> None:
@@ -219,8 +221,33 @@ def relock(spec: Spec, previous: Lock | None, progress: Progress, upgrade: Colle
     extensions = [_extension(ext, locked_ext.pop(ext.name, None), upgrade, progress, out) for ext in spec.extensions]
     out.changes += [Change(f"extension {name}", "removed") for name in locked_ext]
     models = _models(spec, previous, upgrade, progress, out)
-    out.lock = Lock(forge=forge, extensions=extensions, models=models)
+    first_use = _first_use(spec, previous, upgrade, progress, out)
+    check_distinct_paths([*models, *first_use])
+    out.lock = Lock(forge=forge, extensions=extensions, models=models, first_use=first_use)
     return out
+
+
+def _first_use(spec: Spec, previous: Lock | None, upgrade: Collection[str], progress: Progress,
+               out: Relocked) -> list[LockedFirstUse]:
+    """The files the spec's features fetch (``provision.forge.first_use``), pinned like URL models."""
+    old = previous.first_use if previous else []
+    if not spec.forge.features and not old:
+        return []
+    from provision.models.first_use import resolve_first_use  # pulls in requests: only with features
+
+    files, resolved = resolve_first_use(spec.forge.features, spec.forge.features_mirror, old, progress,
+                                        again=_asked(upgrade, "features"))
+    out.resolved += resolved
+    before = {f.path: f for f in old}
+    for new in files:
+        was = before.pop(new.path, None)
+        if was is None:
+            out.changes.append(Change(f"file {new.path}", "added", f"for feature {new.feature!r} from "
+                                      f"{shown_source(new.source)}"))
+        elif (change := _model_change(was, new)) is not None:
+            out.changes.append(Change(f"file {new.path}", change.verb, change.detail))
+    out.changes += [Change(f"file {f.path}", "removed", f"(feature {f.feature!r})") for f in before.values()]
+    return files
 
 
 def lock_spec(spec: Spec, progress: Progress) -> Lock:
@@ -250,6 +277,8 @@ class LockUpdate:
         out = [str(c) for c in self.changes]
         counts = (f"Forge {_short(self.lock.forge.commit)}, {len(self.lock.extensions)} extension(s), "
                   f"{len(self.lock.models)} model(s)")
+        if self.lock.first_use:
+            counts += f", {len(self.lock.first_use)} file(s) for {len(self.lock.forge.features)} feature(s)"
         if self.written:
             return [*out, f"wrote {self.path}: {counts}"]
         again = f"; resolved {self.resolved} entr{'y' if self.resolved == 1 else 'ies'} again: all current" \

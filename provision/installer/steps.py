@@ -294,7 +294,7 @@ def _requirements_describe(ctx: Ctx) -> list[str]:
 # --- models -------------------------------------------------------------------------------------
 
 def _models_done(ctx: Ctx) -> bool:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return True
     from provision.models import plan_models  # stats files only: still no process, no network
 
@@ -302,7 +302,7 @@ def _models_done(ctx: Ctx) -> bool:
 
 
 def _models_run(ctx: Ctx) -> None:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return
     from provision.models import sync_models  # pulls in huggingface_hub and requests: only when needed
 
@@ -310,11 +310,11 @@ def _models_run(ctx: Ctx) -> None:
 
 
 def _models_describe(ctx: Ctx) -> list[str]:
-    if not ctx.lock.models:
+    if not ctx.lock.files:
         return ["no models in the lock"]
     from provision.models import plan_models
 
-    return plan_models(ctx.layout, ctx.lock) or [f"{len(ctx.lock.models)} model(s) already match the lock"]
+    return plan_models(ctx.layout, ctx.lock) or [f"{len(ctx.lock.files)} model(s) and file(s) already match the lock"]
 
 
 # --- config seed --------------------------------------------------------------------------------
@@ -466,7 +466,8 @@ STEPS: tuple[Step, ...] = (
     Step("requirements", "Forge's pinned requirements", ("prepare",),
          lambda lock: {"reqs_file": lock.forge.env.get("REQS_FILE") or forge_reqs.DEFAULT_REQS_FILE},
          _requirements_done, _requirements_run, _requirements_describe),
-    Step("models", "models", (), lambda lock: [asdict(m) for m in lock.models],
+    # The first-use files only when there are some, so volumes installed before keep their key.
+    Step("models", "models", (), lambda lock: [asdict(m) for m in lock.files],
          _models_done, _models_run, _models_describe),
     Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},

@@ -19,7 +19,7 @@ from provision.errors import LockError, PathError, StateError
 from provision.fetch.partials import is_download_temp
 from provision.fetch.sources import shown_source
 from provision.forge.files import RULE_FILES, forge_own_files
-from provision.records.lockfile import LockedModel
+from provision.records.lockfile import FIRST_USE_KIND, LockedModel
 from provision.records.model_records import Record, records, trusted
 from provision.records.state import now, read_state, record_model, update_state
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout
@@ -89,7 +89,16 @@ def target_lock(layout: VolumeLayout, path: Path, timeout: float = TARGET_LOCK_W
 
 
 def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
-    """Where a locked model lives; the lock's recorded path must be the one its kind and name give."""
+    """Where a locked model lives; the lock's recorded path must be the one its kind and name give
+    (a first-use file's: a plain path under models/ ending in its name)."""
+    if model.kind == FIRST_USE_KIND:
+        try:
+            path = layout.under_models(model.path)
+        except LayoutError as exc:
+            raise LockError(f"lock entry {model.path!r}: {exc}") from None
+        if path.name != model.name:
+            raise LockError(f"lock entry {model.path!r} is named {model.name!r}: the path must end in its name")
+        return path
     try:
         path = layout.model_path(model.kind, model.name)
     except LayoutError as exc:

@@ -38,7 +38,7 @@ class OverwriteGuard:
 
     @classmethod
     def load(cls, layout: VolumeLayout, *, overwrite: bool, hint: str | None = None) -> OverwriteGuard:
-        pins = {m.path: m for m in read_lock(layout.lock).models} if layout.lock.is_file() else {}
+        pins = {m.path: m for m in read_lock(layout.lock).files} if layout.lock.is_file() else {}
         return cls(pins, mf.records(layout), overwrite, hint)
 
     def check(self, path: Path, rel: str, source: str, expected: str | None) -> str | None:

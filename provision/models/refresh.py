@@ -123,7 +123,7 @@ def _check_all(layout: VolumeLayout, lock: Lock, progress: Progress) -> list[mf.
     recs = mf.records(layout)
     hashing = LazyBar(progress, "checking unrecorded files")
     try:
-        return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.models]
+        return [mf.check(layout, m, recs, hash_files=True, on_bytes=hashing.update) for m in lock.files]
     finally:
         hashing.close()
 
@@ -220,7 +220,7 @@ def _prune(layout: VolumeLayout, lock: Lock, *, dry_run: bool) -> list[tuple[str
     on another pod) or while it was touched within the last hour (where locks do not hold across
     machines); a resumable partial of a model the lock lists is kept for the next fetch.
     """
-    listed = {m.path for m in lock.models}
+    listed = {m.path for m in lock.files}
     pruned: list[tuple[str, int]] = []
     for path in mf.model_files(layout):
         rel = layout.relative(path)
@@ -266,7 +266,7 @@ def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
     """What install would fetch or repair; offline and fast (no file is read)."""
     recs = mf.records(layout)
     lines = []
-    for model in lock.models:
+    for model in lock.files:
         c = mf.check(layout, model, recs, hash_files=False)
         size = f" ({human(model.size)})" if model.size else ""
         if c.status == "missing":

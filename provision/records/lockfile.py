@@ -30,6 +30,8 @@ class LockedForge:
     torch_index_url: str | None
     args: list[str]
     env: dict[str, str]
+    features: list[str] = field(default_factory=list)  # provision.forge.first_use: fetched by install
+    features_mirror: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,23 +56,46 @@ class LockedModel:
     pinned_by: str = "spec"  # spec | hub | server | first-download
 
 
+FIRST_USE_KIND = "first-use"
+
+
+@dataclass(frozen=True)
+class LockedFirstUse(LockedModel):
+    """A file Forge would fetch at first use (``provision.forge.first_use``), installed like a model.
+
+    ``kind`` is FIRST_USE_KIND; ``path`` is where Forge looks (any folder under models/); ``source`` is
+    what install fetches (``url``, or its copy on the spec's features_mirror)."""
+
+    feature: str = ""  # the spec's `features` entry that brings it ("previews", "upscale:R-ESRGAN 4x+")
+    url: str = ""  # what Forge itself would fetch
+
+
 @dataclass(frozen=True)
 class Lock:
     forge: LockedForge
     extensions: list[LockedExtension] = field(default_factory=list)
     models: list[LockedModel] = field(default_factory=list)
+    first_use: list[LockedFirstUse] = field(default_factory=list)
     lock_version: int = LOCK_VERSION
+
+    @property
+    def files(self) -> list[LockedModel]:
+        """Every file install fetches and verify checks: the models, then the features' first-use files."""
+        return [*self.models, *self.first_use]
 
     def to_json(self) -> str:
         data = {"lock_version": self.lock_version, "generated_by": f"forge-volume {__version__}", **{
             "forge": asdict(self.forge),
             "extensions": [asdict(e) for e in self.extensions],
             "models": [asdict(m) for m in self.models],
+            "first_use": [asdict(f) for f in self.first_use],
         }}
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def with_model(self, model: LockedModel) -> Lock:
-        """The lock with one model entry replaced (same kind and name), e.g. once its hash is pinned."""
+        """The lock with one file entry replaced (same path), e.g. once its hash is pinned."""
+        if isinstance(model, LockedFirstUse):
+            return replace(self, first_use=[model if f.path == model.path else f for f in self.first_use])
         models = [model if (m.kind, m.name) == (model.kind, model.name) else m for m in self.models]
         return replace(self, models=models)
 
@@ -84,6 +109,7 @@ def lock_from_json(text: str, path: Path) -> Lock:
             forge=LockedForge(**data["forge"]),
             extensions=[LockedExtension(**e) for e in data.get("extensions", [])],
             models=[LockedModel(**m) for m in data.get("models", [])],
+            first_use=[LockedFirstUse(**f) for f in data.get("first_use", [])],
         )
     except LockError:
         raise
@@ -145,6 +171,7 @@ def forge_differences(spec: Spec, lock: Lock) -> list[tuple[str, Any, Any]]:
         ("repo", f.repo, lf.repo), ("ref", f.ref, lf.ref), ("python", f.python, lf.python),
         ("torch", list(f.torch), lf.torch), ("torch_index_url", f.torch_index_url, lf.torch_index_url),
         ("args", list(f.args), lf.args), ("env", f.env, lf.env),
+        ("features", list(f.features), lf.features), ("features_mirror", f.features_mirror, lf.features_mirror),
     ]
     return [(k, a, b) for k, a, b in pairs if a != b]
 
@@ -167,7 +194,27 @@ def spec_differences(spec: Spec, lock: Lock) -> list[str]:
         elif not model_unchanged(model, match):
             out.append(f"model {model.key} changed (source, sha256 or size) since it was locked")
     out += [f"model {m.kind}/{m.name} is in the lock but no longer in the spec" for m in remaining]
+    if not any(k in ("features", "features_mirror") for k, _, _ in forge_differences(spec, lock)):
+        out += first_use_differences(spec, lock)
     return out
+
+
+def wanted_first_use(spec: Spec) -> list[tuple[str, str, str]]:
+    """(path, url, feature entry) of every file the spec's features fetch, as this forge-volume's table says."""
+    from provision.forge.first_use import expand
+
+    return [(file.path, file.url, text) for file, text in expand(spec.forge.features)]
+
+
+def first_use_differences(spec: Spec, lock: Lock) -> list[str]:
+    """The lock's first-use files against what the spec's features fetch by this forge-volume's table
+    (which a newer forge-volume may have changed)."""
+    want = wanted_first_use(spec)
+    have = [(f.path, f.url, f.feature) for f in lock.first_use]
+    if want == have:
+        return []
+    return ["the features' files in the lock are not those the spec's features fetch by this forge-volume's "
+            "table (it changed since locking)"]
 
 
 def check_matches(spec: Spec, lock: Lock, lock_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from provision.errors import SourceError, SpecError
 from provision.fetch.names import url_file_name
 from provision.fetch.sources import Source, UrlSource, parse_source
+from provision.forge.first_use import parse_feature
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
 if sys.version_info >= (3, 11):
@@ -38,6 +39,9 @@ class ForgeSpec:
     torch_index_url: str | None = DEFAULT_TORCH_INDEX
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # What Forge would fetch at first use, installed onto the volume instead (provision.forge.first_use).
+    features: tuple[str, ...] = ()
+    features_mirror: str | None = None  # fetch the features' files from here: <mirror>/<host>/<path>
 
     @property
     def python_is_path(self) -> bool:
@@ -140,8 +144,17 @@ def _torch_index(r: _Reader) -> str | None:
 
 def _forge(path: Path, table: Any) -> ForgeSpec:
     r = _Reader(path, "forge", table)
-    r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env")
+    r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env", "features", "features_mirror")
     index = _torch_index(r)
+    features = r.strings("features")
+    for text in features:
+        try:
+            parse_feature(text)
+        except ValueError as exc:
+            r.fail("features", f"entry {exc}")
+    mirror = r.string("features_mirror")
+    if mirror is not None and not mirror.startswith(("http://", "https://")):
+        r.fail("features_mirror", f"must be an http:// or https:// URL, not {mirror!r}")
     return ForgeSpec(
         repo=r.string("repo", FORGE_REPO) or FORGE_REPO,
         ref=r.string("ref", "main") or "main",
@@ -150,6 +163,8 @@ def _forge(path: Path, table: Any) -> ForgeSpec:
         torch_index_url=index,
         args=r.strings("args"),
         env=r.mapping("env"),
+        features=tuple(dict.fromkeys(features)),
+        features_mirror=mirror,
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 PROBE = 0.3  # seconds a probe connect may take before the queue counts as full
 MAX_FILL = 256
-SYN_SENT = "02"  # the state column of /proc/net/tcp
+SYN_SENT, ESTABLISHED = "02", "01"  # the state column of /proc/net/tcp
 
 
 def fill_backlog(host: str, port: int) -> list[socket.socket]:
@@ -71,3 +71,23 @@ class BlackHole:
     def __exit__(self, *exc: object) -> None:
         for sock in (*self._held, self._listener):
             sock.close()
+
+
+
+def bytes_unread(port: int) -> int:
+    """Bytes a loopback server on ``port`` wrote that its clients have not read yet: sent and not yet
+    acknowledged (the server's sockets' tx_queue in /proc/net/tcp), plus received by a client's kernel
+    and not yet read by the client (its socket's rx_queue). A server's write returns long before the
+    client reads (on a loaded machine, much later): only at 0 are the bytes it counted in the client's hands."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, queues = fields[1], fields[2], fields[3], fields[4]
+        if state != ESTABLISHED:
+            continue
+        tx, rx = (int(q, 16) for q in queues.split(":"))
+        if int(local.rsplit(":", 1)[1], 16) == port:
+            total += tx
+        elif int(remote.rsplit(":", 1)[1], 16) == port:
+            total += rx
+    return total

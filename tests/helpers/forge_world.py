@@ -82,7 +82,7 @@ def make_extension_repo(path: Path, name: str, install_py: str | None = None) ->
 
 def spec_text(forge: Repo, helper_env: dict[str, str], *, extensions: list[tuple[str, str]] | None = None,
               ref: str = "main", extra: str = "", torch: list[str] | None = None,
-              env: dict[str, str] | None = None) -> str:
+              env: dict[str, str] | None = None, forge_extra: str = "") -> str:
     """A spec that provisions from local repositories with this interpreter (no torch unless given)."""
     pairs = sorted({**helper_env, **(env or {})}.items())
     env_text = ", ".join(f'{k} = "{v}"' for k, v in pairs)
@@ -95,6 +95,7 @@ def spec_text(forge: Repo, helper_env: dict[str, str], *, extensions: list[tuple
         f"torch = [{torch_text}]\n"
         'args = ["--always-cpu"]\n'
         f"env = {{ {env_text} }}\n"
+        f"{forge_extra}"
     )
     for name, url in extensions or []:
         text += f'\n[[extensions]]\nname = "{name}"\nrepo = "{url}"\nref = "main"\npip = ["ext-extra"]\n'
@@ -110,11 +111,18 @@ class World:
     helper_env: dict[str, str]
     extensions: dict[str, Repo] = field(default_factory=dict)
 
-    def spec(self, *, extensions: list[str] | None = None, ref: str = "main", extra: str = "") -> str:
-        """The standard spec: every extension (or the named ones), fake torch, a secret in Forge's env."""
+    def spec(self, *, extensions: list[str] | None = None, ref: str = "main", extra: str = "",
+             features: list[str] | None = None, features_mirror: str | None = None) -> str:
+        """The standard spec: every extension (or the named ones), fake torch, a secret in Forge's env;
+        ``features`` (and their mirror) go into [forge]."""
         names = list(self.extensions) if extensions is None else extensions
+        forge_extra = ""
+        if features is not None:
+            forge_extra += "features = [" + ", ".join(f'"{f}"' for f in features) + "]\n"
+        if features_mirror is not None:
+            forge_extra += f'features_mirror = "{features_mirror}"\n'
         return spec_text(self.forge, self.helper_env, extensions=[(n, self.extensions[n].url) for n in names],
-                         ref=ref, extra=extra, torch=["fake-torch"], env=dict([SECRET_ENV]))
+                         ref=ref, extra=extra, torch=["fake-torch"], env=dict([SECRET_ENV]), forge_extra=forge_extra)
 
 
 def build_world(root: Path, extensions: tuple[str, ...] = ("ext-one", "ext-two")) -> World:

@@ -13,6 +13,7 @@ import pytest
 
 from provision.errors import ChecksumError, PathError
 from provision.fetch.download import Download, Http, Retry, download
+from provision.fetch.partials import sweep_leftovers
 from provision.models import ModelRequest, RepoRequest, fetch_model, sync_hf_repo
 from provision.progress import QUIET
 from tests.helpers.fake_hub import FakeHub
@@ -139,3 +140,42 @@ def test_without_a_working_lock_two_writers_cost_bandwidth_not_data(tmp_path: Pa
             t.join(timeout=30)
     assert errors == [] and route.gets == 3
     assert target.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+_sweep_at_lock: Path | None = None  # the target whose temporaries a "finishing writer" sweeps, see below
+
+
+def _sweep_when_a_temporary_is_locked(event: str, args: tuple[object, ...]) -> None:
+    # Python raises this audit event just before every flock: the moment between a writer making its
+    # temporary and locking it, when another writer of the same target may finish and sweep.
+    global _sweep_at_lock
+    target = _sweep_at_lock
+    if event != "fcntl.flock" or target is None:
+        return
+    name = os.path.basename(os.readlink(f"/proc/self/fd/{args[0]}"))
+    if name.startswith(f".{target.name}.") and os.stat(args[0]).st_size == 0:  # type: ignore[arg-type]
+        _sweep_at_lock = None  # once; the sweep locks files itself
+        sweep_leftovers(target)
+
+
+sys.addaudithook(_sweep_when_a_temporary_is_locked)
+
+
+def test_a_finishing_writers_sweep_never_removes_a_live_writers_new_temporary(tmp_path: Path) -> None:
+    """The race behind a FileNotFoundError of one of three concurrent writers, made to happen every time:
+    writer B makes its fresh temporary, and writer A, finishing the same target, sweeps its leftovers
+    before B has locked it. B's temporary must survive, and B must finish."""
+    global _sweep_at_lock
+    data = os.urandom(1 << 16)
+    target = tmp_path / "m.safetensors"
+    with FileServer() as server:
+        server.add("/m", data)
+        _sweep_at_lock = target
+        try:
+            got = download(Download(server.url("/m"), target, sha256=sha(data),
+                                    http=Http(retry=Retry(attempts=2, base=0.01))))
+        finally:
+            swept, _sweep_at_lock = _sweep_at_lock is None, None
+    assert swept  # the sweep did run in the window
+    assert got.size == len(data) and target.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

@@ -29,6 +29,7 @@ def workers(worker_volume: Path, module_tmp: Path) -> Iterator[dict[str, WorkerP
     scratch, logs = module_tmp / "scratch", module_tmp / "logs"
     envs = {
         "crash": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="crash_at_boot"),
+        "no_gpu": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="no_gpu"),
         "hang": worker_env(worker_volume, scratch, FORGE_STANDIN_MODE="hang", FORGE_BOOT_TIMEOUT="4"),
         # Forge boots when the test opens the gate (or after 50 s, inside the boot deadline of 60 s).
         "slow": worker_env(worker_volume, scratch, FORGE_STANDIN_BOOT_SECONDS="50",
@@ -78,6 +79,17 @@ def test_forge_crashing_at_boot_fails_jobs_with_its_last_lines(workers: dict[str
     assert seconds < PROMPT  # not at the boot deadline of 60 s
     assert workers["crash"].proc.poll() is None  # the worker stays up: no crash loop
     assert "RuntimeError: CUDA error" in workers["crash"].log()  # Forge's output is in the worker's log
+
+
+def test_no_gpu_on_a_local_test_names_the_fix_and_the_local_api_shows_forges_log(
+        workers: dict[str, WorkerProc]) -> None:
+    """A day-one local test on a machine without a GPU: the error says how to run Forge on the CPU, and
+    RunPod's local API (which answers a failure with its `error` alone) shows the end of Forge's log."""
+    out, _ = timed(workers["no_gpu"], SAMPLERS)
+    assert out["status"] == "FAILED", out
+    error = str(out["error"])
+    assert "Found no NVIDIA driver" in error and "set FORGE_ARGS=--always-cpu" in error
+    assert "forge_log (last " in error and "forge-standin: booting" in error  # a line the 3-line cause leaves out
 
 
 def test_a_hung_boot_fails_at_forge_boot_timeout(workers: dict[str, WorkerProc]) -> None:

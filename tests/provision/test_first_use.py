@@ -1,0 +1,143 @@
+"""Features' first-use files through the real CLI: the spec names features, `lock` pins their files,
+`install` fetches them from a loopback mirror to where Forge looks, `verify`/`status`/`refresh-models`
+treat them like models.
+
+The lab test (opt-in, FORGE_LAB) scans the lab's Forge source for first-use download calls and fails
+when one is not in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from provision.forge.first_use import CALL_SITES, FEATURES, expand, scan_forge_source
+from tests.helpers.cli import cli
+from tests.helpers.forge_world import World
+from tests.helpers.http_server import FileServer
+from tests.models.conftest import sha
+
+
+@pytest.fixture
+def mirror() -> Iterator[tuple[FileServer, dict[str, bytes]]]:
+    """A loopback mirror of the hosts Forge fetches from: <mirror>/<host>/<path>, random bytes per file."""
+    blobs: dict[str, bytes] = {}
+    with FileServer() as server:
+        for file, _ in expand(("previews", "upscale:R-ESRGAN 4x+", "face-restore:codeformer")):
+            parts = urlsplit(file.url)
+            data = os.urandom(2_000 + len(blobs))
+            server.add(f"/mirror/{parts.netloc}{parts.path}", data)
+            blobs[file.path] = data
+        yield server, blobs
+
+
+def lock_json(volume: Path) -> dict[str, object]:
+    return json.loads((volume / "forge-volume.lock").read_text())
+
+
+def test_unknown_feature_is_one_line_naming_the_known_ones(installed_volume: Path,
+                                                             provisioned_world: World) -> None:
+    spec = installed_volume / "forge-volume.toml"
+    spec.write_text(provisioned_world.spec(features=["previews", "preview"]))
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 1
+    line = result.output.strip().splitlines()[0]
+    assert "`forge.features` entry 'preview' is not a known feature; known: previews, taesd-encode, " \
+           "face-restore, upscale" in line, result.output
+    spec.write_text(provisioned_world.spec(features=["upscale"]))
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 1 and "needs a choice (upscale:NAME[,NAME...]); choices: ESRGAN_4x" in result.output
+    spec.write_text(provisioned_world.spec(features=["upscale:R-ESRGAN 9x"]))
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 1 and "'R-ESRGAN 9x' is not a choice of upscale" in result.output
+
+
+def test_lock_install_verify_status_refresh(installed_volume: Path, provisioned_world: World,
+                                            mirror: tuple[FileServer, dict[str, bytes]]) -> None:
+    server, blobs = mirror
+    features = ["previews", "upscale:R-ESRGAN 4x+", "face-restore:codeformer"]
+    spec = installed_volume / "forge-volume.toml"
+    spec.write_text(provisioned_world.spec(features=features, features_mirror=server.url("/mirror/")))
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 0, result.output
+    assert "file models/VAE-approx/model.pt: added for feature 'previews'" in result.output
+    locked = {f["path"]: f for f in lock_json(installed_volume)["first_use"]}  # type: ignore[union-attr]
+    assert set(locked) == set(blobs)
+    approx = locked["models/VAE-approx/model.pt"]
+    assert approx["url"] == "https://github.com/AUTOMATIC1111/stable-diffusion-webui/releases/download/v1.0.0-pre/model.pt"
+    assert approx["source"] == server.url("/mirror/github.com/AUTOMATIC1111/stable-diffusion-webui/releases/"
+                                          "download/v1.0.0-pre/model.pt")
+    assert (approx["size"], approx["sha256"], approx["feature"]) == (len(blobs[approx["path"]]), None, "previews")
+    assert locked["models/GFPGAN/detection_Resnet50_Final.pth"]["feature"] == "face-restore:codeformer"
+    assert not (installed_volume / "models" / "VAE-approx").exists()  # locking downloads nothing
+
+    result = cli("install", volume=installed_volume)
+    assert result.exit_code == 0, result.output
+    for path, data in blobs.items():
+        assert (installed_volume / path).read_bytes() == data, path
+    pinned = {f["path"]: f["sha256"] for f in lock_json(installed_volume)["first_use"]}  # type: ignore[union-attr]
+    assert pinned == {p: sha(d) for p, d in blobs.items()}  # trust on first use, written into the lock
+    assert cli("verify", volume=installed_volume).exit_code == 0
+
+    status = cli("status", "--files", "--json", volume=installed_volume)
+    files = {f["path"]: f for f in json.loads(status.output)["model_files"]["files"]}
+    assert files["models/RealESRGAN/RealESRGAN_x4plus.pth"]["status"] == "pinned"
+    assert files["models/RealESRGAN/RealESRGAN_x4plus.pth"]["kind"] == "first-use"
+
+    # A file changed on the volume: verify names it, refresh-models repairs it from the mirror.
+    broken = installed_volume / "models/Codeformer/codeformer-v0.1.0.pth"
+    broken.write_bytes(b"x" * broken.stat().st_size)
+    result = cli("verify", "--deep", volume=installed_volume)
+    assert result.exit_code == 1 and "wrong hash: models/Codeformer/codeformer-v0.1.0.pth" in result.output
+    broken.unlink()
+    result = cli("verify", volume=installed_volume)
+    assert result.exit_code == 1
+    assert "missing: models/Codeformer/codeformer-v0.1.0.pth (feature 'face-restore:codeformer' from" in result.output
+    result = cli("refresh-models", volume=installed_volume)
+    assert result.exit_code == 0 and "fetched models/Codeformer/codeformer-v0.1.0.pth" in result.output
+    assert cli("verify", volume=installed_volume).exit_code == 0
+
+    # A feature dropped from the spec: its files leave the lock, and --prune would remove them.
+    spec.write_text(provisioned_world.spec(features=["previews"], features_mirror=server.url("/mirror/")))
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 0 and "file models/RealESRGAN/RealESRGAN_x4plus.pth: removed" in result.output
+    result = cli("refresh-models", "--prune", "--dry-run", volume=installed_volume)
+    assert "would prune models/RealESRGAN/RealESRGAN_x4plus.pth" in result.output
+    assert "models/VAE-approx/model.pt" not in result.output
+
+
+def test_a_lock_without_features_is_unchanged(installed_volume: Path) -> None:
+    """Volumes locked before features existed keep their lock (and install's keys): nothing to do."""
+    before = (installed_volume / "forge-volume.lock").read_text()
+    result = cli("lock", volume=installed_volume)
+    assert result.exit_code == 0 and "no changes" in result.output
+    assert (installed_volume / "forge-volume.lock").read_text() == before
+    result = cli("plan", volume=installed_volume)
+    assert result.exit_code == 0 and "nothing to do" in result.output.lower(), result.output
+
+
+LAB = os.environ.get("FORGE_LAB")
+
+
+@pytest.mark.skipif(not LAB, reason="opt-in: FORGE_LAB=/path/to/lab (the real Forge's source)")
+def test_the_table_knows_every_first_use_download_of_the_lab_forge() -> None:
+    forge = Path(str(LAB)) / "forge-src"
+    found = scan_forge_source(forge)
+    known = {path: count for path, (count, _) in CALL_SITES.items()}
+    unknown = {p: n for p, n in found.items() if known.get(p) != n}
+    assert not unknown, f"first-use download calls not in provision/forge/first_use.py's CALL_SITES: {unknown}"
+    assert not set(known) - set(found), "CALL_SITES lists files the lab's Forge does not have"
+    # Every file of the table is read from the source it names: its URL (or the folder of it) is there.
+    venv = sorted((Path(str(LAB)) / "venv" / "lib").glob("python3*/site-packages"))
+    libraries = "".join((venv[0] / p).read_text() for p in ("facexlib/detection/__init__.py",
+                                                             "facexlib/parsing/__init__.py", "clip/clip.py"))
+    for feature in FEATURES.values():
+        for file in [*feature.files, *(f for files in feature.choices.values() for f in files)]:
+            text = (forge / file.read_from).read_text() + libraries
+            folder = file.url.rsplit("/", 1)[0] + "/"
+            assert file.url in text or folder in text, (feature.name, file.url, file.read_from)
