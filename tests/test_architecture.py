@@ -23,11 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (("errors", "progress", "proc"), ("fetch",), ("records",), ("forge",), ("models",), ("boot",),
           ("installer", "adopt", "regions"), ("commands",), ("cli",))
 PACKAGES = ("provision", "worker")
+# Forge's facts as tables (what it fetches at first use, the files it makes itself) import nothing of ours above
+# errors: they sit at the bottom, so the spec and the lock can check entries against them.
+MODULE_LAYERS = {"provision.forge.first_use": 0, "provision.forge.files": 0}
 
 
 def layer_of(module: str) -> int | None:
     """The layer of a module of ours (None: the package roots, ``provision`` itself, which hold no code that
     imports); a module of provision/ in no layer is an error, so a new package must be placed."""
+    if module in MODULE_LAYERS:
+        return MODULE_LAYERS[module]
     parts = module.split(".")
     if parts[0] == "worker":
         return len(LAYERS)
