@@ -33,6 +33,7 @@ class Context:
     spec_path: Path
     progress: Progress
     debug: bool
+    spec_given: bool = False  # --spec was given (`regions` falls back to ./forge-volume.toml otherwise)
 
     @property
     def lock_path(self) -> Path:
@@ -158,7 +159,7 @@ def main(ctx: click.Context, volume: Path | None, spec: Path | None, quiet: bool
     """
     layout = VolumeLayout((volume or provisioning_volume()).absolute())
     ctx.obj = Context(layout=layout, spec_path=(spec or layout.spec).absolute(),
-                      progress=Progress(quiet=quiet), debug=debug)
+                      progress=Progress(quiet=quiet), debug=debug, spec_given=spec is not None)
     if ctx.invoked_subcommand != "verify":  # verify lists these among its problems instead
         require_usable(layout, ctx.obj.spec_path)
 
@@ -325,6 +326,48 @@ def verify(obj: Context, deep: bool, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--dry-run", is_flag=True, help="Only print what adopt found and what it would do; change nothing.")
+@click.option("--keep-local-changes", is_flag=True,
+              help="Adopt checkouts whose tracked files were changed, as they are (the changes are saved as a "
+                   "patch under .forge-volume/adopt/; the lock pins the commit without them).")
+@click.option("--python", metavar="VERSION|PATH",
+              help="The spec's [forge] python. Default: the original venv's Python line (3.10).")
+@click.option("--hf-repo", "hf_repos", multiple=True, metavar="OWNER/REPO",
+              help="A Hugging Face repository the models may come from: its files are matched by sha256 (one "
+                   "listing per repository). Repeatable.")
+@click.option("--no-lookup", is_flag=True,
+              help="Do not ask Civitai's by-hash API for the models' sources (all are recorded with no source, "
+                   "unless an --hf-repo has them).")
+@pass_ctx
+def adopt(obj: Context, dry_run: bool, keep_local_changes: bool, python: str | None, hf_repos: tuple[str, ...],
+          no_lookup: bool) -> None:
+    """Take over a volume runpod-worker-forge's install script filled: keep every model, download none.
+
+    Prints a plan first (--dry-run stops there). Then hashes every model, moves each into models/<Kind>/
+    by rename (a link stays at its old path, so the original worker keeps working), and writes the spec
+    and the lock: Forge and extensions at the commits found, models pinned by sha256, their source found
+    by hash or none ("volume": kept, verified, never downloaded). Interrupted, it finishes when run
+    again. Then run `forge-volume install`.
+    """
+    from provision.adopt.lookup import Civitai, HashIndex, HfRepos
+    from provision.commands.adopt import adopt as run_adopt
+    from provision.errors import SourceError
+    from provision.fetch.sources import check_repo_id
+
+    try:
+        repos = tuple(check_repo_id(r) for r in hf_repos)
+    except SourceError as exc:
+        raise click.BadParameter(exc.one_line(), param_hint="'--hf-repo'") from None
+    indexes: list[HashIndex] = [HfRepos(repos)] if repos else []
+    if not no_lookup:
+        indexes.append(Civitai())
+    report = run_adopt(obj.layout, obj.spec_path, dry_run=dry_run, keep_local_changes=keep_local_changes,
+                       python=python, indexes=indexes, progress=obj.progress, say=click.echo)
+    for line in report.lines:
+        click.echo(line)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--files", "every_file", is_flag=True,
               help="Also list every model file: kind, size, source, and whether the lock pins it, lists it "
@@ -347,6 +390,14 @@ def status(obj: Context, as_json: bool, every_file: bool) -> None:
         if text:
             click.echo(text)
 
+
+def _add_regions() -> None:
+    from provision.commands.regions import regions
+
+    main.add_command(regions)
+
+
+_add_regions()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -73,6 +73,15 @@ class CorruptLockError(LockError):
                 "fix it there, then send the job again")
 
 
+class InvalidLockError(LockError):
+    """A lock field holds something no lock would (edited by hand): the message names each entry and field."""
+
+    hint = ("correct the fields named in forge-volume.lock (a sha256 is 64 hex digits, a size a number "
+            "without quotes), or run `forge-volume lock` to resolve the spec into a new lock")
+    job_hint = ("correct the fields named in the volume's forge-volume.lock on a pod with this volume (or lock "
+                "the spec again there), then send the job again")
+
+
 class StaleLockError(LockError):
     """The spec was edited after locking: the lock no longer describes it. The message names each entry
     that differs."""
@@ -188,3 +197,33 @@ class ReplaceError(PathError):
     """A helper job would replace a model the lock pins, or one that came from another source."""
 
     hint = 'send "overwrite": true to replace it, or give the new file another name or folder'
+
+
+class NoSourceError(ForgeVolumeError):
+    """A model recorded with no source (``source = "volume"``, found by ``adopt``) is missing or changed:
+    nothing can download it again."""
+
+    hint = ("put the file back (the lock names its sha256 and size), or take it out of the spec and run "
+            "`forge-volume lock`; a model with a source can be added with `forge-volume add`")
+    job_hint = ("put the file back on the volume, or take it out of the spec on a pod; a model with no source "
+                "cannot be downloaded")
+
+
+class AdoptError(ForgeVolumeError):
+    """``forge-volume adopt`` cannot take this volume over as it is; the message names what and the fix."""
+
+    hint = "fix what the message names, then run `forge-volume adopt` again (nothing was moved)"
+
+
+class RunPodError(ForgeVolumeError):
+    """RunPod's API refused or failed a request, or a datacenter's work could not be done there.
+    The message names the request (method and path, never the key)."""
+
+    hint = "check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes)"
+
+
+class RunPodKeyError(RunPodError):
+    """RUNPOD_API_KEY is missing or unusable."""
+
+    hint = ("export RUNPOD_API_KEY (RunPod console -> Settings -> API Keys, read and write); forge-volume "
+            "reads it from the environment only and never prints or stores it")

@@ -224,6 +224,22 @@ class VolumeLayout:
         return link, os.path.relpath(self.kind_dir(kind), link.parent)
 
     @property
+    def adopt_dir(self) -> Path:
+        """``forge-volume adopt``'s records: its journal of moves, its hash cache, saved local changes."""
+        return self.meta_dir / "adopt"
+
+    @property
+    def original_venv(self) -> Path:
+        """Where install puts the original worker's venv (adopted at ``venv/``) before it builds its own there."""
+        return self.root / "venv-original"
+
+    def original_checkout(self, name: str) -> Path:
+        """The original worker's checkout (one of ``ORIGINAL_CHECKOUTS``)."""
+        if name not in ORIGINAL_CHECKOUTS:
+            raise LayoutError(f"{name!r} is not one of the original worker's checkouts")
+        return self.root / name
+
+    @property
     def config_dir(self) -> Path:
         return self.root / "config"
 

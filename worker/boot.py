@@ -7,13 +7,28 @@ worker's ``boot_error``, every job then fails at once with it, and the worker do
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 
-from provision.boot.layout_driver import LOCAL_STAT, VolumeCheck, lay_out, mirror_place, stat_latency
+from provision.boot import owner
+from provision.boot.layout_driver import (
+    LOCAL_STAT,
+    MIRROR_PREFIX,
+    SHM,
+    VolumeCheck,
+    lay_out,
+    mirror_place,
+    stat_latency,
+)
 from provision.errors import ForgeVolumeError
 from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
 from provision.forge.process import Confirm, ForgeProcess
@@ -24,11 +39,72 @@ from worker.proxy import Proxy
 from worker.volume import check_volume, link_mount_point
 
 MIRROR_TIMEOUT = 120.0  # at most this long (and a quarter of the boot deadline) to lay out the boot set
+SCRATCH_PREFIX = "forge-worker-"
+SWEEP_WAIT = 30.0  # at most this long for the removal of dead workers' copies before laying out a new one
 
 
 def say(message: str) -> None:
     sys.stdout.write(f"[worker] {message}\n")
     sys.stdout.flush()
+
+
+class Leftovers:
+    """What this worker made on local disk (its scratch, its copy of the code trees) and the processes using it,
+    removed when it stops: at exit and on SIGTERM, the way RunPod and the local API stop a worker. A worker
+    killed outright leaves them; the next one to start removes them (``provision.boot.owner``)."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.mirrors: list[Path] = []
+        self.children: list[subprocess.Popen[str]] = []
+        self.forge: ForgeProcess | None = None
+        self._lock = threading.RLock()
+        self._started = False
+
+    @staticmethod
+    def remove_mirror(mirror: Path) -> None:
+        """A copy no longer used (its lay-out failed, or Forge restarted from the volume): its memory back now.
+        The lay-out's helper is left to prefetch for the boot from the volume (it no longer writes the copy)."""
+        shutil.rmtree(mirror, ignore_errors=True)
+
+    def remove(self) -> None:
+        with self._lock:  # at exit and from the signal handler (maybe during the other): once, in this order
+            if self._started:
+                return
+            self._started = True
+            if self.forge is not None:
+                self.forge.stop()
+            for child in self.children:
+                _end(child)
+            for mirror in self.mirrors:
+                shutil.rmtree(mirror, ignore_errors=True)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _end(child: subprocess.Popen[str]) -> None:
+    """Stop the lay-out's helper (it may still be writing into the copy) and wait for it."""
+    if child.poll() is None:
+        child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(10)
+
+
+def _on_sigterm(leftovers: Leftovers) -> None:
+    """SIGTERM removes the worker's leftovers before it exits, then lets the signal do what it did before (the
+    SDK's own handler, installed later, takes over; this one is kept for the time before it does and for a
+    handler that calls this one)."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        leftovers.remove()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with contextlib.suppress(ValueError):  # not the main thread (a test building a worker in-process)
+        signal.signal(signal.SIGTERM, handler)
 
 
 def build_worker(env: Mapping[str, str]) -> Worker:
@@ -39,8 +115,13 @@ def build_worker(env: Mapping[str, str]) -> Worker:
         say(f"error: {exc.one_line()}")
         return Worker(settings, settings.volume, Path(tempfile.gettempdir()), boot_error=exc)
     settings.scratch_root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="forge-worker-", dir=settings.scratch_root))
-    atexit.register(shutil.rmtree, scratch, True)
+    # Workers killed outright leave their scratch and copy; removed in the background (a live one's never).
+    sweep = threading.Thread(target=_sweep, args=(settings.scratch_root,), name="leftovers", daemon=True)
+    sweep.start()
+    scratch = owner.make(SCRATCH_PREFIX, settings.scratch_root)
+    leftovers = Leftovers(scratch)
+    atexit.register(leftovers.remove)
+    _on_sigterm(leftovers)
     worker = Worker(settings, settings.volume, scratch)
     try:
         volume = check_volume(settings.volume)
@@ -58,6 +139,7 @@ def build_worker(env: Mapping[str, str]) -> Worker:
     command = forge_command(volume.layout, forge_scratch, env, launch)
     mirror_wait = min(MIRROR_TIMEOUT, settings.boot_timeout / 4)
     checks: list[VolumeCheck] = []  # the fast boot's check of the volume behind its copy
+    used: list[Path] = []  # the copy Forge was started from
 
     def prepare() -> ForgeCommand:
         chosen = command
@@ -68,12 +150,15 @@ def build_worker(env: Mapping[str, str]) -> Worker:
             if not fast:
                 say(f"fast boot: not needed, the volume answers like a local disk (a stat in {latency * 1e6:.0f} µs)")
         if fast:
+            sweep.join(SWEEP_WAIT)  # a dead worker's copy may hold the room this one needs
             mirror = mirror_place(volume.layout, scratch)
-            if mirror.parent != scratch:
-                atexit.register(shutil.rmtree, mirror, True)
-            check = lay_out(volume.layout, mirror, mirror_wait, say)
-            if check is not None:
+            leftovers.mirrors.append(mirror)
+            check = lay_out(volume.layout, mirror, mirror_wait, say, leftovers.children.append)
+            if check is None:
+                leftovers.remove_mirror(mirror)
+            else:
                 checks.append(check)
+                used.append(mirror)
                 code = VolumeLayout(mirror)
                 if volume.layout.extensions_dir.is_dir():
                     link_extensions(forge_scratch, code.extensions_dir)
@@ -82,18 +167,29 @@ def build_worker(env: Mapping[str, str]) -> Worker:
         return chosen
 
     def replacement() -> ForgeCommand | None:
-        """If the volume behind the mirror changed, Forge is started again from the volume."""
+        """If the volume behind the mirror changed, Forge is started again from the volume, with nothing of the
+        copy: its extensions link leads to the volume's again, and the copy is removed."""
         problem = checks[0].problem(mirror_wait) if checks else None
         if problem is None:
             return None
         say(f"fast boot off: {problem}; restarting Forge from the volume: {' '.join(command.argv)}")
+        if volume.layout.extensions_dir.is_dir():
+            link_extensions(forge_scratch, volume.layout.extensions_dir)
+        for mirror in used:
+            leftovers.remove_mirror(mirror)
         return command
 
     confirm = Confirm(done=lambda: not checks or checks[0].done(), replacement=replacement)
     forge = ForgeProcess(command, port=settings.forge_port, boot_timeout=settings.boot_timeout, prepare=prepare,
                          confirm=confirm)
+    leftovers.forge = forge
     forge.start()
-    atexit.register(forge.stop)
     worker.forge = forge
     worker.proxy = Proxy(settings.forge_url, settings.request_timeout)
     return worker
+
+
+def _sweep(scratch_root: Path) -> None:
+    for parent, prefix in ((scratch_root, SCRATCH_PREFIX), (SHM, MIRROR_PREFIX)):
+        if removed := owner.remove_abandoned(parent, prefix):
+            say(f"removed {len(removed)} folder(s) of stopped workers from {parent}: {', '.join(removed)}")

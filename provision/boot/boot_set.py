@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import hashlib
 import json
 import mmap
 import os
@@ -37,10 +38,12 @@ from typing import Any
 from provision.records.atomic import write_atomic
 from volume_layout import VolumeLayout
 
-VERSION = 1
+VERSION = 2  # 2: files.bin in digested chunks, index.json sealed
 BIG = 4 << 20  # mapped libraries this large are prefetched by the pages Forge touched, not copied whole
 OPENED_LIMIT = 256 << 20  # a file Forge opened that is larger than this stays on the volume
 STAT_THREADS = 32
+CHUNK = 16 << 20  # files.bin is digested (and unpacked, many in flight) in chunks of whole files this large
+PIECE = 1 << 20  # read this much at a time
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 TRACER = Path(__file__).with_name("tracer.py")
 
@@ -48,6 +51,21 @@ TRACER = Path(__file__).with_name("tracer.py")
 
 # One entry of a mirrored folder: (name, kind, link target) with kind "d" (folder), "f" (file), "l" (link), "o" (other).
 Entry = tuple[str, str, str]
+# A piece of files.bin and its sha256: (length, hex digest). The pieces follow one another from offset 0, and
+# each holds whole files: the worker checks one piece while it unpacks the files in it, nothing read twice.
+Chunk = tuple[int, str]
+KEYS = frozenset({"version", "key", "root", "checkpoint", "dirs", "files", "ranges", "chunks"})
+SEAL = re.compile(rb',"seal":"([0-9a-f]{64})"\}\s*\Z')
+INDEX_LIMIT = 256 << 20  # an index.json larger than this is not one install wrote
+
+
+class BootSetError(ValueError):
+    """The recorded boot set cannot be used as it is (missing, unreadable, malformed, or its digest differs).
+    ``problem`` says what, ``str()`` adds the fix."""
+
+    def __init__(self, problem: str, fix: str = "(run `forge-volume install` to record it again)") -> None:
+        super().__init__(f"{problem} {fix}")
+        self.problem = problem
 
 
 @dataclass
@@ -58,34 +76,70 @@ class Index:
     files: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # rel, offset, size, mtime_ns, mode
     ranges: list[tuple[str, int, int, list[tuple[int, int]]]] = field(default_factory=list)  # rel, size, mtime_ns
     checkpoint: str | None = None  # the checkpoint the warm-up loaded, relative to the volume
+    chunks: list[Chunk] = field(default_factory=list)  # files.bin piece by piece, with each piece's sha256
 
     @property
     def archive_size(self) -> int:
-        return sum(size for _, _, size, _, _ in self.files)
+        return sum(length for length, _ in self.chunks)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, "key": self.key, "root": self.root, "checkpoint": self.checkpoint,
                 "dirs": {rel: [mtime, [list(e) for e in entries]] for rel, (mtime, entries) in self.dirs.items()},
                 "files": [list(f) for f in self.files],
-                "ranges": [[rel, size, mtime, [list(r) for r in spans]] for rel, size, mtime, spans in self.ranges]}
+                "ranges": [[rel, size, mtime, [list(r) for r in spans]] for rel, size, mtime, spans in self.ranges],
+                "chunks": [list(c) for c in self.chunks]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Index:
+    def from_json(cls, data: Any) -> Index:
+        """The index as recorded, every value of the type it must have (anything else: ValueError)."""
+        if not isinstance(data, dict):
+            raise ValueError("boot set index is not a JSON object")
         if data.get("version") != VERSION:
             raise ValueError(f"boot set index version {data.get('version')!r}, this forge-volume reads {VERSION}")
-        rels = [*data["dirs"], *(f[0] for f in data["files"]), *(r[0] for r in data["ranges"]),
-                *(f"{d}/{e[0]}" for d, (_, entries) in data["dirs"].items() for e in entries)]
-        if data.get("checkpoint") is not None:
-            rels.append(data["checkpoint"])
+        if extra := sorted(set(data) - KEYS):
+            raise ValueError(f"boot set index has unknown keys {extra}")
+        if missing := sorted(KEYS - set(data)):
+            raise ValueError(f"boot set index lacks {missing}")
+        checkpoint = data["checkpoint"]
+        dirs = _typed(data["dirs"], dict, "dirs")
+        index = cls(
+            key=_typed(data["key"], str, "key"), root=_typed(data["root"], str, "root"),
+            checkpoint=None if checkpoint is None else _typed(checkpoint, str, "checkpoint"),
+            dirs={rel: (_typed(mtime, int, rel), [(_typed(n, str, rel), _typed(k, str, rel), _typed(t, str, rel))
+                                                 for n, k, t in _rows(entries, 3, rel)])
+                  for rel, (mtime, entries) in ((r, _rows([v], 2, r)[0]) for r, v in dirs.items())},
+            files=[(_typed(r, str, "files"), _typed(o, int, r), _typed(s, int, r), _typed(m, int, r),
+                    _typed(mode, int, r)) for r, o, s, m, mode in _rows(data["files"], 5, "files")],
+            ranges=[(_typed(r, str, "ranges"), _typed(s, int, r), _typed(m, int, r),
+                     [(_typed(a, int, r), _typed(b, int, r)) for a, b in _rows(spans, 2, r)])
+                    for r, s, m, spans in _rows(data["ranges"], 4, "ranges")],
+            chunks=[(_typed(n, int, "chunks"), _digest(d)) for n, d in _rows(data["chunks"], 2, "chunks")])
+        rels = [*index.dirs, *(f[0] for f in index.files), *(r[0] for r in index.ranges),
+                *(f"{d}/{e[0]}" for d, (_, entries) in index.dirs.items() for e in entries)]
+        if index.checkpoint is not None:
+            rels.append(index.checkpoint)
         if bad := next((r for r in rels if not _plain_relative(r)), None):
             raise ValueError(f"boot set index names {bad!r}, which is not a plain path inside the volume")
-        return cls(
-            key=str(data["key"]), root=str(data["root"]), checkpoint=data.get("checkpoint"),
-            dirs={str(rel): (int(mtime), [(str(n), str(k), str(t)) for n, k, t in entries])
-                  for rel, (mtime, entries) in data["dirs"].items()},
-            files=[(str(r), int(o), int(s), int(m), int(mode)) for r, o, s, m, mode in data["files"]],
-            ranges=[(str(r), int(s), int(m), [(int(a), int(b)) for a, b in spans])
-                    for r, s, m, spans in data["ranges"]])
+        return index
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    # bool is an int to isinstance; an index has no booleans
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"boot set index: {where!r} holds {type(value).__name__} where {kind.__name__} belongs")
+    return value
+
+
+def _rows(value: Any, width: int, where: str) -> list[list[Any]]:
+    if not isinstance(value, list) or not all(isinstance(row, list) and len(row) == width for row in value):
+        raise ValueError(f"boot set index: {where!r} is not a list of {width}-item lists")
+    return value
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or re.fullmatch(r"[0-9a-f]{64}", value) is None:
+        raise ValueError("boot set index: a chunk's digest is not a sha256 in lowercase hex")
+    return value
 
 
 # Parts of one or more characters, none of them NUL or '/', none '.' or '..', joined by single slashes.
@@ -97,12 +151,81 @@ def _plain_relative(rel: object) -> bool:
     return isinstance(rel, str) and _PLAIN.match(rel) is not None
 
 
-def read_index(layout: VolumeLayout) -> Index | None:
-    """The recorded index, or None when there is none (or it cannot be read: then it is as good as none)."""
+def seal(data: dict[str, Any]) -> bytes:
+    """index.json's bytes: the index, then the sha256 of everything before it, so that any byte changed
+    since install (a disk error, an edit by hand) is seen without parsing the index twice."""
+    body = json.dumps(data, separators=(",", ":")).encode()
+    return body[:-1] + b',"seal":"' + hashlib.sha256(body).hexdigest().encode() + b'"}'
+
+
+def load_index(layout: VolumeLayout) -> Index:
+    """The recorded index, checked against its seal; BootSetError says why it cannot be used."""
     try:
-        return Index.from_json(json.loads(layout.boot_set_index.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = _read_regular(layout.boot_set_index, INDEX_LIMIT)
+    except FileNotFoundError:
+        raise BootSetError("no boot set recorded", "(run `forge-volume install` to record one)") from None
+    except OSError as exc:
+        raise BootSetError(f"the boot set's index cannot be read ({exc})") from None
+    sealed = SEAL.search(raw)
+    if sealed is None or hashlib.sha256(raw[:sealed.start()] + b"}").hexdigest() != sealed.group(1).decode():
+        raise BootSetError(f"{layout.relative(layout.boot_set_index)} does not match its digest")
+    try:
+        return Index.from_json(json.loads(raw[:sealed.start()] + b"}"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BootSetError(f"the boot set's index is not valid ({exc})") from None
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``: never blocks on a FIFO, never reads a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise OSError(f"{path} is larger than {limit} bytes")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)
+
+
+def read_index(layout: VolumeLayout) -> Index | None:
+    """The recorded index, or None when there is none (or it cannot be used: then it is as good as none)."""
+    try:
+        return load_index(layout)
+    except BootSetError:
         return None
+
+
+def archive_problem(layout: VolumeLayout, index: Index) -> str | None:
+    """What is wrong with files.bin against the index's digests (one read of it), or None."""
+    name = layout.relative(layout.boot_set_archive)
+    try:
+        fd = os.open(layout.boot_set_archive, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return f"{name} is missing"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size != index.archive_size:
+            return f"{name} changed size"
+        offset = 0
+        buffer = bytearray(PIECE)
+        for length, digest in index.chunks:
+            sha = hashlib.sha256()
+            end = offset + length
+            while offset < end:
+                got = os.preadv(fd, [memoryview(buffer)[:min(PIECE, end - offset)]], offset)
+                if not got:
+                    return f"{name} changed size"
+                sha.update(memoryview(buffer)[:got])
+                offset += got
+            if sha.hexdigest() != digest:
+                return f"{name} does not match its digest (bytes {end - length}-{end})"
+    except OSError as exc:
+        return f"{name} cannot be read ({exc})"
+    finally:
+        os.close(fd)
+    return None
 
 
 def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, files: bool = True) -> str | None:
@@ -111,7 +234,8 @@ def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, 
 
     ``files=False`` checks the folders only (a worker's boot: a fifth of the round trips). Whatever adds,
     removes or replaces a file changes its folder's mtime (pip, git, editors that save by renaming); only
-    an edit in place does not, and ``install`` (which checks every file) records the set again after one.
+    an edit in place does not, and ``install`` (which checks every file, and files.bin's digests) records
+    the set again after one.
     """
     checks: list[tuple[str, int, int | None]] = [(rel, mtime, None) for rel, (mtime, _) in index.dirs.items()]
     if files:
@@ -135,7 +259,8 @@ def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, 
         for problem in pool.map(check, checks):
             if problem:
                 return problem
-    return None
+    # files.bin's bytes against their digests: a disk error keeps the size and the mtime.
+    return archive_problem(layout, index) if files else None
 
 
 # --- recording at install -----------------------------------------------------------------------
@@ -351,26 +476,36 @@ def _ancestors(rel: str) -> Iterator[str]:
 
 
 def write(layout: VolumeLayout, index: Index, files: list[Path]) -> None:
-    """Write the archive, then the index (last: an interrupted write leaves no index, so no boot set)."""
+    """Write the archive with its chunks' digests, then the sealed index (last: an interrupted write leaves no
+    index, so no boot set)."""
     layout.boot_set_dir.mkdir(parents=True, exist_ok=True)
     layout.boot_set_index.unlink(missing_ok=True)
     tmp = layout.boot_set_archive.with_name(f".{layout.boot_set_archive.name}.{os.getpid()}.tmp")
+    index.chunks = []
     try:
         with open(tmp, "wb") as out:
+            chunk, length = hashlib.sha256(), 0
             for (rel, offset, size, _, _), path in zip(index.files, files, strict=True):
+                if length and length + size > CHUNK:  # a chunk holds whole files: each is checked by one reader
+                    index.chunks.append((length, chunk.hexdigest()))
+                    chunk, length = hashlib.sha256(), 0
                 with open(path, "rb") as src:
                     copied = 0
-                    while chunk := src.read(min(8 << 20, size - copied)):
-                        out.write(chunk)
-                        copied += len(chunk)
+                    while data := src.read(min(8 << 20, size - copied)):
+                        out.write(data)
+                        chunk.update(data)
+                        copied += len(data)
                 if copied != size or out.tell() != offset + size:
                     raise OSError(f"{rel} changed while the boot set was written")
+                length += size
+            if length or (not index.chunks and index.files):
+                index.chunks.append((length, chunk.hexdigest()))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, layout.boot_set_archive)
     finally:
         tmp.unlink(missing_ok=True)
-    write_atomic(layout.boot_set_index, json.dumps(index.to_json(), separators=(",", ":")))
+    write_atomic(layout.boot_set_index, seal(index.to_json()).decode())
 
 
 def summary(index: Index) -> str:

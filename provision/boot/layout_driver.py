@@ -16,12 +16,12 @@ import queue
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from provision.boot import owner
 from provision.boot.boot_set import changed_since_recorded
 from volume_layout import VolumeLayout
 
@@ -30,6 +30,7 @@ from volume_layout import VolumeLayout
 LOCAL_STAT = 100e-6
 SHM = Path("/dev/shm")
 SHM_MARGIN = 512 << 20
+MIRROR_PREFIX = "forge-mirror-"
 
 
 def stat_latency(layout: VolumeLayout) -> float:
@@ -53,7 +54,7 @@ def mirror_place(layout: VolumeLayout, scratch: Path, shm: Path = SHM) -> Path:
         need = layout.boot_set_archive.stat().st_size * 2 + SHM_MARGIN
         room = os.statvfs(shm)
         if room.f_bavail * room.f_frsize >= need and _is_tmpfs(shm):
-            return Path(tempfile.mkdtemp(prefix="forge-mirror-", dir=shm))
+            return owner.make(MIRROR_PREFIX, shm)  # named for this worker: a later start removes it if it dies
     except OSError:
         pass
     return scratch / "mirror"
@@ -89,12 +90,19 @@ class VolumeCheck:
         return None if self._problem is None else changed_since_recorded(self._problem)
 
 
-def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None]) -> VolumeCheck | None:
+def _printable(text: str) -> str:
+    """Text the child took from the volume (a crafted name may hold newlines or terminal escapes), on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None],
+            started_child: Callable[[subprocess.Popen[str]], None] | None = None) -> VolumeCheck | None:
     """Run the child that lays out the mirror; when Forge may start from ``mirror``, the child's check of
     the volume behind it (still running); None when the lay-out failed.
 
     Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
-    background, and dies with the worker. Any failure is one line in the log and a boot from the volume.
+    background, and dies with the worker (``started_child`` is given it, to stop it sooner). Any failure is
+    one line in the log and a boot from the volume.
     """
     from provision.forge.process import dying_with_parent
 
@@ -106,6 +114,8 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     except OSError as exc:
         say(f"fast boot off: cannot start its helper ({exc})")
         return None
+    if started_child is not None:
+        started_child(proc)  # the worker stops it before it removes the copy
     lines: queue.Queue[str | None] = queue.Queue()
     errors: collections.deque[str] = collections.deque(maxlen=5)
 
@@ -118,7 +128,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     def read_err() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            errors.append(line.rstrip())
+            errors.append(_printable(line.rstrip()))
 
     threading.Thread(target=read_out, name="boot-mirror-out", daemon=True).start()
     threading.Thread(target=read_err, name="boot-mirror-err", daemon=True).start()
@@ -138,7 +148,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             "booting from the volume")
         return None
     if not result.get("ok"):
-        say(f"fast boot off: {result.get('reason')}; booting from the volume")
+        say(f"fast boot off: {_printable(str(result.get('reason')))}; booting from the volume")
         return None
     say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
         f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
@@ -152,7 +162,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             except ValueError:
                 continue
             if isinstance(said, dict) and "changed" in said:
-                check.answer(None if said["changed"] is None else str(said["changed"]))
+                check.answer(None if said["changed"] is None else _printable(str(said["changed"])))
             elif isinstance(said, dict) and "prefetched" in said:
                 say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
         proc.wait()

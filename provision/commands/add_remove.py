@@ -181,13 +181,13 @@ def remove_model(layout: VolumeLayout, spec_path: Path, wanted: str, *, delete: 
     with hold_volume(layout, "remove"):
         text, spec, lock = _locked_spec(spec_path)
         index, locked = _find(spec, lock, wanted)
+        target = mf.locked_target(layout, locked)  # fenced before anything changes
         new_text = without_model(spec_path, text, index)
         parse_spec(new_text, spec_path)
         new_lock = replace(lock, models=[m for m in lock.models if m is not locked])
         write_atomic(spec_path, new_text)
         write_lock(lock_path, new_lock)
         record_models_step(layout, new_lock, done_before=lock)
-        target = mf.locked_target(layout, locked)
         present = target.exists()
         if delete:
             target.unlink(missing_ok=True)

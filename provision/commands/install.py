@@ -270,8 +270,10 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
     if boot.get("ok") is False:
         problems.append(f"boot: Forge did not boot from the volume at the last install ({boot.get('error')})")
     elif boot.get("ok") and "boot" not in unfinished:
-        index = boot_set.read_index(layout)
-        why = "none is recorded" if index is None else boot_set.changed(layout, index)
+        try:
+            why = boot_set.changed(layout, boot_set.load_index(layout))
+        except boot_set.BootSetError as exc:
+            why = exc.problem
         if why:
             problems.append(f"boot set: {why}; workers boot Forge straight from the volume, slowly, until "
                             "`forge-volume install` records it again")

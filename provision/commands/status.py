@@ -6,11 +6,13 @@ Forge's environment is listed by variable name only, and repository URLs lose an
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from provision.errors import LockError, StateError, Surface
+from provision.fetch.sources import VOLUME_SOURCE
 from provision.installer.gitops import redact_url
 from provision.installer.steps import STEPS
 from provision.records.state import read_state
@@ -70,7 +72,44 @@ def volume_status(layout: VolumeLayout, surface: Surface = "cli") -> dict[str, A
         "sizes": dict(state.get("sizes") or {}),
         "steps": {name: rec.get("finished_at") for name, rec in steps.items()},
     })
+    if isinstance(state.get("adopted"), dict):
+        report["adopted"] = _adopted(layout, state["adopted"])
     return report
+
+
+def _adopted(layout: VolumeLayout, adopted: dict[str, Any]) -> dict[str, Any]:
+    """What the original worker left that this volume no longer needs once the endpoint runs the new worker."""
+    venv = adopted.get("venv")
+    links = [p for p in adopted.get("links") or [] if isinstance(p, str) and (layout.root / p).is_symlink()]
+    return {
+        "finished": adopted.get("finished"),
+        "venv": {"path": venv, "python": adopted.get("venv_python"), "bytes": adopted.get("venv_bytes"),
+                 "moved_aside": venv == layout.relative(layout.original_venv)}
+        if isinstance(venv, str) and (layout.root / venv).exists() else None,
+        "links": links,
+        "others": [o for o in adopted.get("others") or [] if isinstance(o, list) and (layout.root / o[0]).exists()],
+        "unrecognised": [u for u in adopted.get("unrecognised") or []
+                         if isinstance(u, list) and os.path.lexists(layout.root / u[0])],
+    }
+
+
+def format_adopted(adopted: dict[str, Any], root: str) -> list[str]:
+    lines = [f"adopted     from runpod-worker-forge's volume at {adopted.get('finished')}; the original worker's "
+             "leftovers, to remove once the endpoint runs the new worker:"]
+    venv = adopted.get("venv")
+    if venv:
+        where = "moved aside by install" if venv["moved_aside"] else \
+            "still the original worker's; `forge-volume install` moves it aside to venv-original/"
+        lines.append(f"              {venv['path']}/: its venv (Python {venv['python'] or '?'}, "
+                     f"{human_bytes(venv['bytes'])}), {where}: rm -rf {root}/{venv['path']}")
+    if adopted["links"]:
+        lines.append(f"              {len(adopted['links'])} link(s) at the old model and extension paths (the "
+                     f"original worker's), e.g. {adopted['links'][0]}")
+    lines += [f"              {path}: {what}" for path, what in adopted["others"]]
+    if adopted["unrecognised"]:
+        lines.append(f"              {len(adopted['unrecognised'])} path(s) adopt did not recognise, left as they "
+                     f"were, e.g. {adopted['unrecognised'][0][0]}")
+    return lines
 
 
 def volume_files(layout: VolumeLayout, lock_path: Path, *, every_file: bool) -> dict[str, Any]:
@@ -100,6 +139,9 @@ def volume_files(layout: VolumeLayout, lock_path: Path, *, every_file: bool) -> 
         "extras": [f.as_dict() for f in found if f.status == "extra"],
         "prune": [{"path": p, "bytes": n} for p, n in prune_preview(layout, lock)] if lock else None,
         "lock_problem": lock_problem,
+        # Adopted files no index could name: the volume holds the only copy forge-volume knows of.
+        "no_source": [{"path": m.path, "kind": m.kind, "bytes": m.size} for m in (lock.models if lock else [])
+                      if m.source == VOLUME_SOURCE],
     }
     if every_file:
         files["files"] = [f.as_dict() for f in found]
@@ -126,6 +168,13 @@ def format_files(files: dict[str, Any]) -> str:
         lines += [f"              {p['path']} ({human_bytes(p['bytes'])})" for p in prune]
     elif prune is not None:
         lines.append("prune       `refresh-models --prune` would remove nothing")
+    no_source = files.get("no_source") or []
+    if no_source:
+        total = human_bytes(sum(m["bytes"] or 0 for m in no_source))
+        lines.append(f"no source   {len(no_source)} model file(s), {total}, with no source: "
+                     "cannot be rebuilt elsewhere (kept on this volume, checked by sha256, never "
+                     "downloaded; back them up)")
+        lines += [f"              {m['path']} ({human_bytes(m['bytes'])})" for m in no_source]
     if files.get("lock_problem"):
         lines.append(f"lock        {files['lock_problem']}")
     if "files" in files:
@@ -181,6 +230,8 @@ def format_status(report: dict[str, Any]) -> str:
                      f"env: {', '.join(report['forge_env_names']) or '(none)'}")
     if disk_line:
         lines.append(disk_line)
+    if report.get("adopted"):
+        lines += format_adopted(report["adopted"], report["volume"])
     finished = [t for t in (report.get("steps") or {}).values() if t]
     if finished:
         lines.append(f"installed   last step finished {max(finished)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
-from provision.fetch.sources import shown_source
+from provision.fetch.sources import VOLUME_SOURCE, shown_source
 from provision.installer.preflight import blocked_paths
 from provision.models import files as mf
 from provision.progress import Progress
@@ -40,7 +40,9 @@ def verify_volume(layout: mf.VolumeLayout, lock_path: Path, *, deep: bool, progr
                          on_bytes=bar.update if bar is not None else None)
             if c.status == "missing":
                 what = f"feature {model.feature!r}" if isinstance(model, LockedFirstUse) else model.kind
-                problems.append(f"missing: {model.path} ({what} from {shown_source(model.source)})")
+                origin = "no source: cannot be downloaded again" if model.source == VOLUME_SOURCE else \
+                    f"from {shown_source(model.source)}"
+                problems.append(f"missing: {model.path} ({what} {origin})")
             elif c.status == "wrong-size":
                 problems.append(f"wrong size: {model.path} is {c.size:,} bytes, the lock says {model.size:,}")
             elif c.status == "wrong-hash":

@@ -31,7 +31,7 @@ from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, st
 from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets
 from provision.fetch.partials import claim, partial_path, sweep_leftovers
 from provision.fetch.session import watch_session
-from provision.fetch.sources import shown_source
+from provision.fetch.sources import host_problem, shown_source
 from provision.fetch.stream import OnBytes, Sink
 from provision.fetch.tokens import Credential
 
@@ -81,6 +81,10 @@ def _check_scheme(url: str) -> None:
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to fetch {display_url(url)!r}: only http and https are allowed, not {scheme!r}",
                             "check the source URL (a redirect to another scheme is refused too)")
+    host = urlsplit(url).hostname or ""
+    if (problem := host_problem(host) if host else "is missing") is not None:  # a redirect's too
+        raise DownloadError(f"refusing to fetch {display_url(url)!r}: its host {problem}",
+                            "check the source URL (a redirect to such a host is refused too)")
 
 
 def disk_reserve(folder: Path) -> int:

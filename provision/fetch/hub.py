@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from provision.errors import AuthError, DownloadError, NotFoundError
+from provision.errors import AuthError, DownloadError, NoSourceError, NotFoundError
 from provision.fetch.download import TIMEOUT, USER_AGENT, display_url
 from provision.fetch.names import disposition_name
-from provision.fetch.sources import CivitaiSource, HfSource, Source, UrlSource
+from provision.fetch.sources import CivitaiSource, HfSource, Source, UrlSource, VolumeSource
 from provision.fetch.tokens import Credential, clean_token, origin_of
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -279,6 +279,8 @@ def remote_for(source: Source, *, revision: str | None = None, tokens: Tokens | 
         return resolve_hf(source, tokens)
     if isinstance(source, CivitaiSource):
         return resolve_civitai(source, tokens)
+    if isinstance(source, VolumeSource):
+        raise NoSourceError("a model with source \"volume\" has no known source: it cannot be downloaded")
     assert isinstance(source, UrlSource)
     return RemoteFile(url=source.url, sha256=None, size=None, name=source.default_name,
                       credential=url_credential(source.url, tokens))

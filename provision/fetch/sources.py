@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
+
+import idna
 
 from provision.errors import SourceError
 
@@ -93,7 +96,48 @@ class CivitaiSource:
         return f"civitai://{self.version_id}"
 
 
-Source = HfSource | UrlSource | CivitaiSource
+@dataclass(frozen=True)
+class VolumeSource:
+    """No known source: a file ``forge-volume adopt`` found on the volume and no index could name.
+
+    It is kept and verified by its sha256, never deleted and never downloaded: the volume holds the only
+    copy forge-volume knows of, so it cannot be rebuilt elsewhere."""
+
+    @property
+    def default_name(self) -> None:
+        return None  # the spec names it
+
+    def __str__(self) -> str:
+        return VOLUME_SOURCE
+
+
+VOLUME_SOURCE = "volume"
+Source = HfSource | UrlSource | CivitaiSource | VolumeSource
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` (as urlsplit gives it) cannot name a server, or None: what requests and urllib3 would
+    otherwise raise as InvalidURL deep in a request (a full-width or zero-width character, an empty label)."""
+    if ":" in host:  # an IPv6 literal; urlsplit dropped its brackets
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            return "is not a valid IPv6 address"
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if not name.isascii():
+        try:  # as urllib3 encodes it (strict IDNA 2008, no mapping: a full-width 'localhost' is not localhost)
+            name = idna.encode(name.lower(), strict=True, std3_rules=True).decode("ascii")
+            idna.encode(host, uts46=True)  # and as requests checks it first
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return "is not a valid host name (a character no domain name may hold, such as a full-width or " \
+                   "zero-width one)"
+    labels = name.split(".")
+    if len(name) > 253 or any(not label or len(label) > 63 for label in labels):
+        return "is not a valid host name (an empty label, or one over 63 characters)"
+    if any(label.startswith("-") or label.endswith("-") for label in labels):
+        return "is not a valid host name (a label begins or ends with '-')"
+    return None
 
 
 def _check_url(text: str) -> None:
@@ -110,12 +154,17 @@ def _check_url(text: str) -> None:
         raise SourceError(f"URL source {shown!r} cannot be fetched: {reason}") from None
     if not parts.hostname:
         raise SourceError(f"URL source {shown!r} has no host")
+    if (problem := host_problem(parts.hostname)) is not None:
+        raise SourceError(f"URL source {shown!r} cannot be fetched: its host {problem}",
+                          "check the host name in the URL (copy it again from the address bar)")
     if port == 0:
         raise SourceError(f"URL source {shown!r} cannot be fetched: its port is not a number from 1 to 65535")
 
 
 def parse_source(text: str) -> Source:
     """Parse a source string, or raise SourceError naming the accepted forms (never echoing a credential)."""
+    if text == VOLUME_SOURCE:
+        return VolumeSource()
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep:

@@ -79,8 +79,16 @@ class Launch:
     passthrough: tuple[str, ...] = ()  # the worker's FORGE_ENV_PASSTHROUGH: more names Forge may see
 
 
+# A word of the name (split at '_', '-', '.', digits and camelCase) that names a secret: CIVITAI_KEY,
+# NVIDIA_NGC_KEY, DB_PASS, openaiKey. (Not PWD: that is the working directory.)
+SECRET_WORDS = frozenset({"KEY", "KEYS", "PASS", "PASSWD", "PASSWORD", "PASSPHRASE", "SECRET", "SECRETS", "TOKEN",
+                          "TOKENS", "CREDENTIAL", "CREDENTIALS", "CREDS", "AUTH", "PRIVATE", "APIKEY", "COOKIE"})
+_WORD_BREAK = re.compile(r"[^A-Za-z]+|(?<=[a-z])(?=[A-Z])")
+
+
 def secret_name(name: str) -> bool:
-    return bool(SECRET_NAME.search(name))
+    words = {w.upper() for w in _WORD_BREAK.split(name) if w}
+    return bool(SECRET_NAME.search(name)) or bool(words & SECRET_WORDS)
 
 
 def allowed_env(base_env: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:

@@ -106,14 +106,33 @@ def _python_describe(ctx: Ctx) -> list[str]:
 
 # --- venv ---------------------------------------------------------------------------------------
 
+def _original_venv_aside(ctx: Ctx) -> str | None:
+    """An adopted volume's venv/ is the original worker's: move it aside (never clear it) before building ours.
+
+    A rename, and only while venv-original/ is free: after a kill between the rename and the new venv,
+    venv/ is a half-built venv of ours, which ``--clear`` may rebuild."""
+    adopted = ctx.recorded("adopted") or {}
+    layout = ctx.layout
+    if adopted.get("venv") != layout.relative(layout.venv):
+        return None
+    if layout.venv.exists() and not os.path.lexists(layout.original_venv):
+        os.rename(layout.venv, layout.original_venv)
+        ctx.notes.append(f"moved the original worker's venv aside to {layout.relative(layout.original_venv)}/ "
+                         "(remove it once the endpoint runs the new worker)")
+    return layout.relative(layout.original_venv) if layout.original_venv.exists() else None
+
+
 def _venv_run(ctx: Ctx) -> Change:
     python = Path((ctx.recorded("python") or {})["path"])
+    aside = _original_venv_aside(ctx)
     pyenv.create_venv(python, ctx.layout.venv)
     root = str(ctx.layout.root)
 
     def change(state: State) -> None:
         # The venv's absolute paths are those of this mount point; the worker links it back here.
         state["mount_point"] = root
+        if aside is not None:
+            state.setdefault("adopted", {})["venv"] = aside
 
     return change
 

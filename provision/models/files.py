@@ -98,7 +98,7 @@ def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
             raise LockError(f"lock entry {model.path!r}: {exc}") from None
         if path.name != model.name:
             raise LockError(f"lock entry {model.path!r} is named {model.name!r}: the path must end in its name")
-        return path
+        return fenced(layout, path)
     try:
         path = layout.model_path(model.kind, model.name)
     except LayoutError as exc:
@@ -106,6 +106,21 @@ def locked_target(layout: VolumeLayout, model: LockedModel) -> Path:
     if layout.relative(path) != model.path:
         raise LockError(f"lock entry {model.kind}/{model.name} says path {model.path!r}, "
                         f"but its kind and name put it at {layout.relative(path)!r}")
+    fenced(layout, path)
+    return path
+
+
+def fenced(layout: VolumeLayout, path: Path) -> Path:
+    """The one fence (``VolumeLayout.inside_models``) for a model path forge-volume itself chose (from
+    the lock): a kind folder that is a link out of models/ would have it write or delete elsewhere."""
+    try:
+        layout.inside_models(path)
+    except LayoutError as exc:
+        folder = layout.relative(path.parent)
+        raise PathError(str(exc),
+                        f"make {folder} a real folder on the volume (move the link aside), then run this again",
+                        job_hint=f"make {folder} a real folder on the volume (on a pod with this volume), "
+                                 "then send the job again") from None
     return path
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from filelock import Timeout
 
-from provision.errors import ChecksumError, ForgeVolumeError
+from provision.errors import ChecksumError, ForgeVolumeError, NoSourceError
 from provision.fetch.download import Download, Downloaded, Http, download
 from provision.fetch.hub import Tokens, remote_for
 from provision.fetch.partials import sweep_leftovers
-from provision.fetch.sources import parse_source, shown_source
+from provision.fetch.sources import VOLUME_SOURCE, parse_source, shown_source
 from provision.models import files as mf
 from provision.models.pool import (
     POOL,
@@ -93,6 +93,9 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: 
         again = mf.check(layout, model, mf.records(layout), hash_files=False)
         if again.status == "ok":
             return _pin(model, again.sha256, again.size), None
+        if model.source == VOLUME_SOURCE:
+            raise NoSourceError(f"{model.path} is {_said(again.status)}, and it has no source (kept from the volume "
+                                f"by adopt, sha256 {model.sha256}): it cannot be downloaded again")
         remote = remote_for(parse_source(model.source), revision=model.revision, tokens=tokens)
         bar, on_bytes = bars.file(model.size, model.name)
         try:
@@ -111,6 +114,11 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: 
         mf.save_records(layout, [mf.make_record(layout, path, kind=model.kind, source=model.source,
                                                 sha256=got.sha256, revision=model.revision)])
         return _pin(model, got.sha256, got.size), got
+
+
+def _said(status: str) -> str:
+    return {"missing": "missing", "wrong-size": "of another size than the lock says",
+            "wrong-hash": "changed (another sha256)"}.get(status, status)
 
 
 def _pin(model: LockedModel, sha: str | None, size: int | None) -> LockedModel:
@@ -269,7 +277,9 @@ def plan_models(layout: VolumeLayout, lock: Lock) -> list[str]:
     for model in lock.files:
         c = mf.check(layout, model, recs, hash_files=False)
         size = f" ({human(model.size)})" if model.size else ""
-        if c.status == "missing":
+        if c.status != "ok" and model.source == VOLUME_SOURCE:
+            lines.append(f"cannot repair {model.path}{size}: it is {_said(c.status)} and has no source")
+        elif c.status == "missing":
             lines.append(f"fetch {model.path}{size} from {shown_source(model.source)}")
         elif c.status in ("wrong-size", "wrong-hash"):
             lines.append(f"repair {model.path}{size}: {c.status.replace('-', ' ')}")

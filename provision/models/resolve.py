@@ -11,7 +11,7 @@ from pathlib import Path
 from provision.errors import ChecksumError, ForgeVolumeError, SourceError
 from provision.fetch.hub import RemoteFile, probe_url, remote_for
 from provision.fetch.names import check_server_name, unlisted_warning, url_path_name
-from provision.fetch.sources import CivitaiSource, HfSource, shown_source
+from provision.fetch.sources import CivitaiSource, HfSource, VolumeSource, shown_source
 from provision.models.pool import parallel, raise_failures
 from provision.progress import Progress
 from provision.records.lockfile import LockedModel
@@ -53,6 +53,8 @@ def _resolve_one(spec: ModelSpec) -> LockedModel:
         return _locked(spec, remote, pinned_by)
     if isinstance(source, CivitaiSource):
         return _locked(spec, remote_for(source), "server")
+    if isinstance(source, VolumeSource):  # kept on the volume: the spec's sha256 is the pin, nothing to ask
+        return _locked(spec, RemoteFile("", None, spec.size, name=spec.name), "volume")
     return _locked(spec, _url_remote(spec, source.url), "spec" if spec.sha256 else "first-download")
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from provision import __version__
-from provision.errors import CorruptLockError, LockError, StaleLockError
+from provision.errors import CorruptLockError, InvalidLockError, LockError, StaleLockError
 from provision.records.atomic import write_atomic
+from provision.records.lock_fields import extension_fields, first_use_fields, forge_fields, model_fields
 from provision.records.spec import ModelSpec, Spec
 
 LOCK_VERSION = 1
@@ -53,7 +54,11 @@ class LockedModel:
     sha256: str | None  # None only until the first download pins it (trust on first use)
     size: int | None
     revision: str | None = None  # hf:// sources: the commit the file was resolved at
-    pinned_by: str = "spec"  # spec | hub | server | first-download
+    pinned_by: str = "spec"  # spec | hub | server | first-download | volume (no source: kept, never fetched)
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None:  # hex digests compare (and are written) lowercase, whoever gave them
+            object.__setattr__(self, "sha256", self.sha256.lower())
 
 
 FIRST_USE_KIND = "first-use"
@@ -101,20 +106,32 @@ class Lock:
 
 
 def lock_from_json(text: str, path: Path) -> Lock:
+    """Read a lock, checking every field (it may have been edited by hand): all problems in one error."""
     try:
         data = json.loads(text)
-        if data.get("lock_version") != LOCK_VERSION:
-            raise LockError(f"{path}: lock version {data.get('lock_version')!r} is not {LOCK_VERSION}")
-        return Lock(
-            forge=LockedForge(**data["forge"]),
-            extensions=[LockedExtension(**e) for e in data.get("extensions", [])],
-            models=[LockedModel(**m) for m in data.get("models", [])],
-            first_use=[LockedFirstUse(**f) for f in data.get("first_use", [])],
-        )
-    except LockError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptLockError(f"{path}: not a forge-volume lock file ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise CorruptLockError(f"{path}: not a forge-volume lock file (not JSON: {exc})") from None
+    if not isinstance(data, dict) or "forge" not in data:
+        raise CorruptLockError(f"{path}: not a forge-volume lock file (no forge entry)")
+    if data.get("lock_version") != LOCK_VERSION:
+        raise LockError(f"{path}: lock version {data.get('lock_version')!r} is not {LOCK_VERSION}")
+    problems: list[str] = []
+    for key in data:
+        if key not in ("lock_version", "generated_by", "forge", "extensions", "models", "first_use"):
+            problems.append(f"{key} is not a field of a lock file")
+    tables = {key: data.get(key, []) for key in ("extensions", "models", "first_use")}
+    for key, value in tables.items():
+        if not isinstance(value, list):
+            problems.append(f"{key} must be a list, not {type(value).__name__}")
+            tables[key] = []
+    forge = forge_fields(data["forge"], problems)
+    extensions = [extension_fields(i, e, problems) for i, e in enumerate(tables["extensions"])]
+    models = [model_fields(i, m, problems) for i, m in enumerate(tables["models"])]
+    first_use = [first_use_fields(i, f, problems) for i, f in enumerate(tables["first_use"])]
+    if problems:
+        raise InvalidLockError(f"{path}: {'; '.join(problems)}")
+    return Lock(forge=LockedForge(**forge), extensions=[LockedExtension(**e) for e in extensions],
+                models=[LockedModel(**m) for m in models], first_use=[LockedFirstUse(**f) for f in first_use])
 
 
 def read_lock(path: Path) -> Lock:

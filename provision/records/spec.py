@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from provision.errors import SourceError, SpecError
 from provision.fetch.names import url_file_name
-from provision.fetch.sources import Source, UrlSource, parse_source
+from provision.fetch.sources import Source, UrlSource, VolumeSource, parse_source
 from provision.forge.first_use import parse_feature
 from volume_layout import MODEL_KIND_DIRS, LayoutError, check_file_name, known_kinds
 
@@ -80,6 +80,41 @@ class Spec:
     forge: ForgeSpec
     extensions: tuple[ExtensionSpec, ...] = ()
     models: tuple[ModelSpec, ...] = ()
+    runpod: RunPodSpec | None = None  # the [runpod] table: the datacenters `forge-volume regions` provisions
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    """The short-lived pod that installs one datacenter's volume."""
+
+    image: str
+    cpu: str | None = "cpu3c"  # a CPU flavor (GET /v2/catalog/cpus); RunPod mounts network volumes on CPU pods
+    vcpus: int = 4
+    gpu: str | None = None  # a GPU type instead of the CPU flavor, where a datacenter has no CPU pods
+    disk: int = 20  # container disk, GB
+    env: dict[str, str] = field(default_factory=dict)  # e.g. HF_TOKEN = "{{ RUNPOD_SECRET_hf_token }}"
+    timeout: int = 7200  # seconds one pod may take, from its creation to its result
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    image: str
+    gpus: tuple[str, ...]  # serverless GPU pool ids, e.g. ADA_24 (GET /v2/catalog/gpus, `pool`)
+    workers: int = 3  # the most workers
+    min_workers: int = 0
+    idle_timeout: int = 5  # seconds
+    execution_timeout: int = 600  # seconds a job may run
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunPodSpec:
+    datacenters: tuple[str, ...]
+    volume_name: str
+    volume_size: int  # GB; a volume is grown to it, never shrunk
+    pod: PodSpec
+    endpoint: EndpointSpec
 
 
 class _Reader:
@@ -198,7 +233,7 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         source = parse_source(text)
     except SourceError as exc:
         r.fail("source", f"is invalid: {exc.message}; accepted: hf://OWNER/REPO/PATH[@REVISION], "
-               "https://..., http://..., civitai://MODEL_VERSION_ID")
+               "https://..., http://..., civitai://MODEL_VERSION_ID, or \"volume\" (kept on the volume, no source)")
     # A URL whose path does not end in a model file name (civitai's /api/download/models/ID) is
     # named by the server, at lock time.
     name = r.string("name") or (url_file_name(source.url) if isinstance(source, UrlSource) else source.default_name)
@@ -212,6 +247,9 @@ def _model(path: Path, i: int, table: Any) -> ModelSpec:
         sha = sha.lower()
         if not _SHA256.match(sha):
             r.fail("sha256", "must be 64 hexadecimal digits")
+    if isinstance(source, VolumeSource) and (name is None or sha is None):
+        r.fail("source", "is \"volume\" (a file kept on this volume, with no source to fetch it from), which "
+               "needs `name` and `sha256` to say which file")
     return ModelSpec(kind=kind, source=source, name=name, sha256=sha, size=r.integer("size"))
 
 
@@ -222,7 +260,7 @@ def parse_spec(text: str, path: Path) -> Spec:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     top = _Reader(path, "spec", data)
-    top.only("forge", "extensions", "models")
+    top.only("forge", "extensions", "models", "runpod")
     for key in ("extensions", "models"):
         if key in data and not isinstance(data[key], list):
             top.fail(key, f"must be an array of tables ([[{key}]]), not {type(data[key]).__name__}")
@@ -231,7 +269,59 @@ def parse_spec(text: str, path: Path) -> Spec:
     models = tuple(_model(path, i, t) for i, t in enumerate(data.get("models", [])))
     _no_duplicates(path, "extensions", [e.name for e in extensions], "name")
     _no_duplicates(path, "models", [m.key for m in models], "kind + name")
-    return Spec(path=path, forge=forge, extensions=extensions, models=models)
+    runpod = _runpod(path, data["runpod"]) if "runpod" in data else None
+    return Spec(path=path, forge=forge, extensions=extensions, models=models, runpod=runpod)
+
+
+_DATACENTER = re.compile(r"^[A-Z]{2,4}-[A-Z0-9]{2,4}-[0-9]{1,3}$")  # RunPod's ids: EU-RO-1, US-KS-2, EUR-IS-1
+
+
+def _number(r: _Reader, key: str, default: int | None, low: int, high: int) -> int:
+    value = r.table.get(key, default)
+    if value is None:
+        r.fail(key, f"is missing (an integer from {low} to {high} is required)")
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        r.fail(key, f"must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _runpod(path: Path, table: Any) -> RunPodSpec:
+    r = _Reader(path, "runpod", table)
+    r.only("datacenters", "volume_name", "volume_size", "pod", "endpoint")
+    datacenters = r.strings("datacenters")
+    if not datacenters:
+        r.fail("datacenters", "is missing: list the datacenters to keep a volume in, e.g. [\"EU-RO-1\", \"US-KS-2\"]")
+    for dc in datacenters:
+        if not _DATACENTER.match(dc):
+            r.fail("datacenters", f"has {dc!r}, which is not a RunPod datacenter id (like EU-RO-1 or US-KS-2)")
+    _no_duplicates(path, "runpod.datacenters", list(datacenters), "datacenter")
+    pod = _Reader(path, "runpod.pod", r.table.get("pod", {}))
+    pod.only("image", "cpu", "vcpus", "gpu", "disk", "env", "timeout")
+    gpu = pod.string("gpu")
+    if gpu and "cpu" in pod.table:
+        pod.fail("gpu", "and `cpu` are both set; a pod is either a CPU or a GPU pod")
+    vcpus = _number(pod, "vcpus", 4, 2, 64)
+    if vcpus & (vcpus - 1):
+        pod.fail("vcpus", f"must be a power of two (RunPod's rule), not {vcpus}")
+    ep = _Reader(path, "runpod.endpoint", r.table.get("endpoint", {}))
+    ep.only("name", "image", "gpus", "workers", "min_workers", "idle_timeout", "execution_timeout", "env")
+    gpus = ep.strings("gpus")
+    if not gpus:
+        ep.fail("gpus", "is missing: list the serverless GPU pools, e.g. [\"ADA_24\"] (GET /v2/catalog/gpus)")
+    endpoint = EndpointSpec(
+        name=ep.string("name", required=True) or "", image=ep.string("image", required=True) or "", gpus=gpus,
+        workers=_number(ep, "workers", 3, 0, 100), min_workers=_number(ep, "min_workers", 0, 0, 100),
+        idle_timeout=_number(ep, "idle_timeout", 5, 1, 3600),
+        execution_timeout=_number(ep, "execution_timeout", 600, 5, 7 * 24 * 3600), env=ep.mapping("env"))
+    if endpoint.min_workers > endpoint.workers:
+        ep.fail("min_workers", f"({endpoint.min_workers}) is above `workers` ({endpoint.workers})")
+    return RunPodSpec(
+        datacenters=datacenters, volume_name=r.string("volume_name", required=True) or "",
+        volume_size=_number(r, "volume_size", None, 10, 4096),
+        pod=PodSpec(image=pod.string("image", required=True) or "", cpu=None if gpu else pod.string("cpu", "cpu3c"),
+                    vcpus=vcpus, gpu=gpu, disk=_number(pod, "disk", 20, 1, 1000), env=pod.mapping("env"),
+                    timeout=_number(pod, "timeout", 7200, 1, 7 * 24 * 3600)),
+        endpoint=endpoint)
 
 
 def _no_duplicates(path: Path, where: str, keys: list[str], what: str) -> None:

@@ -131,3 +131,26 @@ def test_remove_takes_the_entry_out_and_the_file_stays_unless_delete(locked: Pat
     assert list(lock_models(locked)) == ["models/VAE/sd-vae.safetensors"]
     assert cli("lock", volume=locked).stdout.startswith("no changes")
     assert cli("verify", volume=locked).exit_code == 0
+
+
+def test_remove_delete_and_refresh_models_do_not_follow_a_kind_folder_linked_out_of_models(
+        locked: Path, tmp_path: Path) -> None:
+    """Issue 19 hole 7: a kind folder that is a link out of models/ is refused by the CLI too, before
+    the spec, the lock or any file changes."""
+    embeddings = locked / "models" / "embeddings"
+    outside = tmp_path / "elsewhere"
+    embeddings.rename(outside)
+    embeddings.symlink_to(outside, target_is_directory=True)
+    spec, lock = (locked / "forge-volume.toml").read_text(), (locked / "forge-volume.lock").read_text()
+
+    result = cli("remove", "embedding/tofu.pt", "--delete", volume=locked)
+    assert result.exit_code == 1
+    assert "outside the volume's models folder" in result.stderr and "make models/embeddings a real folder" \
+        in result.stderr, result.output
+    assert (outside / "tofu.pt").exists()
+    assert (locked / "forge-volume.toml").read_text() == spec and (locked / "forge-volume.lock").read_text() == lock
+
+    (outside / "tofu.pt").unlink()
+    result = cli("refresh-models", volume=locked)
+    assert result.exit_code == 1 and "outside the volume's models folder" in result.stderr, result.output
+    assert list(outside.iterdir()) == []

@@ -530,3 +530,42 @@ def test_refresh_removes_stale_partials_of_good_files(locked: Path, hosts: Hosts
     result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert not stale.exists() and partials(VolumeLayout(locked)) == []
+
+
+def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) -> None:
+    """Issue 19 hole 8: a sha256 in capitals (as Civitai shows them) is the same digest; a quoted size or
+    a digest that is not one is one line naming the entry and the field, before anything is fetched."""
+    assert cli(locked, "refresh-models").exit_code == 0
+    lock_file = locked / "forge-volume.lock"
+    good = json.loads(lock_file.read_text())
+
+    def edited(**fields: object) -> None:
+        data = json.loads(json.dumps(good))
+        for model in data["models"]:
+            if model["path"] == "models/ESRGAN/upscaler.pth":
+                model.update(fields)
+        lock_file.write_text(json.dumps(data, indent=2))
+
+    upper = sha(hosts.blobs["models/ESRGAN/upscaler.pth"]).upper()
+    edited(sha256=upper)
+    before = hosts.total_requests()
+    assert cli(locked, "verify").exit_code == 0
+    again = cli(locked, "refresh-models")
+    assert again.exit_code == 0 and "repaired 0 file(s)" in again.output and "6 already correct" in again.output, \
+        again.output
+    assert hosts.total_requests() == before
+
+    for fields, needle in [
+        ({"size": "190"}, "model upscaler/upscaler.pth: size must be a whole number of bytes (not quoted) or null, "
+                          "not '190'"),
+        ({"sha256": "x"}, "model upscaler/upscaler.pth: sha256 must be 64 hexadecimal digits"),
+        ({"sha256": 5, "colour": "red"}, "model upscaler/upscaler.pth: colour is not a field of a lock entry"),
+    ]:
+        edited(**fields)
+        for args in (("refresh-models",), ("verify",), ("install",), ("plan",)):
+            result = cli(locked, *args)
+            assert result.exit_code == 1, (args, result.output)
+            line = result.stderr.strip()
+            assert "\n" not in line and needle in line and "unexpected" not in line, (args, line)
+            assert "correct the fields named in forge-volume.lock" in line
+    assert hosts.total_requests() == before

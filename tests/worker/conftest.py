@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,12 +125,14 @@ def run_once(env: dict[str, str], log_dir: Path, job: Any) -> dict[str, Any]:
         worker.stop()
 
 
-def start_worker(env: dict[str, str], log_dir: Path, python: str = sys.executable, wait: bool = True) -> WorkerProc:
+def start_worker(env: dict[str, str], log_dir: Path, python: str = sys.executable, wait: bool = True,
+                 wrap: Sequence[str] = ()) -> WorkerProc:
+    """``wrap``: a command the worker runs under (it execs the worker: ``tests.helpers.read_only``)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([python, "-m", "worker", "--rp_serve_api", "--rp_api_port", str(port)],
+        proc = subprocess.Popen([*wrap, python, "-m", "worker", "--rp_serve_api", "--rp_api_port", str(port)],
                                 cwd=log_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     worker = WorkerProc(proc, port, log_path, env)

@@ -111,6 +111,11 @@ def test_env_passthrough_never_names_a_secret(tmp_path: Path) -> None:
     assert settings.env_passthrough == ("MY_SETTING", "OTHER")
     with pytest.raises(ConfigError, match=r"FORGE_ENV_PASSTHROUGH names HF_TOKEN, AWS_REGION: the worker never"):
         load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_ENV_PASSTHROUGH": "MY_SETTING HF_TOKEN,AWS_REGION"})
+    # Issue 19 hole 10: a word of the name that says secret is enough.
+    with pytest.raises(ConfigError, match=r"names CIVITAI_KEY, OPENAI_KEY, NGC_KEY, DB_PASS, NVIDIA_NGC_KEY, "
+                                          r"myApiKey, X-AUTH-HEADER: the worker never"):
+        load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_ENV_PASSTHROUGH":
+                       "CIVITAI_KEY OPENAI_KEY,NGC_KEY DB_PASS NVIDIA_NGC_KEY myApiKey X-AUTH-HEADER MY_KEYBOARD"})
 
 
 def test_a_port_other_than_7861_is_passed(tmp_path: Path) -> None:

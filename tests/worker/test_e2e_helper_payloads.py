@@ -176,6 +176,54 @@ def test_a_kind_folder_linked_out_of_models_is_refused_on_every_path(worker: Wor
         link.unlink()
 
 
+def test_refresh_models_does_not_write_through_a_kind_folder_linked_out_of_models(
+        worker: WorkerProc, volume: Path, module_tmp: Path, hosts: tuple[FakeHub, FileServer]) -> None:
+    """Issue 19 hole 7: the lock's own paths go through the same fence as a job's (refresh-models wrote
+    models/embeddings/x through a link out of models/, which /v1/download refused)."""
+    _, files = hosts
+    layout = VolumeLayout(volume)
+    outside = module_tmp / "outside-embeddings-refresh"
+    outside.mkdir()
+    link = layout.kind_dir("embedding")
+    if link.exists():
+        link.rmdir()
+    link.symlink_to(outside, target_is_directory=True)
+    saved_spec, saved_lock = layout.spec.read_bytes(), layout.lock.read_bytes()
+    source = files.url("/files/model.safetensors")
+    layout.spec.write_text(saved_spec.decode() + f'\n[[models]]\nkind = "embedding"\nsource = "{source}"\n'
+                           'name = "fenced.safetensors"\n')
+    lock = read_lock(layout.lock)
+    entry = LockedModel(kind="embedding", name="fenced.safetensors", source=source,
+                        path="models/embeddings/fenced.safetensors", sha256=None, size=None)
+    write_lock(layout.lock, dataclasses.replace(lock, models=[*lock.models, entry]))
+    try:
+        for payload in ({}, {"prune": True}):
+            refused(worker, "/v1/refresh-models", payload, "outside the volume's models folder",
+                    "make models/embeddings a real folder on the volume")
+        assert list(outside.iterdir()) == []
+    finally:
+        link.unlink()
+        layout.spec.write_bytes(saved_spec)
+        layout.lock.write_bytes(saved_lock)
+
+
+@pytest.mark.parametrize("host", ["\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54",  # full-width localhost
+                                  "exa\u200bmple.com", "a..b.com", ".example.com", "-x-.example.com"])
+def test_a_host_no_domain_name_may_have_is_a_caller_error(worker: WorkerProc, host: str) -> None:
+    """Issue 19 hole 10: these failed "unexpectedly (InvalidURL ...)" with a traceback in the log."""
+    refused(worker, "/v1/download", {"source": f"http://{host}/x.safetensors", "kind": "lora"},
+            "is not a valid host name", "check the host name in the URL")
+
+
+def test_a_redirect_to_a_host_no_domain_name_may_have_is_refused(worker: WorkerProc, volume: Path,
+                                                                  hosts: tuple[FakeHub, FileServer]) -> None:
+    _, files = hosts
+    files.add("/files/to-bad-host.safetensors", redirect="http://a..b.com/x.safetensors")
+    refused(worker, "/v1/download", {"source": files.url("/files/to-bad-host.safetensors"), "kind": "lora"},
+            "refusing to fetch 'http://a..b.com/x.safetensors': its host is not a valid host name")
+    assert not (volume / "models" / "Lora" / "to-bad-host.safetensors").exists()
+
+
 # --- hole 16: advice that works on a job ---------------------------------------------------------
 
 def test_helper_errors_give_advice_that_works_from_a_job(worker: WorkerProc, volume: Path,

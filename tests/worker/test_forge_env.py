@@ -20,7 +20,10 @@ SECRETS = {"HF_TOKEN": "hf_secret_value", "CIVITAI_TOKEN": "civitai_secret_value
            "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9/bucket", "BUCKET_ACCESS_KEY_ID": "bucket_key_value",
            "BUCKET_SECRET_ACCESS_KEY": "bucket_secret_value", "RUNPOD_API_KEY": "runpod_secret_value",
            "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job?token=webhook_secret", "GITHUB_TOKEN": "gh_secret_value",
-           "SOME_SERVICE_PASSWORD": "password_value"}
+           "SOME_SERVICE_PASSWORD": "password_value",
+           # Issue 19 hole 10: names an allowed prefix would let through, that a word of marks as a secret.
+           "NVIDIA_NGC_KEY": "ngc_secret_value", "CUDA_DB_PASS": "db_pass_value", "TORCH_HUB_KEYS": "hub_keys_value",
+           "NVIDIA_CREDS": "creds_value"}
 SAMPLERS = {"api": {"method": "GET", "endpoint": "/sdapi/v1/samplers"}}
 
 

@@ -221,6 +221,10 @@ def test_a_forge_still_busy_after_a_cancelled_job_is_stopped_and_the_worker_repl
     handler = make_handler(wedged)
 
     async def cancel_then_next() -> Any:
+        # Cancel a generation Forge has started: a cancel while the job still waits for Forge's boot (a slow
+        # start on a loaded machine) sent nothing to Forge, and rightly leaves no watchdog behind.
+        assert wedged.forge is not None
+        await wedged.forge.wait_ready()
         await cancelled_after(handler, job("POST", "/sdapi/v1/txt2img", {"prompt": "a", "steps": 5}), 1.0)
         assert wedged.watchdogs, "a watchdog must follow the cancelled generation"
         await asyncio.gather(*wedged.watchdogs)

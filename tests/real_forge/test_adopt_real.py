@@ -1,0 +1,168 @@
+"""Adopting a volume of the original worker on the real Forge (opt-in, ``FORGE_LAB``): the same image before and
+after, and no model byte downloaded.
+
+The volume is laid out the original's way from the lab: a depth-1 clone of the lab's Forge with its launcher's
+repositories, the lab's venv as the volume's ``venv/`` (a link: it is the lab's, and only read), and the lab's
+checkpoint in the checkout's models/Stable-diffusion/ (a hard link, no second 2 GB). Forge is booted the
+original's way (``webui.py`` from the volume with the original's ``start.sh`` flags, ``--xformers`` dropped and
+``--always-cpu`` added) for one txt2img with a fixed seed. Then ``adopt``, the spec's [forge] set for the lab
+(its interpreter, torch pins and offline launcher settings, as a user sets theirs), ``lock``, ``install`` and our
+worker on the volume: the same txt2img gives the same pixels, and the model server stand-in (Hugging Face's and
+Civitai's endpoints) saw no request. Run it under ``flock /work/lab.lock``: it starts the real Forge twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomlkit
+
+from tests.helpers.http_server import FileServer
+from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, ORIGINAL_ENV, SKIP, forge_volume, lab_env
+from tests.worker.conftest import free_port, start_worker, worker_env
+
+pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT + 1800)]
+CHECKOUT = "stable-diffusion-webui-forge"
+TXT2IMG = {"prompt": "a red fox in fresh snow", "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64,
+           "height": 64, "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1, "n_iter": 1}
+# runpod-worker-forge's start.sh flags, without --xformers (no CUDA here) and with --always-cpu.
+ORIGINAL_FLAGS = ["--no-half-vae", "--skip-python-version-check", "--skip-torch-cuda-test", "--skip-install",
+                  "--lowram", "--opt-sdp-attention", "--disable-safe-unpickle", "--api", "--nowebui",
+                  "--skip-version-check", "--no-hashing", "--no-download-sd-model", "--always-cpu"]
+
+
+def pixels(b64: str) -> bytes:
+    """A PNG's decoded image data (IDAT), leaving out its text chunks (Forge's parameters and version)."""
+    data = base64.b64decode(b64.split(",")[-1])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    i, idat = 8, b""
+    while i < len(data):
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        if kind == b"IDAT":
+            idat += data[i + 8:i + 8 + length]
+        i += 12 + length
+    return zlib.decompress(idat)
+
+
+def lay_out_original(lab: Path, volume: Path) -> None:
+    """runpod-worker-forge's install script's result, from the lab's parts."""
+    shutil.rmtree(volume, ignore_errors=True)
+    volume.mkdir(parents=True)
+    subprocess.run(["git", "clone", "-q", "--depth=1", f"file://{lab / 'forge-src'}", CHECKOUT], cwd=volume,
+                   check=True)
+    checkout = volume / CHECKOUT
+    shutil.copytree(lab / "forge-src" / "repositories", checkout / "repositories", symlinks=True)
+    (volume / "venv").symlink_to(lab / "venv")
+    target = checkout / "models" / "Stable-diffusion" / CHECKPOINT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(lab / "models" / "Stable-diffusion" / CHECKPOINT, target)
+    except OSError:
+        shutil.copy2(lab / "models" / "Stable-diffusion" / CHECKPOINT, target)
+    (volume / "logs").mkdir()
+
+
+def post(url: str, body: dict[str, Any], timeout: float) -> Any:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def original_txt2img(lab: Path, volume: Path, log: Path) -> str:
+    """Boot Forge the original's way (webui.py from the volume's venv) and run one txt2img; its first image."""
+    port = free_port()
+    env = {**ORIGINAL_ENV, **lab_env(lab), "HF_HOME": str(volume), "PYTHONUNBUFFERED": "true",
+           "VIRTUAL_ENV": str(volume / "venv"), "PATH": f"{volume / 'venv' / 'bin'}:{ORIGINAL_ENV.get('PATH', '')}"}
+    argv = [str(volume / "venv" / "bin" / "python3"), str(volume / CHECKOUT / "webui.py"), *ORIGINAL_FLAGS,
+            "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=volume / CHECKOUT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None, f"the original's Forge exited: {log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/sdapi/v1/sd-models", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"the original's Forge did not answer: {log.read_text()[-3000:]}"
+                time.sleep(2)
+        image: str = post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", TXT2IMG, 900)["images"][0]
+        return image
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def set_forge_for_the_lab(lab: Path, volume: Path) -> None:
+    """What a user edits after adopt here: the lab's interpreter, torch pins and offline launcher settings."""
+    env = lab_env(lab)
+    torch = shlex.split(env.pop("TORCH_COMMAND"))[2:]
+    home = next(line.split("=", 1)[1].strip() for line in (lab / "venv" / "pyvenv.cfg").read_text().splitlines()
+                if line.startswith("executable"))
+    path = volume / "forge-volume.toml"
+    doc = tomlkit.parse(path.read_text())
+    forge = doc["forge"]
+    args = [a for a in forge["args"] if a != "--xformers"]  # adopt carries the original's image flags; no CUDA here
+    forge["python"], forge["torch"], forge["torch_index_url"], forge["args"], forge["env"] = home, torch, "", args, env
+    path.write_text(tomlkit.dumps(doc))
+
+
+def test_adopt_install_and_the_worker_give_the_original_image(lab: Path, tmp_path: Path) -> None:
+    base = Path(os.environ["FORGE_LAB_VOLUME"]) if os.environ.get("FORGE_LAB_VOLUME") else tmp_path
+    volume = base / "adopt-volume"
+    lay_out_original(lab, volume)
+    before = original_txt2img(lab, volume, tmp_path / "original-forge.log")
+    with FileServer() as models:  # where any model download would go: Hugging Face's and Civitai's endpoints
+        ORIGINAL_ENV["HF_ENDPOINT"] = models.url("")  # the CLI's environment (forge_volume)
+        ORIGINAL_ENV["CIVITAI_API_BASE"] = models.url("/api/v1")
+        try:
+            adopted, _ = forge_volume(volume, "adopt", "--no-lookup")
+            assert adopted.returncode == 0, adopted.stdout + adopted.stderr
+            print(f"\n[adopt-real] {adopted.stdout}")
+            set_forge_for_the_lab(lab, volume)
+            locked, _ = forge_volume(volume, "lock")
+            assert locked.returncode == 0, locked.stdout + locked.stderr
+            installed, seconds = forge_volume(volume, "install")
+            assert installed.returncode == 0, installed.stdout + installed.stderr
+            print(f"[adopt-real] install after adopt: {seconds:.0f} s\n{installed.stdout}")
+            verified, _ = forge_volume(volume, "verify")
+            assert verified.returncode == 0, verified.stdout + verified.stderr
+            scratch = tmp_path / "worker"
+            env = worker_env(volume, scratch / "scratch", FORGE_BOOT_TIMEOUT="900", FORGE_ARGS="--always-cpu",
+                             HF_ENDPOINT=models.url(""), CIVITAI_API_BASE=models.url("/api/v1"))
+            worker = start_worker(env, scratch / "logs")
+            try:
+                out = worker.runsync({"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": TXT2IMG},
+                                     900)
+            finally:
+                worker.stop()
+        finally:
+            ORIGINAL_ENV.pop("HF_ENDPOINT", None)
+            ORIGINAL_ENV.pop("CIVITAI_API_BASE", None)
+        assert models.requests == []  # 0 model bytes downloaded: nothing even asked
+    assert out.get("status") == "COMPLETED", out
+    after = out["output"]["images"][0]
+    assert pixels(after) == pixels(before)
+    assert (volume / CHECKOUT / "models" / "Stable-diffusion" / CHECKPOINT).is_symlink()
+    assert (volume / "venv-original").is_symlink()  # the original's venv (here the lab's, linked) moved aside
+    if not os.environ.get("FORGE_LAB_VOLUME"):
+        shutil.rmtree(volume, ignore_errors=True)
