@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from worker.job_rules import JobRuleError, check_forge_call
 from worker.original_defaults import with_defaults
 from worker.routes import ALIASES, GENERATING, HELPER_ROUTES, accepted, methods_of
 
@@ -72,6 +73,10 @@ def normalise(job_input: object, *, original_defaults: bool = True) -> ForgeCall
     route = ALIASES[endpoint][0] if endpoint in ALIASES else endpoint
     if method == "GET":
         return ForgeCall(method, route, None, endpoint, _query(payload or {}))
+    try:
+        check_forge_call(route, payload)
+    except JobRuleError as exc:
+        raise InputError(str(exc)) from None
     if payload is not None and original_defaults:
         payload = with_defaults(route, payload)
     return ForgeCall(method, route, payload, endpoint)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provision.forge.hashes import seed_hash_cache
+from provision.forge.locked_settings import HIDE_DIRS_SWITCH, fence_settings_file
 from volume_layout import VolumeLayout
 
 DEFAULT_PORT = 7861  # Forge's API port with --nowebui
@@ -115,6 +116,9 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         # --data-dir would move these two into the scratch; they are models, so they stay on the volume.
         "--embeddings-dir", str(layout.kind_dir("embedding")),
         "--hypernetwork-dir", str(layout.kind_dir("hypernetwork")),
+        # Forge's own lock on its folder settings (outdir_*, *_filename_pattern, temp_dir): the API cannot
+        # set them (provision.forge.locked_settings).
+        HIDE_DIRS_SWITCH,
     ]
     if launch.port != DEFAULT_PORT:
         # Only when needed: with --port, Forge's GET /sdapi/v1/cmd-flags fails (port declared str, given int).
@@ -165,6 +169,7 @@ def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
         for item in seed.iterdir():
             if item.is_file():
                 shutil.copy2(item, scratch.data / item.name)
+    fence_settings_file(scratch.data / "config.json")
     if layout.extensions_dir.is_dir():
         link_extensions(scratch, layout.extensions_dir)
     seed_hash_cache(layout, scratch.data)

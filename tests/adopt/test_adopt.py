@@ -112,6 +112,11 @@ def test_an_adopt_killed_mid_way_finishes_when_run_again(original: Original) -> 
     # every old path still resolves, moved or not
     for old, data in original.volume.models.items():
         assert (checkout / old).read_bytes() == data
+    # a kill between a move's two steps: the hard link made, the old path not yet a link
+    half = next(m for m in journal["moves"] if not (root / m["src"]).is_symlink() and m["dest"].startswith("models/"))
+    (root / half["dest"]).parent.mkdir(parents=True, exist_ok=True)
+    os.link(root / half["src"], root / half["dest"])
+    inodes[half["dest"]] = (root / half["dest"]).stat().st_ino
     dry = cli("adopt", "--dry-run")
     assert "was interrupted with 6 of 9 move(s) to go" in dry.output, dry.output
     again = run_cli("adopt")

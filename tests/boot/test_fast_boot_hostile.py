@@ -16,6 +16,8 @@ import pytest
 
 from tests.boot.test_fast_boot import TXT2IMG, boot, forge_of, with_checkpoint
 from tests.conftest import snapshot
+from tests.faults.platform import FakePlatform, start_fleet_worker
+from tests.helpers.procs import stop_group
 from tests.helpers.read_only import available, read_only
 from tests.provision.conftest import cli
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
@@ -149,23 +151,35 @@ def test_a_damaged_files_bin_boots_from_the_volume_verify_names_it_install_recor
     assert not boot(installed_volume, tmp_path, "again").argv0.startswith(str(installed_volume))
 
 
-def test_sigterm_removes_the_copy_and_the_scratch_before_the_worker_exits(installed_volume: Path,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["local API", "job loop"])
+def test_sigterm_removes_the_copy_and_the_scratch_before_the_worker_exits(installed_volume: Path, tmp_path: Path,
+                                                                          loop: str) -> None:
     with_checkpoint(installed_volume)
-    worker = start_worker(worker_env(installed_volume, tmp_path / "scratch"), tmp_path / "logs")
-    try:
-        served(worker)
-        copy, forge = copy_of(worker), forge_pid(worker)
-        assert copy.is_dir() and len(list((tmp_path / "scratch").iterdir())) == 1
+    env = worker_env(installed_volume, tmp_path / "scratch")
+    with FakePlatform() as platform:
+        if loop == "local API":
+            worker = start_worker(env, tmp_path / "logs")
+            served(worker)
+            proc, log = worker.proc, worker.log
+        else:  # RunPod's production job loop, against a loopback job platform
+            fleet = start_fleet_worker(platform, "w", env, tmp_path / "logs")
+            record = fleet.run(TXT2IMG)
+            assert record.result is not None and "error" not in record.result, record.result
+            proc, log = fleet.proc, fleet.log
+        try:
+            first = next(line for line in log().splitlines() if line.startswith("[worker] starting Forge: "))
+            copy = Path(first.split()[3]).parents[2]
+            [forge] = [pid for pid in children(proc.pid) if b"launch.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert copy.is_dir() and len(list((tmp_path / "scratch").iterdir())) == 1
 
-        worker.proc.send_signal(signal.SIGTERM)  # how RunPod and the local API stop a worker
-        worker.proc.wait(60)
+            proc.send_signal(signal.SIGTERM)  # how RunPod and the local API stop a worker
+            proc.wait(60)
 
-        assert not copy.exists()
-        assert list((tmp_path / "scratch").iterdir()) == []
-        assert gone(forge, 5)
-    finally:
-        worker.stop()
+            assert not copy.exists()
+            assert list((tmp_path / "scratch").iterdir()) == []
+            assert gone(forge, 5)
+        finally:
+            stop_group(proc)
 
 
 def test_a_starting_worker_removes_what_killed_workers_left_and_never_a_live_ones(installed_volume: Path,

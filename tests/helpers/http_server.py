@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.black_hole import fill_backlog
+from tests.helpers.tls import Cert
 
 
 @dataclass
@@ -205,6 +207,16 @@ PRIVATE_MODELS_ENV = {"FORGE_DOWNLOAD_ALLOW_NETWORKS": f"{PRIVATE_MODEL_HOST}/32
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: FileServer
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # TLS is set up in the connection's own thread: a client stalled in its handshake holds only that one.
+        if self.tls is not None:
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+        super().finish_request(request, client_address)
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that hangs up early (the lock's one-byte probe, a cancelled download) is normal here;
@@ -217,8 +229,9 @@ class _Server(ThreadingHTTPServer):
 class FileServer:
     """``with FileServer() as srv: srv.add("/x.bin", data=b"..."); url = srv.url("/x.bin")``."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: Cert | None = None) -> None:
         self.host = host
+        self.scheme = "https" if tls is not None else "http"
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.lock = threading.Lock()
@@ -226,6 +239,7 @@ class FileServer:
         self.custom: Callable[[_Handler, bool], bool] | None = None
         self._server = _Server((host, 0), _Handler)
         self._server.owner = self
+        self._server.tls = tls.server_context() if tls is not None else None
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._dark: list[socket.socket] = []
 
@@ -235,7 +249,7 @@ class FileServer:
 
     def url(self, path: str, host: str | None = None) -> str:
         host = host or (self.host if self.host != "0.0.0.0" else "127.0.0.1")
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def add(self, path: str, data: bytes | None = None, **behaviour: Any) -> Route:
         route = Route(data=data, **behaviour)
