@@ -54,6 +54,7 @@ class Worker:
     report: Reporter = log_reporter
     settle_timeout: float = SETTLE_TIMEOUT
     watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
+    cleanup: Callable[[], None] | None = None  # stops Forge, removes the scratch and the copy (``worker.boot``)
     # RunPod's local test API (--rp_serve_api) answers a failed job with its `error` alone: there the error
     # also carries the end of `forge_log`, which the caller would not see otherwise.
     local_api: bool = False

@@ -19,7 +19,7 @@ from typing import Any
 
 from provision.boot import boot_set
 from provision.errors import CommandError, SpecError
-from provision.installer import checkout_links, forge_reqs, gitops, pyenv
+from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
 from provision.proc import run
 from provision.progress import Progress
 from provision.records.atomic import write_atomic
@@ -145,9 +145,22 @@ def _torch_run(ctx: Ctx) -> None:
                       what=f"pip install {' '.join(f.torch)}")
 
 
+def _torch_done(ctx: Ctx) -> bool:
+    torch = ctx.lock.forge.torch
+    if not torch:
+        return True
+    # Versions, not only names: a torch moved by hand (or by a failed install) is not the locked one.
+    return not pyenv.missing_packages(ctx.layout.venv, torch) and \
+        not venv_record.torch_off(torch, venv_record.distributions(ctx.layout.venv))
+
+
 def _torch_describe(ctx: Ctx) -> list[str]:
     torch = ctx.lock.forge.torch
-    return [f"pip install {' '.join(torch)} into the venv"] if torch else ["no torch packages in the spec"]
+    if not torch:
+        return ["no torch packages in the spec"]
+    off = venv_record.torch_off(torch, venv_record.distributions(ctx.layout.venv))
+    return [f"pip install {' '.join(torch)} into the venv"] + \
+        [f"  {req.name} is {have}, the lock pins {req}" for req, have in off if have is not None]
 
 
 # --- forge checkout -----------------------------------------------------------------------------
@@ -274,7 +287,7 @@ def _prepare_run(ctx: Ctx) -> None:
     # Forge's launcher runs the installers of <data-dir>/extensions: point it at the volume's extensions.
     # Relative, so the link still holds when the volume is mounted somewhere else.
     link.symlink_to(os.path.relpath(layout.extensions_dir, layout.prepare_data_dir))
-    env = {**os.environ, **ctx.lock.forge.env, "TORCH_COMMAND": torch_command(ctx.lock)}
+    env = {**forge_reqs.launcher_environ(os.environ, ctx.lock.forge.env), "TORCH_COMMAND": torch_command(ctx.lock)}
     run(prepare_argv(layout, ctx.lock.forge.args), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
         what="Forge's environment preparation (launch.py --exit)", stream=True)
 
@@ -285,19 +298,42 @@ def _prepare_describe(ctx: Ctx) -> list[str]:
 
 # --- Forge's pinned requirements ----------------------------------------------------------------
 
+def _recorded_drift(ctx: Ctx) -> list[venv_record.Change]:
+    """How the venv differs from its record, when the record was taken for this very lock (a venv
+    changed by hand since); [] when there is none, or when it is older than the lock (it is re-taken)."""
+    rec = ctx.recorded("venv") or {}
+    if rec.get("requirements_key") != step_keys(ctx.lock)["requirements"]:
+        return []
+    return venv_record.drift(ctx.layout.venv, rec)
+
+
 def _requirements_done(ctx: Ctx) -> bool:
     try:
-        return not forge_reqs.drift(ctx.layout.venv, forge_reqs.requirements_file(ctx.layout.forge_dir,
-                                                                                   ctx.lock.forge.env))
+        off = forge_reqs.drift(ctx.layout.venv, forge_reqs.requirements_file(ctx.layout.forge_dir, ctx.lock.forge.env))
     except CommandError:  # the requirements file is gone with the checkout: redo
         return False
+    return not off and not _recorded_drift(ctx)
 
 
-def _requirements_run(ctx: Ctx) -> None:
+def _requirements_run(ctx: Ctx) -> Change:
     restored = forge_reqs.restore(ctx.layout.venv_python, ctx.layout.forge_dir, ctx.lock.forge.env)
     if restored:
         ctx.notes.append("restored Forge's pinned requirements over what extension installers installed: "
                          + ", ".join(map(str, restored)))
+    moved = _recorded_drift(ctx)
+    if moved:
+        # The venv was installed for this lock and recorded; what still differs was changed since: put it back.
+        venv_record.put_back(ctx.layout.venv_python, moved, extra_index_url=ctx.lock.forge.torch_index_url)
+        ctx.notes.append("put the venv back as install recorded it: " + ", ".join(
+            f"{c.name} {c.after} -> {c.before}" if c.before and c.after else
+            (f"removed {c.name} {c.after}" if c.before is None else f"reinstalled {c.name} {c.before}")
+            for c in moved))
+    taken = venv_record.record(ctx.layout.venv, step_keys(ctx.lock)["requirements"])
+
+    def change(state: State) -> None:
+        state["venv"] = taken
+
+    return change
 
 
 def _requirements_describe(ctx: Ctx) -> list[str]:
@@ -307,7 +343,9 @@ def _requirements_describe(ctx: Ctx) -> list[str]:
     except CommandError:
         off = []  # no checkout yet: prepare runs first
     what = f"check the venv against Forge's pins in {path.name}"
-    return [what] + ([f"restore {', '.join(map(str, off))}"] if off else [])
+    moved = [f"put back {c.name} {c.before} (now {c.after or 'missing'})" if c.before else
+             f"remove {c.name} {c.after} (not in the venv's record)" for c in _recorded_drift(ctx)]
+    return [what] + ([f"restore {', '.join(map(str, off))}"] if off else []) + moved
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -470,7 +508,7 @@ STEPS: tuple[Step, ...] = (
          lambda ctx: pyenv.venv_ready(ctx.layout.venv_python), _venv_run,
          lambda ctx: [f"create the venv at {ctx.layout.venv}"]),
     Step("torch", "torch", ("venv",), lambda lock: {"torch": lock.forge.torch, "index": lock.forge.torch_index_url},
-         lambda ctx: not pyenv.missing_packages(ctx.layout.venv, ctx.lock.forge.torch), _torch_run, _torch_describe),
+         _torch_done, _torch_run, _torch_describe),
     Step("forge", "Forge checkout", (), lambda lock: {"repo": lock.forge.repo, "commit": lock.forge.commit},
          lambda ctx: gitops.head_commit(ctx.layout.forge_dir) == ctx.lock.forge.commit, _forge_run, _forge_describe),
     # Not their `files`: the config step writes those, and keys on them; here they would re-run prepare.

@@ -190,10 +190,11 @@ def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
 
 
 def sync_models(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
-                tokens: Tokens | None = None) -> ModelsReport:
-    """Make every locked model present and verified (the caller holds the volume's writer lock)."""
+                tokens: Tokens | None = None, *, summary: bool = True) -> ModelsReport:
+    """Make every locked model present and verified (the caller holds the volume's writer lock). ``summary``:
+    print what was done on the progress output (off when the caller prints the report itself)."""
     report = _sync(layout, lock, lock_path, progress, dry_run=False, tokens=tokens)
-    if report.fetched or report.repaired or report.pinned or report.adopted:
+    if summary and (report.fetched or report.repaired or report.pinned or report.adopted):
         progress.info(report.summary())
     return report
 

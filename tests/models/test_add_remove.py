@@ -54,6 +54,7 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
     data = hosts.blobs["models/Stable-diffusion/model.safetensors"]
     assert result.stdout.splitlines()[0].startswith(f"model {path}: added from hf://org/sd/model.safetensors")
     assert f"fetched {path} (293.0 KiB)" in result.stdout and "models: 1 fetched" in result.stdout
+    assert result.output.count(f"fetched {path}") == 1  # said once (the models step's own summary is not repeated)
     assert (locked / path).read_bytes() == data
     assert state_models(locked)[path]["sha256"] == sha(data)
     # The spec: the old text, byte for byte, and the new entry after the last model.
@@ -74,7 +75,7 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
 
 @pytest.mark.parametrize("args, code, words", [
     (["add", "lorra", "hf://org/sd/model.safetensors"], 2, "'lorra' is not one of 'checkpoint', 'lora'"),
-    (["add", "embedding", "{tofu}"], 1, "already has the embedding model 'tofu.pt'"),
+    (["add", "embedding", "{tofu}", "--sha256", "0" * 64], 1, "already has the embedding model 'tofu.pt'"),
     (["add", "vae", "hf://org/sd/model.safetensors", "--name", "sd-vae.safetensors"], 1, "already has the vae model"),
     (["add", "lora", "hf://org/sd/model.safetensors", "--sha256", "abc"], 1, "is not 64 hexadecimal digits"),
     (["add", "lora", "org/sd/model.safetensors"], 1, "has no scheme; accepted forms: hf://"),
@@ -95,6 +96,19 @@ def test_bad_input_fails_before_the_spec_is_touched(locked: Path, hosts: Hosts, 
     assert "Traceback" not in result.output
     assert [f.read_bytes() for f in files] == before
     assert not list((locked / "models" / "Lora").glob("*"))  # the folder itself is made by Forge's first start
+
+
+def test_the_same_add_again_is_not_a_duplicate(locked: Path, hosts: Hosts) -> None:
+    """Same kind, source and name as an entry already there (an add interrupted after it wrote the spec):
+    nothing to add, nothing fetched again, and the command finishes as the first one would have."""
+    files = [locked / "forge-volume.toml", locked / "forge-volume.lock"]
+    before = [f.read_bytes() for f in files]
+    requests = hosts.total_requests()
+    result = cli(locked, "add", "embedding", hosts.sources["models/embeddings/tofu.pt"])
+    assert result.exit_code == 0, result.output
+    assert "model models/embeddings/tofu.pt: already in the spec and the lock; fetching it" in result.stdout
+    assert [f.read_bytes() for f in files] == before
+    assert hosts.total_requests() == requests  # present and recorded: not fetched again
 
 
 def test_add_refuses_while_the_spec_has_unlocked_edits(locked: Path, hosts: Hosts) -> None:

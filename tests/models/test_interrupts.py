@@ -121,3 +121,45 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
     assert (lora / NAME).read_bytes() == DATA
     assert _leftovers(lora) == []
     assert cli("verify", volume=with_model).exit_code == 0
+
+
+def test_ctrl_c_during_add_then_the_same_add_again_finishes_it(installed_volume: Path, server: FileServer,
+                                                               cli_env: dict[str, str]) -> None:
+    """Day one: Ctrl-C during `add`, then the same `add` again, as the message says: it resumes the
+    download and finishes (the entry the first run put in the spec is the same, not a duplicate)."""
+    lora = installed_volume / "models" / "Lora"
+    route = server.routes[f"/{NAME}"]
+    args = [FORGE_VOLUME, "--volume", str(installed_volume), "add", "lora", server.url(f"/{NAME}"),
+            "--sha256", hashlib.sha256(DATA).hexdigest()]
+    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def at_60() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"add ended early: {proc.communicate()}")
+            temps = _leftovers(lora) if lora.is_dir() else []
+            return bool(temps) and temps[0].stat().st_size >= 0.6 * SIZE
+
+        _wait("the download to reach 60 %", at_60)
+        route.delay_per_chunk = 0.5
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    # The message names the command that finishes the job.
+    assert "error: interrupted; re-run the same command to resume (`forge-volume --volume " \
+           f"{installed_volume} add lora {server.url('/' + NAME)} --sha256 " in err, err
+    sent_before = route.bytes_sent
+    route.delay_per_chunk = 0
+
+    again = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=DEADLINE)
+
+    assert again.returncode == 0, again.stderr
+    assert f"model models/Lora/{NAME}: already in the spec and the lock; fetching it" in again.stdout
+    assert f"fetched models/Lora/{NAME}" in again.stdout
+    assert route.bytes_sent - sent_before <= 0.45 * SIZE  # resumed, not fetched again
+    assert (lora / NAME).read_bytes() == DATA and _leftovers(lora) == []
+    assert (installed_volume / "forge-volume.toml").read_text().count(f"/{NAME}") == 1  # one entry
+    assert cli("verify", volume=installed_volume).exit_code == 0
