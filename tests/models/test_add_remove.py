@@ -104,7 +104,7 @@ def test_the_same_add_again_is_not_a_duplicate(locked: Path, hosts: Hosts) -> No
     files = [locked / "forge-volume.toml", locked / "forge-volume.lock"]
     before = [f.read_bytes() for f in files]
     requests = hosts.total_requests()
-    result = cli(locked, "add", "embedding", hosts.sources["models/embeddings/tofu.pt"])
+    result = cli("add", "embedding", hosts.sources["models/embeddings/tofu.pt"], volume=locked)
     assert result.exit_code == 0, result.output
     assert "model models/embeddings/tofu.pt: already in the spec and the lock; fetching it" in result.stdout
     assert [f.read_bytes() for f in files] == before

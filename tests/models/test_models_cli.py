@@ -535,7 +535,7 @@ def test_refresh_removes_stale_partials_of_good_files(locked: Path, hosts: Hosts
 def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) -> None:
     """Issue 19 hole 8: a sha256 in capitals (as Civitai shows them) is the same digest; a quoted size or
     a digest that is not one is one line naming the entry and the field, before anything is fetched."""
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     lock_file = locked / "forge-volume.lock"
     good = json.loads(lock_file.read_text())
 
@@ -549,8 +549,8 @@ def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) 
     upper = sha(hosts.blobs["models/ESRGAN/upscaler.pth"]).upper()
     edited(sha256=upper)
     before = hosts.total_requests()
-    assert cli(locked, "verify").exit_code == 0
-    again = cli(locked, "refresh-models")
+    assert cli("verify", volume=locked).exit_code == 0
+    again = cli("refresh-models", volume=locked)
     assert again.exit_code == 0 and "repaired 0 file(s)" in again.output and "6 already correct" in again.output, \
         again.output
     assert hosts.total_requests() == before
@@ -563,7 +563,7 @@ def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) 
     ]:
         edited(**fields)
         for args in (("refresh-models",), ("verify",), ("install",), ("plan",)):
-            result = cli(locked, *args)
+            result = cli(*args, volume=locked)
             assert result.exit_code == 1, (args, result.output)
             line = result.stderr.strip()
             assert "\n" not in line and needle in line and "unexpected" not in line, (args, line)
