@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
+from provision.forge.offline import Refusals
 from provision.forge.process import READY, ForgeProcess, ForgeUnavailable
 from worker import outputs
 from worker.config import Settings
@@ -52,6 +53,7 @@ class Worker:
     forge: ForgeProcess | None = None
     proxy: Proxy | None = None
     report: Reporter = log_reporter
+    refusals: Refusals | None = None  # what Forge's no-network hook refused (provision.forge.offline)
     settle_timeout: float = SETTLE_TIMEOUT
     watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
     cleanup: Callable[[], None] | None = None  # stops Forge, removes the scratch and the copy (``worker.boot``)
@@ -178,6 +180,7 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
         return _error(exc.one_line(), refresh=True, forge_log=exc.log)
     progress = (asyncio.create_task(report_progress(proxy, job, worker.report, worker.settings.progress_interval))
                 if call.generates else None)
+    mark = worker.refusals.mark() if worker.refusals is not None else 0
     try:
         resp = await proxy.request(call.method, call.route, call.payload, query=call.query)
     except ForgeTimeout as exc:
@@ -202,6 +205,14 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
     finally:
         if progress is not None:
             progress.cancel()
+    refused = worker.refusals.since(mark) if worker.refusals is not None else []
+    if refused:
+        # Forge needed a file the volume lacks (and may have carried on without it: no preview, the
+        # image not upscaled): the job fails with the hook's line, which names the file and the fix.
+        detail: dict[str, Any] = {"forge_status": resp.status}
+        if len(refused) > 1:
+            detail["refused"] = refused
+        return _error(refused[0], **detail)
     return await _finish(worker, call, resp, job)
 
 

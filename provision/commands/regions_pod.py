@@ -62,7 +62,10 @@ def _install(layout: VolumeLayout, spec_path: Path, progress: Progress) -> dict[
     from provision.commands.install import install
 
     report = install(layout, spec_path, progress=progress, wait=False)
-    return {"ran": report.ran, "summary": report.summary().splitlines()[-1].strip()}
+    lines = report.summary().splitlines()
+    # "installed in 41.2 s: ran python, venv, ..." or "nothing to do: ...", not the notes around it.
+    summary = next((x for x in lines if x.startswith(("installed in", "nothing to do"))), lines[-1])
+    return {"ran": report.ran, "summary": summary.strip()}
 
 
 def volume_state(layout: VolumeLayout) -> dict[str, Any]:

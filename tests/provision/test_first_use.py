@@ -111,6 +111,13 @@ def test_lock_install_verify_status_refresh(installed_volume: Path, provisioned_
     assert "models/VAE-approx/model.pt" not in result.output
 
 
+def test_the_cli_reference_names_every_feature() -> None:
+    cli_doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for name in FEATURES:
+        assert name in cli_doc and f"| `{name}" in readme, name
+
+
 def test_a_lock_without_features_is_unchanged(installed_volume: Path) -> None:
     """Volumes locked before features existed keep their lock (and install's keys): nothing to do."""
     before = (installed_volume / "forge-volume.lock").read_text()
@@ -119,6 +126,24 @@ def test_a_lock_without_features_is_unchanged(installed_volume: Path) -> None:
     assert (installed_volume / "forge-volume.lock").read_text() == before
     result = cli("plan", volume=installed_volume)
     assert result.exit_code == 0 and "nothing to do" in result.output.lower(), result.output
+
+
+def test_the_interrogators_categories_are_linked_into_the_checkout(installed_volume: Path) -> None:
+    """Forge reads the CLIP interrogator's categories from interrogate/ in its working folder (the checkout):
+    once the feature put them in models/interrogate, install links the checkout's name there, and verify
+    checks the link."""
+    categories = installed_volume / "models" / "interrogate"
+    categories.mkdir(parents=True)
+    (categories / "artists.txt").write_text("Rembrandt\n")
+    result = cli(installed_volume, "verify")
+    assert result.exit_code == 1
+    assert "links: stable-diffusion-webui-forge/interrogate is missing (it should link to ../models/interrogate" \
+        in result.output
+    result = cli(installed_volume, "install")
+    assert result.exit_code == 0, result.output
+    link = installed_volume / "stable-diffusion-webui-forge" / "interrogate"
+    assert os.readlink(link) == "../models/interrogate" and (link / "artists.txt").read_text() == "Rembrandt\n"
+    assert cli(installed_volume, "verify").exit_code == 0
 
 
 LAB = os.environ.get("FORGE_LAB")

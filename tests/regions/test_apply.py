@@ -38,6 +38,9 @@ def test_three_datacenters_from_nothing(fleet: Fleet) -> None:
     assert first.exit_code == 0, first.output
     assert fleet.planned == {**dict.fromkeys(DCS, "create volume + install"), "endpoint": "create"}
     assert done_actions(first) == fleet.planned  # plan said what apply did
+    for done in json.loads(first.stdout)["done"]:  # each pod's own report of its install, read from its log
+        assert done["ok"] and done["message"].startswith("installed in") and "ran python, venv" in done["message"]
+        assert done["result"]["state"]["forge_commit"] == fleet.world.forge.head()
 
     # One volume per datacenter, named as the spec says; one CPU pod each, the volume at /workspace.
     assert sorted((v["dataCenter"], v["name"], v["size"]) for v in standin.volumes.values()) == sorted(
@@ -254,3 +257,21 @@ def test_two_volumes_of_one_name_are_never_guessed_between(fleet_copy: Copy) -> 
     assert standin.pod_bodies == [] and [r for r in standin.mutating_requests() if "network-volumes" in r[1]] == []
     (endpoint,) = standin.endpoints.values()
     assert sorted(endpoint["dataCenterIds"]) == ["EU-RO-1", "US-KS-2"]
+
+
+def test_check_installs_everywhere_and_finds_nothing_to_do(fleet_copy: Copy) -> None:
+    standin, spec = fleet_copy.standin, fleet_copy.spec
+    spec.with_suffix(".regions.json").unlink()  # another machine: no record of what the volumes hold
+    status = regions(spec, standin, "status")
+    assert status.exit_code == 1 and status.stdout.count("unknown: no record of what it holds") == 3, status.output
+    planned = plan_actions(spec, standin)
+    assert planned == {**dict.fromkeys(DCS, "install"), "endpoint": "none"}
+
+    result = regions(spec, standin, "apply", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert done_actions(result) == planned
+    assert [d["message"].split(":")[0] for d in json.loads(result.stdout)["done"]] == ["nothing to do"] * 3
+    assert regions(spec, standin, "status").exit_code == 0  # recorded again
+    forced = regions(spec, standin, "plan", "--check")
+    assert forced.stdout.count("--check: install checks everything") == 3
