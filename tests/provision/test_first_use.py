@@ -135,15 +135,15 @@ def test_the_interrogators_categories_are_linked_into_the_checkout(installed_vol
     categories = installed_volume / "models" / "interrogate"
     categories.mkdir(parents=True)
     (categories / "artists.txt").write_text("Rembrandt\n")
-    result = cli(installed_volume, "verify")
+    result = cli("verify", volume=installed_volume)
     assert result.exit_code == 1
     assert "links: stable-diffusion-webui-forge/interrogate is missing (it should link to ../models/interrogate" \
         in result.output
-    result = cli(installed_volume, "install")
+    result = cli("install", volume=installed_volume)
     assert result.exit_code == 0, result.output
     link = installed_volume / "stable-diffusion-webui-forge" / "interrogate"
     assert os.readlink(link) == "../models/interrogate" and (link / "artists.txt").read_text() == "Rembrandt\n"
-    assert cli(installed_volume, "verify").exit_code == 0
+    assert cli("verify", volume=installed_volume).exit_code == 0
 
 
 LAB = os.environ.get("FORGE_LAB")
