@@ -24,10 +24,10 @@ from provision.forge.offline import Refusals
 from provision.forge.process import READY, ForgeProcess, ForgeUnavailable
 from worker import outputs
 from worker.config import Settings
-from worker.helpers import run_helper, scrub
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
 from worker.progress import Reporter, log_reporter, report_progress
 from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
+from worker.scrub import scrub
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 INTERRUPT_TIMEOUT = 5.0
@@ -275,6 +275,9 @@ def make_handler(worker: Worker) -> Handler:
             return _error(str(exc))
         try:
             if isinstance(call, HelperCall):
+                # Loaded on the first helper job: a worker that only relays Forge jobs never loads the downloader.
+                from worker.helpers import run_helper
+
                 out = await run_helper(call, worker.volume_root, worker.settings)
                 if "error" not in out and call.endpoint in CHANGES_MODELS:
                     out["forge_refreshed"] = await _refresh_forge(worker)

@@ -22,7 +22,8 @@ from provision.errors import CommandError, SpecError
 from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
 from provision.proc import log_line, run, tail
 from provision.progress import Progress
-from provision.records.lockfile import Lock, write_atomic
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock
 from provision.records.state import State
 from volume_layout import VolumeLayout
 
