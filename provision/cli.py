@@ -202,13 +202,22 @@ def init(obj: Context, preset: str, force: bool, create: bool) -> None:
 @main.command()
 @click.option("--upgrade", "upgrade", is_flag=False, flag_value="*", multiple=True, metavar="[NAME]",
               help="Move branches and tags to their current commits and re-resolve models: all entries, or "
-                   "only NAME (`forge`, an extension, or a model's file name or KIND/NAME). Repeatable.")
+                   "only NAME (`forge`, an extension, a model's file name or KIND/NAME, or `features`: "
+                   "the features' first-use files). Repeatable.")
 @pass_ctx
 def lock(obj: Context, upgrade: tuple[str, ...]) -> None:
     """Lock the spec: resolve what changed since the last lock; keep every other pin.
 
     An entry whose spec text is unchanged keeps its commit, revision, sha256 and size, so with
     nothing changed this needs no network. Prints each change (added, removed, moved, pinned).
+
+    The spec's `[forge] features` also lock the files Forge would otherwise download at first use
+    (a worker never downloads). What each fetches, and the names: README, "Features".
+
+    \b
+    features: previews, taesd-encode, face-restore[:gfpgan,codeformer],
+              upscale:NAME[,NAME...], interrogate, deepbooru,
+              controlnet-preprocessors:NAME[,NAME...], ip-adapter[:sd15,sdxl], instantid
     """
     from provision.installer.resolve import UnknownEntryError, update_lock
     from provision.records.spec import load_spec

@@ -31,6 +31,7 @@ from provision.boot.layout_driver import (
 )
 from provision.errors import ForgeVolumeError
 from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
+from provision.forge.offline import Refusals
 from provision.forge.process import Confirm, ForgeProcess
 from volume_layout import VolumeLayout, worker_volume
 from worker.config import ConfigError, Settings, load_settings
@@ -187,6 +188,7 @@ def build_worker(env: Mapping[str, str]) -> Worker:
     forge.start()
     worker.forge = forge
     worker.proxy = Proxy(settings.forge_url, settings.request_timeout)
+    worker.refusals = Refusals(forge_scratch.offline / "refused.jsonl")
     return worker
 
 

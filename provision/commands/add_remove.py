@@ -26,6 +26,7 @@ from provision.models import files as mf
 from provision.models.pool import human, require_volume
 from provision.models.refresh import ModelsReport, sync_models
 from provision.progress import Progress
+from provision.records.atomic import write_atomic
 from provision.records.lockfile import (
     Lock,
     LockedModel,
@@ -33,7 +34,6 @@ from provision.records.lockfile import (
     lock_path_for,
     pair_models,
     read_lock,
-    write_atomic,
     write_lock,
 )
 from provision.records.spec import ModelSpec, Spec, parse_spec

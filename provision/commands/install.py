@@ -20,7 +20,8 @@ from provision.installer.steplog import StepLog
 from provision.installer.steps import STEPS, Change, Ctx, Step, dependents, step_keys, why_pending
 from provision.proc import output_to
 from provision.progress import Progress
-from provision.records.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock, check_matches, lock_path_for, read_lock, write_lock
 from provision.records.spec import load_spec
 from provision.records.state import State, now, read_state, update_state
 from provision.records.volume_lock import hold_volume

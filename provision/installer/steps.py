@@ -22,21 +22,28 @@ from provision.errors import CommandError, SpecError, VolumeError
 from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
 from provision.proc import run
 from provision.progress import Progress
-from provision.records.lockfile import Lock, write_atomic
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock
 from provision.records.state import State
 from volume_layout import VolumeLayout
 
 # Bump when a step's recipe changes, so volumes installed by older code redo that work.
 RECIPE = 1
+# Bump when the worker's command line or environment for Forge changes (provision.forge.launch), so the
+# boot proof runs again with it: 2 is Forge without network and with --clip-models-path.
+LAUNCH_RECIPE = 2
 PREPARE_TIMEOUT = 3 * 3600.0
 COMPILE_TIMEOUT = 3600.0
 CONFIG_SEED: dict[str, Any] = {
     # API callers get images in the response; a serverless worker should not also write them out.
     "samples_save": False,
     "grid_save": False,
-    # Previews cost a VAE decode every few steps and nobody watches them on an endpoint.
+    # Previews cost a VAE decode every few steps and need a decoder Forge would download: on only with
+    # the spec's "previews" feature (config_seed), which puts the decoders on the volume.
     "live_previews_enable": False,
 }
+# Settings the spec decides (through its features) even in a config.json the user edited.
+SPEC_SETTINGS = ("live_previews_enable",)
 STYLES_SEED = "name,prompt,negative_prompt\n"
 
 Change = Callable[[State], None]
@@ -391,9 +398,28 @@ def _models_describe(ctx: Ctx) -> list[str]:
 
 # --- config seed --------------------------------------------------------------------------------
 
-def _config_files(layout: VolumeLayout) -> dict[Path, str]:
-    return {layout.config_dir / "config.json": json.dumps(CONFIG_SEED, indent=2) + "\n",
+def config_seed(lock: Lock) -> dict[str, Any]:
+    """Forge's settings seed: live previews on when the spec's features include "previews"."""
+    return {**CONFIG_SEED, "live_previews_enable": "previews" in lock.forge.features}
+
+
+def _config_files(layout: VolumeLayout, lock: Lock) -> dict[Path, str]:
+    return {layout.config_dir / "config.json": json.dumps(config_seed(lock), indent=2) + "\n",
             layout.config_dir / "styles.csv": STYLES_SEED}
+
+
+def _spec_settings(ctx: Ctx) -> str | None:
+    """config.json with the settings the spec decides put right, when the volume's file differs in one
+    (None: it agrees, or it is missing or not a settings object, which the seed handles)."""
+    path = ctx.layout.config_dir / "config.json"
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    seed = config_seed(ctx.lock)
+    if not isinstance(current, dict) or all(current.get(k) == seed[k] for k in SPEC_SETTINGS):
+        return None
+    return json.dumps({**current, **{k: seed[k] for k in SPEC_SETTINGS}}, indent=2) + "\n"
 
 
 def _extension_files(ctx: Ctx) -> dict[Path, str]:
@@ -415,22 +441,31 @@ def _extension_files(ctx: Ctx) -> dict[Path, str]:
 
 
 def _config_done(ctx: Ctx) -> bool:
-    return all(p.is_file() for p in _config_files(ctx.layout)) and not _extension_files(ctx)
+    return all(p.is_file() for p in _config_files(ctx.layout, ctx.lock)) and not _extension_files(ctx) \
+        and _spec_settings(ctx) is None
 
 
 def _config_run(ctx: Ctx) -> None:
-    for path, text in _config_files(ctx.layout).items():
-        if not path.exists():  # a user's edited settings are theirs: never overwritten
+    for path, text in _config_files(ctx.layout, ctx.lock).items():
+        if not path.exists():  # a user's edited settings are theirs: never overwritten (but SPEC_SETTINGS)
             write_atomic(path, text)
             ctx.notes.append(f"seeded {ctx.layout.relative(path)}")
+    fixed = _spec_settings(ctx)
+    if fixed is not None:
+        write_atomic(ctx.layout.config_dir / "config.json", fixed)
+        ctx.notes.append(f"set {', '.join(SPEC_SETTINGS)} in {ctx.layout.relative(ctx.layout.config_dir)}/config.json "
+                         "as the spec's features say")
     for path, text in _extension_files(ctx).items():
         write_atomic(path, text)
         ctx.notes.append(f"wrote {ctx.layout.relative(path)}")
 
 
 def _config_describe(ctx: Ctx) -> list[str]:
-    return [f"write {ctx.layout.relative(p)}" for p in [*(p for p in _config_files(ctx.layout) if not p.exists()),
-                                                        *_extension_files(ctx)]]
+    lines = [f"write {ctx.layout.relative(p)}" for p in [*(p for p in _config_files(ctx.layout, ctx.lock)
+                                                          if not p.exists()), *_extension_files(ctx)]]
+    if _spec_settings(ctx) is not None:
+        lines.append(f"set {', '.join(SPEC_SETTINGS)} in config/config.json as the spec's features say")
+    return lines
 
 
 # --- bytecode -----------------------------------------------------------------------------------
@@ -541,7 +576,7 @@ STEPS: tuple[Step, ...] = (
     # The first-use files only when there are some, so volumes installed before keep their key.
     Step("models", "models", (), lambda lock: [asdict(m) for m in lock.files],
          _models_done, _models_run, _models_describe),
-    Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
+    Step("config", "settings", (), lambda lock: {"seed": config_seed(lock), "styles": STYLES_SEED,
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},
          _config_done, _config_run, _config_describe),
     Step("links", "model links in the checkout", (), lambda lock: {},
@@ -551,7 +586,7 @@ STEPS: tuple[Step, ...] = (
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),
     # Last: Forge's first start makes its own files on the volume here, not in every worker.
     Step("boot", "boot proof", ("requirements", "config", "links", "bytecode"),
-         lambda lock: {"args": lock.forge.args, "env": lock.forge.env},
+         lambda lock: {"args": lock.forge.args, "env": lock.forge.env, "launch": LAUNCH_RECIPE},
          _boot_done, _boot_run, _boot_describe),
 )
 BY_NAME = {s.name: s for s in STEPS}

@@ -1,7 +1,7 @@
 """One datacenter's work: its volume found, created or grown, one pod that installs it, followed to its
 result and always terminated.
 
-A pod runs ``forge-volume regions pod-run`` (``provision.regions.pod_main``): the spec and the lock
+A pod runs ``forge-volume regions pod-run`` (``provision.commands.regions_pod``): the spec and the lock
 travel in its environment, it installs the volume mounted at /workspace and prints one result line,
 ``forge-volume-result RUN_ID {json}``, which is read back from the pod's log stream.
 """

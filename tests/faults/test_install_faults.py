@@ -304,13 +304,13 @@ def test_case17_missing_ref_and_unreachable_repo_leave_the_checkout_intact(
     lock = installed_volume / "forge-volume.lock"
     checkout = installed_volume / "stable-diffusion-webui-forge"
     head = head_commit(checkout)
-    pinned, state = lock.read_text(), (installed_volume / ".forge-volume" / "state.json").read_text()
+    pinned, state = lock.read_text(), VolumeLayout(installed_volume).state.read_text()
 
     def intact() -> None:
         assert head_commit(checkout) == head
         assert git(checkout, "status", "--porcelain", "--untracked-files=no") == ""
         assert lock.read_text() == pinned
-        assert (installed_volume / ".forge-volume" / "state.json").read_text() == state
+        assert VolumeLayout(installed_volume).state.read_text() == state
 
     world_spec = provisioned_world.spec()
     forge_url = provisioned_world.forge.url

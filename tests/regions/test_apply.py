@@ -28,6 +28,7 @@ from tests.regions.conftest import (
     regions,
     volume_digest,
 )
+from volume_layout import VolumeLayout
 
 NOTHING = {**dict.fromkeys(DCS, "nothing"), "endpoint": "none"}
 
@@ -59,7 +60,7 @@ def test_three_datacenters_from_nothing(fleet: Fleet) -> None:
         folder = folder_of(standin, dc)
         assert (folder / "forge-volume.lock").read_text() == lock_text
         assert (folder / "models" / "Lora" / "tiny.safetensors").read_bytes() == WEIGHTS
-        state = read_json(folder / ".forge-volume" / "state.json")
+        state = read_json(VolumeLayout(folder).state)
         assert state["forge"]["commit"] == fleet.world.forge.head() and "boot" in state["steps"]
         digests[dc] = volume_digest(folder)
     assert len(digests[DCS[0]]) > 100
@@ -100,7 +101,7 @@ def test_second_apply_reads_only(fleet_copy: Copy) -> None:
 
 def test_model_added_refreshes_models_only_everywhere(fleet_copy: Copy) -> None:
     standin, spec, server = fleet_copy.standin, fleet_copy.spec, fleet_copy.server
-    steps_before = {dc: read_json(folder_of(standin, dc) / ".forge-volume" / "state.json")["steps"] for dc in DCS}
+    steps_before = {dc: read_json(VolumeLayout(folder_of(standin, dc)).state)["steps"] for dc in DCS}
     spec.write_text(spec.read_text().replace("\n[runpod]", model_entry(server, "/files/more.safetensors",
                                                                        MORE_WEIGHTS) + "\n[runpod]", 1))
     lock(spec)
@@ -117,7 +118,7 @@ def test_model_added_refreshes_models_only_everywhere(fleet_copy: Copy) -> None:
     for dc in DCS:
         folder = folder_of(standin, dc)
         assert (folder / "models" / "Lora" / "more.safetensors").read_bytes() == MORE_WEIGHTS
-        steps = read_json(folder / ".forge-volume" / "state.json")["steps"]
+        steps = read_json(VolumeLayout(folder).state)["steps"]
         for step in ("venv", "forge", "extensions", "boot"):  # no Forge or venv work
             assert steps[step] == steps_before[dc][step], step
         assert (folder / "forge-volume.lock").read_text() == spec.with_suffix(".lock").read_text()
@@ -256,3 +257,21 @@ def test_two_volumes_of_one_name_are_never_guessed_between(fleet_copy: Copy) -> 
     assert standin.pod_bodies == [] and [r for r in standin.mutating_requests() if "network-volumes" in r[1]] == []
     (endpoint,) = standin.endpoints.values()
     assert sorted(endpoint["dataCenterIds"]) == ["EU-RO-1", "US-KS-2"]
+
+
+def test_check_installs_everywhere_and_finds_nothing_to_do(fleet_copy: Copy) -> None:
+    standin, spec = fleet_copy.standin, fleet_copy.spec
+    spec.with_suffix(".regions.json").unlink()  # another machine: no record of what the volumes hold
+    status = regions(spec, standin, "status")
+    assert status.exit_code == 1 and status.stdout.count("unknown: no record of what it holds") == 3, status.output
+    planned = plan_actions(spec, standin)
+    assert planned == {**dict.fromkeys(DCS, "install"), "endpoint": "none"}
+
+    result = regions(spec, standin, "apply", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert done_actions(result) == planned
+    assert [d["message"].split(":")[0] for d in json.loads(result.stdout)["done"]] == ["nothing to do"] * 3
+    assert regions(spec, standin, "status").exit_code == 0  # recorded again
+    forced = regions(spec, standin, "plan", "--check")
+    assert forced.stdout.count("--check: install checks everything") == 3

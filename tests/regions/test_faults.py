@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -132,3 +133,18 @@ def test_spec_table_errors_are_one_line(locked_spec: Path, tmp_path: Path) -> No
         bad = regions(spec, standin, "plan")
         assert bad.exit_code == 1 and "not a RunPod datacenter id" in bad.stderr
         assert standin.requests == []  # a bad spec sends nothing
+
+
+def test_a_model_without_sha256_is_refused(locked_spec: Path, tmp_path: Path) -> None:
+    spec = _project(locked_spec, tmp_path)
+    lock_text = spec.with_suffix(".lock").read_text()
+    data = json.loads(lock_text)
+    data["models"] = [{"kind": "lora", "name": "x.safetensors", "source": "https://example.invalid/x.safetensors",
+                       "path": "models/Lora/x.safetensors", "sha256": None, "size": None}]
+    spec.with_suffix(".lock").write_text(json.dumps(data))
+    spec.write_text(spec.read_text().replace(
+        "\n[runpod]", '\n[[models]]\nkind = "lora"\nsource = "https://example.invalid/x.safetensors"\n\n[runpod]', 1))
+    with RunPodStandIn(tmp_path / "runpod", KEY) as standin:
+        result = regions(spec, standin, "plan")
+        assert result.exit_code == 1 and "has no sha256 for models/Lora/x.safetensors" in result.stderr, result.output
+        assert standin.requests == []
