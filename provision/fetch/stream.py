@@ -98,10 +98,13 @@ class Pipeline:
         return self._hash.hexdigest()
 
 
-def hash_existing(fh: BinaryIO, pipe: Pipeline, length: int) -> None:
+def hash_existing(fh: BinaryIO, pipe: Pipeline, length: int, cancel: threading.Event | None = None) -> None:
+    """Hash the kept part of a resumed download; ``cancel`` stops it between two chunks."""
     fh.seek(0)
     remaining = length
     while remaining > 0:
+        if cancel is not None and cancel.is_set():
+            raise DownloadCancelled("cancelled while checking the kept part of a download")
         buf = pipe.buffer()
         n = fh.readinto(memoryview(buf)[:min(CHUNK, remaining)])  # type: ignore[attr-defined]
         if not n:
@@ -168,7 +171,11 @@ class Sink:
         self.transferred = 0
         self.on_bytes = on_bytes
         if offset:
-            hash_existing(fh, self.pipe, offset)
+            try:
+                hash_existing(fh, self.pipe, offset, cancel)
+            except BaseException:
+                self.pipe.finish()  # its threads end here: the caller never gets this Sink
+                raise
             self.written = offset
             self._report(offset)
 
