@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -105,6 +106,7 @@ class Group(click.Group):
     """Turns library errors into ``error: <cause> (<hint>)`` and exit 1; a traceback only with --debug."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["forge_volume.argv"] = list(args)  # for the interrupt message: the command that finishes the job
         return super().parse_args(ctx, hoist_global_options(args, self.commands))
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -116,10 +118,11 @@ class Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Stopped as exc:
-            _fail(ctx, f"stopped by {exc.name}; re-run the same command to resume (finished downloads and "
-                       "steps are kept, partial downloads resume)", None)
+            _fail(ctx, f"stopped by {exc.name}; re-run the same command to resume ({_again(ctx)}; finished "
+                       "downloads and steps are kept, partial downloads resume)", None)
         except KeyboardInterrupt:
-            _fail(ctx, "interrupted; re-run the same command to resume", None)
+            _fail(ctx, f"interrupted; re-run the same command to resume ({_again(ctx)}; finished downloads "
+                       "and steps are kept, partial downloads resume)", None)
         except BrokenPipeError:
             # The reader went away (`forge-volume verify | head -1`): nothing left to say to it.
             with contextlib.suppress(OSError):
@@ -129,6 +132,14 @@ class Group(click.Group):
             _fail(ctx, not_a_folder(exc).one_line(), exc)
         except Exception as exc:
             _fail(ctx, f"unexpected {type(exc).__name__}: {exc} (re-run with --debug for the traceback)", exc)
+
+
+def _again(ctx: click.Context) -> str:
+    """The command line that was interrupted, to run again (a URL shown without its secrets)."""
+    from provision.fetch.sources import shown_source
+
+    argv = [shown_source(a) if "://" in a else a for a in ctx.meta.get("forge_volume.argv") or []]
+    return f"`{shlex.join(['forge-volume', *argv])}`"
 
 
 def _fail(ctx: click.Context, message: str, exc: BaseException | None) -> NoReturn:
@@ -191,13 +202,22 @@ def init(obj: Context, preset: str, force: bool, create: bool) -> None:
 @main.command()
 @click.option("--upgrade", "upgrade", is_flag=False, flag_value="*", multiple=True, metavar="[NAME]",
               help="Move branches and tags to their current commits and re-resolve models: all entries, or "
-                   "only NAME (`forge`, an extension, or a model's file name or KIND/NAME). Repeatable.")
+                   "only NAME (`forge`, an extension, a model's file name or KIND/NAME, or `features`: "
+                   "the features' first-use files). Repeatable.")
 @pass_ctx
 def lock(obj: Context, upgrade: tuple[str, ...]) -> None:
     """Lock the spec: resolve what changed since the last lock; keep every other pin.
 
     An entry whose spec text is unchanged keeps its commit, revision, sha256 and size, so with
     nothing changed this needs no network. Prints each change (added, removed, moved, pinned).
+
+    The spec's `[forge] features` also lock the files Forge would otherwise download at first use
+    (a worker never downloads). What each fetches, and the names: README, "Features".
+
+    \b
+    features: previews, taesd-encode, face-restore[:gfpgan,codeformer],
+              upscale:NAME[,NAME...], interrogate, deepbooru,
+              controlnet-preprocessors:NAME[,NAME...], ip-adapter[:sd15,sdxl], instantid
     """
     from provision.installer.resolve import UnknownEntryError, update_lock
     from provision.records.spec import load_spec

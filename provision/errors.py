@@ -53,7 +53,7 @@ class ForgeVolumeError(Exception):
 class SpecError(ForgeVolumeError):
     """The spec file is missing, not TOML, or says something forge-volume cannot do."""
 
-    hint = "fix the spec file, or write a fresh one with `forge-volume init`"
+    hint = "fix that line of the spec (nothing was changed), then run the command again"
     job_hint = "the spec is edited on a pod; fix it there"
 
 

@@ -2,8 +2,8 @@
 """Benchmark issue 10's costs on the downloader (not a test; run it by hand, figures printed).
 
 1. A refused internal address: each spelling of loopback, private and link-local addresses through
-   ``download(..., guard=...)``; the time per refusal (target: < 100 ms) and the connections a canary
-   listening on every local address accepted (target: 0: no network traffic).
+   ``download(Download(..., http=Http(guard=...)))``; the time per refusal (target: < 100 ms) and the
+   connections a canary listening on every local address accepted (target: 0: no network traffic).
 2. Loopback throughput of this tree against another checkout (default: the commit before issue 10),
    in interleaved rounds in one run, each download in its own process (target: within 5 %).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from provision.fetch.download import Retry, download  # noqa: E402
+from provision.fetch.download import Download, Http, Retry, download  # noqa: E402
 from provision.fetch.netguard import AddressGuard, AddressRefused  # noqa: E402
 
 SERVER = """
@@ -45,9 +45,9 @@ CLIENT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from provision.fetch.download import download
+from provision.fetch.download import Download, download
 started = time.perf_counter()
-got = download(sys.argv[2], Path(sys.argv[3]))
+got = download(Download(sys.argv[2], Path(sys.argv[3])))
 print(got.size / (time.perf_counter() - started) / 2**20)
 """
 
@@ -79,7 +79,8 @@ def refusals() -> None:
             for url in urls:
                 started = time.perf_counter()
                 try:
-                    download(url, Path(tmp) / "x.bin", retry=Retry(attempts=1), guard=AddressGuard.for_url(url))
+                    download(Download(url, Path(tmp) / "x.bin",
+                                      http=Http(retry=Retry(attempts=1), guard=AddressGuard.for_url(url))))
                 except AddressRefused:
                     times.append(time.perf_counter() - started)
                 else:

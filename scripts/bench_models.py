@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from provision.errors import DownloadError  # noqa: E402
-from provision.fetch.download import Retry, download  # noqa: E402
+from provision.fetch.download import Download, Http, Retry, download  # noqa: E402
 from provision.fetch.partials import partial_path  # noqa: E402
 
 SERVER = """
@@ -103,7 +103,7 @@ def bench_download(port: int, work: Path, size: int, digest: str, rounds: int) -
                 used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             else:
                 before_cpu = time.process_time()
-                got = download(url, ours_out, sha256=digest, size=size)
+                got = download(Download(url, ours_out, sha256=digest, size=size))
                 used = time.process_time() - before_cpu
                 assert got.sha256 == digest
             rates[who].append(size / (time.perf_counter() - started) / 2**20)
@@ -128,7 +128,7 @@ def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
     url = f"http://127.0.0.1:{port}/cut.bin"
     target = work / "out" / "resume.bin"
     target.unlink(missing_ok=True)
-    download(url, target, sha256=digest, size=size, retry=Retry(attempts=3, base=0.05))
+    download(Download(url, target, sha256=digest, size=size, http=Http(retry=Retry(attempts=3, base=0.05))))
     sent = stats(port)["/cut.bin"]["bytes_sent"]
     again = (sent - int(size * 0.6)) / size
     print(f"resume in one run after a cut at 60%: server sent {sent / size:.2f}x the file in all; "
@@ -137,11 +137,11 @@ def bench_resume(port: int, work: Path, size: int, digest: str) -> None:
     url = f"http://127.0.0.1:{port}/cut-again.bin"
     kept = 0
     try:  # the server cuts at 60%, then refuses to send more: this run gives up and keeps a partial
-        download(url, target, sha256=digest, size=size, retry=Retry(attempts=1, base=0.05))
+        download(Download(url, target, sha256=digest, size=size, http=Http(retry=Retry(attempts=1, base=0.05))))
     except DownloadError:
         kept = partial_path(target).stat().st_size
     before = stats(port)["/cut-again.bin"]["bytes_sent"]
-    download(url, target, sha256=digest, size=size)
+    download(Download(url, target, sha256=digest, size=size))
     second = (stats(port)["/cut-again.bin"]["bytes_sent"] - before) / size
     print(f"resume in a second run (first run gave up at 60%, kept {kept / size:.0%} as a partial): "
           f"second run downloaded {second:.0%} of the file  [target <= 45%: {'PASS' if second <= 0.45 else 'FAIL'}]")

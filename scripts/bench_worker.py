@@ -6,18 +6,27 @@ relaying it (the handler alone, by tracemalloc, and the whole worker process beh
 local API, by its peak RSS) vs the payload; time from worker start to a /v1/volume answer while
 Forge still boots; and the delay between Forge's API answering and the worker noticing.
 
-Run from the repository root: ``.venv/bin/python scripts/bench_worker.py [--rounds N]``. Offline.
+With ``--baseline REV``, the worker's start is also timed as it was at git revision REV (its packages from
+``git archive``, ahead of the editable install on PYTHONPATH), interleaved start by start with today's on
+the same volume, so a change is measured before and after in one run. ``--start-only`` skips the relay
+measurements.
+
+Run from the repository root: ``.venv/bin/python scripts/bench_worker.py [--rounds N] [--starts N]
+[--baseline REV] [--start-only]``. Offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import re
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tracemalloc
@@ -165,6 +174,48 @@ def helper_while_booting(volume: Path, tmp: Path) -> tuple[float, bool]:
         proc.stop()
 
 
+def worker_sources(rev: str, into: Path) -> Path:
+    """The worker's packages at git revision ``rev``, for PYTHONPATH (ahead of the editable install)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "worker", "provision", "volume_layout"],
+                             capture_output=True, check=False)
+    if archive.returncode:
+        raise SystemExit(f"git archive {rev} failed: {archive.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def worker_start(volume: Path, scratch: Path, logs: Path, source: Path | None) -> tuple[float, float]:
+    """Seconds from launching ``python -m worker --rp_serve_api`` to its local API accepting a connection, and
+    to a /v1/volume answer, while Forge boots (15 s); ``source``: the worker's packages from another revision."""
+    extra = {"PYTHONPATH": str(source)} if source is not None else {}
+    env = worker_env(volume, scratch, FORGE_STANDIN_BOOT_SECONDS="15", **extra)
+    started = time.monotonic()
+    proc = start_worker(env, logs, wait=False)
+    try:
+        proc.wait_api(60)
+        listening = time.monotonic() - started
+        out = proc.runsync({"api": {"method": "GET", "endpoint": "/v1/volume"}})
+        if out.get("status") != "COMPLETED":
+            raise SystemExit(f"/v1/volume failed: {out}\n{proc.log()[-3000:]}")
+        return listening, time.monotonic() - started
+    finally:
+        proc.stop()
+
+
+def starts(volume: Path, tmp: Path, rounds: int, baseline: str | None) -> dict[str, list[tuple[float, float]]]:
+    """``worker_start`` ``rounds`` times for today's worker (and the baseline's), alternating which goes first."""
+    ways: dict[str, Path | None] = {"today": None}
+    if baseline:
+        ways[f"@{baseline}"] = worker_sources(baseline, tmp / "baseline")
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    for i in range(rounds):
+        order = list(ways) if i % 2 == 0 else list(reversed(ways))
+        for name in order:
+            times[name].append(worker_start(volume, tmp / f"scratch-start-{name}-{i}", tmp / "logs", ways[name]))
+    return times
+
+
 def readiness_delay(volume: Path, tmp: Path, rounds: int) -> list[float]:
     delays = []
     for i in range(rounds):
@@ -180,12 +231,24 @@ def readiness_delay(volume: Path, tmp: Path, rounds: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200, help="small-GET rounds (the big relay runs rounds/20)")
+    parser.add_argument("--starts", type=int, default=5, help="worker starts timed (each way, with --baseline)")
+    parser.add_argument("--baseline", metavar="REV", help="also time the worker's start as it was at this git revision")
+    parser.add_argument("--start-only", action="store_true", help="time the worker's start only (no relay measures)")
     args = parser.parse_args()
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as name:
         tmp = Path(name)
         print("installing a test volume ...", file=sys.stderr)
         with installed_volume(tmp) as volume:
+            start_times = starts(volume, tmp, args.starts, args.baseline)
+            for way, pairs in start_times.items():
+                api, answered = [p[0] for p in pairs], [p[1] for p in pairs]
+                print(f"worker {way}: start -> local API accepting: median {statistics.median(api):.3f} s "
+                      f"(min {min(api):.3f}, max {max(api):.3f}); -> /v1/volume answered: median "
+                      f"{statistics.median(answered):.3f} s (min {min(answered):.3f}, max {max(answered):.3f}), "
+                      f"{len(pairs)} starts", flush=True)
+            if args.start_only:
+                return
             quiet = {"FORGE_STANDIN_STEP_SECONDS": "0.001", "FORGE_PROGRESS_INTERVAL": "1"}
             small = ready_worker(volume, tmp / "scratch-small", **quiet)
 

@@ -31,6 +31,7 @@ from tests.helpers.forge_world import (
     spec_text,
 )
 from tests.helpers.gitrepo import Repo
+from tests.helpers.http_server import FileServer
 
 __all__ = ["DATA", "FIXTURES", "extension_files", "spec_text"]
 
@@ -63,6 +64,14 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wheelhouse: Pa
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     for name, value in offline_pip_env(wheelhouse).items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    """A plain file server on loopback (``server.add(path, data, ...)``); a test module that needs routes from
+    the start overrides it, taking this one as its argument."""
+    with FileServer() as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -163,7 +172,9 @@ def copy_volume(source: Path, target: Path) -> Path:
         return shutil.copy2(src, dst)
 
     shutil.copytree(source, target, symlinks=True, copy_function=copy)
-    state_path = target / ".forge-volume" / "state.json"
+    from volume_layout import VolumeLayout
+
+    state_path = VolumeLayout(target).state
     state = json.loads(state_path.read_text(encoding="utf-8"))
     state["mount_point"] = str(target)
     state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -13,10 +13,11 @@ def main() -> None:
     # RunPod's logger defaults to DEBUG, which formats every job's whole output (megabytes of base64)
     # into a log line; INFO keeps the log readable and the relay fast. Set RUNPOD_LOG_LEVEL to override.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-    from worker.boot import build_worker
+    from worker.boot import build_worker, remove_on_sigterm
     from worker.handler import make_handler
 
     worker = build_worker(os.environ)  # Forge starts booting now, while the SDK imports
+    remove_on_sigterm(worker)
     worker.local_api = "--rp_serve_api" in sys.argv
     from worker.sdk import import_runpod
 

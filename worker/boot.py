@@ -31,6 +31,7 @@ from provision.boot.layout_driver import (
 )
 from provision.errors import ForgeVolumeError
 from provision.forge.launch import ForgeCommand, Launch, find_tcmalloc, forge_command, link_extensions, prepare_scratch
+from provision.forge.offline import Refusals
 from provision.forge.process import Confirm, ForgeProcess
 from volume_layout import VolumeLayout, worker_volume
 from worker.config import ConfigError, Settings, load_settings
@@ -89,22 +90,24 @@ def _end(child: subprocess.Popen[str]) -> None:
         child.wait(10)
 
 
-def _on_sigterm(leftovers: Leftovers) -> None:
-    """SIGTERM removes the worker's leftovers before it exits, then lets the signal do what it did before (the
-    SDK's own handler, installed later, takes over; this one is kept for the time before it does and for a
-    handler that calls this one)."""
+def remove_on_sigterm(worker: Worker) -> None:
+    """SIGTERM (how RunPod and its local API stop a worker) removes the worker's leftovers before it exits, then
+    does what it did before: the SDK's handler when it installed one after this (it restores this one on its
+    way out), else the default, which ends the process without running ``atexit``."""
+    cleanup = worker.cleanup
+    if cleanup is None:
+        return
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        leftovers.remove()
+        cleanup()
         if callable(previous):
             previous(signum, frame)
         else:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with contextlib.suppress(ValueError):  # not the main thread (a test building a worker in-process)
-        signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def build_worker(env: Mapping[str, str]) -> Worker:
@@ -121,8 +124,7 @@ def build_worker(env: Mapping[str, str]) -> Worker:
     scratch = owner.make(SCRATCH_PREFIX, settings.scratch_root)
     leftovers = Leftovers(scratch)
     atexit.register(leftovers.remove)
-    _on_sigterm(leftovers)
-    worker = Worker(settings, settings.volume, scratch)
+    worker = Worker(settings, settings.volume, scratch, cleanup=leftovers.remove)
     try:
         volume = check_volume(settings.volume)
         link = link_mount_point(volume)
@@ -186,6 +188,7 @@ def build_worker(env: Mapping[str, str]) -> Worker:
     forge.start()
     worker.forge = forge
     worker.proxy = Proxy(settings.forge_url, settings.request_timeout)
+    worker.refusals = Refusals(forge_scratch.offline / "refused.jsonl")
     return worker
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
+from provision.forge.offline import Refusals
 from provision.forge.process import READY, ForgeProcess, ForgeUnavailable
 from worker import outputs
 from worker.config import Settings
-from worker.helpers import run_helper, scrub
 from worker.normalise import ForgeCall, HelperCall, InputError, normalise
 from worker.progress import Reporter, log_reporter, report_progress
 from worker.proxy import ForgeDown, ForgeResponse, ForgeTimeout, Proxy
+from worker.scrub import scrub
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 INTERRUPT_TIMEOUT = 5.0
@@ -36,6 +37,7 @@ INTERRUPT_GRACE = 0.5
 # After a cancelled job's interrupt, Forge must go idle within this; else it is wedged and is stopped.
 SETTLE_TIMEOUT = 30.0
 ERROR_TEXT_LIMIT = 2000  # characters of one string in Forge's error body returned as `output`
+REFUSAL_POLL = 0.2  # seconds between looks at what Forge's no-network hook refused, during a generation
 CHANGES_MODELS = frozenset({"/v1/download", "/v1/sync", "/v1/refresh-models"})
 REFRESH_ROUTES = ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras",
                   "/sdapi/v1/refresh-embeddings")
@@ -52,8 +54,10 @@ class Worker:
     forge: ForgeProcess | None = None
     proxy: Proxy | None = None
     report: Reporter = log_reporter
+    refusals: Refusals | None = None  # what Forge's no-network hook refused (provision.forge.offline)
     settle_timeout: float = SETTLE_TIMEOUT
     watchdogs: set[asyncio.Task[None]] = field(default_factory=set)
+    cleanup: Callable[[], None] | None = None  # stops Forge, removes the scratch and the copy (``worker.boot``)
     # RunPod's local test API (--rp_serve_api) answers a failed job with its `error` alone: there the error
     # also carries the end of `forge_log`, which the caller would not see otherwise.
     local_api: bool = False
@@ -177,6 +181,9 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
         return _error(exc.one_line(), refresh=True, forge_log=exc.log)
     progress = (asyncio.create_task(report_progress(proxy, job, worker.report, worker.settings.progress_interval))
                 if call.generates else None)
+    mark = worker.refusals.mark() if worker.refusals is not None else 0
+    stopper = (asyncio.create_task(_stop_on_refusal(worker, proxy, mark))
+               if call.generates and worker.refusals is not None else None)
     try:
         resp = await proxy.request(call.method, call.route, call.payload, query=call.query)
     except ForgeTimeout as exc:
@@ -199,9 +206,27 @@ async def _relay(worker: Worker, call: ForgeCall, job: dict[str, Any]) -> Any:
             watchdog.add_done_callback(worker.watchdogs.discard)
         raise
     finally:
-        if progress is not None:
-            progress.cancel()
+        for task in (progress, stopper):
+            if task is not None:
+                task.cancel()
+    refused = worker.refusals.since(mark) if worker.refusals is not None else []
+    if refused:
+        # Forge needed a file the volume lacks (and may have carried on without it: no preview, the
+        # image not upscaled): the job fails with the hook's line, which names the file and the fix.
+        detail: dict[str, Any] = {"forge_status": resp.status}
+        if len(refused) > 1:
+            detail["refused"] = refused
+        return _error(refused[0], **detail)
     return await _finish(worker, call, resp, job)
+
+
+async def _stop_on_refusal(worker: Worker, proxy: Proxy, mark: int) -> None:
+    """While a generation runs: once Forge was refused a file it needed (a preview's decoder, say, which
+    Forge does without), interrupt it, so the job fails at once with that line instead of at the end."""
+    assert worker.refusals is not None
+    while not worker.refusals.since(mark):
+        await asyncio.sleep(REFUSAL_POLL)
+    await proxy.interrupt()
 
 
 async def _expect_idle(worker: Worker, job_id: str) -> None:
@@ -250,6 +275,9 @@ def make_handler(worker: Worker) -> Handler:
             return _error(str(exc))
         try:
             if isinstance(call, HelperCall):
+                # Loaded on the first helper job: a worker that only relays Forge jobs never loads the downloader.
+                from worker.helpers import run_helper
+
                 out = await run_helper(call, worker.volume_root, worker.settings)
                 if "error" not in out and call.endpoint in CHANGES_MODELS:
                     out["forge_refreshed"] = await _refresh_forge(worker)

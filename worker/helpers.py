@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import json
 import sys
 import threading
 import traceback
@@ -27,6 +26,7 @@ from provision.progress import QUIET
 from volume_layout import LayoutError, VolumeLayout
 from worker.config import Settings
 from worker.normalise import HelperCall, InputError
+from worker.scrub import scrub, secret_forms
 
 TOKEN_KEYS = ("hf_token", "civitai_token", "token")
 # Every key each helper accepts: anything else fails the job before it changes anything (a typo such
@@ -85,7 +85,7 @@ def _tokens(payload: dict[str, Any], settings: Settings) -> dict[str, str]:
 
 
 def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from provision.models import fetch_model
+    from provision.models import ModelRequest, fetch_model
 
     source = _text(payload, "source") or _text(payload, "source_url")
     if not source:
@@ -100,25 +100,26 @@ def _download(layout: VolumeLayout, payload: dict[str, Any], settings: Settings)
     # endpoint's settings name. A malformed source is refused before anything else.
     url = isinstance(parse_source(source), UrlSource)
     guard = AddressGuard.for_url(source, settings.download_allow_networks) if url else None
-    result = fetch_model(layout, kind=kind, source=source, name=_text(payload, "name"),
-                         sha256=_text(payload, "sha256"), dest=dest, progress=QUIET, tokens=_tokens(payload, settings),
-                         guard=guard, overwrite=_flag(payload, "overwrite"))
+    request = ModelRequest(source, kind=kind, name=_text(payload, "name"), dest=dest, sha256=_text(payload, "sha256"),
+                           tokens=_tokens(payload, settings), guard=guard, overwrite=_flag(payload, "overwrite"))
+    result = fetch_model(layout, request, QUIET)
     # The original worker's answer, beside ours: its clients read these three.
     return {**result, "msg": "Download successful", "source_url": result["source"],
             "download_path": str(layout.absolute(result["path"]))}
 
 
 def _sync(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    from provision.models import sync_hf_repo
+    from provision.models import RepoRequest, sync_hf_repo
 
     repo_id = _text(payload, "repo_id", required=True)
     sync_path = _text(payload, "sync_path")
     # The original form names the models root: each top folder of the repo goes to the kind folder it names.
     by_kind_folder = sync_path is not None and layout.names_models_root(sync_path)
     dest = layout.models_relative(sync_path) if sync_path and not by_kind_folder else None
-    result = sync_hf_repo(layout, repo_id=str(repo_id), revision=_text(payload, "revision"),
-                          kind=_text(payload, "kind"), dest=dest, by_kind_folder=by_kind_folder, progress=QUIET,
-                          token=_tokens(payload, settings).get("hf"), overwrite=_flag(payload, "overwrite"))
+    request = RepoRequest(str(repo_id), revision=_text(payload, "revision"), kind=_text(payload, "kind"), dest=dest,
+                          by_kind_folder=by_kind_folder, token=_tokens(payload, settings).get("hf"),
+                          overwrite=_flag(payload, "overwrite"))
+    result = sync_hf_repo(layout, request, QUIET)
     fetched = result.pop("fetched")
     # The original worker's answer, beside ours: the files this job wrote, where they are on this worker.
     return {**result, "synced_count": len(fetched), "synced_files": [str(layout.absolute(p)) for p in fetched]}
@@ -139,26 +140,6 @@ def _status(layout: VolumeLayout, payload: dict[str, Any], settings: Settings) -
 
 
 HELPERS = {"/v1/download": _download, "/v1/sync": _sync, "/v1/refresh-models": _refresh, "/v1/volume": _status}
-
-
-def secret_forms(secrets: list[str]) -> list[str]:
-    """Each secret as written, stripped, and quoted as Python's repr or JSON would show it (a token with a
-    stray newline appears as ``'Bearer abc\\n'`` in an HTTP library's error), longest first."""
-    forms = {form for s in secrets for form in (s, s.strip(), repr(s)[1:-1], json.dumps(s)[1:-1]) if len(form) >= 4}
-    return sorted(forms, key=len, reverse=True)
-
-
-def scrub(value: Any, secrets: list[str]) -> Any:
-    """``value`` with every secret replaced, wherever a string holds one (see ``secret_forms``)."""
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
-    if isinstance(value, dict):
-        return {k: scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, secrets) for v in value]
-    return value
 
 
 CANCEL_GRACE = 5.0  # seconds a cancelled helper's thread gets to stop and free its locks

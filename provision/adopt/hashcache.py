@@ -21,7 +21,7 @@ from provision.adopt.survey import FoundModel
 from provision.errors import AdoptError
 from provision.models.files import sha256_file
 from provision.progress import Progress
-from provision.records.lockfile import write_atomic
+from provision.records.atomic import write_atomic
 from volume_layout import VolumeLayout
 
 THREADS = 2

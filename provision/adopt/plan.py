@@ -16,7 +16,7 @@ from provision.errors import AdoptError
 from provision.fetch.sources import VOLUME_SOURCE, shown_source
 from provision.installer import gitops
 from provision.models.pool import human
-from provision.records.lockfile import write_atomic
+from provision.records.atomic import write_atomic
 from provision.records.state import now
 from volume_layout import VolumeLayout
 

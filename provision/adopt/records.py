@@ -16,7 +16,8 @@ from typing import Any
 
 from provision.fetch.sources import VOLUME_SOURCE, HfSource, parse_source
 from provision.models.files import make_record
-from provision.records.lockfile import Lock, LockedExtension, LockedForge, LockedModel, write_atomic, write_lock
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock, LockedExtension, LockedForge, LockedModel, write_lock
 from provision.records.spec import DEFAULT_TORCH, DEFAULT_TORCH_INDEX, load_spec
 from provision.records.state import State, now, record_model, update_state
 from volume_layout import VolumeLayout

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.records.lockfile import write_atomic
+from provision.records.atomic import write_atomic
 from volume_layout import VolumeLayout
 
 VERSION = 2  # 2: files.bin in digested chunks, index.json sealed

@@ -26,6 +26,7 @@ from provision.models import files as mf
 from provision.models.pool import human, require_volume
 from provision.models.refresh import ModelsReport, sync_models
 from provision.progress import Progress
+from provision.records.atomic import write_atomic
 from provision.records.lockfile import (
     Lock,
     LockedModel,
@@ -33,10 +34,9 @@ from provision.records.lockfile import (
     lock_path_for,
     pair_models,
     read_lock,
-    write_atomic,
     write_lock,
 )
-from provision.records.spec import Spec, parse_spec
+from provision.records.spec import ModelSpec, Spec, parse_spec
 from provision.records.spec_edit import with_model, without_model
 from provision.records.volume_lock import hold_volume
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout, check_file_name, known_kinds
@@ -46,14 +46,15 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 @dataclass
 class Added:
-    change: Change
+    change: Change | str  # str: the model was already in the spec and the lock (an interrupted add, resumed)
     spec_path: Path
     lock_path: Path
     warnings: list[str]
     report: ModelsReport | None  # None with install=False
 
     def lines(self) -> list[str]:
-        out = [str(self.change), f"wrote {self.spec_path} and {self.lock_path}"]
+        out = [str(self.change)] + ([] if isinstance(self.change, str) else
+                                    [f"wrote {self.spec_path} and {self.lock_path}"])
         if self.report is None:
             return [*out, "not fetched: run `forge-volume refresh-models` to put it on the volume"]
         r = self.report  # the full summary went to the progress output
@@ -135,29 +136,48 @@ def add_model(layout: VolumeLayout, spec_path: Path, *, kind: str, source: str, 
         text, spec, lock = _locked_spec(spec_path)
         model = parse_spec(tomlkit.dumps({"models": [entry]}), spec_path).models[0]  # read as the spec would
         same = next((m for m in spec.models if m.key == model.key), None)
-        if same is not None:
+        added: Change | str
+        if same is not None and _same_entry(same, model):
+            # The same add again (after a Ctrl-C, a lost connection): the entry is in; finish the fetch.
+            new_lock, warnings = lock, []
+            pairs, _ = pair_models(spec.models, lock.models)
+            paired = pairs[spec.models.index(same)][1]
+            if paired is None:  # check_matches holds the lock to the spec: every entry has its locked model
+                raise LockError(f"the lock has no entry for the spec's {kind} model {same.name!r}")
+            locked = paired
+            added = f"model {locked.path}: already in the spec and the lock; fetching it"
+        elif same is not None:
             what = f"{model.name!r} (from {shown_source(str(same.source))})" if model.name else \
                 f"from {shown_source(source)}"
             raise SpecError(f"the spec already has the {kind} model {what}",
                             "give it another --name, or `forge-volume remove` the old one")
-        new_text = with_model(spec_path, text, entry)
-        new_spec = parse_spec(new_text, spec_path)
-        result = relock(new_spec, lock, progress)  # only the new entry is resolved: the rest matches the lock
-        added = next(c for c in result.changes if c.verb == "added")
-        write_atomic(spec_path, new_text)
-        write_lock(lock_path, result.lock)
+        else:
+            new_text = with_model(spec_path, text, entry)
+            new_spec = parse_spec(new_text, spec_path)
+            result = relock(new_spec, lock, progress)  # only the new entry is resolved: the rest matches the lock
+            added = next(c for c in result.changes if c.verb == "added")
+            write_atomic(spec_path, new_text)
+            write_lock(lock_path, result.lock)
+            new_lock, warnings = result.lock, result.warnings
+            locked = new_lock.models[-1]
         report = None
         if install:
-            locked = result.lock.models[-1]
             try:
-                report = sync_models(layout, result.lock, lock_path, progress)
+                # Its summary is this command's output (Added.lines): not printed twice.
+                report = sync_models(layout, new_lock, lock_path, progress, summary=False)
             except ForgeVolumeError as exc:
                 exc.hint = (f"{exc.hint}; {locked.path} is in the spec and the lock now: `forge-volume "
                             f"refresh-models` fetches it, `forge-volume remove {locked.name}` takes it out")
                 raise
             record_models_step(layout, read_lock(lock_path), done_before=None)
             keep_copies(layout, spec_path, lock_path)
-    return Added(added, spec_path, lock_path, result.warnings, report)
+    return Added(added, spec_path, lock_path, warnings, report)
+
+
+def _same_entry(old: ModelSpec, new: ModelSpec) -> bool:
+    """Whether ``new`` is what an earlier ``add`` put in: same kind, name and source (and no other sha256)."""
+    return (old.kind, old.name, str(old.source)) == (new.kind, new.name, str(new.source)) and \
+        new.sha256 in (None, old.sha256)
 
 
 def _find(spec: Spec, lock: Lock, wanted: str) -> tuple[int, LockedModel]:

@@ -6,6 +6,7 @@ still in place, and redoes a step (and everything downstream of it) whose inputs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -13,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from provision.boot import boot_set
-from provision.errors import CorruptLockError, CorruptStateError, VolumeError
-from provision.installer import checkout_links, gitops, pyenv, recover
+from provision.errors import CommandError, CorruptLockError, CorruptStateError, VolumeError
+from provision.installer import checkout_links, forge_reqs, gitops, pyenv, recover, venv_record
 from provision.installer.steplog import StepLog
-from provision.installer.steps import STEPS, Change, Ctx, dependents, step_keys, why_pending
+from provision.installer.steps import STEPS, Change, Ctx, Step, dependents, step_keys, why_pending
 from provision.proc import output_to
 from provision.progress import Progress
-from provision.records.lockfile import Lock, check_matches, lock_path_for, read_lock, write_atomic, write_lock
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock, check_matches, lock_path_for, read_lock, write_lock
 from provision.records.spec import load_spec
 from provision.records.state import State, now, read_state, update_state
 from provision.records.volume_lock import hold_volume
@@ -112,6 +114,10 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
                report: InstallReport) -> Lock:
     ctx = Ctx(layout=layout, lock=lock, lock_path=lock_path, progress=progress, state=read_state(layout) or {})
     _warn_if_moved(ctx, report)
+    reqs_warning = forge_reqs.reqs_file_warning(os.environ, lock.forge.env)
+    if reqs_warning:
+        progress.info(reqs_warning)
+        report.notes.append(reqs_warning)
     keys = step_keys(lock)
     ran: set[str] = set()
     bar = progress.bar(len(STEPS), "install", unit="step", leave=False)
@@ -139,8 +145,10 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
 
             # Forget downstream records first: if this step fails half way, they must not look done.
             ctx.state = update_state(layout, forget)
+            before = venv_record.distributions(layout.venv)
             with output_to(log):
                 change = step.run(ctx)
+            _guard_pins(ctx, step, before)
             if step.name == "models" and lock.files:
                 # Downloads may pin first-seen checksums into the lock: key on what is locked now.
                 ctx.lock = lock = read_lock(lock_path)
@@ -156,7 +164,35 @@ def _run_steps(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Prog
     report.notes += ctx.notes
     if ran:
         ctx.state = update_state(layout, lambda s: s.__setitem__("sizes", _sizes(layout)))
+    if pyenv.venv_ready(layout.venv_python) and (ran or "venv" not in ctx.state):
+        # Every step is done for this lock: what the venv holds now is what it proved to boot with.
+        taken = venv_record.record(layout.venv, keys["requirements"])
+        ctx.state = update_state(layout, lambda s: s.__setitem__("venv", taken))
+        dists = taken["distributions"]
+        assert isinstance(dists, dict)
+        report.notes.append(f"recorded the venv: {venv_record.headline(dists)}")
     return lock
+
+
+def _guard_pins(ctx: Ctx, step: Step, before: dict[str, str]) -> None:
+    """Fail when ``step`` moved a package the lock pins: the spec's torch (after the torch step), Forge's
+    pinned requirements (after the requirements step)."""
+    names = [s.name for s in STEPS]
+    position = names.index(step.name)
+    if position <= names.index("torch"):
+        return
+    forge_pins: dict[str, str] = {}
+    path = forge_reqs.requirements_file(ctx.layout.forge_dir, ctx.lock.forge.env)
+    if position > names.index("requirements"):
+        with contextlib.suppress(CommandError):
+            forge_pins = forge_reqs.pins(path)
+    pinned = venv_record.pinned_by(ctx.lock.forge.torch, forge_pins)
+    if not pinned:
+        return
+    fix = (f"make the spec's forge.torch and what this step installs agree (Forge's requirements file: {path.name}, "
+           "set by REQS_FILE in the spec's [forge] env; the extensions' installers and pip lists), then run "
+           "`forge-volume lock` and `forge-volume install`")
+    venv_record.guard(step.title, before, venv_record.distributions(ctx.layout.venv), pinned, fix)
 
 
 def _record(layout: VolumeLayout, name: str, key: str, change: Change | None) -> State:
@@ -260,6 +296,7 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
                        if e.is_dir() and not e.name.startswith(".") and e.name not in wanted)
         problems += [f"extension {name}: on the volume but not in the lock" for name in extra]
     problems += checkout_links.problems(layout)
+    problems += venv_record.problems(layout.venv, state.get("venv"))
     keys = step_keys(lock)
     recorded = state.get("steps") or {}
     unfinished = [s.name for s in STEPS if s.name != "models" and recorded.get(s.name, {}).get("key") != keys[s.name]]

@@ -141,7 +141,7 @@ def status_cmd(obj: Any, api_url: str | None) -> None:
 @regions.command("pod-run", hidden=True)
 def pod_run() -> None:
     """Run on a pod that `regions apply` started: install its volume, print the result line."""
-    from provision.regions.pod_main import main as pod_main
+    from provision.commands.regions_pod import main as pod_main
 
     sys.exit(pod_main())
 

@@ -16,7 +16,8 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -27,8 +28,9 @@ from provision import __version__
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
 from provision.fetch import resume
 from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
-from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets, watch_session
+from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets
 from provision.fetch.partials import claim, partial_path, sweep_leftovers
+from provision.fetch.session import watch_session
 from provision.fetch.sources import host_problem, shown_source
 from provision.fetch.stream import OnBytes, Sink
 from provision.fetch.tokens import Credential
@@ -159,44 +161,62 @@ def _content_range_start(resp: requests.Response) -> tuple[int, int | None] | No
         return None
 
 
-def download(
-    url: str,
-    target: Path,
-    *,
-    sha256: str | None = None,
-    size: int | None = None,
-    credential: Credential | None = None,
-    headers: dict[str, str] | None = None,
-    on_bytes: OnBytes | None = None,
-    retry: Retry = Retry(),
-    timeout: tuple[float, float] | None = None,
-    what: str | None = None,
-    guard: AddressGuard | None = None,
-    cancel: threading.Event | None = None,
-) -> Downloaded:
-    """Fetch ``url`` into ``target``: verified against ``sha256``/``size`` when given, then renamed in place.
+@dataclass(frozen=True)
+class Http:
+    """How a download talks to its host: the credential, extra headers, timeouts, retries, the address guard
+    and the cancel event (grouped as pip's ``Downloader`` and huggingface_hub's keyword arguments are).
 
-    ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes).
-    ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
-    job named; see ``provision.fetch.netguard``). ``cancel`` (default: the ambient one, ``provision.fetch.cancel``)
-    stops it within a fraction of a second, a pending connect included; so does receiving almost
-    nothing for the stall timeout. ``timeout`` is (connect, between two reads) in seconds; by default
-    (``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` or 15, 60).
-    A server without Content-Length is read only while a reserve of free space remains
-    (``disk_reserve``). Attempts that bring no new bytes are bounded by ``retry.attempts``.
+    ``timeout`` is (connect, between two reads) in seconds; None: (``FORGE_DOWNLOAD_CONNECT_TIMEOUT`` or 15,
+    60). ``guard`` fences every connection, redirects included, to the addresses a job may reach (for URLs a
+    job named; see ``provision.fetch.netguard``). ``cancel`` (None: the ambient one, ``provision.fetch.cancel``)
+    stops the download within a fraction of a second, a pending connect included."""
+
+    credential: Credential | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: tuple[float, float] | None = None
+    retry: Retry = Retry()
+    guard: AddressGuard | None = None
+    cancel: threading.Event | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """One download: where from (``url``), where to (``target``), what the file must be (``sha256``, ``size``,
+    each checked when given), how to talk HTTP (``http``), and the name messages give it (``what``: by
+    default the target's file name)."""
+
+    url: str
+    target: Path
+    sha256: str | None = None
+    size: int | None = None
+    http: Http = Http()
+    what: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.what or self.target.name
+
+
+def download(job: Download, on_bytes: OnBytes | None = None) -> Downloaded:
+    """Fetch ``job.url`` into ``job.target``: verified against its sha256/size when given, then renamed in place.
+
+    ``on_bytes`` receives byte counts as they arrive (negative when a restart discards bytes). A cancel
+    (``job.http.cancel``) stops it within a fraction of a second; so does receiving almost nothing for the
+    stall timeout. A server without Content-Length is read only while a reserve of free space remains
+    (``disk_reserve``). Attempts that bring no new bytes are bounded by ``job.http.retry.attempts``.
     Raises AuthError, NotFoundError, ChecksumError, DiskFullError or DownloadError; ``target`` is
     untouched unless the whole call succeeds.
     """
-    label = what or target.name
-    _check_scheme(url)
-    timeout = timeout or (connect_timeout(), TIMEOUT[1])
+    _check_scheme(job.url)
+    http = job.http
+    job = replace(job, http=replace(http, timeout=http.timeout or (connect_timeout(), TIMEOUT[1]),
+                                    cancel=http.cancel if http.cancel is not None else current_cancel()))
+    target = job.target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, held = claim(target)
     keep = False
     try:
-        result = _download_into(url, tmp, target, sha256=sha256, size=size, credential=credential,
-                                headers=headers or {}, on_bytes=on_bytes, retry=retry, timeout=timeout,
-                                label=label, guard=guard, cancel=cancel if cancel is not None else current_cancel())
+        result = _download_into(job, tmp, on_bytes)
         os.replace(tmp, target)
         sweep_leftovers(target)  # e.g. an orphan of a killed run that was not the one resumed
         return result
@@ -216,52 +236,48 @@ def download(
             os.close(held)  # releases the flock: from here on a kept partial is anyone's to resume
 
 
-def _download_into(url: str, tmp: Path, target: Path, *, sha256: str | None, size: int | None,
-                   credential: Credential | None, headers: dict[str, str], on_bytes: OnBytes | None,
-                   retry: Retry, timeout: tuple[float, float], label: str, guard: AddressGuard | None,
-                   cancel: threading.Event | None) -> Downloaded:
+def _download_into(job: Download, tmp: Path, on_bytes: OnBytes | None) -> Downloaded:
     offset = tmp.stat().st_size
-    origin = resume.Origin(resume.source_id(url))
+    origin = resume.Origin(resume.source_id(job.url))
     if offset:
         with open(tmp, "rb") as probe:
-            allowed, origin.validator = resume.may_resume(probe.fileno(), url, sha256)
-        if not allowed or (size is not None and offset > size):
+            allowed, origin.validator = resume.may_resume(probe.fileno(), job.url, job.sha256)
+        if not allowed or (job.size is not None and offset > job.size):
             offset = 0  # another source's, of unknown origin, or longer than the file: not ours to resume
             os.truncate(tmp, 0)
-    if size is not None:
-        check_free_space(target.parent, size - offset, label)
+    if job.size is not None:
+        check_free_space(job.target.parent, job.size - offset, job.label)
     stall = stall_timeout()
     sockets = Sockets()
+    cancel = job.http.cancel
     with open(tmp, "r+b", buffering=0) as fh, requests.Session() as session:
-        watch_session(session, guard, sockets)
-        attempt = Sink(fh, target.parent, offset, on_bytes, cancel)
+        watch_session(session, job.http.guard, sockets)
+        attempt = Sink(fh, job.target.parent, offset, on_bytes, cancel)
         attempt.origin = origin
         try:
             with Watchdog(lambda: attempt.transferred, sockets, cancel, stall) as watchdog:
-                return _attempts(session, url, target, attempt, sha256=sha256, size=size, credential=credential,
-                                 headers=headers, retry=retry, timeout=timeout, label=label, watchdog=watchdog)
+                return _attempts(session, job, attempt, watchdog)
         finally:
             attempt.pipe.finish()  # stops its threads whatever happened
 
 
-def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, *, sha256: str | None,
-              size: int | None, credential: Credential | None, headers: dict[str, str], retry: Retry,
-              timeout: tuple[float, float], label: str, watchdog: Watchdog) -> Downloaded:
+def _attempts(session: requests.Session, job: Download, attempt: Sink, watchdog: Watchdog) -> Downloaded:
+    label = job.label
     failures = 0
     best = attempt.written  # only bytes past the furthest point ever reached count as progress
     fresh_retry_done = False
     while True:
         try:
-            _one_request(session, url, attempt, size, credential, headers, timeout, label)
+            _one_request(session, job, attempt)
         except _Transient as exc:
             watchdog.check(label, attempt.written)  # a cancel or a stall cut the connection: say so
             if attempt.written > best:
                 best, failures = attempt.written, 0
             else:  # a 416, an unexpected range or a restart brings nothing new, however often it happens
                 failures += 1
-            if failures >= retry.attempts:
+            if failures >= job.http.retry.attempts:
                 raise DownloadError(f"{label}: giving up after {failures} attempts without new bytes: {exc}") from None
-            _backoff(attempt, retry.delay(failures, exc.retry_after), watchdog, label)
+            _backoff(attempt, job.http.retry.delay(failures, exc.retry_after), watchdog, label)
             continue
         watchdog.check(label, attempt.written)  # a cut connection can look like the end of a body
         # No fsync before the rename, like huggingface_hub and curl: forcing a GB to disk would
@@ -269,9 +285,9 @@ def _attempts(session: requests.Session, url: str, target: Path, attempt: Sink, 
         # its size (ext4's ordered mode and NFS's close-to-open never expose unwritten blocks
         # as data) and, in any case, by `verify --deep`.
         digest = attempt.digest()
-        problem = _mismatch(attempt.written, digest, size, sha256)
+        problem = _mismatch(attempt.written, digest, job.size, job.sha256)
         if problem is None:
-            return Downloaded(target, digest, attempt.written, attempt.transferred, attempt.resumed_from)
+            return Downloaded(job.target, digest, attempt.written, attempt.transferred, attempt.resumed_from)
         if attempt.resumed_from and not fresh_retry_done:
             # A kept partial may have come from an older version of the file: one clean retry.
             fresh_retry_done = True
@@ -305,17 +321,17 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def _one_request(session: requests.Session, url: str, attempt: Sink, size: int | None,
-                 credential: Credential | None, headers: dict[str, str], timeout: tuple[float, float],
-                 label: str) -> None:
+def _one_request(session: requests.Session, job: Download, attempt: Sink) -> None:
+    url, size, label, credential = job.url, job.size, job.label, job.http.credential
     offset = attempt.written
     if size is not None and offset == size:
         return  # the kept partial is already whole; only verification remains
     try:
+        headers = dict(job.http.headers)
         validator = attempt.origin.validator if attempt.origin is not None else None
         if offset and validator:  # the server proves the file is the one our bytes came from, or sends it all
-            headers = {**headers, "If-Range": validator}
-        resp = _open(session, url, offset, credential, headers, timeout)
+            headers["If-Range"] = validator
+        resp = _open(session, url, offset, credential, headers, job.http.timeout or TIMEOUT)
     except _TRANSIENT as exc:
         raise _Transient(f"{type(exc).__name__} connecting to {display_url(url)}") from None
     with resp:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.errors import ForgeVolumeError
-from provision.models.files import records, trusted
+from provision.records.model_records import records, trusted
 from volume_layout import VolumeLayout
 
 CACHE_FILE = "cache.json"  # Forge's SD_WEBUI_CACHE_FILE default, in its data dir

@@ -9,6 +9,8 @@ and Forge need (``ALLOWED_NAMES``, ``ALLOWED_PREFIXES``), the spec's ``env`` (wr
 the names the endpoint lists in the worker's ``FORGE_ENV_PASSTHROUGH``, and nothing else: the endpoint's
 tokens (``HF_TOKEN``, ``CIVITAI_TOKEN``), bucket keys, cloud credentials and RunPod's variables
 never reach it. A name that looks like a secret is dropped even from the allowed prefixes.
+Forge gets no network either (``provision.forge.offline``): the Hugging Face libraries offline, and a
+startup hook that refuses every connection off the machine, whatever the spec's env says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from provision.forge.hashes import seed_hash_cache
 from provision.forge.locked_settings import HIDE_DIRS_SWITCH, fence_settings_file
+from provision.forge.offline import folder_flags, offline_env, prepare_offline
 from volume_layout import VolumeLayout
 
 DEFAULT_PORT = 7861  # Forge's API port with --nowebui
@@ -58,6 +61,11 @@ class Scratch:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def offline(self) -> Path:
+        """The hook that keeps Forge off the network (``provision.forge.offline``) and what it refused."""
+        return self.root / "offline"
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         # Forge's own lock on its folder settings (outdir_*, *_filename_pattern, temp_dir): the API cannot
         # set them (provision.forge.locked_settings).
         HIDE_DIRS_SWITCH,
+        # Forge's defaults for these are off the volume (CLIP: ~/.cache/clip): the features' files are on it.
+        *folder_flags(layout),
     ]
     if launch.port != DEFAULT_PORT:
         # Only when needed: with --port, Forge's GET /sdapi/v1/cmd-flags fails (port declared str, given int).
@@ -143,6 +153,8 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         "MPLCONFIGDIR": str(scratch.cache / "matplotlib"),
         "TMPDIR": str(scratch.tmp),
         "GRADIO_TEMP_DIR": str(scratch.tmp),
+        # No network for Forge: what it fetches at first use is on the volume (provision.forge.offline).
+        **offline_env(scratch.offline, env.get("PYTHONPATH")),
     })
     if launch.tcmalloc:
         env["LD_PRELOAD"] = f"{launch.tcmalloc} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else launch.tcmalloc
@@ -173,6 +185,7 @@ def prepare_scratch(layout: VolumeLayout, root: Path) -> Scratch:
     if layout.extensions_dir.is_dir():
         link_extensions(scratch, layout.extensions_dir)
     seed_hash_cache(layout, scratch.data)
+    prepare_offline(layout, scratch.offline)
     return scratch
 
 

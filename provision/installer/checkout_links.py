@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from provision.errors import VolumeError
+from provision.forge.first_use import INTERROGATE_LINK
 from volume_layout import MODEL_KIND_DIRS, VolumeLayout
 
 
@@ -30,6 +31,13 @@ def wanted(layout: VolumeLayout) -> dict[Path, str]:
         link, target = layout.checkout_model_link(kind)
         if link.is_symlink() or not link.exists():
             out[link] = target
+    # Forge reads the CLIP interrogator's categories from interrogate/ in its working folder (the checkout;
+    # git-ignored there): once the "interrogate" feature put them in models/, the checkout's name leads there.
+    name, folder = INTERROGATE_LINK
+    categories = layout.models_dir / folder
+    link = layout.forge_dir / name
+    if categories.is_dir() and (link.is_symlink() or not link.exists()):
+        out[link] = os.path.relpath(categories, layout.forge_dir)
     return out
 
 
@@ -55,7 +63,7 @@ def make(layout: VolumeLayout) -> list[Path]:
         if link.is_symlink() and os.readlink(link) == target:
             continue
         try:
-            layout.checkout_models_dir.mkdir(exist_ok=True)
+            link.parent.mkdir(exist_ok=True)
             if link.is_symlink():
                 link.unlink()
             link.symlink_to(target, target_is_directory=True)

@@ -49,6 +49,28 @@ def requirements_file(forge_dir: Path, env: Mapping[str, str]) -> Path:
     return path if path.is_absolute() else forge_dir / path
 
 
+def launcher_environ(environ: Mapping[str, str], spec_env: Mapping[str, str]) -> dict[str, str]:
+    """The environment Forge's launcher runs in at install: this shell's, then the spec's ``env`` over it.
+
+    ``REQS_FILE`` is the spec's alone: the launcher must install the requirements file that this module
+    checks afterwards (one from the shell would make them differ, and its ``pip install -r`` could move
+    torch unchecked); ``reqs_file_warning`` says when the shell's is ignored."""
+    env = {k: v for k, v in environ.items() if k != "REQS_FILE"}
+    return {**env, **spec_env}
+
+
+def reqs_file_warning(environ: Mapping[str, str], spec_env: Mapping[str, str]) -> str | None:
+    """A warning when the shell's ``REQS_FILE`` differs from the spec's (which install uses), naming both."""
+    shell = environ.get("REQS_FILE")
+    spec = spec_env.get("REQS_FILE")
+    if not shell or shell == spec:
+        return None
+    used = f"REQS_FILE={spec} from the spec's [forge] env" if spec else \
+        f"Forge's own {DEFAULT_REQS_FILE} (the spec's [forge] env sets no REQS_FILE)"
+    return (f"warning: REQS_FILE={shell} in this shell's environment is not the spec's; install uses {used} "
+            "(to use the shell's, put REQS_FILE in the spec's [forge] env and run `forge-volume lock`)")
+
+
 def pins(path: Path) -> dict[str, str]:
     """``name -> version`` for every ``name==version`` line (the only lines the launcher compares)."""
     try:
@@ -99,8 +121,8 @@ def restore(venv_python: Path, forge_dir: Path, env: Mapping[str, str]) -> list[
         return []
     index = ["--index-url", env["INDEX_URL"]] if env.get("INDEX_URL") else []  # the launcher's INDEX_URL
     run([venv_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", path,
-         "--prefer-binary", *index], cwd=forge_dir, env={**os.environ, **env}, timeout=PIP_TIMEOUT,
-        what=f"pip install -r {path.name} (restoring Forge's pins)")
+         "--prefer-binary", *index], cwd=forge_dir, env=launcher_environ(os.environ, env), timeout=PIP_TIMEOUT,
+        what=f"pip install -r {path.name} (restoring Forge's pins)", stream=True)
     still = drift(venv_python.parent.parent, path)
     if still:
         raise CommandError(f"pip install -r {path} left Forge's pins unmet: {', '.join(map(str, still))}",

@@ -19,24 +19,31 @@ from typing import Any
 
 from provision.boot import boot_set
 from provision.errors import CommandError, SpecError
-from provision.installer import checkout_links, forge_reqs, gitops, pyenv
+from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
 from provision.proc import run
 from provision.progress import Progress
-from provision.records.lockfile import Lock, write_atomic
+from provision.records.atomic import write_atomic
+from provision.records.lockfile import Lock
 from provision.records.state import State
 from volume_layout import VolumeLayout
 
 # Bump when a step's recipe changes, so volumes installed by older code redo that work.
 RECIPE = 1
+# Bump when the worker's command line or environment for Forge changes (provision.forge.launch), so the
+# boot proof runs again with it: 2 is Forge without network and with --clip-models-path.
+LAUNCH_RECIPE = 2
 PREPARE_TIMEOUT = 3 * 3600.0
 COMPILE_TIMEOUT = 3600.0
 CONFIG_SEED: dict[str, Any] = {
     # API callers get images in the response; a serverless worker should not also write them out.
     "samples_save": False,
     "grid_save": False,
-    # Previews cost a VAE decode every few steps and nobody watches them on an endpoint.
+    # Previews cost a VAE decode every few steps and need a decoder Forge would download: on only with
+    # the spec's "previews" feature (config_seed), which puts the decoders on the volume.
     "live_previews_enable": False,
 }
+# Settings the spec decides (through its features) even in a config.json the user edited.
+SPEC_SETTINGS = ("live_previews_enable",)
 STYLES_SEED = "name,prompt,negative_prompt\n"
 
 Change = Callable[[State], None]
@@ -144,9 +151,22 @@ def _torch_run(ctx: Ctx) -> None:
                       what=f"pip install {' '.join(f.torch)}")
 
 
+def _torch_done(ctx: Ctx) -> bool:
+    torch = ctx.lock.forge.torch
+    if not torch:
+        return True
+    # Versions, not only names: a torch moved by hand (or by a failed install) is not the locked one.
+    return not pyenv.missing_packages(ctx.layout.venv, torch) and \
+        not venv_record.torch_off(torch, venv_record.distributions(ctx.layout.venv))
+
+
 def _torch_describe(ctx: Ctx) -> list[str]:
     torch = ctx.lock.forge.torch
-    return [f"pip install {' '.join(torch)} into the venv"] if torch else ["no torch packages in the spec"]
+    if not torch:
+        return ["no torch packages in the spec"]
+    off = venv_record.torch_off(torch, venv_record.distributions(ctx.layout.venv))
+    return [f"pip install {' '.join(torch)} into the venv"] + \
+        [f"  {req.name} is {have}, the lock pins {req}" for req, have in off if have is not None]
 
 
 # --- forge checkout -----------------------------------------------------------------------------
@@ -273,7 +293,7 @@ def _prepare_run(ctx: Ctx) -> None:
     # Forge's launcher runs the installers of <data-dir>/extensions: point it at the volume's extensions.
     # Relative, so the link still holds when the volume is mounted somewhere else.
     link.symlink_to(os.path.relpath(layout.extensions_dir, layout.prepare_data_dir))
-    env = {**os.environ, **ctx.lock.forge.env, "TORCH_COMMAND": torch_command(ctx.lock)}
+    env = {**forge_reqs.launcher_environ(os.environ, ctx.lock.forge.env), "TORCH_COMMAND": torch_command(ctx.lock)}
     run(prepare_argv(layout, ctx.lock.forge.args), cwd=layout.forge_dir, env=env, timeout=PREPARE_TIMEOUT,
         what="Forge's environment preparation (launch.py --exit)", stream=True)
 
@@ -284,19 +304,42 @@ def _prepare_describe(ctx: Ctx) -> list[str]:
 
 # --- Forge's pinned requirements ----------------------------------------------------------------
 
+def _recorded_drift(ctx: Ctx) -> list[venv_record.Change]:
+    """How the venv differs from its record, when the record was taken for this very lock (a venv
+    changed by hand since); [] when there is none, or when it is older than the lock (it is re-taken)."""
+    rec = ctx.recorded("venv") or {}
+    if rec.get("requirements_key") != step_keys(ctx.lock)["requirements"]:
+        return []
+    return venv_record.drift(ctx.layout.venv, rec)
+
+
 def _requirements_done(ctx: Ctx) -> bool:
     try:
-        return not forge_reqs.drift(ctx.layout.venv, forge_reqs.requirements_file(ctx.layout.forge_dir,
-                                                                                   ctx.lock.forge.env))
+        off = forge_reqs.drift(ctx.layout.venv, forge_reqs.requirements_file(ctx.layout.forge_dir, ctx.lock.forge.env))
     except CommandError:  # the requirements file is gone with the checkout: redo
         return False
+    return not off and not _recorded_drift(ctx)
 
 
-def _requirements_run(ctx: Ctx) -> None:
+def _requirements_run(ctx: Ctx) -> Change:
     restored = forge_reqs.restore(ctx.layout.venv_python, ctx.layout.forge_dir, ctx.lock.forge.env)
     if restored:
         ctx.notes.append("restored Forge's pinned requirements over what extension installers installed: "
                          + ", ".join(map(str, restored)))
+    moved = _recorded_drift(ctx)
+    if moved:
+        # The venv was installed for this lock and recorded; what still differs was changed since: put it back.
+        venv_record.put_back(ctx.layout.venv_python, moved, extra_index_url=ctx.lock.forge.torch_index_url)
+        ctx.notes.append("put the venv back as install recorded it: " + ", ".join(
+            f"{c.name} {c.after} -> {c.before}" if c.before and c.after else
+            (f"removed {c.name} {c.after}" if c.before is None else f"reinstalled {c.name} {c.before}")
+            for c in moved))
+    taken = venv_record.record(ctx.layout.venv, step_keys(ctx.lock)["requirements"])
+
+    def change(state: State) -> None:
+        state["venv"] = taken
+
+    return change
 
 
 def _requirements_describe(ctx: Ctx) -> list[str]:
@@ -306,7 +349,9 @@ def _requirements_describe(ctx: Ctx) -> list[str]:
     except CommandError:
         off = []  # no checkout yet: prepare runs first
     what = f"check the venv against Forge's pins in {path.name}"
-    return [what] + ([f"restore {', '.join(map(str, off))}"] if off else [])
+    moved = [f"put back {c.name} {c.before} (now {c.after or 'missing'})" if c.before else
+             f"remove {c.name} {c.after} (not in the venv's record)" for c in _recorded_drift(ctx)]
+    return [what] + ([f"restore {', '.join(map(str, off))}"] if off else []) + moved
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -337,9 +382,28 @@ def _models_describe(ctx: Ctx) -> list[str]:
 
 # --- config seed --------------------------------------------------------------------------------
 
-def _config_files(layout: VolumeLayout) -> dict[Path, str]:
-    return {layout.config_dir / "config.json": json.dumps(CONFIG_SEED, indent=2) + "\n",
+def config_seed(lock: Lock) -> dict[str, Any]:
+    """Forge's settings seed: live previews on when the spec's features include "previews"."""
+    return {**CONFIG_SEED, "live_previews_enable": "previews" in lock.forge.features}
+
+
+def _config_files(layout: VolumeLayout, lock: Lock) -> dict[Path, str]:
+    return {layout.config_dir / "config.json": json.dumps(config_seed(lock), indent=2) + "\n",
             layout.config_dir / "styles.csv": STYLES_SEED}
+
+
+def _spec_settings(ctx: Ctx) -> str | None:
+    """config.json with the settings the spec decides put right, when the volume's file differs in one
+    (None: it agrees, or it is missing or not a settings object, which the seed handles)."""
+    path = ctx.layout.config_dir / "config.json"
+    try:
+        current = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    seed = config_seed(ctx.lock)
+    if not isinstance(current, dict) or all(current.get(k) == seed[k] for k in SPEC_SETTINGS):
+        return None
+    return json.dumps({**current, **{k: seed[k] for k in SPEC_SETTINGS}}, indent=2) + "\n"
 
 
 def _extension_files(ctx: Ctx) -> dict[Path, str]:
@@ -361,22 +425,31 @@ def _extension_files(ctx: Ctx) -> dict[Path, str]:
 
 
 def _config_done(ctx: Ctx) -> bool:
-    return all(p.is_file() for p in _config_files(ctx.layout)) and not _extension_files(ctx)
+    return all(p.is_file() for p in _config_files(ctx.layout, ctx.lock)) and not _extension_files(ctx) \
+        and _spec_settings(ctx) is None
 
 
 def _config_run(ctx: Ctx) -> None:
-    for path, text in _config_files(ctx.layout).items():
-        if not path.exists():  # a user's edited settings are theirs: never overwritten
+    for path, text in _config_files(ctx.layout, ctx.lock).items():
+        if not path.exists():  # a user's edited settings are theirs: never overwritten (but SPEC_SETTINGS)
             write_atomic(path, text)
             ctx.notes.append(f"seeded {ctx.layout.relative(path)}")
+    fixed = _spec_settings(ctx)
+    if fixed is not None:
+        write_atomic(ctx.layout.config_dir / "config.json", fixed)
+        ctx.notes.append(f"set {', '.join(SPEC_SETTINGS)} in {ctx.layout.relative(ctx.layout.config_dir)}/config.json "
+                         "as the spec's features say")
     for path, text in _extension_files(ctx).items():
         write_atomic(path, text)
         ctx.notes.append(f"wrote {ctx.layout.relative(path)}")
 
 
 def _config_describe(ctx: Ctx) -> list[str]:
-    return [f"write {ctx.layout.relative(p)}" for p in [*(p for p in _config_files(ctx.layout) if not p.exists()),
-                                                        *_extension_files(ctx)]]
+    lines = [f"write {ctx.layout.relative(p)}" for p in [*(p for p in _config_files(ctx.layout, ctx.lock)
+                                                          if not p.exists()), *_extension_files(ctx)]]
+    if _spec_settings(ctx) is not None:
+        lines.append(f"set {', '.join(SPEC_SETTINGS)} in config/config.json as the spec's features say")
+    return lines
 
 
 # --- bytecode -----------------------------------------------------------------------------------
@@ -469,7 +542,7 @@ STEPS: tuple[Step, ...] = (
          lambda ctx: pyenv.venv_ready(ctx.layout.venv_python), _venv_run,
          lambda ctx: [f"create the venv at {ctx.layout.venv}"]),
     Step("torch", "torch", ("venv",), lambda lock: {"torch": lock.forge.torch, "index": lock.forge.torch_index_url},
-         lambda ctx: not pyenv.missing_packages(ctx.layout.venv, ctx.lock.forge.torch), _torch_run, _torch_describe),
+         _torch_done, _torch_run, _torch_describe),
     Step("forge", "Forge checkout", (), lambda lock: {"repo": lock.forge.repo, "commit": lock.forge.commit},
          lambda ctx: gitops.head_commit(ctx.layout.forge_dir) == ctx.lock.forge.commit, _forge_run, _forge_describe),
     # Not their `files`: the config step writes those, and keys on them; here they would re-run prepare.
@@ -487,7 +560,7 @@ STEPS: tuple[Step, ...] = (
     # The first-use files only when there are some, so volumes installed before keep their key.
     Step("models", "models", (), lambda lock: [asdict(m) for m in lock.files],
          _models_done, _models_run, _models_describe),
-    Step("config", "settings", (), lambda lock: {"seed": CONFIG_SEED, "styles": STYLES_SEED,
+    Step("config", "settings", (), lambda lock: {"seed": config_seed(lock), "styles": STYLES_SEED,
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},
          _config_done, _config_run, _config_describe),
     Step("links", "model links in the checkout", (), lambda lock: {},
@@ -497,7 +570,7 @@ STEPS: tuple[Step, ...] = (
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),
     # Last: Forge's first start makes its own files on the volume here, not in every worker.
     Step("boot", "boot proof", ("requirements", "config", "links", "bytecode"),
-         lambda lock: {"args": lock.forge.args, "env": lock.forge.env},
+         lambda lock: {"args": lock.forge.args, "env": lock.forge.env, "launch": LAUNCH_RECIPE},
          _boot_done, _boot_run, _boot_describe),
 )
 BY_NAME = {s.name: s for s in STEPS}

@@ -21,14 +21,12 @@ from provision.fetch.partials import is_download_temp
 from provision.fetch.sources import shown_source
 from provision.forge.files import RULE_FILES, forge_own_files
 from provision.records.lockfile import FIRST_USE_KIND, LockedModel
+from provision.records.model_records import Record, records, trusted
 from provision.records.state import now, read_state, record_model, update_state
 from volume_layout import MODEL_KIND_DIRS, LayoutError, VolumeLayout
 
 READ = 8 << 20
 TARGET_LOCK_WAIT = 4 * 3600.0  # another process may be fetching a big checkpoint over a slow link
-
-Record = dict[str, Any]
-
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     """The file's sha256; a cancel (``provision.fetch.cancel``) stops it between two 8 MiB reads."""
@@ -53,22 +51,6 @@ def git_blob_sha1(path: Path) -> str:
         while chunk := fh.read(READ):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def records(layout: VolumeLayout) -> dict[str, Record]:
-    state = read_state(layout) or {}
-    return {r["path"]: r for r in state.get("models") or [] if isinstance(r, dict) and "path" in r}
-
-
-def trusted(path: Path, record: Record | None) -> bool:
-    """The file is exactly as recorded (same size and mtime), so its recorded sha256 still holds."""
-    if not record or not record.get("sha256"):
-        return False
-    try:
-        st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return st.st_size == record.get("size") and st.st_mtime == record.get("mtime")
 
 
 def make_record(layout: VolumeLayout, path: Path, *, kind: str | None, source: str, sha256: str,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from provision.errors import ChecksumError, ForgeVolumeError, PathError, ReplaceError, SourceError
-from provision.fetch.download import download
+from provision.fetch.download import Download, Http, download
 from provision.fetch.hub import Tokens, hf_credential, hf_file_url, list_hf_repo, remote_for
 from provision.fetch.netguard import AddressGuard
 from provision.fetch.sources import check_repo_id, parse_source, shown_source
@@ -50,20 +51,35 @@ def _make_parent(layout: VolumeLayout, path: Path) -> None:
         raise PathError(f"cannot create the folder {layout.relative(path.parent)}: {exc.strerror}") from None
 
 
-def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, name: str | None = None,
-                sha256: str | None = None, dest: str | Path | None = None, progress: Progress,
-                tokens: Tokens | None = None, guard: AddressGuard | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
-    """Download one model into ``models/<Kind>/<name>`` (or ``dest``, which must stay under models/).
+@dataclass(frozen=True)
+class ModelRequest:
+    """One model a helper job asks for: its ``source``; where it goes (``kind``'s folder, or ``dest``, a file or
+    folder that must stay under models/; ``name``: the file's name); the ``sha256`` it must have; the
+    ``tokens`` and address ``guard`` its requests use (the worker passes a guard for URLs a job sent); and
+    whether it may replace another model (``overwrite``, see ``models.overwrite``)."""
 
-    Atomic and verified (against ``sha256``, else the host's checksum when it has one), recorded in
-    state.json. A file already there with the right content is not fetched again; one with other
-    content is replaced only with ``overwrite`` (see ``models.overwrite``). ``guard`` fences every
-    connection the download opens (the worker passes one for URLs a job sent). Every path goes
-    through the one fence, ``VolumeLayout.inside_models``, before any request.
+    source: str
+    kind: str | None = None
+    name: str | None = None
+    dest: str | Path | None = None
+    sha256: str | None = None
+    tokens: Tokens | None = None
+    guard: AddressGuard | None = None
+    overwrite: bool = False
+
+
+def fetch_model(layout: VolumeLayout, request: ModelRequest, progress: Progress) -> dict[str, Any]:
+    """Download one model into ``models/<Kind>/<name>`` (or its ``dest``, which must stay under models/).
+
+    Atomic and verified (against the request's sha256, else the host's checksum when it has one),
+    recorded in state.json. A file already there with the right content is not fetched again; one with
+    other content is replaced only with ``overwrite``. Every path goes through the one fence,
+    ``VolumeLayout.inside_models``, before any request.
     """
+    source, kind, name, dest = request.source, request.kind, request.name, request.dest
+    tokens, guard, overwrite = request.tokens, request.guard, request.overwrite
     require_volume(layout)
-    expected = _check_sha(sha256)
+    expected = _check_sha(request.sha256)
     parsed = parse_source(source)
     shown = shown_source(source)  # what state.json, messages and the job's result may hold
     if name is not None:
@@ -110,8 +126,8 @@ def fetch_model(layout: VolumeLayout, *, source: str, kind: str | None = None, n
         bars = Bars(progress, None)
         bar, on_bytes = bars.file(remote.size, path.name)
         try:
-            got = download(remote.url, path, sha256=expected or pinned, size=remote.size,
-                           credential=remote.credential, on_bytes=on_bytes, what=rel, guard=guard)
+            got = download(Download(remote.url, path, sha256=expected or pinned, size=remote.size, what=rel,
+                                    http=Http(credential=remote.credential, guard=guard)), on_bytes)
         except ChecksumError:
             if pinned and not expected:
                 raise keeper.pinned_mismatch(rel, str(parsed)) from None
@@ -135,9 +151,22 @@ def _kind_folder(repo_id: str, path: str) -> str:
     return folders[top.lower()]
 
 
-def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = None, kind: str | None = None,
-                 dest: str | Path | None = None, by_kind_folder: bool = False, progress: Progress,
-                 token: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RepoRequest:
+    """A Hugging Face repo a helper job asks to mirror: ``repo_id`` at ``revision`` (default: its main branch);
+    where it goes (``kind``'s folder, ``dest`` under models/, or with ``by_kind_folder`` each top folder of
+    the repo into the kind folder it names); the hub ``token``; and whether it may replace another model."""
+
+    repo_id: str
+    revision: str | None = None
+    kind: str | None = None
+    dest: str | Path | None = None
+    by_kind_folder: bool = False
+    token: str | None = None
+    overwrite: bool = False
+
+
+def sync_hf_repo(layout: VolumeLayout, request: RepoRequest, progress: Progress) -> dict[str, Any]:
     """Mirror a Hugging Face repo's files (folders kept) into a models folder, skipping files already right.
 
     With ``by_kind_folder`` (the original worker's form: the models root as the destination) only files
@@ -146,6 +175,8 @@ def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = N
     kind folder fails the whole sync before anything is written. A file that would replace another
     model is refused the same way (see ``models.overwrite``), unless ``overwrite``.
     """
+    repo_id, revision, kind, dest = request.repo_id, request.revision, request.kind, request.dest
+    by_kind_folder, token, overwrite = request.by_kind_folder, request.token, request.overwrite
     require_volume(layout)
     check_repo_id(repo_id)
     if by_kind_folder:
@@ -207,8 +238,9 @@ def sync_hf_repo(layout: VolumeLayout, *, repo_id: str, revision: str | None = N
             _make_parent(layout, target)
             bar, on_bytes = bars.file(entry.size, entry.path)
             try:
-                got = download(hf_file_url(repo_id, entry.path, commit), target, sha256=entry.sha256 or pinned,
-                               size=entry.size, credential=hf_credential(tokens), on_bytes=on_bytes, what=rel)
+                got = download(Download(hf_file_url(repo_id, entry.path, commit), target,
+                                        sha256=entry.sha256 or pinned, size=entry.size, what=rel,
+                                        http=Http(credential=hf_credential(tokens))), on_bytes)
             except ChecksumError:
                 if pinned and not entry.sha256:
                     raise keeper.pinned_mismatch(rel, source_of(entry)) from None

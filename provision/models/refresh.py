@@ -14,7 +14,7 @@ from typing import Any
 from filelock import Timeout
 
 from provision.errors import ChecksumError, ForgeVolumeError, NoSourceError
-from provision.fetch.download import Downloaded, download
+from provision.fetch.download import Download, Downloaded, Http, download
 from provision.fetch.hub import Tokens, remote_for
 from provision.fetch.partials import sweep_leftovers
 from provision.fetch.sources import VOLUME_SOURCE, parse_source, shown_source
@@ -99,8 +99,8 @@ def _fetch_locked(layout: VolumeLayout, model: LockedModel, bars: Bars, tokens: 
         remote = remote_for(parse_source(model.source), revision=model.revision, tokens=tokens)
         bar, on_bytes = bars.file(model.size, model.name)
         try:
-            got = download(remote.url, path, sha256=model.sha256, size=model.size, credential=remote.credential,
-                           on_bytes=on_bytes, what=model.path)
+            got = download(Download(remote.url, path, sha256=model.sha256, size=model.size, what=model.path,
+                                    http=Http(credential=remote.credential)), on_bytes)
         except ChecksumError as exc:  # locking again keeps the pin: only an upgrade takes the new file
             upgrade = f"forge-volume lock --upgrade {model.name}"
             raise ChecksumError(exc.message, "the file changed upstream or the download was corrupted; "
@@ -190,10 +190,11 @@ def _sync(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
 
 
 def sync_models(layout: VolumeLayout, lock: Lock, lock_path: Path, progress: Progress,
-                tokens: Tokens | None = None) -> ModelsReport:
-    """Make every locked model present and verified (the caller holds the volume's writer lock)."""
+                tokens: Tokens | None = None, *, summary: bool = True) -> ModelsReport:
+    """Make every locked model present and verified (the caller holds the volume's writer lock). ``summary``:
+    print what was done on the progress output (off when the caller prints the report itself)."""
     report = _sync(layout, lock, lock_path, progress, dry_run=False, tokens=tokens)
-    if report.fetched or report.repaired or report.pinned or report.adopted:
+    if summary and (report.fetched or report.repaired or report.pinned or report.adopted):
         progress.info(report.summary())
     return report
 

@@ -7,8 +7,6 @@ place where the spec was edited after locking.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 from provision import __version__
 from provision.errors import CorruptLockError, InvalidLockError, LockError, StaleLockError
+from provision.records.atomic import write_atomic
 from provision.records.lock_fields import extension_fields, first_use_fields, forge_fields, model_fields
 from provision.records.spec import ModelSpec, Spec
 
@@ -143,21 +142,6 @@ def read_lock(path: Path) -> Lock:
     except OSError as exc:
         raise LockError(f"cannot read lock file {path}: {exc}") from None
     return lock_from_json(text, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique, not just the pid: pods and workers of one image share pids, and locks may not hold across them.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_lock(path: Path, lock: Lock) -> None:

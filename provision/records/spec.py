@@ -5,6 +5,7 @@ Every error names the file, the key and what was expected, so a user can fix it 
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -117,23 +118,86 @@ class RunPodSpec:
     endpoint: EndpointSpec
 
 
-class _Reader:
-    """Checks one TOML table's keys and types, naming file and key in every error."""
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
 
-    def __init__(self, path: Path, where: str, table: Any) -> None:
-        self.path, self.where = path, where
+
+class Lines:
+    """Where things are written in the spec's text, for errors: a table's header, a key's line.
+
+    tomllib gives no positions, so the text is scanned: headers ``[name]`` and ``[[name]]`` (the
+    n-th of an array), and ``key =`` lines under them. Good enough to point at a line; None when
+    the text is written some other way (an inline table)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def _tables(self) -> list[tuple[int, str, str]]:
+        """(line index, name, how it is written) of every header."""
+        out = []
+        for i, line in enumerate(self.lines):
+            match = _HEADER.match(line)
+            if match:
+                name = match.group(2).replace(" ", "").replace('"', "")
+                out.append((i, name, f"{match.group(1)}{name}{']' * len(match.group(1))}"))
+        return out
+
+    def table(self, name: str, index: int | None = None) -> tuple[int, str] | None:
+        """(line number, as written) of ``[name]``, or of the ``index``-th ``[[name]]``."""
+        found = [(i, written) for i, n, written in self._tables() if n == name]
+        if index is not None:
+            found = [(i, w) for i, w in found if w.startswith("[[")]
+            found = found[index:index + 1]
+        return (found[0][0] + 1, found[0][1]) if found else None
+
+    def key(self, key: str, table: str | None, index: int | None = None) -> int | None:
+        """The line number of ``key =`` in a table (``table`` None: before the first header)."""
+        headers = self._tables()
+        if table is None:
+            start, end = 0, headers[0][0] if headers else len(self.lines)
+        else:
+            at = self.table(table, index)
+            if at is None:
+                return None
+            start = at[0]
+            end = next((i for i, _, _ in headers if i >= start), len(self.lines))
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*[=.]")
+        return next((i + 1 for i in range(start, end) if pattern.match(self.lines[i])), None)
+
+
+def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+class _Reader:
+    """Checks one TOML table's keys and types, naming file, line and key in every error."""
+
+    def __init__(self, path: Path, where: str, table: Any, lines: Lines | None = None) -> None:
+        self.path, self.where, self.lines = path, where, lines or Lines("")
+        # "forge", "models[2]": which table of the text this is, to find its lines
+        name, _, rest = where.partition("[")
+        self._table = None if where == "spec" else name
+        self._index = int(rest.rstrip("]")) if rest else None
         if not isinstance(table, dict):
             self.fail("", f"must be a table, not {type(table).__name__}")
         self.table: dict[str, Any] = table
 
-    def fail(self, key: str, problem: str) -> NoReturn:
-        name = f"{self.where}.{key}" if key else self.where
-        raise SpecError(f"{self.path}: `{name}` {problem}")
+    def line_of(self, key: str) -> int | None:
+        if key:
+            return self.lines.key(key, self._table, self._index)
+        at = self.lines.table(self._table or "", self._index) if self._table else None
+        return at[0] if at else None
+
+    def fail(self, key: str, problem: str, *, shown: str | None = None) -> NoReturn:
+        name = shown or (f"{self.where}.{key}" if key else self.where)
+        line = self.line_of(key)
+        at = f"line {line}: " if line else ""
+        raise SpecError(f"{self.path}: {at}`{name}` {problem}")
 
     def only(self, *allowed: str) -> None:
         for key in self.table:
             if key not in allowed:
-                self.fail(key, f"is not a known key; allowed here: {', '.join(allowed)}")
+                self.fail(key, f"is not a known key{did_you_mean(key, allowed)} (allowed here: {', '.join(allowed)})")
 
     def string(self, key: str, default: str | None = None, required: bool = False) -> str | None:
         if key not in self.table:
@@ -177,8 +241,8 @@ def _torch_index(r: _Reader) -> str | None:
     return r.string("torch_index_url", DEFAULT_TORCH_INDEX)
 
 
-def _forge(path: Path, table: Any) -> ForgeSpec:
-    r = _Reader(path, "forge", table)
+def _forge(path: Path, table: Any, lines: Lines) -> ForgeSpec:
+    r = _Reader(path, "forge", table, lines)
     r.only("repo", "ref", "python", "torch", "torch_index_url", "args", "env", "features", "features_mirror")
     index = _torch_index(r)
     features = r.strings("features")
@@ -203,8 +267,8 @@ def _forge(path: Path, table: Any) -> ForgeSpec:
     )
 
 
-def _extension(path: Path, i: int, table: Any) -> ExtensionSpec:
-    r = _Reader(path, f"extensions[{i}]", table)
+def _extension(path: Path, i: int, table: Any, lines: Lines) -> ExtensionSpec:
+    r = _Reader(path, f"extensions[{i}]", table, lines)
     r.only("name", "repo", "ref", "pip", "files")
     repo = r.string("repo", required=True) or ""
     default_name = repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
@@ -222,12 +286,13 @@ def _extension(path: Path, i: int, table: Any) -> ExtensionSpec:
                          files=files)
 
 
-def _model(path: Path, i: int, table: Any) -> ModelSpec:
-    r = _Reader(path, f"models[{i}]", table)
+def _model(path: Path, i: int, table: Any, lines: Lines) -> ModelSpec:
+    r = _Reader(path, f"models[{i}]", table, lines)
     r.only("kind", "source", "name", "sha256", "size")
     kind = r.string("kind", required=True) or ""
     if kind not in MODEL_KIND_DIRS:
-        r.fail("kind", f"is {kind!r}, not a known kind; known kinds: {known_kinds()}")
+        r.fail("kind", f"is {kind!r}, not a known kind{did_you_mean(kind, list(MODEL_KIND_DIRS))} "
+                       f"(known kinds: {known_kinds()})")
     text = r.string("source", required=True) or ""
     try:
         source = parse_source(text)
@@ -259,17 +324,18 @@ def parse_spec(text: str, path: Path) -> Spec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
-    top = _Reader(path, "spec", data)
-    top.only("forge", "extensions", "models", "runpod")
+    lines = Lines(text)
+    top = _Reader(path, "spec", data, lines)
+    _only_tables(top, lines)
     for key in ("extensions", "models"):
         if key in data and not isinstance(data[key], list):
-            top.fail(key, f"must be an array of tables ([[{key}]]), not {type(data[key]).__name__}")
-    forge = _forge(path, data.get("forge", {}))
-    extensions = tuple(_extension(path, i, t) for i, t in enumerate(data.get("extensions", [])))
-    models = tuple(_model(path, i, t) for i, t in enumerate(data.get("models", [])))
-    _no_duplicates(path, "extensions", [e.name for e in extensions], "name")
-    _no_duplicates(path, "models", [m.key for m in models], "kind + name")
-    runpod = _runpod(path, data["runpod"]) if "runpod" in data else None
+            top.fail(key, f"must be an array of tables ([[{key}]]), not {type(data[key]).__name__}", shown=key)
+    forge = _forge(path, data.get("forge", {}), lines)
+    extensions = tuple(_extension(path, i, t, lines) for i, t in enumerate(data.get("extensions", [])))
+    models = tuple(_model(path, i, t, lines) for i, t in enumerate(data.get("models", [])))
+    _no_duplicates(path, "extensions", [e.name for e in extensions], "name", lines)
+    _no_duplicates(path, "models", [m.key for m in models], "kind + name", lines)
+    runpod = _runpod(path, data["runpod"], lines) if "runpod" in data else None
     return Spec(path=path, forge=forge, extensions=extensions, models=models, runpod=runpod)
 
 
@@ -285,8 +351,8 @@ def _number(r: _Reader, key: str, default: int | None, low: int, high: int) -> i
     return value
 
 
-def _runpod(path: Path, table: Any) -> RunPodSpec:
-    r = _Reader(path, "runpod", table)
+def _runpod(path: Path, table: Any, lines: Lines) -> RunPodSpec:
+    r = _Reader(path, "runpod", table, lines)
     r.only("datacenters", "volume_name", "volume_size", "pod", "endpoint")
     datacenters = r.strings("datacenters")
     if not datacenters:
@@ -295,7 +361,7 @@ def _runpod(path: Path, table: Any) -> RunPodSpec:
         if not _DATACENTER.match(dc):
             r.fail("datacenters", f"has {dc!r}, which is not a RunPod datacenter id (like EU-RO-1 or US-KS-2)")
     _no_duplicates(path, "runpod.datacenters", list(datacenters), "datacenter")
-    pod = _Reader(path, "runpod.pod", r.table.get("pod", {}))
+    pod = _Reader(path, "runpod.pod", r.table.get("pod", {}), lines)
     pod.only("image", "cpu", "vcpus", "gpu", "disk", "env", "timeout")
     gpu = pod.string("gpu")
     if gpu and "cpu" in pod.table:
@@ -303,7 +369,7 @@ def _runpod(path: Path, table: Any) -> RunPodSpec:
     vcpus = _number(pod, "vcpus", 4, 2, 64)
     if vcpus & (vcpus - 1):
         pod.fail("vcpus", f"must be a power of two (RunPod's rule), not {vcpus}")
-    ep = _Reader(path, "runpod.endpoint", r.table.get("endpoint", {}))
+    ep = _Reader(path, "runpod.endpoint", r.table.get("endpoint", {}), lines)
     ep.only("name", "image", "gpus", "workers", "min_workers", "idle_timeout", "execution_timeout", "env")
     gpus = ep.strings("gpus")
     if not gpus:
@@ -324,11 +390,31 @@ def _runpod(path: Path, table: Any) -> RunPodSpec:
         endpoint=endpoint)
 
 
-def _no_duplicates(path: Path, where: str, keys: list[str], what: str) -> None:
+TABLES = {"forge": "[forge]", "extensions": "[[extensions]]", "models": "[[models]]", "runpod": "[runpod]"}
+
+
+def _only_tables(top: _Reader, lines: Lines) -> None:
+    """The top level holds [forge], [[extensions]] and [[models]]; anything else is named as it is written."""
+    for key in top.table:
+        if key in TABLES:
+            continue
+        at = lines.table(key)
+        shown = at[1] if at else key
+        guess = difflib.get_close_matches(key, list(TABLES), n=1, cutoff=0.6)
+        mean = f"; did you mean `{TABLES[guess[0]]}`?" if guess else ""
+        line = at[0] if at else lines.key(key, None)
+        where = f"line {line}: " if line else ""
+        raise SpecError(f"{top.path}: {where}`{shown}` is not a known table{mean} "
+                        f"(a spec holds {', '.join(TABLES.values())})")
+
+
+def _no_duplicates(path: Path, where: str, keys: list[str], what: str, lines: Lines | None = None) -> None:
     seen: set[str] = set()
     for i, key in enumerate(keys):
         if key in seen:
-            raise SpecError(f"{path}: `{where}[{i}]` repeats {what} {key!r}; each must be unique")
+            at = lines.table(where, i) if lines is not None else None
+            line = f"line {at[0]}: " if at else ""
+            raise SpecError(f"{path}: {line}`{where}[{i}]` repeats {what} {key!r}; each must be unique")
         seen.add(key)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from provision.errors import CorruptStateError, StateError, VolumeBusyError
-from provision.records.lockfile import write_atomic
+from provision.records.atomic import write_atomic
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
 State = dict[str, Any]

@@ -74,7 +74,6 @@ def api_key() -> str:
 class RunPodApi:
     def __init__(self, key: str, settings: ApiSettings) -> None:
         self.settings = settings
-        self._key = key
         self.session = requests.Session()
         retry = _Retry(total=settings.retries, connect=settings.retries, read=2, status=settings.retries,
                        backoff_factor=settings.backoff, backoff_max=30, allowed_methods=None,

@@ -76,6 +76,7 @@ class ApplyReport:
     plan: Plan
     outcomes: list[Outcome] = field(default_factory=list)
     endpoint_line: str = ""
+    endpoint_did: str = "none"  # create | update | none | skipped (in the plan's words)
     endpoint_ok: bool = True
     terminated_leftovers: list[str] = field(default_factory=list)
     matching: list[str] = field(default_factory=list)  # datacenters whose volume matches the lock now
@@ -104,7 +105,8 @@ class ApplyReport:
         return {"ok": self.ok, "plan": self.plan.as_dict(), "terminated_leftovers": self.terminated_leftovers,
                 "done": [{"datacenter": o.datacenter, "action": o.did, "ok": o.ok, "message": o.message,
                           "volume_id": o.volume_id, "pod_id": o.pod_id, "result": o.result} for o in self.outcomes],
-                "endpoint": self.endpoint_line, "matching": self.matching, "not_matching": self.not_matching}
+                "endpoint": self.endpoint_line, "endpoint_action": self.endpoint_did,
+                "matching": self.matching, "not_matching": self.not_matching}
 
 
 def new_run_id() -> str:
@@ -235,13 +237,14 @@ def _endpoint(api: RunPodApi, inputs: Inputs, plan: Plan, record: Record, report
     images, or none)."""
     name = inputs.spec.endpoint.name
     if plan.endpoint_action == "blocked":
-        report.endpoint_ok, report.endpoint_line = False, f"endpoint {name}: not changed: {plan.endpoint_changes[0]}"
+        report.endpoint_ok, report.endpoint_did = False, "blocked"
+        report.endpoint_line = f"endpoint {name}: not changed: {plan.endpoint_changes[0]}"
         return
     volumes = {dc: record.applied[dc].volume_id for dc in report.matching}
     missing = [dc for dc in inputs.spec.datacenters if dc not in volumes]
     tail = f"; not attached (not at the lock): {', '.join(missing)}" if missing else ""
     if not volumes:
-        report.endpoint_ok = False
+        report.endpoint_ok, report.endpoint_did = False, "skipped"
         report.endpoint_line = f"endpoint {name}: not created or changed: no volume matches the lock yet"
         return
     wanted = endpoint_body(inputs.spec.endpoint, volumes)
@@ -249,6 +252,7 @@ def _endpoint(api: RunPodApi, inputs: Inputs, plan: Plan, record: Record, report
     if current is None:
         show(f"creating endpoint {name}")
         made = api.create_endpoint(wanted)
+        report.endpoint_did = "create"
         report.endpoint_line = f"endpoint {name}: created ({made.get('id')}) with {len(volumes)} volume(s){tail}"
         return
     body, changes = endpoint_update(current, wanted)
@@ -257,6 +261,7 @@ def _endpoint(api: RunPodApi, inputs: Inputs, plan: Plan, record: Record, report
         return
     show(f"updating endpoint {name}: {', '.join(changes)}")
     api.update_endpoint(str(current["id"]), body)
+    report.endpoint_did = "update"
     report.endpoint_line = f"endpoint {name} ({current['id']}): updated {', '.join(changes)}{tail}"
 
 

@@ -75,7 +75,7 @@ class Plan:
         out += [d.line(spec.volume_size) for d in self.datacenters]
         name = spec.endpoint.name
         if self.endpoint_action == "create":
-            out.append(f"endpoint {name}: create, with the volumes of every datacenter whose work succeeds")
+            out.append(f"endpoint {name}: create, with the volume of every datacenter once it matches the lock")
         elif self.endpoint_action == "update":
             out.append(f"endpoint {name} ({self.endpoint['id'] if self.endpoint else '?'}): update "
                        f"{', '.join(self.endpoint_changes)}")
@@ -83,6 +83,9 @@ class Plan:
             out.append(f"endpoint {name}: cannot apply: {'; '.join(self.endpoint_changes)}")
         else:
             out.append(f"endpoint {name} ({self.endpoint['id'] if self.endpoint else '?'}): nothing to change")
+        if any(d.needs_pod for d in self.datacenters):
+            out.append("  (a datacenter whose work fails is left out of the endpoint until a re-run brings it "
+                       "to the lock)")
         pods = sum(d.needs_pod for d in self.datacenters)
         out.append(f"{pods} pod(s) would run" + (" (each only while it installs)" if pods else
                                                  "; apply would make no change" if not self.changes_anything else ""))

@@ -1,7 +1,7 @@
 """One datacenter's work: its volume found, created or grown, one pod that installs it, followed to its
 result and always terminated.
 
-A pod runs ``forge-volume regions pod-run`` (``provision.regions.pod_main``): the spec and the lock
+A pod runs ``forge-volume regions pod-run`` (``provision.commands.regions_pod``): the spec and the lock
 travel in its environment, it installs the volume mounted at /workspace and prints one result line,
 ``forge-volume-result RUN_ID {json}``, which is read back from the pod's log stream.
 """
@@ -39,7 +39,11 @@ class Timing:
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Timing:
-        poll = float(env.get("FORGE_REGIONS_POLL", "") or 5.0)
+        """FORGE_REGIONS_POLL: seconds between looks at a pod (5; the tests use less)."""
+        try:
+            poll = min(60.0, max(0.05, float(env.get("FORGE_REGIONS_POLL", "") or 5.0)))
+        except ValueError:
+            poll = 5.0
         return cls(poll=poll, log_idle=min(1.0, max(0.2, poll)))
 
 
@@ -66,7 +70,8 @@ def pod_body(spec: RunPodSpec, run_id: str, dc: str, volume_id: str, mode: str, 
     env = {**pod.env,
            "FORGE_VOLUME": MOUNT_PATH, "FORGE_VOLUME_RUN": run_id, "FORGE_VOLUME_MODE": mode,
            "FORGE_VOLUME_EXPECT_VERSION": __version__, "FORGE_VOLUME_SPEC_GZ": pack(spec_text),
-           "FORGE_VOLUME_LOCK_GZ": pack(lock_text), "PYTHONUNBUFFERED": "1"}
+           "FORGE_VOLUME_LOCK_GZ": pack(lock_text), "FORGE_VOLUME_DEADLINE": str(pod.timeout),
+           "PYTHONUNBUFFERED": "1"}
     body: dict[str, Any] = {
         "name": pod_name(run_id, dc), "image": pod.image, "cloud": "SECURE", "dataCenterIds": [dc],
         "disk": pod.disk, "mounts": {"network": [{"volumeId": volume_id, "path": MOUNT_PATH}]},

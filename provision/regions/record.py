@@ -21,7 +21,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from provision.errors import ForgeVolumeError
-from provision.records.lockfile import write_atomic
+from provision.records.atomic import write_atomic
 
 RECORD_VERSION = 1
 

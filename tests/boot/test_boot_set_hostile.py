@@ -22,6 +22,7 @@ from provision.boot import layout_driver
 from provision.boot.boot_set import BIG
 from tests.boot import test_boot_set
 from tests.helpers import boot_sets
+from tests.helpers.read_only import available as read_only_available
 from volume_layout import VolumeLayout
 
 FORGE = "stable-diffusion-webui-forge"
@@ -144,3 +145,22 @@ def test_an_index_edited_by_hand_is_not_used(volume: VolumeLayout, tmp_path: Pat
 
     assert check is None
     refused(said, ".forge-volume/boot-set/index.json does not match its digest")
+
+
+@pytest.mark.skipif(not read_only_available(), reason="a small tmpfs needs root and unshare")
+def test_the_room_check_counts_what_the_lay_out_writes(volume: VolumeLayout, tmp_path: Path) -> None:
+    data = boot_sets.load(volume)
+    for i in range(3):  # 3 MB of recorded files for a 2 MB tmpfs
+        boot_sets.add_file(volume, data, f"{FORGE}/modules/big{i}.py", os.urandom(1 << 20))
+    boot_sets.save(volume, data)
+    mirror = tmp_path / "small"
+    mirror.mkdir()
+    script = 'mount -t tmpfs -o size=2m none "$0" && exec "$@"'
+    child = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(mirror),
+                            sys.executable, "-m", "provision.boot.layout_child", str(volume.root), str(mirror)],
+                           capture_output=True, text=True, timeout=120)
+
+    assert child.returncode == 0, child.stderr
+    first = json.loads(child.stdout.splitlines()[0])
+    assert first["ok"] is False
+    assert f"{mirror} has room for 2 MB" in first["reason"] and "the boot set needs 3 MB" in first["reason"], first

@@ -17,6 +17,7 @@ import pytest
 from tests.boot.test_fast_boot import TXT2IMG, boot, forge_of, with_checkpoint
 from tests.conftest import snapshot
 from tests.faults.platform import FakePlatform, start_fleet_worker
+from tests.helpers import boot_sets
 from tests.helpers.procs import stop_group
 from tests.helpers.read_only import available, read_only
 from tests.provision.conftest import cli
@@ -102,6 +103,30 @@ def test_a_venv_that_is_a_link_is_never_written_through(installed_volume: Path, 
         served(worker)
         assert "fast boot off" not in worker.log() and "[worker] fast boot: " in worker.log()
         assert forge_of(worker)[0] == str(copy_of(worker) / "venv" / "bin" / "python")
+    finally:
+        worker.stop()
+
+
+@needs_root
+def test_a_crafted_boot_set_on_a_read_only_volume_boots_from_the_volume_and_writes_nowhere(
+        installed_volume: Path, tmp_path: Path) -> None:
+    layout = VolumeLayout(installed_volume)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = boot_sets.load(layout)
+    forge = "stable-diffusion-webui-forge"
+    boot_sets.list_entry(data, forge, "evil", "l", str(outside))
+    boot_sets.add_file(layout, data, f"{forge}/evil/pwned.py", b"print('pwned')\n", listed=False)
+    boot_sets.save(layout, data)
+    with_checkpoint(installed_volume)
+    worker = start_worker(worker_env(installed_volume, tmp_path / "scratch"), tmp_path / "logs",
+                          wrap=read_only(installed_volume))
+    try:
+        served(worker)
+        assert forge_of(worker)[0] == str(installed_volume / "venv" / "bin" / "python")
+        [line] = [line for line in worker.log().splitlines() if "fast boot off" in line]
+        assert f"the boot set breaks a rule of the lay-out: {forge}/evil/pwned.py is not a file" in line, line
+        assert os.listdir(outside) == []
     finally:
         worker.stop()
 

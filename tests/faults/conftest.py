@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from provision.cli import main
+from tests.helpers.cli import cli as run_cli
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.helpers.tls import Cert, make_cert
 from tests.worker.conftest import free_port, module_volume, worker_env
+from volume_layout import VolumeLayout
 
 from .platform import FakePlatform, FleetWorker, JobRecord, start_fleet_worker
 
@@ -191,7 +192,7 @@ def fault_volume(world: World, folder: Path) -> Path:
 def corrupt_volume(folder: Path) -> Path:
     volume = folder / "corrupt-volume"
     (volume / ".forge-volume").mkdir(parents=True)
-    (volume / ".forge-volume" / "state.json").write_text('{"layout_version": 1, "forge": {', encoding="utf-8")
+    VolumeLayout(volume).state.write_text('{"layout_version": 1, "forge": {', encoding="utf-8")
     return volume
 
 
@@ -266,7 +267,7 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
 
 def cli(streams: Streams, *args: str) -> Result:
     """``forge-volume ARGS`` in-process, as typed on a pod (volume from $FORGE_VOLUME); output kept."""
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    result = run_cli(*args)
     streams.add(f"forge-volume {' '.join(args)}", result.output)
     return result
 
@@ -339,7 +340,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def state_models(volume: Path) -> dict[str, dict[str, object]]:
-    state = json.loads((volume / ".forge-volume" / "state.json").read_text(encoding="utf-8"))
+    state = json.loads(VolumeLayout(volume).state.read_text(encoding="utf-8"))
     return {m["path"]: m for m in state.get("models") or []}
 
 

@@ -118,8 +118,8 @@ def test_case09_download_helper_refuses_paths_and_hosts_it_must_not_touch(fleet:
     assert list(outside.iterdir()) == []
     assert tree(volume) == before
     assert not (volume.parent / "outside.safetensors").exists() and not Path("/etc/cron.d/x.safetensors").exists()
-    state = json.loads((volume / ".forge-volume" / "state.json").read_text(encoding="utf-8"))
-    streams.add_file(volume / ".forge-volume" / "state.json")
+    state = json.loads(VolumeLayout(volume).state.read_text(encoding="utf-8"))
+    streams.add_file(VolumeLayout(volume).state)
     recorded = {m["path"] for m in state["models"]}
     assert {"models/Lora/good.safetensors", "models/Lora/payload.safetensors",
             "models/Lora/private.safetensors"} <= recorded
@@ -187,7 +187,7 @@ def test_sources_carrying_credentials_are_never_echoed(fleet: Fleet, streams: St
         assert message in one_line_error(result(record, streams)), job
     body = result(records[-1], streams)
     assert body["output"]["source"] == files.url("/files/signed.safetensors") + "?access=***&X-Amz-Signature=***"
-    streams.add_file(fleet.volume / ".forge-volume" / "state.json")
+    streams.add_file(VolumeLayout(fleet.volume).state)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

@@ -141,19 +141,22 @@ def bad_specs(forge: str, helper_env: dict[str, str]) -> list[tuple[str, str, st
         ("bad TOML", head + "[[models]\nkind = 'lora'\n", "not valid TOML: "),
         ("unclosed string", head.replace('ref = "main"', 'ref = "main'), "not valid TOML: "),
         ("unknown top-level key", head + "[forj]\nrepo = 'x'\n",
-         "`spec.forj` is not a known key; allowed here: forge, extensions, models"),
+         "line 7: `[forj]` is not a known table; did you mean `[forge]`? (a spec holds [forge], [[extensions]], "
+         "[[models]], [runpod])"),
         ("unknown forge key", head.replace("torch = []", "torch = []\ntorch_version = '2.3'"),
-         "`forge.torch_version` is not a known key; allowed here: repo, ref, python, torch"),
-        ("unknown model key", head + model + 'sha = "abc"\n', "`models[0].sha` is not a known key"),
+         "line 6: `forge.torch_version` is not a known key (allowed here: repo, ref, python, torch"),
+        ("unknown model key", head + model + 'sha = "abc"\n',
+         "line 11: `models[0].sha` is not a known key; did you mean `sha256`?"),
         ("unknown extension key", head + ext + 'branch = "main"\n', "`extensions[0].branch` is not a known key"),
         ("args not a list", head + "args = '--xformers'\n", "`forge.args` must be a list of non-empty strings"),
         ("env not strings", head.replace(f"env = {{ {env} }}", "env = { A = 1 }"),
          "`forge.env` must be a table of strings"),
-        ("models not an array", "models = 'all'\n" + head, "`spec.models` must be an array of tables ([[models]])"),
+        ("models not an array", "models = 'all'\n" + head, "line 1: `models` must be an array of tables ([[models]])"),
         ("size negative", head + model + "size = -1\n", "`models[0].size` must be a non-negative integer"),
         ("sha256 malformed", head + model + 'sha256 = "xyz"\n', "`models[0].sha256` must be 64 hexadecimal digits"),
         ("unknown kind", head + model.replace('"lora"', '"loras"'),
-         "`models[0].kind` is 'loras', not a known kind; known kinds: checkpoint, lora, vae"),
+         "line 9: `models[0].kind` is 'loras', not a known kind; did you mean `lora`? (known kinds: checkpoint, "
+         "lora, vae"),
         ("missing source", head + '\n[[models]]\nkind = "lora"\n', "`models[0].source` is missing"),
         ("ftp source", head + model.replace("https://", "ftp://"), "`models[0].source` is invalid: "),
         ("file source", head + model.replace("https://example.invalid", "file://"), "unsupported scheme 'file'"),
@@ -162,7 +165,8 @@ def bad_specs(forge: str, helper_env: dict[str, str]) -> list[tuple[str, str, st
          "must be hf://OWNER/REPO/PATH[@REVISION]"),
         ("name with a folder", head + model + 'name = "../../etc/passwd"\n', "`models[0].name` is not usable"),
         ("name too long", head + model + f'name = "{"x" * 300}.safetensors"\n', "longer than 255 bytes"),
-        ("duplicate model names", head + model + model, "`models[1]` repeats kind + name 'lora/a.safetensors'"),
+        ("duplicate model names", head + model + model,
+         "line 12: `models[1]` repeats kind + name 'lora/a.safetensors'"),
         ("duplicate extension names", head + ext + ext, "`extensions[1]` repeats name 'one'"),
         ("extension without repo", head + '\n[[extensions]]\nname = "one"\n', "`extensions[0].repo` is missing"),
     ]
@@ -185,7 +189,8 @@ def test_case15_bad_specs_name_file_key_and_fix_and_write_nothing(command: str, 
         assert result.exit_code == 1, (case, result.output)
         line = error_line(result.stderr)
         assert line.startswith(f"error: {spec}: ") and expected in line, (case, line)
-        assert "fix the spec file, or write a fresh one with `forge-volume init`" in line, (case, line)
+        # The fix keeps the user's file: the one line to change, never a fresh spec from `init`.
+        assert "fix that line of the spec (nothing was changed), then run the command again" in line, (case, line)
         assert "Traceback" not in result.output
         assert snapshot(installed_volume) == before, case
 
@@ -299,13 +304,13 @@ def test_case17_missing_ref_and_unreachable_repo_leave_the_checkout_intact(
     lock = installed_volume / "forge-volume.lock"
     checkout = installed_volume / "stable-diffusion-webui-forge"
     head = head_commit(checkout)
-    pinned, state = lock.read_text(), (installed_volume / ".forge-volume" / "state.json").read_text()
+    pinned, state = lock.read_text(), VolumeLayout(installed_volume).state.read_text()
 
     def intact() -> None:
         assert head_commit(checkout) == head
         assert git(checkout, "status", "--porcelain", "--untracked-files=no") == ""
         assert lock.read_text() == pinned
-        assert (installed_volume / ".forge-volume" / "state.json").read_text() == state
+        assert VolumeLayout(installed_volume).state.read_text() == state
 
     world_spec = provisioned_world.spec()
     forge_url = provisioned_world.forge.url

@@ -216,7 +216,7 @@ def run(*args):
     return {"code": r.exit_code, "out": r.stdout, "err": r.stderr}
 
 report = {"first": run("refresh-models"), "after_first": listing(),
-          "state": (volume / ".forge-volume" / "state.json").read_text(),
+          "state": VolumeLayout(volume).state.read_text(),
           "lock": (volume / "forge-volume.lock").read_text()}
 subprocess.run(["mount", "-o", "remount,size=8m", str(volume)], check=True)  # the user grows the volume
 report["second"] = run("refresh-models")
@@ -315,11 +315,11 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
     try:
         wait_until(lambda: route.bytes_sent > probed, 30, "the install's download started")
         helper = subprocess.Popen([sys.executable, "-c", (
-            "import json, sys\nfrom pathlib import Path\nfrom provision.models import fetch_model\n"
+            "import json, sys\nfrom pathlib import Path\nfrom provision.models import ModelRequest, fetch_model\n"
             "from provision.progress import QUIET\nfrom volume_layout import VolumeLayout\n"
-            "print(json.dumps(fetch_model(VolumeLayout(Path(sys.argv[1])), source=sys.argv[2], kind='checkpoint',"
-            " progress=QUIET)))\n"), str(installed_volume), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=REPO)
+            "print(json.dumps(fetch_model(VolumeLayout(Path(sys.argv[1])), ModelRequest(sys.argv[2], "
+            "kind='checkpoint'), QUIET)))\n"), str(installed_volume), url], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=REPO)
         assert route.bytes_sent - probed < len(data), "the install's download ended before the others started"
         for args in (("refresh-models",), ("install",)):
             refused = cli(streams, *args)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.forge_world import World
+from volume_layout import VolumeLayout
 
 from .conftest import (
     BUCKET_KEY_ID,
@@ -87,7 +88,7 @@ def test_case20_toolkit_never_shows_a_token(installed_volume: Path, provisioned_
     monkeypatch.setenv("CIVITAI_TOKEN", CIVITAI_SECRET + "-wrong")
     failed = cli(streams, "--debug", "refresh-models")
     assert failed.exit_code == 1 and "HF_TOKEN" in failed.stderr and "CIVITAI_TOKEN" in failed.stderr, failed.stderr
-    streams.add_file(installed_volume / ".forge-volume" / "state.json")
+    streams.add_file(VolumeLayout(installed_volume).state)
     streams.add_file(installed_volume / "forge-volume.lock")
     assert sha(private) in (installed_volume / "forge-volume.lock").read_text()
 

@@ -9,13 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
-from provision.fetch.download import Retry, download
+from provision.fetch.download import Download, Http, Retry, download
 from provision.fetch.partials import partial_path
 from provision.fetch.tokens import Credential, origin_of
 from tests.helpers.http_server import FileServer
@@ -25,12 +24,6 @@ DATA = os.urandom(1 << 20)
 SHA = hashlib.sha256(DATA).hexdigest()
 
 
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
-
-
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -38,7 +31,7 @@ def leftovers(folder: Path) -> list[str]:
 def test_download_verifies_and_renames_into_place(server: FileServer, tmp_path: Path) -> None:
     server.add("/m.bin", DATA)
     target = tmp_path / "models" / "m.bin"
-    result = download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), retry=FAST)
+    result = download(Download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), http=Http(retry=FAST)))
     assert target.read_bytes() == DATA
     assert (result.sha256, result.size, result.transferred) == (SHA, len(DATA), len(DATA))
     assert leftovers(target.parent) == []
@@ -48,7 +41,7 @@ def test_download_verifies_and_renames_into_place(server: FileServer, tmp_path: 
 def test_dropped_connection_resumes_with_range(server: FileServer, tmp_path: Path) -> None:
     route = server.add("/m.bin", DATA, drop_at=0.6)
     target = tmp_path / "m.bin"
-    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    result = download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA
     ranges = [r.headers.get("range") for r in server.requests_to("/m.bin")]
     assert ranges[0] is None and ranges[1] == f"bytes={int(len(DATA) * 0.6)}-"
@@ -60,11 +53,11 @@ def test_partial_is_kept_across_runs_and_resumed(server: FileServer, tmp_path: P
     route = server.add("/m.bin", DATA, drop_at=0.6, drop_times=2)
     target = tmp_path / "m.bin"
     with pytest.raises(DownloadError, match="giving up"):
-        download(server.url("/m.bin"), target, sha256=SHA, retry=Retry(attempts=1, base=0.01))
+        download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=Retry(attempts=1, base=0.01))))
     assert not target.exists()
     assert partial_path(target).stat().st_size == int(len(DATA) * 0.6)
     first = route.bytes_sent
-    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    result = download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA and leftovers(tmp_path) == []
     assert result.resumed_from == int(len(DATA) * 0.6)
     assert route.bytes_sent - first <= len(DATA) * 0.45
@@ -79,7 +72,7 @@ def test_a_killed_downloads_temporary_is_resumed_once_stale(server: FileServer, 
     dead.write_bytes(DATA[: int(len(DATA) * 0.6)])
     old = time.time() - 3600
     os.utime(dead, (old, old))
-    result = download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    result = download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA and result.resumed_from == int(len(DATA) * 0.6)
     assert route.bytes_sent == len(DATA) - int(len(DATA) * 0.6)
     assert leftovers(tmp_path) == [live.name]
@@ -88,7 +81,7 @@ def test_a_killed_downloads_temporary_is_resumed_once_stale(server: FileServer, 
 def test_server_ignoring_range_restarts_cleanly(server: FileServer, tmp_path: Path) -> None:
     route = server.add("/m.bin", DATA, drop_at=0.5, ignore_range=True)
     target = tmp_path / "m.bin"
-    download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA
     assert route.gets == 2 and route.bytes_sent == len(DATA) // 2 + len(DATA)
 
@@ -97,7 +90,7 @@ def test_stale_partial_of_another_version_is_replaced(server: FileServer, tmp_pa
     server.add("/m.bin", DATA)
     target = tmp_path / "m.bin"
     partial_path(target).write_bytes(os.urandom(1000))  # left over from an older upstream file
-    download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+    download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA and leftovers(tmp_path) == []
 
 
@@ -106,7 +99,7 @@ def test_wrong_bytes_are_rejected_and_the_good_file_stays(server: FileServer, tm
     target = tmp_path / "m.bin"
     target.write_bytes(b"the good old file")
     with pytest.raises(ChecksumError) as info:
-        download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), retry=FAST)
+        download(Download(server.url("/m.bin"), target, sha256=SHA, size=len(DATA), http=Http(retry=FAST)))
     assert SHA in str(info.value)
     bad = bytearray(DATA)
     bad[len(DATA) // 2] ^= 0xFF
@@ -119,38 +112,40 @@ def test_401_names_the_token_variable_and_never_the_token(server: FileServer, tm
     server.add("/m.bin", DATA, require_token="right")
     hosts, origins = ("civitai.com",), (origin_of(server.url("/")),)  # the server plays CIVITAI_API_BASE
     with pytest.raises(AuthError, match="set CIVITAI_TOKEN"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, None, origins),
-                 retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                          http=Http(credential=Credential("CIVITAI_TOKEN", hosts, None, origins), retry=FAST)))
     with pytest.raises(AuthError) as info:
-        download(server.url("/m.bin"), tmp_path / "m.bin",
-                 credential=Credential("CIVITAI_TOKEN", hosts, "wrong-secret", origins), retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                          http=Http(credential=Credential("CIVITAI_TOKEN", hosts, "wrong-secret", origins),
+                                    retry=FAST)))
     assert "CIVITAI_TOKEN" in str(info.value) and "wrong-secret" not in str(info.value)
     assert "wrong-secret" not in repr(Credential("CIVITAI_TOKEN", hosts, "wrong-secret"))
-    download(server.url("/m.bin"), tmp_path / "m.bin", credential=Credential("CIVITAI_TOKEN", hosts, "right", origins))
+    download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                      http=Http(credential=Credential("CIVITAI_TOKEN", hosts, "right", origins))))
     assert (tmp_path / "m.bin").read_bytes() == DATA
     assert leftovers(tmp_path) == []
 
 
 def test_404_is_not_found(server: FileServer, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="404"):
-        download(server.url("/gone.bin"), tmp_path / "gone.bin", retry=FAST)
+        download(Download(server.url("/gone.bin"), tmp_path / "gone.bin", http=Http(retry=FAST)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_500_is_retried_then_succeeds(server: FileServer, tmp_path: Path) -> None:
     route = server.add("/m.bin", DATA, fail_first=2)
-    download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+    download(Download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, http=Http(retry=FAST)))
     assert route.gets == 3 and (tmp_path / "m.bin").read_bytes() == DATA
 
 
 def test_persistent_500_gives_up_and_400_is_not_retried(server: FileServer, tmp_path: Path) -> None:
     flaky = server.add("/m.bin", DATA, status=503)
     with pytest.raises(DownloadError, match="giving up after 3"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert len(server.requests_to("/m.bin")) == 3 and flaky.bytes_sent == 0
     server.add("/bad.bin", DATA, status=400)
     with pytest.raises(DownloadError, match="HTTP 400"):
-        download(server.url("/bad.bin"), tmp_path / "bad.bin", retry=FAST)
+        download(Download(server.url("/bad.bin"), tmp_path / "bad.bin", http=Http(retry=FAST)))
     assert len(server.requests_to("/bad.bin")) == 1
 
 
@@ -160,7 +155,8 @@ def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: 
         # 127.0.0.1 plays civitai.com; the redirect goes to "localhost", another host name.
         server.add("/api/download/1", redirect=cdn.url("/blob", host="localhost"))
         cred = Credential("CIVITAI_TOKEN", ("civitai.com",), "s3cret", (origin_of(server.url("/")),))
-        download(server.url("/api/download/1"), tmp_path / "m.bin", sha256=SHA, credential=cred, retry=FAST)
+        download(Download(server.url("/api/download/1"), tmp_path / "m.bin", sha256=SHA,
+                          http=Http(credential=cred, retry=FAST)))
         assert server.requests_to("/api/download/1")[0].headers.get("authorization") == "Bearer s3cret"
         assert "authorization" not in cdn.requests_to("/blob")[0].headers
     assert (tmp_path / "m.bin").read_bytes() == DATA
@@ -170,28 +166,28 @@ def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: 
 def test_redirect_to_another_scheme_is_refused(server: FileServer, tmp_path: Path, location: str) -> None:
     server.add("/m.bin", redirect=location)
     with pytest.raises(DownloadError, match="only http and https"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_length_is_fine_when_the_body_completes(server: FileServer, tmp_path: Path) -> None:
     server.add("/m.bin", DATA, no_length=True)
-    result = download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+    result = download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert result.sha256 == SHA and (tmp_path / "m.bin").read_bytes() == DATA
 
 
 def test_stalled_server_times_out(server: FileServer, tmp_path: Path) -> None:
     server.add("/m.bin", DATA, delay_per_chunk=1.0)
     with pytest.raises(DownloadError, match="giving up"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", retry=Retry(attempts=1, base=0.01),
-                 timeout=(2.0, 0.3))
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                          http=Http(retry=Retry(attempts=1, base=0.01), timeout=(2.0, 0.3))))
 
 
 def test_not_enough_space_is_refused_before_any_request(server: FileServer, tmp_path: Path) -> None:
     server.add("/m.bin", DATA)
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(DiskFullError, match="free"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", size=free + (1 << 30), retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", size=free + (1 << 30), http=Http(retry=FAST)))
     assert server.requests_to("/m.bin") == [] and list(tmp_path.iterdir()) == []
 
 
@@ -200,7 +196,7 @@ import shutil, subprocess, sys
 from pathlib import Path
 folder, sized, unsized = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
-from provision.fetch.download import download, disk_reserve, Retry
+from provision.fetch.download import Download, Http, download, disk_reserve, Retry
 from provision.errors import DiskFullError
 target = folder / "m.bin"
 target.write_bytes(b"old")
@@ -215,12 +211,12 @@ def fill(n):  # another writer fills the volume once this download has started
                 pass
 
 try:
-    download(sized, target, retry=Retry(attempts=1), on_bytes=fill, size=300_000)
+    download(Download(sized, target, size=300_000, http=Http(retry=Retry(attempts=1))), fill)
 except DiskFullError as exc:
     print("SIZED", exc)
 (folder / "filler").unlink()
 try:
-    download(unsized, target, retry=Retry(attempts=1))
+    download(Download(unsized, target, http=Http(retry=Retry(attempts=1))))
 except DiskFullError as exc:
     print("UNSIZED", exc)
     print("RESERVE", disk_reserve(folder), "TOTAL", shutil.disk_usage(folder).total)
@@ -280,5 +276,5 @@ def test_no_token_over_clear_text_or_to_another_port(server: FileServer, tmp_pat
     """A URL on the token's host but over http (or on another port) gets no Authorization header."""
     server.add("/m.bin", DATA)
     cred = Credential("HF_TOKEN", ("127.0.0.1",), "s3cret-token")
-    download(server.url("/m.bin"), tmp_path / "m.bin", credential=cred, retry=FAST)
+    download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(credential=cred, retry=FAST)))
     assert "authorization" not in server.requests_to("/m.bin")[0].headers

@@ -19,7 +19,7 @@ import pytest
 
 from provision.errors import DownloadCancelled, DownloadError
 from provision.fetch.cancel import CONNECT_ENV, STALL_ENV
-from provision.fetch.download import Retry, download
+from provision.fetch.download import Download, Http, Retry, download
 from provision.fetch.netguard import AddressGuard, parse_networks
 from provision.fetch.partials import partial_path
 from tests.helpers.black_hole import BlackHole, bytes_unread
@@ -74,7 +74,7 @@ def in_thread(target: Path, url: str, **kwargs: object) -> tuple[threading.Threa
 
     def run() -> None:
         try:
-            download(url, target, retry=FAST, **kwargs)  # type: ignore[arg-type]
+            download(Download(url, target, http=Http(retry=FAST, **kwargs)))  # type: ignore[arg-type]
         except BaseException as exc:
             errors.append(exc)
 
@@ -158,11 +158,11 @@ def test_the_connect_timeout_is_a_setting(tmp_path: Path, monkeypatch: pytest.Mo
     """FORGE_DOWNLOAD_CONNECT_TIMEOUT bounds each connect; a bad value is named before any connection."""
     monkeypatch.setenv(CONNECT_ENV, "0.3")
     with BlackHole() as hole, pytest.raises(DownloadError, match="giving up after 3 attempts") as info:
-        download(hole.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(hole.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert f"ConnectTimeout connecting to {hole.url('/m.bin')}" in info.value.one_line()
     monkeypatch.setenv(CONNECT_ENV, "0")
     with pytest.raises(Exception, match=f"{CONNECT_ENV}='0' is not a positive number of seconds"):
-        download(hole.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(hole.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
 
 
 def test_a_trickling_server_fails_as_stalled(server: FileServer, tmp_path: Path,
@@ -173,7 +173,7 @@ def test_a_trickling_server_fails_as_stalled(server: FileServer, tmp_path: Path,
     server.add("/m.bin", DATA, chunk=1, delay_per_chunk=0.2)
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"stalled: less than 64 KiB arrived in 1\.5 s") as info:
-        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert time.monotonic() - started < HANG_DEADLINE
     assert STALL_ENV in info.value.one_line()
     assert not (tmp_path / "m.bin").exists()
@@ -194,7 +194,7 @@ def test_a_bad_stall_timeout_is_named(server: FileServer, tmp_path: Path, monkey
     monkeypatch.setenv(STALL_ENV, "soon")
     server.add("/m.bin", DATA)
     with pytest.raises(Exception, match=f"{STALL_ENV}='soon' is not a positive number of seconds"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
     assert server.requests == []
 
 
@@ -203,7 +203,7 @@ def test_a_server_cutting_every_body_and_refusing_every_range_ends(server: FileS
     bytes, so the attempts are bounded and the error says why."""
     route = server.add("/m.bin", DATA, drop_at=0.6, drop_times=1000, refuse_ranges=True)
     with pytest.raises(DownloadError, match="giving up after 3 attempts without new bytes") as info:
-        download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, http=Http(retry=FAST)))
     assert "refused the resume range" in info.value.one_line() or "connection closed" in info.value.one_line()
     assert route.gets <= 2 * FAST.attempts + 1
 
@@ -212,7 +212,7 @@ def test_a_server_sending_the_wrong_range_every_time_ends(server: FileServer, tm
     """Every full answer is cut at 50 %, every Range request answered with another range (the start)."""
     route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=1000, wrong_range=True)
     with pytest.raises(DownloadError, match="attempts without new bytes"):
-        download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+        download(Download(server.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, http=Http(retry=FAST)))
     assert route.gets <= 2 * FAST.attempts + 1
 
 
@@ -237,14 +237,14 @@ def test_after_a_success_no_partial_of_the_target_remains(server: FileServer, tm
     other.write_bytes(b"other")
     with open(live, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        download(server.url("/m.bin"), target, sha256=SHA, retry=FAST)
+        download(Download(server.url("/m.bin"), target, sha256=SHA, http=Http(retry=FAST)))
         assert target.read_bytes() == DATA
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
 
 
 def test_names_like_a_downloads_temporary_are_refused(tmp_path: Path) -> None:
     """Issue 10, hole 4: a job could plant `.x.safetensors.partial` for the next refresh to complete."""
-    from provision.models import fetch_model
+    from provision.models import ModelRequest, fetch_model
     from provision.progress import QUIET
     from volume_layout import LayoutError, VolumeLayout, check_file_name
 
@@ -253,8 +253,8 @@ def test_names_like_a_downloads_temporary_are_refused(tmp_path: Path) -> None:
             check_file_name(name)
     (tmp_path / "models").mkdir()
     with pytest.raises(Exception, match="looks like a download's temporary file"):
-        fetch_model(VolumeLayout(tmp_path), source="https://example.com/x.safetensors", kind="lora",
-                    name=".x.safetensors.partial", progress=QUIET)
+        fetch_model(VolumeLayout(tmp_path), ModelRequest("https://example.com/x.safetensors", kind="lora",
+                                                         name=".x.safetensors.partial"), QUIET)
     assert check_file_name("x.partial") == "x.partial" and check_file_name(".hidden.safetensors")
 
 
@@ -266,9 +266,9 @@ def test_a_partial_is_never_completed_with_another_sources_bytes(server: FileSer
     server.add("/b.bin", other, headers={"ETag": '"b1"'})
     target = tmp_path / "m.bin"
     with pytest.raises(DownloadError):
-        download(server.url("/a.bin"), target, retry=Retry(attempts=1, base=0.01))
+        download(Download(server.url("/a.bin"), target, http=Http(retry=Retry(attempts=1, base=0.01))))
     assert partial_path(target).stat().st_size == len(DATA) // 2
-    got = download(server.url("/b.bin"), target, retry=FAST)
+    got = download(Download(server.url("/b.bin"), target, http=Http(retry=FAST)))
     assert target.read_bytes() == other and got.resumed_from == 0
     assert "range" not in server.requests_to("/b.bin")[0].headers
 
@@ -280,16 +280,16 @@ def test_a_resume_proves_the_file_is_unchanged(server: FileServer, tmp_path: Pat
     route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=100, headers={"ETag": '"v1"'})
     target = tmp_path / "m.bin"
     with pytest.raises(DownloadError):
-        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
+        download(Download(server.url("/m.bin"), target, http=Http(retry=Retry(attempts=1, base=0.01))))
     server.add("/m.bin", new, headers={"ETag": '"v2"'})  # replaced upstream
-    got = download(server.url("/m.bin"), target, retry=FAST)
+    got = download(Download(server.url("/m.bin"), target, http=Http(retry=FAST)))
     assert target.read_bytes() == new and got.resumed_from == 0  # the server sent it whole: started over
     assert server.requests_to("/m.bin")[-1].headers["if-range"] == '"v1"'
     target.unlink()
     route = server.add("/m.bin", DATA, drop_at=0.5, drop_times=2, headers={"ETag": '"v1"'})
     with pytest.raises(DownloadError):
-        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
-    got = download(server.url("/m.bin"), target, retry=FAST)  # unchanged: the resume goes through
+        download(Download(server.url("/m.bin"), target, http=Http(retry=Retry(attempts=1, base=0.01))))
+    got = download(Download(server.url("/m.bin"), target, http=Http(retry=FAST)))  # unchanged: the resume goes through
     assert target.read_bytes() == DATA and got.resumed_from == len(DATA) // 2
     assert route.bytes_sent == len(DATA)  # half, then the other half
 
@@ -299,6 +299,6 @@ def test_a_partial_without_proof_starts_over(server: FileServer, tmp_path: Path)
     server.add("/m.bin", DATA, drop_at=0.5, drop_times=2)
     target = tmp_path / "m.bin"
     with pytest.raises(DownloadError):
-        download(server.url("/m.bin"), target, retry=Retry(attempts=1, base=0.01))
-    got = download(server.url("/m.bin"), target, retry=FAST)
+        download(Download(server.url("/m.bin"), target, http=Http(retry=Retry(attempts=1, base=0.01))))
+    got = download(Download(server.url("/m.bin"), target, http=Http(retry=FAST)))
     assert target.read_bytes() == DATA and got.resumed_from == 0

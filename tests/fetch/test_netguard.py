@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from provision.errors import DownloadError
-from provision.fetch.download import Retry, download
+from provision.fetch.download import Download, Http, Retry, download
 from provision.fetch.netguard import AddressGuard, AddressRefused, parse_networks
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, FileServer
 from tests.helpers.internal_addresses import internal_spellings
@@ -43,7 +43,7 @@ def models() -> Iterator[FileServer]:
 
 
 def fetch(url: str, target: Path, allowed: Any = ()) -> None:
-    download(url, target, retry=FAST, guard=AddressGuard.for_url(url, allowed))
+    download(Download(url, target, http=Http(retry=FAST, guard=AddressGuard.for_url(url, allowed))))
 
 
 def test_every_spelling_of_an_internal_address_is_refused_before_connecting(canary: FileServer,
@@ -96,12 +96,12 @@ def test_dns_rebinding_gains_nothing(models: FileServer, canary: FileServer, tmp
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     models.add("/c.bin", DATA)  # the canary's port on 127.0.0.1 would be reached only through a second lookup
     url = f"http://models.rebind.test:{models.port}/c.bin"
-    download(url, tmp_path / "c.bin", retry=FAST, guard=AddressGuard.for_url(url, OPT_IN))
+    download(Download(url, tmp_path / "c.bin", http=Http(retry=FAST, guard=AddressGuard.for_url(url, OPT_IN))))
     assert (tmp_path / "c.bin").read_bytes() == DATA and lookups == ["models.rebind.test"]
     assert models.requests_to("/c.bin")[0].headers["host"] == f"models.rebind.test:{models.port}"
     # The next connection resolves again, to loopback, which the opt-in does not cover: refused.
     with pytest.raises(AddressRefused, match=r"127\.0\.0\.1"):
-        download(url, tmp_path / "d.bin", retry=FAST, guard=AddressGuard.for_url(url, OPT_IN))
+        download(Download(url, tmp_path / "d.bin", http=Http(retry=FAST, guard=AddressGuard.for_url(url, OPT_IN))))
     assert canary.requests == []
 
 
@@ -121,7 +121,7 @@ def test_a_name_with_one_internal_address_among_public_ones_is_refused(monkeypat
 
 def test_without_a_guard_the_cli_fetches_loopback(models: FileServer, tmp_path: Path) -> None:
     """The user's own spec (forge-volume) is not fenced: a mirror on the pod's own network is theirs to use."""
-    download(models.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, retry=FAST)
+    download(Download(models.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, http=Http(retry=FAST)))
     assert (tmp_path / "m.bin").read_bytes() == DATA
 
 

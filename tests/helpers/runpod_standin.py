@@ -76,6 +76,7 @@ class RunPodStandIn:
         self.pods: dict[str, StandInPod] = {}
         self.endpoints: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, faults included
+        self.pod_calls: list[tuple[str, str]] = []  # (method, path) of requests made with a pod's own key
         self.pod_bodies: list[dict[str, Any]] = []  # every create-pod body, as sent
         self.terminated: list[str] = []
         self.schema_errors: list[str] = []
@@ -130,6 +131,18 @@ class RunPodStandIn:
         """Volumes and endpoints (no pods): what ``clone`` carries over."""
         return {"volumes": self.volumes, "endpoints": self.endpoints}
 
+    def pod_key(self, pod_id: str) -> str:
+        return f"pod-scoped-{pod_id}"
+
+    def authorised(self, header: str | None, method: str, path: str) -> str | None:
+        """Who is calling: "user" (the account's key), "pod" (a pod's own key, on that pod only), or None."""
+        if header == f"Bearer {self.key}":
+            return "user"
+        m = re.fullmatch(r"/v2/pods/([^/]+)(/action)?", path)
+        if m and header == f"Bearer {self.pod_key(m.group(1))}" and method in ("GET", "POST", "DELETE"):
+            return "pod"
+        return None
+
     # --- pods ------------------------------------------------------------------------------------
     def _launch(self, pod: StandInPod) -> None:
         time.sleep(0.05)  # PROVISIONING, briefly
@@ -183,6 +196,8 @@ class RunPodStandIn:
             argv = [sys.executable, "-c", "import time; print('==> installing (the stand-in pod hangs here)', "
                     "flush=True); time.sleep(3600)"]
         pod_id = secrets.token_hex(5)
+        # As RunPod does: every pod gets its id and a key scoped to itself.
+        env.update(RUNPOD_POD_ID=pod_id, RUNPOD_API_KEY=self.pod_key(pod_id), RUNPOD_API_URL=self.url)
         data = {
             "id": pod_id, "name": body["name"], "image": body.get("image", ""), "args": body.get("args", ""),
             "disk": body.get("disk", 20), "ports": body.get("ports", []), "env": body.get("env", {}),
@@ -366,7 +381,10 @@ class _Handler(BaseHTTPRequestHandler):
         standin.requests.append((self.command, url.path))
         if standin.delay:
             time.sleep(standin.delay)
-        if self.headers.get("Authorization") != f"Bearer {standin.key}":
+        who = standin.authorised(self.headers.get("Authorization"), self.command, url.path)
+        if who == "pod":
+            standin.pod_calls.append((self.command, url.path))
+        if who is None:
             self._send(401, _problem(401, "missing bearer token" if not self.headers.get("Authorization")
                                      else "invalid bearer token"))
             return

@@ -13,13 +13,16 @@ def _record_line(name: str, data: bytes) -> str:
     return f"{name},sha256={digest},{len(data)}"
 
 
-def make_wheel(folder: Path, name: str, version: str = "1.0", code: str | None = None) -> Path:
-    """Write ``name-version-py3-none-any.whl`` holding one module ``name`` (dashes become underscores)."""
+def make_wheel(folder: Path, name: str, version: str = "1.0", code: str | None = None,
+               requires: tuple[str, ...] = ()) -> Path:
+    """Write ``name-version-py3-none-any.whl`` holding one module ``name`` (dashes become underscores),
+    depending on ``requires`` (requirement strings)."""
     module = name.replace("-", "_")
     dist = f"{module}-{version}"
     files = {
         f"{module}/__init__.py": (code or f"VERSION = {version!r}\n").encode(),
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}.dist-info/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                                       + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
         f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     folder.mkdir(parents=True, exist_ok=True)

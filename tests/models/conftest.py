@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from provision.cli import main
+from tests.helpers.cli import state_of
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.http_server import FileServer
 
@@ -104,13 +103,8 @@ def hosts(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
         yield Hosts(hub=hub, files=files, cdn=cdn, blobs=blobs, sources=sources, commit=commit)
 
 
-def cli(volume: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--volume", str(volume), *args], catch_exceptions=False)
-
-
 def state_models(volume: Path) -> dict[str, dict[str, object]]:
-    state = json.loads((volume / ".forge-volume" / "state.json").read_text())
-    return {m["path"]: m for m in state["models"]}
+    return {m["path"]: m for m in state_of(volume)["models"]}
 
 
 def lock_models(volume: Path) -> dict[str, dict[str, object]]:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
-from tests.models.conftest import Hosts, cli, lock_models, sha, state_models
+from tests.models.conftest import Hosts, lock_models, sha, state_models
 from tests.provision.conftest import git_calls, pip_installs, spawns  # noqa: F401  (spawns is a fixture)
+from volume_layout import VolumeLayout
 
 COMMENTED = """
 # --- models: keep this comment ---
@@ -33,8 +35,8 @@ name = "sd-vae.safetensors"
 def locked(installed_volume: Path, provisioned_world: World, hosts: Hosts) -> Path:
     spec = installed_volume / "forge-volume.toml"
     spec.write_text(provisioned_world.spec(extra=COMMENTED.format(tofu=hosts.sources["models/embeddings/tofu.pt"])))
-    assert cli(installed_volume, "lock").exit_code == 0
-    assert cli(installed_volume, "install").exit_code == 0
+    assert cli("lock", volume=installed_volume).exit_code == 0
+    assert cli("install", volume=installed_volume).exit_code == 0
     return installed_volume
 
 
@@ -45,13 +47,14 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
     requests = {s: len(s.requests) for s in (hosts.hub.server, hosts.hub.cdn, hosts.files, hosts.cdn)}
     spawns.clear()
 
-    result = cli(locked, "add", "checkpoint", "hf://org/sd/model.safetensors", "--name", "base.safetensors")
+    result = cli("add", "checkpoint", "hf://org/sd/model.safetensors", "--name", "base.safetensors", volume=locked)
 
     assert result.exit_code == 0, result.output
     path = "models/Stable-diffusion/base.safetensors"
     data = hosts.blobs["models/Stable-diffusion/model.safetensors"]
     assert result.stdout.splitlines()[0].startswith(f"model {path}: added from hf://org/sd/model.safetensors")
     assert f"fetched {path} (293.0 KiB)" in result.stdout and "models: 1 fetched" in result.stdout
+    assert result.output.count(f"fetched {path}") == 1  # said once (the models step's own summary is not repeated)
     assert (locked / path).read_bytes() == data
     assert state_models(locked)[path]["sha256"] == sha(data)
     # The spec: the old text, byte for byte, and the new entry after the last model.
@@ -65,14 +68,14 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
     asked = {s: s.requests[requests[s]:] for s in requests}
     assert not asked[hosts.files] and not asked[hosts.cdn]  # the other models' hosts were not asked
     assert all("model.safetensors" in r.path or "/blobs/" in r.path for s in asked.values() for r in s)
-    plan = cli(locked, "plan")
+    plan = cli("plan", volume=locked)
     assert plan.exit_code == 0 and "nothing to do" in plan.stdout, plan.output
-    assert cli(locked, "verify").exit_code == 0
+    assert cli("verify", volume=locked).exit_code == 0
 
 
 @pytest.mark.parametrize("args, code, words", [
     (["add", "lorra", "hf://org/sd/model.safetensors"], 2, "'lorra' is not one of 'checkpoint', 'lora'"),
-    (["add", "embedding", "{tofu}"], 1, "already has the embedding model 'tofu.pt'"),
+    (["add", "embedding", "{tofu}", "--sha256", "0" * 64], 1, "already has the embedding model 'tofu.pt'"),
     (["add", "vae", "hf://org/sd/model.safetensors", "--name", "sd-vae.safetensors"], 1, "already has the vae model"),
     (["add", "lora", "hf://org/sd/model.safetensors", "--sha256", "abc"], 1, "is not 64 hexadecimal digits"),
     (["add", "lora", "org/sd/model.safetensors"], 1, "has no scheme; accepted forms: hf://"),
@@ -84,10 +87,10 @@ def test_add_locks_and_fetches_only_the_new_model(locked: Path, hosts: Hosts, sp
 ])
 def test_bad_input_fails_before_the_spec_is_touched(locked: Path, hosts: Hosts, args: list[str], code: int,
                                                     words: str) -> None:
-    files = [locked / "forge-volume.toml", locked / "forge-volume.lock", locked / ".forge-volume" / "state.json"]
+    files = [locked / "forge-volume.toml", locked / "forge-volume.lock", VolumeLayout(locked).state]
     before = [f.read_bytes() for f in files]
     tofu = hosts.sources["models/embeddings/tofu.pt"]
-    result = cli(locked, *[a.format(tofu=tofu) for a in args])
+    result = cli(*[a.format(tofu=tofu) for a in args], volume=locked)
     assert result.exit_code == code, result.output
     assert words in result.output, result.output
     assert "Traceback" not in result.output
@@ -95,11 +98,24 @@ def test_bad_input_fails_before_the_spec_is_touched(locked: Path, hosts: Hosts, 
     assert not list((locked / "models" / "Lora").glob("*"))  # the folder itself is made by Forge's first start
 
 
+def test_the_same_add_again_is_not_a_duplicate(locked: Path, hosts: Hosts) -> None:
+    """Same kind, source and name as an entry already there (an add interrupted after it wrote the spec):
+    nothing to add, nothing fetched again, and the command finishes as the first one would have."""
+    files = [locked / "forge-volume.toml", locked / "forge-volume.lock"]
+    before = [f.read_bytes() for f in files]
+    requests = hosts.total_requests()
+    result = cli("add", "embedding", hosts.sources["models/embeddings/tofu.pt"], volume=locked)
+    assert result.exit_code == 0, result.output
+    assert "model models/embeddings/tofu.pt: already in the spec and the lock; fetching it" in result.stdout
+    assert [f.read_bytes() for f in files] == before
+    assert hosts.total_requests() == requests  # present and recorded: not fetched again
+
+
 def test_add_refuses_while_the_spec_has_unlocked_edits(locked: Path, hosts: Hosts) -> None:
     spec = locked / "forge-volume.toml"
     spec.write_text(spec.read_text().replace('args = ["--always-cpu"]', 'args = ["--always-cpu", "--lowvram"]'))
     before = spec.read_text()
-    result = cli(locked, "add", "lora", "hf://org/sd/model.safetensors")
+    result = cli("add", "lora", "hf://org/sd/model.safetensors", volume=locked)
     assert result.exit_code == 1 and "forge.args" in result.stderr and "forge-volume lock" in result.stderr
     assert spec.read_text() == before
 
@@ -107,18 +123,18 @@ def test_add_refuses_while_the_spec_has_unlocked_edits(locked: Path, hosts: Host
 def test_remove_takes_the_entry_out_and_the_file_stays_unless_delete(locked: Path, hosts: Hosts) -> None:
     spec = locked / "forge-volume.toml"
     original = spec.read_text()
-    assert cli(locked, "add", "lora", hosts.sources["models/ESRGAN/upscaler.pth"], "--name", "l.safetensors",
-               "--sha256", sha(hosts.blobs["models/ESRGAN/upscaler.pth"]).upper()).exit_code == 0
+    assert cli("add", "lora", hosts.sources["models/ESRGAN/upscaler.pth"], "--name", "l.safetensors", "--sha256",
+               sha(hosts.blobs["models/ESRGAN/upscaler.pth"]).upper(), volume=locked).exit_code == 0
     lora = locked / "models" / "Lora" / "l.safetensors"
     assert lora.exists()
 
-    result = cli(locked, "remove", "l.safetensors")
+    result = cli("remove", "l.safetensors", volume=locked)
     assert result.exit_code == 0, result.output
     assert "the file stays on the volume" in result.stdout
     assert spec.read_text() == original  # exactly as before the add, comments and all
     assert "models/Lora/l.safetensors" not in lock_models(locked) and lora.exists()
 
-    result = cli(locked, "remove", "embedding/tofu.pt", "--delete")
+    result = cli("remove", "embedding/tofu.pt", "--delete", volume=locked)
     assert result.exit_code == 0, result.output
     assert "deleted models/embeddings/tofu.pt" in result.stdout
     assert not (locked / "models" / "embeddings" / "tofu.pt").exists()
@@ -127,8 +143,8 @@ def test_remove_takes_the_entry_out_and_the_file_stays_unless_delete(locked: Pat
     assert "# a small one" not in text and "# the VAE, pinned by name" in text and "# trailing words" in text
     assert "# --- models: keep this comment ---" not in text  # it sat right above the removed entry
     assert list(lock_models(locked)) == ["models/VAE/sd-vae.safetensors"]
-    assert cli(locked, "lock").stdout.startswith("no changes")
-    assert cli(locked, "verify").exit_code == 0
+    assert cli("lock", volume=locked).stdout.startswith("no changes")
+    assert cli("verify", volume=locked).exit_code == 0
 
 
 def test_remove_delete_and_refresh_models_do_not_follow_a_kind_folder_linked_out_of_models(
@@ -141,7 +157,7 @@ def test_remove_delete_and_refresh_models_do_not_follow_a_kind_folder_linked_out
     embeddings.symlink_to(outside, target_is_directory=True)
     spec, lock = (locked / "forge-volume.toml").read_text(), (locked / "forge-volume.lock").read_text()
 
-    result = cli(locked, "remove", "embedding/tofu.pt", "--delete")
+    result = cli("remove", "embedding/tofu.pt", "--delete", volume=locked)
     assert result.exit_code == 1
     assert "outside the volume's models folder" in result.stderr and "make models/embeddings a real folder" \
         in result.stderr, result.output
@@ -149,6 +165,6 @@ def test_remove_delete_and_refresh_models_do_not_follow_a_kind_folder_linked_out
     assert (locked / "forge-volume.toml").read_text() == spec and (locked / "forge-volume.lock").read_text() == lock
 
     (outside / "tofu.pt").unlink()
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 1 and "outside the volume's models folder" in result.stderr, result.output
     assert list(outside.iterdir()) == []

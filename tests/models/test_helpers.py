@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from provision.errors import ChecksumError, PathError
-from provision.fetch.download import Retry, download
+from provision.fetch.download import Download, Http, Retry, download
 from provision.fetch.partials import sweep_leftovers
-from provision.models import fetch_model, sync_hf_repo
+from provision.models import ModelRequest, RepoRequest, fetch_model, sync_hf_repo
 from provision.progress import QUIET
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.http_server import FileServer
@@ -30,13 +30,13 @@ def test_fetch_model_from_every_source(volume: Path, hosts: Hosts) -> None:
         kind = {"Stable-diffusion": "checkpoint", "VAE": "vae", "ESRGAN": "upscaler", "embeddings": "embedding",
                 "Lora": "lora", "text_encoder": "text_encoder"}[path.split("/")[1]]
         name = "sd-vae.safetensors" if kind == "vae" else None
-        got = fetch_model(layout, source=source, kind=kind, name=name, progress=QUIET)
+        got = fetch_model(layout, ModelRequest(source, kind=kind, name=name), QUIET)
         assert (got["path"], got["sha256"], got["downloaded"]) == (path, sha(hosts.blobs[path]), True)
         assert (volume / path).read_bytes() == hosts.blobs[path]
     records = state_models(volume)
     assert set(records) == set(hosts.blobs)
     before = hosts.total_requests()
-    again = fetch_model(layout, source="hf://org/sd/model.safetensors", kind="checkpoint", progress=QUIET)
+    again = fetch_model(layout, ModelRequest("hf://org/sd/model.safetensors", kind="checkpoint"), QUIET)
     assert again["downloaded"] is False and again["bytes"] == 0
     assert hosts.total_requests() == before + 1  # one HEAD to learn the hub's checksum, no download
     assert CIVITAI_TOKEN not in json.dumps(records)
@@ -45,20 +45,20 @@ def test_fetch_model_from_every_source(volume: Path, hosts: Hosts) -> None:
 def test_fetch_model_into_a_caller_path_and_refusals(volume: Path, hosts: Hosts) -> None:
     layout = VolumeLayout(volume)
     url = hosts.sources["models/ESRGAN/upscaler.pth"]
-    got = fetch_model(layout, source=url, dest="ESRGAN/", name="mine.pth", progress=QUIET)
+    got = fetch_model(layout, ModelRequest(url, dest="ESRGAN/", name="mine.pth"), QUIET)
     assert got["path"] == "models/ESRGAN/mine.pth" and got["kind"] == "upscaler"
-    got = fetch_model(layout, source=url, dest=volume / "models" / "Lora", progress=QUIET)
+    got = fetch_model(layout, ModelRequest(url, dest=volume / "models" / "Lora"), QUIET)
     assert got["path"] == "models/Lora/upscaler.pth" and got["kind"] == "lora"
     (volume / "elsewhere").mkdir()
     (volume / "models" / "escape").symlink_to(volume / "elsewhere")
     for dest in ("../forge-volume.toml", "/etc/passwd", str(volume / "venv" / "x.pth"), "escape/x.pth"):
         with pytest.raises(PathError, match="outside the volume's models folder"):
-            fetch_model(layout, source=url, dest=dest, progress=QUIET)
+            fetch_model(layout, ModelRequest(url, dest=dest), QUIET)
     with pytest.raises(PathError, match="plain file name"):
-        fetch_model(layout, source=url, kind="lora", name="../x.pth", progress=QUIET)
+        fetch_model(layout, ModelRequest(url, kind="lora", name="../x.pth"), QUIET)
     wrong = "0" * 64
     with pytest.raises(ChecksumError, match=wrong):
-        fetch_model(layout, source=url, kind="vae", sha256=wrong, progress=QUIET)
+        fetch_model(layout, ModelRequest(url, kind="vae", sha256=wrong), QUIET)
     assert not (volume / "models" / "VAE" / "upscaler.pth").exists()
     assert list((volume / "elsewhere").iterdir()) == []
 
@@ -70,33 +70,33 @@ def test_sync_hf_repo_mirrors_and_skips(volume: Path, monkeypatch: pytest.Monkey
     with FakeHub() as hub:
         commit = hub.add_repo("org/loras", files)
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        got = sync_hf_repo(layout, repo_id="org/loras", kind="lora", progress=QUIET)
+        got = sync_hf_repo(layout, RepoRequest("org/loras", kind="lora"), QUIET)
         assert (got["revision"], got["files"], got["downloaded"], got["skipped"]) == (commit, 4, 4, 0)
         assert got["bytes"] == sum(len(d) for d in files.values())
         for name, data in files.items():
             assert (volume / "models" / "Lora" / name).read_bytes() == data
         served = hub.blob(files["a.safetensors"]).bytes_sent
-        again = sync_hf_repo(layout, repo_id="org/loras", kind="lora", progress=QUIET)
+        again = sync_hf_repo(layout, RepoRequest("org/loras", kind="lora"), QUIET)
         assert (again["downloaded"], again["skipped"], again["bytes"]) == (0, 4, 0)
         assert hub.blob(files["a.safetensors"]).bytes_sent == served
         (volume / "models" / "Lora" / "sub" / "b.safetensors").write_bytes(b"damaged")
-        fixed = sync_hf_repo(layout, repo_id="org/loras", dest="Lora", progress=QUIET)
+        fixed = sync_hf_repo(layout, RepoRequest("org/loras", dest="Lora"), QUIET)
         assert (fixed["downloaded"], fixed["skipped"]) == (1, 3)
         assert (volume / "models" / "Lora" / "sub" / "b.safetensors").read_bytes() == files["sub/b.safetensors"]
-        other = sync_hf_repo(layout, repo_id="org/loras", revision=commit, dest="adetailer/mirror", progress=QUIET)
+        other = sync_hf_repo(layout, RepoRequest("org/loras", revision=commit, dest="adetailer/mirror"), QUIET)
         assert other["path"] == "models/adetailer/mirror" and other["downloaded"] == 4
         with pytest.raises(PathError):
-            sync_hf_repo(layout, repo_id="org/loras", dest="../../x", progress=QUIET)
+            sync_hf_repo(layout, RepoRequest("org/loras", dest="../../x"), QUIET)
 
 
 _FETCH = """
 import json, sys
 from pathlib import Path
-from provision.models import fetch_model
+from provision.models import ModelRequest, fetch_model
 from provision.progress import QUIET
 from volume_layout import VolumeLayout
-got = fetch_model(VolumeLayout(Path(sys.argv[1])), source=sys.argv[2], kind="checkpoint", sha256=sys.argv[3],
-                  progress=QUIET)
+got = fetch_model(VolumeLayout(Path(sys.argv[1])), ModelRequest(sys.argv[2], kind="checkpoint", sha256=sys.argv[3]),
+                  QUIET)
 print(json.dumps(got))
 """
 
@@ -128,7 +128,8 @@ def test_without_a_working_lock_two_writers_cost_bandwidth_not_data(tmp_path: Pa
 
         def fetch() -> None:
             try:
-                download(server.url("/m"), target, sha256=sha(data), retry=Retry(attempts=2, base=0.01))
+                download(Download(server.url("/m"), target, sha256=sha(data),
+                                  http=Http(retry=Retry(attempts=2, base=0.01))))
             except BaseException as exc:
                 errors.append(exc)
 
@@ -171,7 +172,8 @@ def test_a_finishing_writers_sweep_never_removes_a_live_writers_new_temporary(tm
         server.add("/m", data)
         _sweep_at_lock = target
         try:
-            got = download(server.url("/m"), target, sha256=sha(data), retry=Retry(attempts=2, base=0.01))
+            got = download(Download(server.url("/m"), target, sha256=sha(data),
+                                    http=Http(retry=Retry(attempts=2, base=0.01))))
         finally:
             swept, _sweep_at_lock = _sweep_at_lock is None, None
     assert swept  # the sweep did run in the window

@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
-from tests.models.conftest import cli
 
 FORGE_VOLUME = str(Path(sys.executable).with_name("forge-volume"))
 SIZE = 6 << 20
@@ -32,11 +31,10 @@ DEADLINE = 120.0
 
 
 @pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        # Fast to 60 %, then 64 KiB per 0.1 s; the test slows it further while it stops the command.
-        srv.add(f"/{NAME}", DATA, delay_per_chunk=0.1, slow_from=0.6)
-        yield srv
+def server(server: FileServer) -> FileServer:
+    # Fast to 60 %, then 64 KiB per 0.1 s; the test slows it further while it stops the command.
+    server.add(f"/{NAME}", DATA, delay_per_chunk=0.1, slow_from=0.6)
+    return server
 
 
 @pytest.fixture
@@ -44,7 +42,7 @@ def with_model(installed_volume: Path, provisioned_world: World, server: FileSer
     model = f'\n[[models]]\nkind = "lora"\nsource = "{server.url("/" + NAME)}"\n' \
             f'sha256 = "{hashlib.sha256(DATA).hexdigest()}"\n'
     (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=model))
-    assert cli(installed_volume, "lock").exit_code == 0
+    assert cli("lock", volume=installed_volume).exit_code == 0
     return installed_volume
 
 
@@ -76,7 +74,7 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
     lora = with_model / "models" / "Lora"
     route = server.routes[f"/{NAME}"]
     if command == "install":  # the models step must be due: as after a new model in the lock
-        assert cli(with_model, "plan").stdout.startswith("models (")
+        assert cli("plan", volume=with_model).stdout.startswith("models (")
     proc = subprocess.Popen([FORGE_VOLUME, "--volume", str(with_model), command], env=cli_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -122,4 +120,46 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
     assert fetched_again <= 0.45 * SIZE, f"{fetched_again / SIZE:.0%} of the file fetched again"
     assert (lora / NAME).read_bytes() == DATA
     assert _leftovers(lora) == []
-    assert cli(with_model, "verify").exit_code == 0
+    assert cli("verify", volume=with_model).exit_code == 0
+
+
+def test_ctrl_c_during_add_then_the_same_add_again_finishes_it(installed_volume: Path, server: FileServer,
+                                                               cli_env: dict[str, str]) -> None:
+    """Day one: Ctrl-C during `add`, then the same `add` again, as the message says: it resumes the
+    download and finishes (the entry the first run put in the spec is the same, not a duplicate)."""
+    lora = installed_volume / "models" / "Lora"
+    route = server.routes[f"/{NAME}"]
+    args = [FORGE_VOLUME, "--volume", str(installed_volume), "add", "lora", server.url(f"/{NAME}"),
+            "--sha256", hashlib.sha256(DATA).hexdigest()]
+    proc = subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def at_60() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"add ended early: {proc.communicate()}")
+            temps = _leftovers(lora) if lora.is_dir() else []
+            return bool(temps) and temps[0].stat().st_size >= 0.6 * SIZE
+
+        _wait("the download to reach 60 %", at_60)
+        route.delay_per_chunk = 0.5
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    # The message names the command that finishes the job.
+    assert "error: interrupted; re-run the same command to resume (`forge-volume --volume " \
+           f"{installed_volume} add lora {server.url('/' + NAME)} --sha256 " in err, err
+    sent_before = route.bytes_sent
+    route.delay_per_chunk = 0
+
+    again = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=DEADLINE)
+
+    assert again.returncode == 0, again.stderr
+    assert f"model models/Lora/{NAME}: already in the spec and the lock; fetching it" in again.stdout
+    assert f"fetched models/Lora/{NAME}" in again.stdout
+    assert route.bytes_sent - sent_before <= 0.45 * SIZE  # resumed, not fetched again
+    assert (lora / NAME).read_bytes() == DATA and _leftovers(lora) == []
+    assert (installed_volume / "forge-volume.toml").read_text().count(f"/{NAME}") == 1  # one entry
+    assert cli("verify", volume=installed_volume).exit_code == 0

@@ -17,17 +17,19 @@ import pytest
 
 from provision.fetch.cancel import CONNECT_ENV
 from tests.helpers.black_hole import connects_pending
+from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
 from tests.helpers.timing import PROMPT
-from tests.models.conftest import CIVITAI_TOKEN, Hosts, cli, lock_models, sha, state_models
+from tests.models.conftest import CIVITAI_TOKEN, Hosts, lock_models, sha, state_models
+from volume_layout import VolumeLayout
 
 
 @pytest.fixture
 def locked(installed_volume: Path, provisioned_world: World, hosts: Hosts) -> Path:
     """The installed volume with a spec naming one model of every source kind, locked through the CLI."""
     (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=hosts.models_toml()))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 0, result.output
     return installed_volume
 
@@ -51,7 +53,7 @@ def test_lock_pins_every_source(locked: Path, hosts: Hosts) -> None:
 
 
 def test_refresh_fetches_everything_then_does_nothing_offline(locked: Path, hosts: Hosts) -> None:
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert "fetched 6 file(s)" in result.output
     assert "trust on first use" in result.output
@@ -73,19 +75,19 @@ def test_refresh_fetches_everything_then_does_nothing_offline(locked: Path, host
 
     before = hosts.total_requests()
     started = time.monotonic()
-    again = cli(locked, "refresh-models")
+    again = cli("refresh-models", volume=locked)
     assert again.exit_code == 0, again.output
     assert time.monotonic() - started < PROMPT  # a hang only: the 2 s target is in scripts/bench_models.py
     assert "fetched 0 file(s)" in again.output and "6 already correct" in again.output
     assert hosts.total_requests() == before  # nothing to do means no network I/O
-    ok = cli(locked, "verify")
+    ok = cli("verify", volume=locked)
     assert ok.exit_code == 0, ok.output
 
 
 def test_lock_pins_the_hub_revision(locked: Path, hosts: Hosts) -> None:
     hosts.hub.commit("org/sd", {"model.safetensors": b"a newer upload", "vae/vae.safetensors": b"x",
                                 "config.json": b"{}"})
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     path = "models/Stable-diffusion/model.safetensors"
     assert (locked / path).read_bytes() == hosts.blobs[path]
@@ -93,15 +95,15 @@ def test_lock_pins_the_hub_revision(locked: Path, hosts: Hosts) -> None:
 
 
 def test_missing_and_broken_files_are_fetched_and_repaired(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     missing, broken = "models/VAE/sd-vae.safetensors", "models/ESRGAN/upscaler.pth"
     (locked / missing).unlink()
     (locked / broken).write_bytes(b"truncated")
-    dry = cli(locked, "refresh-models", "--dry-run")
+    dry = cli("refresh-models", "--dry-run", volume=locked)
     assert dry.exit_code == 0, dry.output
     assert f"would fetch {missing}" in dry.output and f"would repair {broken}" in dry.output
     assert not (locked / missing).exists() and (locked / broken).read_bytes() == b"truncated"
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert "fetched 1 file(s)" in result.output and "repaired 1 file(s)" in result.output
     assert (locked / missing).read_bytes() == hosts.blobs[missing]
@@ -109,13 +111,13 @@ def test_missing_and_broken_files_are_fetched_and_repaired(locked: Path, hosts: 
 
 
 def test_broken_file_is_replaced_only_by_a_good_one(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     path = "models/ESRGAN/upscaler.pth"
     good = hosts.blobs[path]
     changed = bytes([good[0] ^ 1]) + good[1:]  # same size, other content: changed behind our back
     (locked / path).write_bytes(changed)
     hosts.files.routes["/files/upscaler.pth"].wrong_bytes = True  # and the server now sends wrong bytes
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 1
     served = bytearray(good)
     served[len(good) // 2] ^= 0xFF
@@ -125,34 +127,34 @@ def test_broken_file_is_replaced_only_by_a_good_one(locked: Path, hosts: Hosts) 
 
 
 def test_verify_fast_and_deep(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
-    assert cli(locked, "verify").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
+    assert cli("verify", volume=locked).exit_code == 0
     path = "models/Lora/civitai-lora.safetensors"
     target = locked / path
     st = target.stat()
     good = target.read_bytes()
     target.write_bytes(bytes([good[0] ^ 1]) + good[1:])
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: only a re-hash can tell
-    assert cli(locked, "verify").exit_code == 0  # fast mode trusts the record, by design
-    deep = cli(locked, "verify", "--deep")
+    assert cli("verify", volume=locked).exit_code == 0  # fast mode trusts the record, by design
+    deep = cli("verify", "--deep", volume=locked)
     assert deep.exit_code == 1
     assert f"wrong hash: {path}" in deep.output and sha(good) in deep.output
     os.utime(target)  # an ordinary edit moves the mtime: now fast mode re-hashes it
-    fast = cli(locked, "verify")
+    fast = cli("verify", volume=locked)
     assert fast.exit_code == 1 and f"wrong hash: {path}" in fast.output
     (locked / "models" / "VAE" / "sd-vae.safetensors").unlink()
     (locked / "models" / "Lora" / "stray.safetensors").write_bytes(b"stray")
-    fast = cli(locked, "verify")
+    fast = cli("verify", volume=locked)
     assert "missing: models/VAE/sd-vae.safetensors" in fast.output
     assert "extra: models/Lora/stray.safetensors (5 bytes)" in fast.output
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     assert target.read_bytes() == good
-    after = cli(locked, "verify")  # an extra file is mentioned, not a failure
+    after = cli("verify", volume=locked)  # an extra file is mentioned, not a failure
     assert after.exit_code == 0 and "extra: models/Lora/stray.safetensors" in after.output
 
 
 def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     lora = locked / "models" / "Lora"
     stray = lora / "stray.safetensors"
     stray.write_bytes(b"s" * 1000)
@@ -172,10 +174,10 @@ def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Pat
                                str(lock_file)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        dry = cli(locked, "refresh-models", "--prune", "--dry-run")
+        dry = cli("refresh-models", "--prune", "--dry-run", volume=locked)
         assert dry.exit_code == 0, dry.output
         assert "would prune 3 file(s)" in dry.output and stray.exists() and abandoned.exists()
-        result = cli(locked, "refresh-models", "--prune")
+        result = cli("refresh-models", "--prune", volume=locked)
         assert result.exit_code == 0, result.output
     finally:
         holder.kill()
@@ -187,11 +189,11 @@ def test_prune_removes_only_unlisted_files_and_abandoned_temporaries(locked: Pat
     for path, data in hosts.blobs.items():
         assert (locked / path).read_bytes() == data
     assert "models/Lora/stray.safetensors" not in state_models(locked)
-    assert cli(locked, "verify").exit_code == 0
+    assert cli("verify", volume=locked).exit_code == 0
 
 
 def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     lora = locked / "models" / "Lora"
     (lora / "stray.safetensors").write_bytes(b"s" * 2048)
     partial = locked / "models" / "VAE" / ".sd-vae.safetensors.partial"  # a listed model's: kept for resume
@@ -200,7 +202,7 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
     abandoned.write_bytes(b"a" * 100)
     os.utime(abandoned, (time.time() - 7200, time.time() - 7200))
 
-    text = cli(locked, "status")
+    text = cli("status", volume=locked)
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
     assert "partials    2 unfinished download(s), 3.0 KB (resumed by the next install or refresh-models)" in lines
@@ -210,7 +212,7 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
     assert "prune       `refresh-models --prune` would remove 2 file(s), 2.1 KB" in lines
     assert "              models/Lora/.gone.safetensors.0a1b2c3d.part (100 B)" in lines
 
-    report = json.loads(cli(locked, "status", "--json", "--files").stdout)["model_files"]
+    report = json.loads(cli("status", "--json", "--files", volume=locked).stdout)["model_files"]
     assert {p["path"]: p["bytes"] for p in report["prune"]} == {
         "models/Lora/stray.safetensors": 2048, "models/Lora/.gone.safetensors.0a1b2c3d.part": 100}
     assert {p["path"]: p["for"] for p in report["partials"]} == {
@@ -224,29 +226,29 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
     assert hub["source"] == hosts.sources["models/Stable-diffusion/model.safetensors"]
     assert files["models/Lora/stray.safetensors"] == {"path": "models/Lora/stray.safetensors", "kind": "lora",
                                                       "bytes": 2048, "source": None, "status": "extra"}
-    listed = cli(locked, "status", "--files").stdout
+    listed = cli("status", "--files", volume=locked).stdout
     assert "  extra   lora            2.0 KB  models/Lora/stray.safetensors" in listed.splitlines(), listed
     assert "  pinned  checkpoint" in listed
 
     # status changed nothing: prune removes exactly what status announced.
-    pruned = cli(locked, "refresh-models", "--prune")
+    pruned = cli("refresh-models", "--prune", volume=locked)
     assert pruned.exit_code == 0 and "pruned 2 file(s)" in pruned.output
     assert not partial.exists()  # its model is good already: a stale partial, removed by the refresh (issue 10)
 
 
 def test_verify_and_plan_as_json(locked: Path, hosts: Hosts) -> None:
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     (locked / "models" / "Lora" / "stray.safetensors").write_bytes(b"s" * 10)
-    ok = cli(locked, "verify", "--json")
+    ok = cli("verify", "--json", volume=locked)
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout) == {"ok": True, "problems": [], "extras": [
         {"path": "models/Lora/stray.safetensors", "kind": "lora", "bytes": 10, "source": None, "status": "extra"}]}
     (locked / "models" / "VAE" / "sd-vae.safetensors").unlink()
-    bad = cli(locked, "verify", "--json")
+    bad = cli("verify", "--json", volume=locked)
     assert bad.exit_code == 1
     assert json.loads(bad.stdout)["problems"] == [
         f"missing: models/VAE/sd-vae.safetensors (vae from {hosts.sources['models/VAE/sd-vae.safetensors']})"]
-    plan = cli(locked, "plan", "--json")
+    plan = cli("plan", "--json", volume=locked)
     assert plan.exit_code == 0, plan.output
     steps = json.loads(plan.stdout)["steps"]
     assert [s["step"] for s in steps] == ["models"]
@@ -258,27 +260,27 @@ def test_token_errors_name_the_variable(installed_volume: Path, provisioned_worl
     hosts.hub.add_repo("org/private", {"p.safetensors": b"p" * 100}, token="hf_right")
     spec = installed_volume / "forge-volume.toml"
     spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "hf://org/private/p.safetensors"\n'))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1 and "HF_TOKEN" in result.output
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_value")
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1 and "HF_TOKEN" in result.output and "hf_wrong_value" not in result.output
     # Issue 10, hole 3: a pasted newline is stripped; a control character inside is refused unseen.
     monkeypatch.setenv("HF_TOKEN", "hf_right\n")
-    assert cli(installed_volume, "lock").exit_code == 0
+    assert cli("lock", volume=installed_volume).exit_code == 0
     monkeypatch.setenv("HF_TOKEN", "hf_ri\nght_secret")
     spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "hf://org/private/p.safetensors"'
                                                  '\nname = "again.safetensors"\n'))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1 and "HF_TOKEN holds a space or a control character" in result.output
     assert "hf_ri" not in result.output and "ght_secret" not in result.output
     monkeypatch.setenv("CIVITAI_TOKEN", "civ-wrong")
     spec.write_text(provisioned_world.spec(extra='\n[[models]]\nkind = "lora"\nsource = "civitai://4242"\n'))
-    assert cli(installed_volume, "lock").exit_code == 0
-    result = cli(installed_volume, "refresh-models")
+    assert cli("lock", volume=installed_volume).exit_code == 0
+    result = cli("refresh-models", volume=installed_volume)
     assert result.exit_code == 1 and "CIVITAI_TOKEN" in result.output and "civ-wrong" not in result.output
     monkeypatch.setenv("CIVITAI_TOKEN", f" {CIVITAI_TOKEN}\r\n")
-    result = cli(installed_volume, "refresh-models")
+    result = cli("refresh-models", volume=installed_volume)
     assert result.exit_code == 0, result.output
 
 
@@ -288,7 +290,7 @@ def test_missing_files_are_clear_errors(installed_volume: Path, provisioned_worl
                           ("hf://org/sd/gone.safetensors", "no such file"),
                           ("hf://org/nothere/x.safetensors", "repository not found")):
         spec.write_text(provisioned_world.spec(extra=f'\n[[models]]\nkind = "lora"\nsource = "{source}"\n'))
-        result = cli(installed_volume, "lock")
+        result = cli("lock", volume=installed_volume)
         assert result.exit_code == 1 and words in result.output, result.output
         assert "Traceback" not in result.output
 
@@ -296,7 +298,7 @@ def test_missing_files_are_clear_errors(installed_volume: Path, provisioned_worl
 def test_transient_500_is_retried(locked: Path, hosts: Hosts) -> None:
     route = hosts.files.routes["/files/upscaler.pth"]
     route.fail_first = route.gets + 1
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert (locked / "models/ESRGAN/upscaler.pth").read_bytes() == hosts.blobs["models/ESRGAN/upscaler.pth"]
 
@@ -304,14 +306,13 @@ def test_transient_500_is_retried(locked: Path, hosts: Hosts) -> None:
 def test_plan_lists_what_install_would_fetch(locked: Path, hosts: Hosts) -> None:
     from provision.models import plan_models
     from provision.records.lockfile import read_lock
-    from volume_layout import VolumeLayout
 
     lock = read_lock(locked / "forge-volume.lock")
     before = hosts.total_requests()
     lines = plan_models(VolumeLayout(locked), lock)
     assert len([line for line in lines if line.startswith("fetch ")]) == 6
     assert hosts.total_requests() == before
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     assert plan_models(VolumeLayout(locked), read_lock(locked / "forge-volume.lock")) == []
     (locked / "models/ESRGAN/upscaler.pth").write_bytes(b"x")
     assert plan_models(VolumeLayout(locked), read_lock(locked / "forge-volume.lock")) == [
@@ -321,7 +322,6 @@ def test_plan_lists_what_install_would_fetch(locked: Path, hosts: Hosts) -> None
 def test_refresh_report_is_json(locked: Path, hosts: Hosts) -> None:
     from provision.models import refresh_models
     from provision.progress import QUIET
-    from volume_layout import VolumeLayout
 
     report = refresh_models(VolumeLayout(locked), locked / "forge-volume.lock", prune=False, dry_run=False,
                             progress=QUIET)
@@ -337,7 +337,7 @@ def test_files_already_there_are_hashed_once_and_adopted(locked: Path, hosts: Ho
         (locked / path).write_bytes(hosts.blobs[path])
     routes = (hosts.hub.blob(hosts.blobs[hub_path]), hosts.files.routes["/files/tofu.pt"])
     gets = [r.gets for r in routes]  # the lock asked the URL's size: a GET of its first byte
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert "fetched 4 file(s)" in result.output and "adopted 2 already present" in result.output
     assert [r.gets for r in routes] == gets
@@ -350,13 +350,13 @@ def test_spec_checksum_that_contradicts_the_host_is_refused(installed_volume: Pa
     wrong = "ab" * 32
     extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "hf://org/sd/model.safetensors"\nsha256 = "{wrong}"\n'
     (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1
     assert wrong in result.output and sha(hosts.blobs["models/Stable-diffusion/model.safetensors"]) in result.output
 
 
 def test_refresh_without_a_lock_says_how_to_make_one(volume: Path) -> None:
-    result = cli(volume, "refresh-models")
+    result = cli("refresh-models", volume=volume)
     assert result.exit_code == 1 and "forge-volume lock" in result.output
 
 
@@ -368,7 +368,7 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
         route = server.add("/slow.safetensors", data, delay_per_chunk=0.02, headers={"ETag": '"slow-v1"'})
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/slow.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
-        assert cli(installed_volume, "lock").exit_code == 0
+        assert cli("lock", volume=installed_volume).exit_code == 0
         proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
                                  "refresh-models"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -394,7 +394,7 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
         assert 0 < kept < len(data)
         sent = route.bytes_sent
         route.delay_per_chunk = 0
-        result = cli(installed_volume, "refresh-models")
+        result = cli("refresh-models", volume=installed_volume)
         assert result.exit_code == 0, result.output
     target = installed_volume / "models" / "Stable-diffusion" / "slow.safetensors"
     assert target.read_bytes() == data and not partial.exists()
@@ -415,21 +415,20 @@ def test_a_credential_in_a_url_source_stays_in_the_spec_and_lock(installed_volum
     shown = hosts.files.url("/files/tofu.pt") + "?type=***&token=***&access=***&X-Amz-Signature=***"
     (installed_volume / "forge-volume.toml").write_text(
         provisioned_world.spec(extra=f'\n[[models]]\nkind = "embedding"\nsource = "{url}"\n'))
-    outputs = [cli(installed_volume, "lock"), cli(installed_volume, "plan")]
-    outputs.append(cli(installed_volume, "refresh-models"))
+    outputs = [cli("lock", volume=installed_volume), cli("plan", volume=installed_volume)]
+    outputs.append(cli("refresh-models", volume=installed_volume))
     (installed_volume / "models" / "embeddings" / "tofu.pt").unlink()
-    outputs.append(cli(installed_volume, "verify"))
+    outputs.append(cli("verify", volume=installed_volume))
     assert [r.exit_code for r in outputs] == [0, 0, 0, 1], [r.output for r in outputs]
     assert "fetch models/embeddings/tofu.pt" in outputs[1].output
     assert "missing: models/embeddings/tofu.pt" in outputs[3].output
-    from provision.models import fetch_model
+    from provision.models import ModelRequest, fetch_model
     from provision.progress import QUIET
-    from volume_layout import VolumeLayout
 
-    result = fetch_model(VolumeLayout(installed_volume), source=url, kind="embedding", progress=QUIET)
+    result = fetch_model(VolumeLayout(installed_volume), ModelRequest(url, kind="embedding"), QUIET)
     assert result["downloaded"] is True and result["source"] == shown
     texts = [r.output for r in outputs] + [json.dumps(result),
-                                           (installed_volume / ".forge-volume" / "state.json").read_text()]
+                                           VolumeLayout(installed_volume).state.read_text()]
     for text in texts:
         for secret in (password, token, access, signature):
             assert secret not in text, text
@@ -446,7 +445,7 @@ def test_ctrl_c_stops_a_refresh_blocked_on_a_silent_server(installed_volume: Pat
         route = server.add("/silent.safetensors", data, delay_per_chunk=120)
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/silent.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
-        assert cli(installed_volume, "lock").exit_code == 0
+        assert cli("lock", volume=installed_volume).exit_code == 0
         gets = route.gets
         proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
                                  "refresh-models"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -478,7 +477,7 @@ def test_ctrl_c_stops_a_refresh_waiting_for_a_connect(installed_volume: Path, pr
         server.add("/dark.safetensors", data)
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/dark.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
-        assert cli(installed_volume, "lock").exit_code == 0
+        assert cli("lock", volume=installed_volume).exit_code == 0
         server.go_dark()
         proc = subprocess.Popen([sys.executable, "-m", "provision.cli", "--volume", str(installed_volume),
                                  "refresh-models"], env={**cli_env, CONNECT_ENV: "600"}, stdout=subprocess.PIPE,
@@ -496,7 +495,7 @@ def test_ctrl_c_stops_a_refresh_waiting_for_a_connect(installed_volume: Path, pr
                 proc.wait()
         assert proc.returncode == 1 and "interrupted" in err, err
         server.come_back()
-        result = cli(installed_volume, "refresh-models")
+        result = cli("refresh-models", volume=installed_volume)
         assert result.exit_code == 0, result.output
     target = installed_volume / "models" / "Stable-diffusion" / "dark.safetensors"
     assert target.read_bytes() == data
@@ -512,8 +511,8 @@ def test_a_trickling_server_fails_the_refresh_as_stalled(installed_volume: Path,
         server.add("/trickle.safetensors", os.urandom(1 << 20), chunk=1, delay_per_chunk=0.2)
         extra = f'\n[[models]]\nkind = "checkpoint"\nsource = "{server.url("/trickle.safetensors")}"\n'
         (installed_volume / "forge-volume.toml").write_text(provisioned_world.spec(extra=extra))
-        assert cli(installed_volume, "lock").exit_code == 0
-        result = cli(installed_volume, "refresh-models")
+        assert cli("lock", volume=installed_volume).exit_code == 0
+        result = cli("refresh-models", volume=installed_volume)
     assert result.exit_code == 1
     assert "stalled: less than 64 KiB arrived in 1.5 s" in result.output, result.output
     assert "FORGE_DOWNLOAD_STALL_TIMEOUT" in result.output
@@ -523,13 +522,12 @@ def test_refresh_removes_stale_partials_of_good_files(locked: Path, hosts: Hosts
     """Issue 10, hole 12: a partial left beside a file that is already good (a killed run's) is removed by
     the next refresh-models; files.partials lists strays with their sizes for status and verify."""
     from provision.models.files import partials
-    from volume_layout import VolumeLayout
 
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     stale = locked / "models" / "Stable-diffusion" / ".model.safetensors.partial"
     stale.write_bytes(b"x" * 1234)
     assert partials(VolumeLayout(locked)) == [("models/Stable-diffusion/.model.safetensors.partial", 1234)]
-    result = cli(locked, "refresh-models")
+    result = cli("refresh-models", volume=locked)
     assert result.exit_code == 0, result.output
     assert not stale.exists() and partials(VolumeLayout(locked)) == []
 
@@ -537,7 +535,7 @@ def test_refresh_removes_stale_partials_of_good_files(locked: Path, hosts: Hosts
 def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) -> None:
     """Issue 19 hole 8: a sha256 in capitals (as Civitai shows them) is the same digest; a quoted size or
     a digest that is not one is one line naming the entry and the field, before anything is fetched."""
-    assert cli(locked, "refresh-models").exit_code == 0
+    assert cli("refresh-models", volume=locked).exit_code == 0
     lock_file = locked / "forge-volume.lock"
     good = json.loads(lock_file.read_text())
 
@@ -551,8 +549,8 @@ def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) 
     upper = sha(hosts.blobs["models/ESRGAN/upscaler.pth"]).upper()
     edited(sha256=upper)
     before = hosts.total_requests()
-    assert cli(locked, "verify").exit_code == 0
-    again = cli(locked, "refresh-models")
+    assert cli("verify", volume=locked).exit_code == 0
+    again = cli("refresh-models", volume=locked)
     assert again.exit_code == 0 and "repaired 0 file(s)" in again.output and "6 already correct" in again.output, \
         again.output
     assert hosts.total_requests() == before
@@ -565,7 +563,7 @@ def test_a_lock_edited_by_hand_is_checked_when_read(locked: Path, hosts: Hosts) 
     ]:
         edited(**fields)
         for args in (("refresh-models",), ("verify",), ("install",), ("plan",)):
-            result = cli(locked, *args)
+            result = cli(*args, volume=locked)
             assert result.exit_code == 1, (args, result.output)
             line = result.stderr.strip()
             assert "\n" not in line and needle in line and "unexpected" not in line, (args, line)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
-from tests.models.conftest import Hosts, cli
+from tests.models.conftest import Hosts
 from tests.worker.conftest import WorkerProc, module_volume, start_worker, worker_env
 
 
@@ -19,12 +20,12 @@ def test_cli_refresh_refuses_a_spec_edited_after_locking(installed_volume: Path,
     spec = installed_volume / "forge-volume.toml"
     tofu = hosts.sources["models/embeddings/tofu.pt"]
     spec.write_text(provisioned_world.spec(extra=hosts.models_toml(skip=("models/embeddings/tofu.pt",))))
-    assert cli(installed_volume, "lock").exit_code == 0
+    assert cli("lock", volume=installed_volume).exit_code == 0
     spec.write_text(provisioned_world.spec(extensions=["ext-one"], extra=hosts.models_toml(
         skip=("models/ESRGAN/upscaler.pth",))))  # tofu.pt added, the upscaler and ext-two removed
     lock_text = (installed_volume / "forge-volume.lock").read_text()
     for args in (("refresh-models",), ("refresh-models", "--dry-run"), ("refresh-models", "--prune")):
-        result = cli(installed_volume, *args)
+        result = cli(*args, volume=installed_volume)
         assert result.exit_code == 1, result.output
         line = result.stderr.strip().splitlines()[-1]
         assert line.startswith(f"error: {installed_volume / 'forge-volume.lock'} no longer matches {spec}: "), line
@@ -35,8 +36,8 @@ def test_cli_refresh_refuses_a_spec_edited_after_locking(installed_volume: Path,
     assert not (installed_volume / "models" / "embeddings" / "tofu.pt").exists()
     assert (installed_volume / "forge-volume.lock").read_text() == lock_text
 
-    assert cli(installed_volume, "lock").exit_code == 0
-    fixed = cli(installed_volume, "refresh-models")
+    assert cli("lock", volume=installed_volume).exit_code == 0
+    fixed = cli("refresh-models", volume=installed_volume)
     assert fixed.exit_code == 0, fixed.output
     assert (installed_volume / "models" / "embeddings" / "tofu.pt").read_bytes() == \
         hosts.blobs["models/embeddings/tofu.pt"]

@@ -1,17 +1,17 @@
-"""Helpers for the provisioning tests: run the real CLI, and see every process it starts."""
+"""Helpers for the provisioning tests: run the real CLI (``tests.helpers.cli``), and see every process it starts."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from provision.cli import main
+from tests.helpers.cli import cli, state_of
+
+__all__ = ["cli", "git_calls", "installed_dists", "pip_installs", "spawns", "state_of"]
 
 _recording: list[list[str]] | None = None
 
@@ -35,15 +35,6 @@ def spawns() -> Iterator[list[list[str]]]:
         yield _recording
     finally:
         _recording = None
-
-
-def cli(*args: str) -> Result:
-    """Run ``forge-volume ARGS`` in-process, as a user would type it (volume from $FORGE_VOLUME)."""
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def state_of(volume: Path) -> dict[str, Any]:
-    return json.loads((volume / ".forge-volume" / "state.json").read_text(encoding="utf-8"))
 
 
 def installed_dists(volume: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers.forge_world import World
 from tests.provision.conftest import cli, pip_installs
+from volume_layout import VolumeLayout
 
 FORGE_VOLUME = str(Path(sys.executable).with_name("forge-volume"))
 COMMANDS = [("plan",), ("install",), ("refresh-models",), ("status",), ("lock",), ("status", "--files")]
@@ -131,7 +132,7 @@ def test_torch_index_url_true_is_refused(installed_volume: Path) -> None:
 
 
 def test_no_unexpected_errors_on_an_unreadable_state_folder(installed_volume: Path) -> None:
-    state = installed_volume / ".forge-volume" / "state.json"
+    state = VolumeLayout(installed_volume).state
     state.unlink()
     state.mkdir()
     result = cli("status")

@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from provision.forge.first_use import CALL_SITES, FEATURES, expand, scan_forge_source
+from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
-from tests.models.conftest import cli, sha
+from tests.models.conftest import sha
 
 
 @pytest.fixture
@@ -43,16 +44,16 @@ def test_unknown_feature_is_one_line_naming_the_known_ones(installed_volume: Pat
                                                              provisioned_world: World) -> None:
     spec = installed_volume / "forge-volume.toml"
     spec.write_text(provisioned_world.spec(features=["previews", "preview"]))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1
     line = result.output.strip().splitlines()[0]
     assert "`forge.features` entry 'preview' is not a known feature; known: previews, taesd-encode, " \
            "face-restore, upscale" in line, result.output
     spec.write_text(provisioned_world.spec(features=["upscale"]))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1 and "needs a choice (upscale:NAME[,NAME...]); choices: ESRGAN_4x" in result.output
     spec.write_text(provisioned_world.spec(features=["upscale:R-ESRGAN 9x"]))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 1 and "'R-ESRGAN 9x' is not a choice of upscale" in result.output
 
 
@@ -62,7 +63,7 @@ def test_lock_install_verify_status_refresh(installed_volume: Path, provisioned_
     features = ["previews", "upscale:R-ESRGAN 4x+", "face-restore:codeformer"]
     spec = installed_volume / "forge-volume.toml"
     spec.write_text(provisioned_world.spec(features=features, features_mirror=server.url("/mirror/")))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 0, result.output
     assert "file models/VAE-approx/model.pt: added for feature 'previews'" in result.output
     locked = {f["path"]: f for f in lock_json(installed_volume)["first_use"]}  # type: ignore[union-attr]
@@ -75,15 +76,15 @@ def test_lock_install_verify_status_refresh(installed_volume: Path, provisioned_
     assert locked["models/GFPGAN/detection_Resnet50_Final.pth"]["feature"] == "face-restore:codeformer"
     assert not (installed_volume / "models" / "VAE-approx").exists()  # locking downloads nothing
 
-    result = cli(installed_volume, "install")
+    result = cli("install", volume=installed_volume)
     assert result.exit_code == 0, result.output
     for path, data in blobs.items():
         assert (installed_volume / path).read_bytes() == data, path
     pinned = {f["path"]: f["sha256"] for f in lock_json(installed_volume)["first_use"]}  # type: ignore[union-attr]
     assert pinned == {p: sha(d) for p, d in blobs.items()}  # trust on first use, written into the lock
-    assert cli(installed_volume, "verify").exit_code == 0
+    assert cli("verify", volume=installed_volume).exit_code == 0
 
-    status = cli(installed_volume, "status", "--files", "--json")
+    status = cli("status", "--files", "--json", volume=installed_volume)
     files = {f["path"]: f for f in json.loads(status.output)["model_files"]["files"]}
     assert files["models/RealESRGAN/RealESRGAN_x4plus.pth"]["status"] == "pinned"
     assert files["models/RealESRGAN/RealESRGAN_x4plus.pth"]["kind"] == "first-use"
@@ -91,33 +92,58 @@ def test_lock_install_verify_status_refresh(installed_volume: Path, provisioned_
     # A file changed on the volume: verify names it, refresh-models repairs it from the mirror.
     broken = installed_volume / "models/Codeformer/codeformer-v0.1.0.pth"
     broken.write_bytes(b"x" * broken.stat().st_size)
-    result = cli(installed_volume, "verify", "--deep")
+    result = cli("verify", "--deep", volume=installed_volume)
     assert result.exit_code == 1 and "wrong hash: models/Codeformer/codeformer-v0.1.0.pth" in result.output
     broken.unlink()
-    result = cli(installed_volume, "verify")
+    result = cli("verify", volume=installed_volume)
     assert result.exit_code == 1
     assert "missing: models/Codeformer/codeformer-v0.1.0.pth (feature 'face-restore:codeformer' from" in result.output
-    result = cli(installed_volume, "refresh-models")
+    result = cli("refresh-models", volume=installed_volume)
     assert result.exit_code == 0 and "fetched models/Codeformer/codeformer-v0.1.0.pth" in result.output
-    assert cli(installed_volume, "verify").exit_code == 0
+    assert cli("verify", volume=installed_volume).exit_code == 0
 
     # A feature dropped from the spec: its files leave the lock, and --prune would remove them.
     spec.write_text(provisioned_world.spec(features=["previews"], features_mirror=server.url("/mirror/")))
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 0 and "file models/RealESRGAN/RealESRGAN_x4plus.pth: removed" in result.output
-    result = cli(installed_volume, "refresh-models", "--prune", "--dry-run")
+    result = cli("refresh-models", "--prune", "--dry-run", volume=installed_volume)
     assert "would prune models/RealESRGAN/RealESRGAN_x4plus.pth" in result.output
     assert "models/VAE-approx/model.pt" not in result.output
+
+
+def test_the_cli_reference_names_every_feature() -> None:
+    cli_doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    for name in FEATURES:
+        assert name in cli_doc and f"| `{name}" in readme, name
 
 
 def test_a_lock_without_features_is_unchanged(installed_volume: Path) -> None:
     """Volumes locked before features existed keep their lock (and install's keys): nothing to do."""
     before = (installed_volume / "forge-volume.lock").read_text()
-    result = cli(installed_volume, "lock")
+    result = cli("lock", volume=installed_volume)
     assert result.exit_code == 0 and "no changes" in result.output
     assert (installed_volume / "forge-volume.lock").read_text() == before
-    result = cli(installed_volume, "plan")
+    result = cli("plan", volume=installed_volume)
     assert result.exit_code == 0 and "nothing to do" in result.output.lower(), result.output
+
+
+def test_the_interrogators_categories_are_linked_into_the_checkout(installed_volume: Path) -> None:
+    """Forge reads the CLIP interrogator's categories from interrogate/ in its working folder (the checkout):
+    once the feature put them in models/interrogate, install links the checkout's name there, and verify
+    checks the link."""
+    categories = installed_volume / "models" / "interrogate"
+    categories.mkdir(parents=True)
+    (categories / "artists.txt").write_text("Rembrandt\n")
+    result = cli("verify", volume=installed_volume)
+    assert result.exit_code == 1
+    assert "links: stable-diffusion-webui-forge/interrogate is missing (it should link to ../models/interrogate" \
+        in result.output
+    result = cli("install", volume=installed_volume)
+    assert result.exit_code == 0, result.output
+    link = installed_volume / "stable-diffusion-webui-forge" / "interrogate"
+    assert os.readlink(link) == "../models/interrogate" and (link / "artists.txt").read_text() == "Rembrandt\n"
+    assert cli("verify", volume=installed_volume).exit_code == 0
 
 
 LAB = os.environ.get("FORGE_LAB")

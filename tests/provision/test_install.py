@@ -120,6 +120,10 @@ def test_a_venv_lifted_over_forges_pins_is_restored_by_the_next_install(
     [pip] = pip_installs(spawns)
     checkout = installed_volume / "stable-diffusion-webui-forge"
     assert pip[pip.index("-r") + 1] == str(checkout / "requirements_versions.txt")
+    # Its output is in the install's log, under the step's header, as every other command's is.
+    log = Path(result.stdout.split("the steps' whole output: ")[1].split()[0])
+    step = log.read_text().split("==> Forge's pinned requirements")[1].split("==> ")[0]
+    assert "Successfully installed forge-req-dep-1.0" in step
 
 
 def test_resume_after_a_step_fails_half_way(provisioned_world: World, installed_volume: Path, tmp_path: Path,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ WEIGHTS = b"\x00fixture-weights" * 4096
 
 
 @pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        srv.add("/files/tiny.safetensors", data=WEIGHTS)
-        yield srv
+def server(server: FileServer) -> FileServer:
+    server.add("/files/tiny.safetensors", data=WEIGHTS)
+    return server
 
 
 def test_install_fetches_models_then_leaves_them_alone(provisioned_world: World, installed_volume: Path,

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import spec_text
 from tests.helpers.gitrepo import Repo
 from tests.provision.conftest import cli, installed_dists, state_of
+from volume_layout import VolumeLayout
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_unknown_ref_is_named_and_nothing_written(ref: str, forge_repo: Repo, he
         assert ref in result.stderr and forge_repo.url in result.stderr
         assert "check the repo URL and ref" in result.stderr
     assert sorted(p.name for p in volume.iterdir() if p.name != ".forge-volume") == ["forge-volume.toml"]
-    assert not (volume / ".forge-volume" / "state.json").exists()
+    assert not VolumeLayout(volume).state.exists()
 
 
 def test_unreachable_repo_carries_gits_stderr(forge_repo: Repo, helper_repos: dict[str, str], volume: Path) -> None:
@@ -104,7 +105,7 @@ def test_atomic_writes_never_share_a_temporary_with_another_writer(tmp_path: Pat
     temporary file of another writer's state.json or lock (its rename would then fail, or publish a mix)."""
     import os
 
-    from provision.records.lockfile import write_atomic
+    from provision.records.atomic import write_atomic
 
     target = tmp_path / "state.json"
     other = tmp_path / f".state.json.{os.getpid()}.tmp"  # the other writer's write in progress

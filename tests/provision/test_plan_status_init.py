@@ -11,6 +11,7 @@ from provision.records.spec import PRESETS, parse_spec
 from tests.conftest import snapshot
 from tests.helpers.forge_world import SECRET_ENV, World
 from tests.provision.conftest import cli, state_of
+from volume_layout import VolumeLayout
 
 
 def test_plan_on_an_installed_volume_has_nothing_to_do(installed_volume: Path, spawns: list[list[str]]) -> None:
@@ -97,7 +98,7 @@ def test_status_of_an_installed_volume(provisioned_world: World, installed_volum
 def test_status_json_is_complete_and_holds_no_secret_values(provisioned_world: World,
                                                             installed_volume: Path) -> None:
     # A model record as the models code writes it, to see counts and bytes per kind.
-    state_path = installed_volume / ".forge-volume" / "state.json"
+    state_path = VolumeLayout(installed_volume).state
     state = state_of(installed_volume)
     state["models"] = [
         {"path": "models/Lora/a.safetensors", "kind": "lora", "size": 100, "sha256": "0" * 64, "source": "x"},
@@ -125,7 +126,7 @@ def test_status_json_is_complete_and_holds_no_secret_values(provisioned_world: W
 
 
 def test_status_hides_credentials_in_repo_urls(installed_volume: Path) -> None:
-    state_path = installed_volume / ".forge-volume" / "state.json"
+    state_path = VolumeLayout(installed_volume).state
     state = state_of(installed_volume)
     state["forge"]["repo"] = "https://user:ghp_secret@github.com/me/forge.git"
     state_path.write_text(json.dumps(state))

@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
 from tests.provision.conftest import cli, git_calls, pip_installs
+from volume_layout import VolumeLayout
 
 LORA = os.urandom(300_000)
 
@@ -38,7 +39,7 @@ def test_install_rebuilds_a_corrupt_state_from_the_volume(installed_volume: Path
         assert cli("install").exit_code == 0
         route = server.routes["/style.safetensors"]
         sent = route.bytes_sent
-        state = installed_volume / ".forge-volume" / "state.json"
+        state = VolumeLayout(installed_volume).state
         text = state.read_text()
         state.write_text({"truncated": text[: len(text) // 2], "empty": "", "not-an-object": "[]"}[damage])
 

@@ -12,11 +12,15 @@ from tests.provision.conftest import cli
 GOOD_FORGE = '[forge]\nrepo = "/nowhere/forge"\npython = "/usr/bin/python3"\ntorch = []\n'
 
 CASES = {
-    "unknown key": (GOOD_FORGE + 'colour = "blue"\n', "`forge.colour` is not a known key"),
+    "unknown key": (GOOD_FORGE + 'colour = "blue"\n', "line 5: `forge.colour` is not a known key"),
+    "misspelt key": (GOOD_FORGE + 'torch_index = ""\n',
+                     "line 5: `forge.torch_index` is not a known key; did you mean `torch_index_url`?"),
+    "misspelt table": (GOOD_FORGE + '\n[[model]]\nkind = "lora"\nsource = "https://example.invalid/a.bin"\n',
+                       "line 6: `[[model]]` is not a known table; did you mean `[[models]]`?"),
     "wrong type": ('[forge]\ntorch = "torch==2.3.1"\n', "`forge.torch` must be a list"),
     "missing repo": (GOOD_FORGE + '[[extensions]]\nname = "reactor"\n', "`extensions[0].repo` is missing"),
     "unknown kind": (GOOD_FORGE + '[[models]]\nkind = "weights"\nsource = "https://example.invalid/a.bin"\n',
-                     "`models[0].kind` is 'weights', not a known kind; known kinds: checkpoint, lora"),
+                     "`models[0].kind` is 'weights', not a known kind (known kinds: checkpoint, lora"),
     "duplicate extension": (GOOD_FORGE + '[[extensions]]\nname = "a"\nrepo = "/r/a"\n'
                             '[[extensions]]\nname = "a"\nrepo = "/r/b"\n', "`extensions[1]` repeats name 'a'"),
     "bad toml": ("[forge\nrepo = 1\n", "not valid TOML"),
@@ -42,6 +46,7 @@ def test_bad_spec_is_one_line_naming_file_and_key(case: str, command: str, volum
     assert lines[0].startswith(f"error: {spec}: ")
     assert expected in lines[0]
     assert "Traceback" not in result.output
+    assert "fix that line of the spec (nothing was changed)" in lines[0] and "forge-volume init" not in lines[0]
     assert list(volume.iterdir()) == []  # nothing written to the volume
     assert sorted(p.name for p in spec.parent.iterdir()) == ["forge-volume.toml"]  # and no lock
 

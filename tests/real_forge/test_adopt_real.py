@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -101,7 +102,11 @@ def original_txt2img(lab: Path, volume: Path, log: Path) -> str:
             except OSError:
                 assert time.monotonic() < deadline, f"the original's Forge did not answer: {log.read_text()[-3000:]}"
                 time.sleep(2)
-        image: str = post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", TXT2IMG, 900)["images"][0]
+        try:
+            image: str = post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", TXT2IMG, 900)["images"][0]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"the original's txt2img failed: {exc.code} {exc.read()[:2000]!r}\n"
+                                 f"{log.read_text()[-4000:]}") from None
         return image
     finally:
         os.killpg(proc.pid, 15)
@@ -130,7 +135,7 @@ def test_adopt_install_and_the_worker_give_the_original_image(lab: Path, tmp_pat
     base = Path(os.environ["FORGE_LAB_VOLUME"]) if os.environ.get("FORGE_LAB_VOLUME") else tmp_path
     volume = base / "adopt-volume"
     lay_out_original(lab, volume)
-    before = original_txt2img(lab, volume, tmp_path / "original-forge.log")
+    before = original_txt2img(lab, volume, base / "original-forge.log")  # kept: pytest's temp folders rotate
     with FileServer() as models:  # where any model download would go: Hugging Face's and Civitai's endpoints
         ORIGINAL_ENV["HF_ENDPOINT"] = models.url("")  # the CLI's environment (forge_volume)
         ORIGINAL_ENV["CIVITAI_API_BASE"] = models.url("/api/v1")

@@ -15,13 +15,14 @@ import pytest
 
 from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, Installed, Served
 from tests.real_forge.test_real_forge import FIRST_JOB_TIMEOUT, SMALL, call, ok
+from volume_layout import VolumeLayout
 
 # This may be the session's first test: its setup installs the real Forge from nothing (minutes).
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT)]
 
 
 def test_the_checkpoint_the_lock_knows_is_not_hashed_by_forge(served: Served, installed: Installed) -> None:
-    state = json.loads((installed.volume / ".forge-volume" / "state.json").read_text())
+    state = json.loads(VolumeLayout(installed.volume).state.read_text())
     known = next(m["sha256"] for m in state["models"] if m["path"].endswith(f"/{CHECKPOINT}"))
     [listed] = ok(call(served, "GET", "/sdapi/v1/sd-models", timeout=FIRST_JOB_TIMEOUT))
     assert (listed["sha256"], listed["hash"], listed["title"]) == (known, known[:10], f"{CHECKPOINT} [{known[:10]}]")

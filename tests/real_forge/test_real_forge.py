@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import snapshot
 from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, Installed, Served, forge_volume
+from volume_layout import VolumeLayout
 
 # The first test's setup installs the real Forge from nothing (minutes on 2 cores): the suite's own deadlines apply.
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT)]
@@ -72,7 +73,7 @@ def test_verify_passes_and_knows_forges_own_files(installed: Installed) -> None:
     result, _ = forge_volume(installed.volume, "verify")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "diffusers" not in result.stdout + result.stderr  # Forge's bookkeeping, not an extra
-    state = json.loads((installed.volume / ".forge-volume" / "state.json").read_text())
+    state = json.loads(VolumeLayout(installed.volume).state.read_text())
     assert "models/diffusers/version.txt" in state["boot"]["forge_files"]
 
 

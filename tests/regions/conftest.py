@@ -64,17 +64,19 @@ def lock(spec: Path) -> None:
 
 
 def plan_actions(spec: Path, standin: RunPodStandIn) -> dict[str, str]:
+    """What plan says apply will do, per datacenter and (key "endpoint") for the endpoint."""
     result = regions(spec, standin, "plan", "--json")
     assert result.exit_code == 0, result.output
-    return {d["datacenter"]: d["action"] for d in json.loads(result.stdout)["datacenters"]}
+    data = json.loads(result.stdout)
+    return {**{d["datacenter"]: d["action"] for d in data["datacenters"]}, "endpoint": data["endpoint"]["action"]}
 
 
 def done_actions(result: Result) -> dict[str, str]:
-    """What apply says it did, per datacenter, in the plan's words ("nothing" where it did nothing)."""
+    """What apply says it did, in the plan's words ("nothing" where it did nothing)."""
     data = json.loads(result.stdout)
     did = {d["datacenter"]: "nothing" for d in data["plan"]["datacenters"]}
     did.update({d["datacenter"]: d["action"] for d in data["done"]})
-    return did
+    return {**did, "endpoint": data["endpoint_action"]}
 
 
 @dataclass
@@ -96,7 +98,7 @@ def folder_of(standin: RunPodStandIn, dc: str) -> Path:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
-    world = build_world(root / "world")
+    world = build_world(root / "world", extensions=("ext-one",))  # one extension: its clone, pip and installer
     with FileServer() as server, pytest.MonkeyPatch.context() as mp:
         server.add("/files/tiny.safetensors", data=WEIGHTS)
         server.add("/files/more.safetensors", data=MORE_WEIGHTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -103,17 +104,17 @@ def test_rate_limits_and_server_errors_are_retried(locked_spec: Path, tmp_path: 
     with RunPodStandIn(tmp_path / "runpod", KEY) as standin:
         standin.fail_next = [429, 500, 503]
         standin.delay = 0.05
-        assert plan_actions(spec, standin) == dict.fromkeys(DCS, "create volume + install")
+        assert plan_actions(spec, standin) == {**dict.fromkeys(DCS, "create volume + install"), "endpoint": "create"}
         assert standin.requests[:4] == [("GET", "/v2/network-volumes")] * 4  # 3 retried, then answered
 
         standin.fail_next = [500] * 50
         failed = regions(spec, standin, "plan", env={"RUNPOD_API_RETRIES": "3"})
         assert failed.exit_code == 1
         assert failed.stderr.strip().splitlines() == [
-            "error: RunPod API GET /v2/network-volumes failed: RetryError (too many 500 error responses) "
-            "(check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes))"] \
-            or "GET /v2/network-volumes" in failed.stderr, failed.stderr
-        assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.output
+            "error: RunPod API GET /v2/network-volumes answered 500: injected by the stand-in "
+            "(RunPod failed after the retries; re-run later (apply resumes))"], failed.stderr
+        assert standin.requests.count(("GET", "/v2/network-volumes")) == 4 + 4  # the 3 retries, each time
+        assert "Traceback" not in failed.output
 
         standin.fail_next = []
         standin.delay = 1.0
@@ -132,3 +133,18 @@ def test_spec_table_errors_are_one_line(locked_spec: Path, tmp_path: Path) -> No
         bad = regions(spec, standin, "plan")
         assert bad.exit_code == 1 and "not a RunPod datacenter id" in bad.stderr
         assert standin.requests == []  # a bad spec sends nothing
+
+
+def test_a_model_without_sha256_is_refused(locked_spec: Path, tmp_path: Path) -> None:
+    spec = _project(locked_spec, tmp_path)
+    lock_text = spec.with_suffix(".lock").read_text()
+    data = json.loads(lock_text)
+    data["models"] = [{"kind": "lora", "name": "x.safetensors", "source": "https://example.invalid/x.safetensors",
+                       "path": "models/Lora/x.safetensors", "sha256": None, "size": None}]
+    spec.with_suffix(".lock").write_text(json.dumps(data))
+    spec.write_text(spec.read_text().replace(
+        "\n[runpod]", '\n[[models]]\nkind = "lora"\nsource = "https://example.invalid/x.safetensors"\n\n[runpod]', 1))
+    with RunPodStandIn(tmp_path / "runpod", KEY) as standin:
+        result = regions(spec, standin, "plan")
+        assert result.exit_code == 1 and "has no sha256 for models/Lora/x.safetensors" in result.stderr, result.output
+        assert standin.requests == []

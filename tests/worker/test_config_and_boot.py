@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,6 +89,18 @@ def test_forge_command_is_api_only_on_loopback_with_scratch_and_volume_models(tm
     assert env["HF_HOME"].startswith(str(scratch.root)) and env["TMPDIR"] == str(scratch.tmp)
     assert env["PATH"].startswith(str(layout.venv / "bin")) and env["GIT_PYTHON_REFRESH"] == "quiet"
     assert not {"HF_TOKEN", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"} & set(env)
+    # No network for Forge: its libraries offline, the hook first on its path, CLIP's models on the volume.
+    assert (env["HF_HUB_OFFLINE"], env["TRANSFORMERS_OFFLINE"]) == ("1", "1")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(scratch.offline)
+    assert pairs["--clip-models-path"] == str(layout.models_dir / "CLIP")
+
+
+def test_the_spec_env_cannot_turn_the_network_back_on(tmp_path: Path) -> None:
+    volume = fake_volume(tmp_path / "vol")
+    scratch = Scratch(tmp_path / "scratch")
+    cmd = forge_command(volume.layout, scratch, {}, Launch(spec_env={"HF_HUB_OFFLINE": "0", "PYTHONPATH": "/mine"}))
+    assert cmd.env["HF_HUB_OFFLINE"] == "1"
+    assert cmd.env["PYTHONPATH"] == f"{scratch.offline}{os.pathsep}/mine"  # the spec's path kept, after the hook
 
 
 def test_forge_gets_an_allow_listed_environment_never_a_token(tmp_path: Path) -> None:
@@ -99,7 +112,8 @@ def test_forge_gets_an_allow_listed_environment_never_a_token(tmp_path: Path) ->
             "CUDA_API_KEY": "looks like a secret", "OPENAI_API_KEY": "o", "DATABASE_URL": "d", "PYTHONPATH": "/x"}
     cmd = forge_command(fake_volume(tmp_path).layout, Scratch(tmp_path / "s"), base,
                         Launch(spec_env={"XFORMERS_PACKAGE": "x==1"}, passthrough=("MY_SETTING",)))
-    passed = {k for k in base if k in cmd.env and k != "PATH"}
+    passed = {k for k in base if k in cmd.env and k not in ("PATH", "PYTHONPATH")}
+    assert cmd.env["PYTHONPATH"] == str(tmp_path / "s" / "offline")  # the no-network hook's, not the worker's
     assert passed == {"HOME", "LANG", "LC_ALL", "TZ", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
                       "PYTORCH_CUDA_ALLOC_CONF", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MY_SETTING"}
     assert cmd.env["XFORMERS_PACKAGE"] == "x==1"  # the spec's env is written for Forge

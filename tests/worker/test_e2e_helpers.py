@@ -17,6 +17,7 @@ import pytest
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
 from tests.worker.conftest import WorkerProc, start_worker, worker_env
+from volume_layout import VolumeLayout
 
 PRIVATE_TOKEN = "hf_payload_s3cret_token"
 UPSCALER = os.urandom(40_000)
@@ -53,7 +54,7 @@ def helper(worker: WorkerProc, method: str, endpoint: str, payload: dict[str, An
 
 
 def state_paths(volume: Path) -> set[str]:
-    state = json.loads((volume / ".forge-volume" / "state.json").read_text())
+    state = json.loads(VolumeLayout(volume).state.read_text())
     return {m["path"] for m in state.get("models", [])}
 
 

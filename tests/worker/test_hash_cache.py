@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.forge.hashes import seed_hash_cache
-from provision.models import fetch_model
+from provision.models import ModelRequest, fetch_model
 from provision.progress import QUIET
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
@@ -62,7 +62,7 @@ def test_a_cold_worker_hashes_only_the_checkpoints_that_changed(provisioned_worl
         server.add("/kept.safetensors", KEPT)
         server.add("/changed.safetensors", CHANGED)
         for name in ("kept", "changed"):
-            fetch_model(layout, source=server.url(f"/{name}.safetensors"), kind="checkpoint", progress=QUIET)
+            fetch_model(layout, ModelRequest(server.url(f"/{name}.safetensors"), kind="checkpoint"), QUIET)
     folder = layout.kind_dir("checkpoint")
     changed = folder / "changed.safetensors"
     recorded = changed.stat().st_mtime
@@ -98,9 +98,9 @@ def test_the_seed_is_written_only_where_forge_reads_it(provisioned_world: World,
     assert seed_hash_cache(layout, data) == 0 and not (data / "cache.json").exists()
     with FileServer() as server:
         server.add("/sub.safetensors", KEPT)
-        fetch_model(layout, source=server.url("/sub.safetensors"), kind="checkpoint", progress=QUIET,
-                    dest="Stable-diffusion/sd15/sub.safetensors")
-        fetch_model(layout, source=server.url("/sub.safetensors"), kind="lora", progress=QUIET)
+        fetch_model(layout, ModelRequest(server.url("/sub.safetensors"), kind="checkpoint",
+                                         dest="Stable-diffusion/sd15/sub.safetensors"), QUIET)
+        fetch_model(layout, ModelRequest(server.url("/sub.safetensors"), kind="lora"), QUIET)
     (data / "cache.json").write_text(json.dumps({"hashes": {"vae": {"mtime": 1.0, "sha256": "ab"}},
                                                  "safetensors-metadata": {}}))
     assert seed_hash_cache(layout, data) == 1

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,7 +62,10 @@ def _install(layout: VolumeLayout, spec_path: Path, progress: Progress) -> dict[
     from provision.commands.install import install
 
     report = install(layout, spec_path, progress=progress, wait=False)
-    return {"ran": report.ran, "summary": report.summary().splitlines()[-1].strip()}
+    lines = report.summary().splitlines()
+    # "installed in 41.2 s: ran python, venv, ..." or "nothing to do: ...", not the notes around it.
+    summary = next((x for x in lines if x.startswith(("installed in", "nothing to do"))), lines[-1])
+    return {"ran": report.ran, "summary": summary.strip()}
 
 
 def volume_state(layout: VolumeLayout) -> dict[str, Any]:
@@ -103,13 +107,52 @@ def run(env: Mapping[str, str]) -> tuple[dict[str, Any], str]:
     return result, f"{RESULT_MARKER} {run_id} {json.dumps(result, sort_keys=True)}"
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        return max(0.0, float(env.get(name, "") or default))
+    except ValueError:
+        return default
+
+
+def terminate_self(env: Mapping[str, str]) -> None:
+    """End this pod through RunPod's API with the pod's own key (RunPod gives every pod RUNPOD_POD_ID and a
+    RUNPOD_API_KEY scoped to it): a pod whose caller is gone must not go on billing, and a container that
+    merely exits is restarted by RunPod (and would install again)."""
+    from provision.regions.api import ApiSettings, RunPodApi
+
+    pod_id, key = env.get("RUNPOD_POD_ID", "").strip(), env.get("RUNPOD_API_KEY", "").strip()
+    if not pod_id or not key:
+        print("no RUNPOD_POD_ID or RUNPOD_API_KEY in this pod: it cannot end itself", flush=True)
+        return
+    print(f"the caller did not terminate pod {pod_id}; terminating it", flush=True)
+    api = RunPodApi(key, ApiSettings.from_env())
+    try:
+        api.terminate_pod(pod_id)
+    except ForgeVolumeError as exc:
+        print(f"could not terminate pod {pod_id}: {exc.message}", flush=True)
+    finally:
+        api.close()
+
+
 def main(env: Mapping[str, str] | None = None) -> int:
-    result, line = run(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    # The caller enforces [runpod.pod] timeout; this deadline holds even when the caller is gone.
+    deadline = _seconds(env, "FORGE_VOLUME_DEADLINE", 0.0)
+    outcome: list[tuple[dict[str, Any], str]] = []
+    worker = threading.Thread(target=lambda: outcome.append(run(env)), daemon=True)
+    worker.start()
+    worker.join(deadline or None)
+    if outcome:
+        result, line = outcome[0]
+    else:
+        result = {"ok": False, "forge_volume": __version__, "mode": env.get("FORGE_VOLUME_MODE"),
+                  "error": f"the pod's work did not finish within {deadline:.0f} s ([runpod.pod] timeout)"}
+        line = f"{RESULT_MARKER} {env.get('FORGE_VOLUME_RUN', '')} {json.dumps(result, sort_keys=True)}"
     print(line, flush=True)
-    # A container whose command ends is restarted by RunPod (and would install again): stay up until the
-    # caller terminates the pod, and end anyway after FORGE_VOLUME_LINGER seconds.
-    linger = float((env or os.environ).get("FORGE_VOLUME_LINGER", "") or 3600)
-    end = time.monotonic() + linger
-    while time.monotonic() < end:
-        time.sleep(min(5.0, max(0.0, end - time.monotonic())))
-    return 0 if result["ok"] else 1
+    # The caller terminates the pod as soon as it reads that line; if it does not within
+    # FORGE_VOLUME_LINGER seconds (it crashed, its machine went away), the pod ends itself.
+    time.sleep(_seconds(env, "FORGE_VOLUME_LINGER", 600.0))
+    terminate_self(env)
+    code = 0 if result["ok"] else 1
+    sys.stdout.flush()
+    os._exit(code)  # a worker thread stuck past the deadline must not keep the process alive
