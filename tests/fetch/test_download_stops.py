@@ -186,7 +186,8 @@ def test_a_slow_steady_server_is_not_stalled(server: FileServer, tmp_path: Path,
     monkeypatch.setenv(STALL_ENV, "1.0")
     data = DATA[: 512 << 10]
     server.add("/m.bin", data, chunk=32 << 10, delay_per_chunk=0.2)
-    got = download(server.url("/m.bin"), tmp_path / "m.bin", retry=Retry(attempts=1, base=0.01, cap=0.05))
+    got = download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                            http=Http(retry=Retry(attempts=1, base=0.01, cap=0.05))))
     assert got.sha256 == hashlib.sha256(data).hexdigest()
 
 
