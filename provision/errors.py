@@ -220,6 +220,7 @@ class RunPodError(ForgeVolumeError):
     The message names the request (method and path, never the key)."""
 
     hint = "check RunPod's console or status page, then re-run `forge-volume regions apply` (it resumes)"
+    job_hint = "only `forge-volume regions` on a workstation talks to RunPod's API; no endpoint job does"
 
 
 class RunPodKeyError(RunPodError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.boot import boot_set
-from provision.errors import CommandError, SpecError
+from provision.errors import CommandError, SpecError, VolumeError
 from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
 from provision.proc import run
 from provision.progress import Progress
@@ -128,9 +128,25 @@ def _original_venv_aside(ctx: Ctx) -> str | None:
     return layout.relative(layout.original_venv) if layout.original_venv.exists() else None
 
 
+def _refuse_foreign_venv(ctx: Ctx, python: Path) -> None:
+    """A venv forge-volume never built here (no venv step ever recorded, built on another interpreter) is
+    someone's: the original worker's, say, on a volume not adopted. ``--clear`` would wipe it."""
+    layout = ctx.layout
+    home = pyenv.venv_home(layout.venv)
+    if home is None or "venv" in (ctx.state.get("steps") or {}):
+        return
+    if Path(home) == python.parent or Path(home).resolve() in (python.parent.resolve(), python.resolve().parent):
+        return
+    raise VolumeError(f"{layout.venv} holds a venv forge-volume did not build (on the interpreter in {home})",
+                      "if this volume was filled by runpod-worker-forge's install script, run `forge-volume adopt` "
+                      "first (it keeps that venv); otherwise move the folder away, then run install again")
+
+
 def _venv_run(ctx: Ctx) -> Change:
     python = Path((ctx.recorded("python") or {})["path"])
     aside = _original_venv_aside(ctx)
+    if aside is None:
+        _refuse_foreign_venv(ctx, python)
     pyenv.create_venv(python, ctx.layout.venv)
     root = str(ctx.layout.root)
 

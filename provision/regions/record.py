@@ -29,6 +29,7 @@ RECORD_VERSION = 1
 class RecordError(ForgeVolumeError):
     hint = ("move the file aside and re-run `forge-volume regions apply`: it checks every volume with a pod "
             "and writes a new record")
+    job_hint = "only `forge-volume regions` on a workstation keeps this record; no endpoint job reads it"
 
 
 def record_path_for(spec_path: Path) -> Path:

@@ -308,7 +308,7 @@ def test_confirm_is_asked_once_before_ready_and_can_restart_forge_with_another_c
     asked: list[str] = []
 
     def replacement() -> ForgeCommand | None:
-        while not started_from.exists():
+        while not (started_from.exists() and started_from.read_text()):  # written after it is made: wait for both
             time.sleep(0.01)
         asked.append(started_from.read_text())
         if verdict == "fails":

@@ -108,6 +108,32 @@ def test_with_the_feature_install_fetches_it_and_previews_work_offline(provision
     assert "forge-volume: Forge" not in worker.log()
 
 
+def test_forges_own_approx_decoder_in_its_checkout_needs_no_feature(provisioned_world: World,
+                                                                    tmp_path: Path) -> None:
+    """Upstream Forge's git ships models/VAE-approx/model.pt (the SD 1.5 decoder), and sd_vae_approx.model()
+    looks in the checkout when --models-dir lacks it: a checkout cloned from GitHub makes "Approx NN" previews
+    with no feature and no download (read in the lab's Forge source; the lab's re-made repository lacks the file)."""
+    volume = module_volume(provisioned_world, tmp_path)
+    shipped = volume / "stable-diffusion-webui-forge" / "models" / "VAE-approx" / "model.pt"
+    shipped.parent.mkdir(parents=True, exist_ok=True)
+    shipped.write_bytes(b"the checkout's approx decoder\n")
+    # FORGE_FAST_BOOT=0: Forge runs from the volume's checkout, where this file was put after install.
+    env = worker_env(volume, tmp_path / "scratch", FORGE_STANDIN_STEP_SECONDS="0.05", FORGE_FAST_BOOT="0")
+    worker = start_worker(env, tmp_path / "logs")
+    try:
+        assert call(worker, "POST", "/sdapi/v1/options", PREVIEWS_ON)["status"] == "COMPLETED"
+        out, polls = generate_and_poll(worker)
+    finally:
+        worker.stop()
+    assert out["status"] == "COMPLETED", out
+    assert all(p["status"] == "COMPLETED" for p in polls), polls
+    previews = [p["output"]["current_image"] for p in polls if p["output"]["state"]["job"]]
+    assert any(isinstance(img, str) and len(img) > 100 for img in previews), polls
+    log = worker.log()
+    assert "forge-volume: Forge" not in log and "Downloading" not in log
+    assert not (volume / "models" / "VAE-approx" / "model.pt").exists()
+
+
 HOOKED = r"""
 import json, socket, sys, time, urllib.request
 sys.path.insert(0, sys.argv[2])
