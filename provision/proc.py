@@ -9,6 +9,7 @@ log file that holds all of it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from collections import deque
@@ -44,6 +45,29 @@ def output_to(sink: OutputSink) -> Iterator[None]:
         _SINK.reset(token)
 
 
+def log_line(text: str) -> None:
+    """A line of our own in the log of ``output_to`` (when there is one), among the commands' output."""
+    sink = _SINK.get()
+    if sink is not None:
+        sink.line(text)
+
+
+_USER_INFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")  # a token in a URL: never into a log
+
+
+def _log_captured(label: str, result: subprocess.CompletedProcess[str]) -> None:
+    """A short command's captured output (git, venv creation) in the log of ``output_to`` too, after it ran:
+    the log holds every command's output, not only the streamed ones'."""
+    sink = _SINK.get()
+    if sink is None:
+        return
+    shown = _USER_INFO.sub(r"\1", label)
+    sink.line(f"$ {shown} (exit code {result.returncode})")
+    for line in ((result.stdout or "") + "\n" + (result.stderr or "")).splitlines():
+        if line.strip():
+            sink.line(_USER_INFO.sub(r"\1", line))
+
+
 def tail(text: str, lines: int = TAIL_LINES) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept)
@@ -58,8 +82,10 @@ def run(
     error: type[CommandError] = CommandError,
     what: str | None = None,
     stream: bool = False,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command; on failure raise ``error`` naming it, its exit code and its output's last lines.
+    """Run a command; on failure raise ``error`` naming it, its exit code and its output's last lines
+    (with ``check`` False a non-zero exit is the caller's to judge: the result is returned).
 
     With ``stream`` its output (stdout and stderr merged, in ``stdout``) also goes, line by line, to
     the sink of ``output_to`` while it runs.
@@ -75,11 +101,13 @@ def run(
                 argv, cwd=cwd, env=None if env is None else dict(env), text=True, timeout=timeout,
                 stdin=subprocess.DEVNULL, capture_output=True,
             )
+        if not stream:
+            _log_captured(label, result)
     except FileNotFoundError:
         raise error(f"{label} failed: {argv[0]} is not installed or not on PATH") from None
     except subprocess.TimeoutExpired:
         raise error(f"{label} did not finish within {timeout:.0f} s") from None
-    if result.returncode != 0:
+    if result.returncode != 0 and check:
         detail = tail((result.stderr or "") + "\n" + (result.stdout or ""))
         where = f" (its whole output is in {sink.path})" if sink is not None else ""
         raise error(f"{label} failed with exit code {result.returncode}: {detail}{where}")

@@ -10,8 +10,6 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 
 class Progress:
     def __init__(self, *, quiet: bool = False, bars: bool | None = None, stream: TextIO | None = None) -> None:
@@ -25,6 +23,8 @@ class Progress:
         """A step line (what is being done), to stderr so stdout stays parseable."""
         if not self.quiet:
             with self._lock:
+                from tqdm import tqdm  # here, not at the top: the worker's boot imports human_bytes
+
                 tqdm.write(message, file=self.stream)
 
     def status_line(self) -> StatusLine:
@@ -33,12 +33,31 @@ class Progress:
 
     def bar(self, total: int | None, desc: str, unit: str = "B", leave: bool = False) -> Any:
         """A progress bar; a disabled bar still accepts update() and close()."""
+        from tqdm import tqdm
+
         # No explicit position: tqdm gives each open bar a free line and reuses it once the bar closes.
         return tqdm(
-            total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
+            # Bytes in powers of 1024, labelled so (tqdm writes its prefix before the unit: "MiB", "GiB").
+            total=total, desc=desc, unit="iB" if unit == "B" else unit, unit_scale=unit == "B",
+            unit_divisor=1024 if unit == "B" else 1000,
             disable=not self.bars, file=self.stream, leave=leave, dynamic_ncols=True,
             mininterval=0.2,
         )
+
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB")  # one convention everywhere: powers of 1024, labelled as such
+
+
+def human_bytes(n: int | float | None) -> str:
+    """A byte count for people: ``2.0 GiB`` (binary prefixes: 1 GiB = 1024**3 bytes); ``?`` when unknown."""
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in UNITS:
+        if size < 1024 or unit == UNITS[-1]:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable: the loop returns at the last unit
 
 
 class StatusLine:
@@ -47,6 +66,8 @@ class StatusLine:
     def __init__(self, progress: Progress) -> None:
         self._bar: Any = None
         if progress.bars:
+            from tqdm import tqdm
+
             self._bar = tqdm(total=0, bar_format="    {desc}", file=progress.stream, leave=False,
                              dynamic_ncols=True, mininterval=0.2)
 

@@ -30,11 +30,12 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.progress import human_bytes
 from provision.records.atomic import write_atomic
 from volume_layout import VolumeLayout
 
@@ -380,8 +381,11 @@ def _listing(folder: Path) -> list[Entry]:
     return sorted(entries)
 
 
-def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str) -> tuple[Index, list[Path]]:
-    """The index for a traced boot, and the files to copy into the archive (in index order)."""
+def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str,
+                checkpoints: Collection[str] | None = None) -> tuple[Index, list[Path]]:
+    """The index for a traced boot, and the files to copy into the archive (in index order). Only a
+    checkpoint in ``checkpoints`` (the lock's, relative to the volume; None: any) is recorded as the one
+    to prefetch: a file the lock no longer lists is never chosen for a worker."""
     index = Index(key=key, root=str(layout.root))
     touched = {rel: spans for path, spans in (trace.get("touched") or {}).items()
                if (rel := _in_trees(layout, path)) is not None}
@@ -395,7 +399,9 @@ def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str) -> tuple[
         if rel is None or full is None:
             if index.checkpoint is None and path.endswith(CHECKPOINT_SUFFIXES) and \
                     Path(path).is_relative_to(layout.models_dir) and Path(path).is_file():
-                index.checkpoint = layout.relative(Path(os.path.normpath(path)))
+                rel_path = layout.relative(Path(os.path.normpath(path)))
+                if checkpoints is None or rel_path in checkpoints:
+                    index.checkpoint = rel_path
             continue
         try:
             st = full.lstat()
@@ -510,8 +516,8 @@ def write(layout: VolumeLayout, index: Index, files: list[Path]) -> None:
 
 def summary(index: Index) -> str:
     prefetch = sum(length for _, _, _, spans in index.ranges for _, length in spans)
-    return (f"boot set: {len(index.files)} files ({index.archive_size / 1e6:.0f} MB) in {len(index.dirs)} folders, "
-            f"{len(index.ranges)} large libraries ({prefetch / 1e6:.0f} MB to prefetch)"
+    return (f"boot set: {len(index.files)} files ({human_bytes(index.archive_size)}) in {len(index.dirs)} folders, "
+            f"{len(index.ranges)} large libraries ({human_bytes(prefetch)} to prefetch)"
             + (f", checkpoint {index.checkpoint}" if index.checkpoint else ""))
 
 

@@ -41,6 +41,7 @@ from provision.boot.boot_set import BootSetError, Index, changed, changed_since_
 from provision.boot.plan import Plan, Refused, plan, volume_target
 from provision.boot.unpack import Corrupt, carry_out, folders
 from provision.errors import ForgeVolumeError
+from provision.progress import human_bytes
 from provision.records.state import read_state
 from volume_layout import VolumeLayout
 
@@ -138,8 +139,8 @@ def _check_room(mirror: Path, mirror_fd: int, todo: Plan) -> None:
     need += block * (len(todo.folders) + sum(len(target) > SHORT_LINK for _, _, target in todo.links))
     entries = todo.files + len(todo.folders) + len(todo.links)
     if room.f_bavail * room.f_frsize < need or (room.f_files and room.f_favail < entries):
-        raise BootSetUnusable(f"{mirror} has room for {room.f_bavail * room.f_frsize / 1e6:.0f} MB and {room.f_favail} "
-                    f"entries; the boot set needs {need / 1e6:.0f} MB and {entries} (set FORGE_SCRATCH to a larger "
+        raise BootSetUnusable(f"{mirror} has room for {human_bytes(room.f_bavail * room.f_frsize)} and {room.f_favail} "
+                    f"entries; the boot set needs {human_bytes(need)} and {entries} (set FORGE_SCRATCH to a larger "
                     "local disk)")
 
 

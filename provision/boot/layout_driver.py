@@ -23,6 +23,7 @@ from pathlib import Path
 
 from provision.boot import owner
 from provision.boot.boot_set import changed_since_recorded
+from provision.progress import human_bytes
 from volume_layout import VolumeLayout
 
 # A stat answered faster than this came from local disk or memory, not over a network: a lay-out costs a
@@ -150,7 +151,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     if not result.get("ok"):
         say(f"fast boot off: {_printable(str(result.get('reason')))}; booting from the volume")
         return None
-    say(f"fast boot: {result.get('files')} files ({int(result.get('bytes') or 0) / 1e6:.0f} MB) of the boot set "
+    say(f"fast boot: {result.get('files')} files ({human_bytes(int(result.get('bytes') or 0))}) of the boot set "
         f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
 
     check = VolumeCheck()
@@ -164,7 +165,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             if isinstance(said, dict) and "changed" in said:
                 check.answer(None if said["changed"] is None else _printable(str(said["changed"])))
             elif isinstance(said, dict) and "prefetched" in said:
-                say(f"fast boot: prefetched {int(said['prefetched']) / 1e6:.0f} MB in {said.get('seconds')} s")
+                say(f"fast boot: prefetched {human_bytes(int(said['prefetched']))} in {said.get('seconds')} s")
         proc.wait()
         check.answer(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
 

@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +78,22 @@ def launch_for_install(spec_args: list[str] | tuple[str, ...], spec_env: Mapping
                   tcmalloc=find_tcmalloc())
 
 
-def _has_checkpoint(layout: VolumeLayout) -> bool:
+def _warm_up_checkpoint(layout: VolumeLayout, checkpoints: Sequence[str]) -> str | None:
+    """The checkpoint the warm-up loads: the lock's first that is on the volume (its name in the kind's folder).
+    Never another file of the folder (one the lock no longer lists sorts first as often as not)."""
     folder = layout.kind_dir("checkpoint")
-    return folder.is_dir() and any(p.suffix in boot_set.CHECKPOINT_SUFFIXES for p in folder.rglob("*"))
+    for rel in checkpoints:
+        path = layout.absolute(rel)
+        if path.suffix in boot_set.CHECKPOINT_SUFFIXES and path.is_file() and path.is_relative_to(folder):
+            return path.relative_to(folder).as_posix()
+    return None
 
 
-def _warm_up(port: int, timeout: float) -> str | None:
-    """A tiny txt2img, so the boot set holds what a first generation reads; why it failed, or None."""
-    body = json.dumps(WARM_UP).encode()
+def _warm_up(port: int, timeout: float, checkpoint: str) -> str | None:
+    """A tiny txt2img with ``checkpoint``, so the boot set holds what a first generation reads; why it failed,
+    or None."""
+    body = json.dumps({**WARM_UP, "override_settings": {"sd_model_checkpoint": checkpoint},
+                       "override_settings_restore_afterwards": True}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", "/sdapi/v1/txt2img", body, {"Content-Type": "application/json"})
@@ -114,7 +122,7 @@ def _traced_dump(record: Path, timeout: float) -> dict[str, Any] | None:
 
 
 def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spec_env: Mapping[str, str], *,
-               timeout: float, key: str = "") -> dict[str, Any]:
+               timeout: float, key: str = "", checkpoints: Sequence[str] = ()) -> dict[str, Any]:
     """Boot Forge from the volume, wait for its API, run a warm-up txt2img when there is a checkpoint, stop it,
     and record the boot set (``provision.boot.boot_set``) for ``key``; the record for state.json, or BootProofError."""
     before = _tree(layout.models_dir)
@@ -122,7 +130,8 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     port = _free_port()
     record = scratch_root / "trace.json"
     trace: dict[str, Any] | None = None
-    warm_up: str | None = "no checkpoint on the volume"
+    checkpoint = _warm_up_checkpoint(layout, checkpoints)  # checkpoints: the lock's, relative to the volume
+    warm_up: str | None = None if checkpoint else "no checkpoint of the lock on the volume"
     boot_set.evict_large_libraries(layout)
     started = time.monotonic()
     try:
@@ -140,8 +149,8 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
             ok = forge.phase == READY
             failure = "" if ok else forge.failure()
             if ok:
-                if _has_checkpoint(layout):
-                    warm_up = _warm_up(port, max(deadline - time.monotonic(), 30.0))
+                if checkpoint:
+                    warm_up = _warm_up(port, max(deadline - time.monotonic(), 30.0), checkpoint)
                 trace = _traced_dump(record, 30.0)
             tail = forge.tail(TAIL)
         finally:
@@ -159,16 +168,17 @@ def prove_boot(layout: VolumeLayout, spec_args: list[str] | tuple[str, ...], spe
     out: dict[str, Any] = {"ok": True, "seconds": seconds, "argv": command.argv[3:], "forge_files": made, "at": now()}
     if warm_up:
         out["warm_up"] = warm_up
-    out["boot_set"] = _record_boot_set(layout, trace, key)
+    out["boot_set"] = _record_boot_set(layout, trace, key, checkpoints)
     return out
 
 
-def _record_boot_set(layout: VolumeLayout, trace: dict[str, Any] | None, key: str) -> str:
+def _record_boot_set(layout: VolumeLayout, trace: dict[str, Any] | None, key: str,
+                     checkpoints: Sequence[str]) -> str:
     """Write the boot set from the tracer's record; one line saying what was recorded (or why nothing was)."""
     if trace is None:
         layout.boot_set_index.unlink(missing_ok=True)
         return "not recorded: Forge's tracer did not answer (workers boot from the volume)"
-    index, files = boot_set.build_index(layout, trace, key)
+    index, files = boot_set.build_index(layout, trace, key, set(checkpoints))
     boot_set.write(layout, index, files)
     return boot_set.summary(index)
 

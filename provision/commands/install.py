@@ -17,7 +17,16 @@ from provision.boot import boot_set
 from provision.errors import CommandError, CorruptLockError, CorruptStateError, VolumeError
 from provision.installer import checkout_links, forge_reqs, gitops, pyenv, recover, venv_record
 from provision.installer.steplog import StepLog
-from provision.installer.steps import STEPS, Change, Ctx, Step, dependents, step_keys, why_pending
+from provision.installer.steps import (
+    STEPS,
+    Change,
+    Ctx,
+    Step,
+    boot_checkpoint_problem,
+    dependents,
+    step_keys,
+    why_pending,
+)
 from provision.proc import output_to
 from provision.progress import Progress
 from provision.records.atomic import write_atomic
@@ -307,7 +316,8 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
         problems.append(f"boot: Forge did not boot from the volume at the last install ({boot.get('error')})")
     elif boot.get("ok") and "boot" not in unfinished:
         try:
-            why = boot_set.changed(layout, boot_set.load_index(layout))
+            index = boot_set.load_index(layout)
+            why = boot_set.changed(layout, index) or boot_checkpoint_problem(layout, lock, index)
         except boot_set.BootSetError as exc:
             why = exc.problem
         if why:

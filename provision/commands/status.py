@@ -15,6 +15,7 @@ from provision.errors import LockError, StateError, Surface
 from provision.fetch.sources import VOLUME_SOURCE
 from provision.installer.gitops import redact_url
 from provision.installer.steps import STEPS
+from provision.progress import human_bytes
 from provision.records.state import read_state
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
@@ -182,17 +183,6 @@ def format_files(files: dict[str, Any]) -> str:
         lines += [f"  {f['status']:<7} {f['kind'] or '?'!s:<12} {human_bytes(f['bytes']):>9}  {f['path']}"
                   + (f"  <- {f['source']}" if f["source"] else "") for f in files["files"]]
     return "\n".join(lines)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable: the loop returns at TB
 
 
 def format_status(report: dict[str, Any]) -> str:

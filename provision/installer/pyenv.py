@@ -104,6 +104,19 @@ def create_venv(python: Path, venv: Path) -> None:
     run([python, "-m", "venv", "--clear", venv], timeout=900, what=f"create the venv at {venv}")
 
 
+def venv_home(venv: Path) -> str | None:
+    """The folder of the interpreter a venv was built on (``home`` in its pyvenv.cfg), if it says."""
+    try:
+        text = (venv / "pyvenv.cfg").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home":
+            return value.strip()
+    return None
+
+
 def venv_ready(venv_python: Path) -> bool:
     # exists() follows the symlink to the base interpreter, so a venv whose Python vanished is not ready.
     return venv_python.exists() and (venv_python.parent.parent / "pyvenv.cfg").is_file()

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from provision.boot import boot_set
-from provision.errors import CommandError, SpecError
+from provision.errors import CommandError, SpecError, VolumeError
 from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
-from provision.proc import run
+from provision.proc import log_line, run, tail
 from provision.progress import Progress
 from provision.records.atomic import write_atomic
 from provision.records.lockfile import Lock
@@ -128,9 +128,25 @@ def _original_venv_aside(ctx: Ctx) -> str | None:
     return layout.relative(layout.original_venv) if layout.original_venv.exists() else None
 
 
+def _refuse_foreign_venv(ctx: Ctx, python: Path) -> None:
+    """A venv forge-volume never built here (no venv step ever recorded, built on another interpreter) is
+    someone's: the original worker's, say, on a volume not adopted. ``--clear`` would wipe it."""
+    layout = ctx.layout
+    home = pyenv.venv_home(layout.venv)
+    if home is None or "venv" in (ctx.state.get("steps") or {}):
+        return
+    if Path(home) == python.parent or Path(home).resolve() in (python.parent.resolve(), python.resolve().parent):
+        return
+    raise VolumeError(f"{layout.venv} holds a venv forge-volume did not build (on the interpreter in {home})",
+                      "if this volume was filled by runpod-worker-forge's install script, run `forge-volume adopt` "
+                      "first (it keeps that venv); otherwise move the folder away, then run install again")
+
+
 def _venv_run(ctx: Ctx) -> Change:
     python = Path((ctx.recorded("python") or {})["path"])
     aside = _original_venv_aside(ctx)
+    if aside is None:
+        _refuse_foreign_venv(ctx, python)
     pyenv.create_venv(python, ctx.layout.venv)
     root = str(ctx.layout.root)
 
@@ -463,13 +479,34 @@ def _bytecode_run(ctx: Ctx) -> None:
     targets = [*pyenv.site_packages(layout.venv), layout.forge_dir]
     if layout.extensions_dir.is_dir():
         targets.append(layout.extensions_dir)
-    try:
-        run([layout.venv_python, "-m", "compileall", "-q", "-j0", *targets], timeout=COMPILE_TIMEOUT,
-            what="compileall", stream=True)
-    except CommandError as exc:
-        # Packages ship the odd file that does not compile (templates, py2 leftovers); Python
-        # never imports those, so a few failures must not fail the install.
-        ctx.notes.append(f"warning: some files did not compile: {exc.message[:300]}")
+    result = run([layout.venv_python, "-m", "compileall", "-q", "-j0", *targets], timeout=COMPILE_TIMEOUT,
+                 what="compileall", stream=True, check=False)
+    if result.returncode == 0:
+        return
+    # Packages ship the odd file that does not compile on this Python (Python 2 leftovers in aenum and
+    # torch, templates): Python never imports those. They are counted in the log, not shown; any other
+    # failure (a full disk, a folder it cannot write) is a warning.
+    never, other = _compile_failures(result.stdout)
+    if never:
+        log_line(f"compileall: {len(never)} file(s) do not compile on this Python (SyntaxError: it never imports "
+                 f"them, so they need no bytecode): {', '.join(never)}")
+    if other or not never:
+        ctx.notes.append(f"warning: compileall failed for {len(other) or 'some'} file(s) (exit code "
+                         f"{result.returncode}): {tail(result.stdout, 6)[:300]}")
+
+
+_NEVER_IMPORTED = ("SyntaxError", "IndentationError", "TabError", "source code string cannot contain null bytes")
+
+
+def _compile_failures(output: str) -> tuple[list[str], list[str]]:
+    """compileall's failures: (files with a syntax this Python cannot read, files that failed otherwise)."""
+    never: list[str] = []
+    other: list[str] = []
+    blocks = output.split("*** Error compiling ")[1:]
+    for block in blocks:
+        name = block.split("...", 1)[0].strip("'\"")
+        (never if any(word in block for word in _NEVER_IMPORTED) else other).append(name)
+    return never, other
 
 
 # --- links from the checkout's models/ (the original worker's model paths) ----------------------
@@ -488,6 +525,22 @@ def _links_describe(ctx: Ctx) -> list[str]:
 
 # --- boot proof ---------------------------------------------------------------------------------
 
+def lock_checkpoints(lock: Lock) -> list[str]:
+    """The lock's checkpoints, relative to the volume, in lock order: the only ones the toolkit picks for Forge."""
+    return [m.path for m in lock.models if m.kind == "checkpoint"]
+
+
+def boot_checkpoint_problem(layout: VolumeLayout, lock: Lock, index: boot_set.Index | None) -> str | None:
+    """Why the boot set's checkpoint (the one workers prefetch) is wrong: gone, or no longer in the lock."""
+    if index is None or index.checkpoint is None:
+        return None
+    if not layout.absolute(index.checkpoint).is_file():
+        return f"the boot set names the checkpoint {index.checkpoint} to prefetch, which is no longer on the volume"
+    if index.checkpoint not in lock_checkpoints(lock):
+        return f"the boot set names the checkpoint {index.checkpoint} to prefetch, which the lock no longer lists"
+    return None
+
+
 def _boot_done(ctx: Ctx) -> bool:
     boot = ctx.recorded("boot") or {}
     if not boot.get("ok") or not all(os.path.lexists(ctx.layout.absolute(p)) for p in boot.get("forge_files") or []):
@@ -495,14 +548,16 @@ def _boot_done(ctx: Ctx) -> bool:
     # The boot set must still describe the volume (a `pip install` by hand on a pod changes the venv).
     index = boot_set.read_index(ctx.layout)
     key = ((ctx.state.get("steps") or {}).get("boot") or {}).get("key")
-    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None
+    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None and \
+        boot_checkpoint_problem(ctx.layout, ctx.lock, index) is None
 
 
 def _boot_run(ctx: Ctx) -> Change:
     from provision.boot import proof  # starts Forge: only when the step runs
 
     record = proof.prove_boot(ctx.layout, ctx.lock.forge.args, ctx.lock.forge.env,
-                              timeout=proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"])
+                              timeout=proof.boot_timeout(os.environ), key=step_keys(ctx.lock)["boot"],
+                              checkpoints=lock_checkpoints(ctx.lock))
     made = record["forge_files"]
     ctx.notes.append(f"Forge booted from the volume in {record['seconds']:.1f} s"
                      + (f"; its first start made {len(made)} folder(s)/file(s) under models/, recorded as Forge's own"

@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from provision.errors import DownloadCancelled, DownloadError, ForgeVolumeError, VolumeError
 from provision.fetch.cancel import cancelling, current_cancel
 from provision.models import files as mf
-from provision.progress import Progress
+from provision.progress import Progress, human_bytes
 from volume_layout import VolumeLayout
 
 POOL = 4  # parallel downloads: enough to fill a pod's link, few enough to be kind to the hosts
@@ -23,15 +23,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
+human = human_bytes  # the model commands' name for it
 def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
               cancel: threading.Event | None = None) -> list[R | ForgeVolumeError]:
     """Run ``work`` on every item in a bounded pool; a ForgeVolumeError is returned in its slot, not raised.

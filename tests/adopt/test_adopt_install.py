@@ -85,3 +85,17 @@ def test_a_model_with_no_source_is_checked_never_fetched_never_pruned(original: 
     assert "(put the file back (the lock names its sha256 and size)" in refresh.output
     plan = cli("plan")
     assert "cannot repair models/VAE/sdxl_vae.safetensors (48.8 KiB): it is missing and has no source" in plan.output
+
+
+def test_install_without_adopt_refuses_the_original_venv(original: Original) -> None:
+    """A user who skips adopt: install must not clear the original worker's venv."""
+    root = original.volume.root
+    (root / "forge-volume.toml").write_text(original.world.spec())
+    before = (root / "venv" / "pyvenv.cfg").read_text()
+    result = cli("install")
+    assert result.exit_code == 1
+    assert f"error: {root / 'venv'} holds a venv forge-volume did not build (on the interpreter in /usr/bin) (if " \
+           "this volume was filled by runpod-worker-forge's install script, run `forge-volume adopt` first" \
+           in result.output, result.output
+    assert (root / "venv" / "pyvenv.cfg").read_text() == before
+    assert (root / "venv" / "lib" / "python3.10" / "site-packages" / "torch-2.1.2+cu121.dist-info").is_dir()

@@ -168,3 +168,35 @@ def test_remove_delete_and_refresh_models_do_not_follow_a_kind_folder_linked_out
     result = cli("refresh-models", volume=locked)
     assert result.exit_code == 1 and "outside the volume's models folder" in result.stderr, result.output
     assert list(outside.iterdir()) == []
+
+
+def test_a_checkpoint_the_lock_no_longer_lists_is_never_chosen_for_forge(locked: Path, hosts: Hosts) -> None:
+    """Day one: `remove` without --delete keeps the file, which sorts first in the folder. Install must
+    not warm Forge up on it nor record it as the checkpoint workers prefetch at boot; a boot record that
+    names it is a verify problem, with its fix."""
+    from provision.boot import boot_set
+    from volume_layout import VolumeLayout
+
+    for name in ("a-old.safetensors", "b-new.safetensors"):
+        assert cli("add", "checkpoint", "hf://org/sd/model.safetensors", "--name", name, volume=locked).exit_code == 0
+    layout = VolumeLayout(locked)
+    layout.boot_set_index.unlink()  # the boot proof runs again: Forge loads the lock's first checkpoint
+    assert cli("install", volume=locked).exit_code == 0
+    assert boot_set.load_index(layout).checkpoint == "models/Stable-diffusion/a-old.safetensors"
+
+    removed = cli("remove", "a-old.safetensors", volume=locked)
+    assert removed.exit_code == 0 and "the file stays on the volume" in removed.output
+
+    verify = cli("verify", volume=locked)
+    assert verify.exit_code == 1
+    assert "boot set: the boot set names the checkpoint models/Stable-diffusion/a-old.safetensors to prefetch, " \
+           "which the lock no longer lists; workers boot Forge straight from the volume, slowly, until " \
+           "`forge-volume install` records it again" in verify.output
+    assert "boot" in cli("plan", volume=locked).output
+
+    again = cli("install", volume=locked)
+    assert again.exit_code == 0, again.output
+    assert "ran boot" in again.output
+    assert boot_set.load_index(layout).checkpoint == "models/Stable-diffusion/b-new.safetensors"
+    assert (locked / "models" / "Stable-diffusion" / "a-old.safetensors").is_file()  # still kept, as documented
+    assert cli("verify", volume=locked).exit_code == 0

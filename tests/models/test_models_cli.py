@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,11 +206,14 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
     text = cli("status", volume=locked)
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
-    assert "partials    2 unfinished download(s), 3.0 KB (resumed by the next install or refresh-models)" in lines
-    assert "              models/VAE/.sd-vae.safetensors.partial (2.9 KB)" in lines
-    assert "extras      1 model file(s) not in the lock, 2.0 KB" in lines
-    assert "              models/Lora/stray.safetensors (2.0 KB)" in lines
-    assert "prune       `refresh-models --prune` would remove 2 file(s), 2.1 KB" in lines
+    assert "partials    2 unfinished download(s), 3.0 KiB (resumed by the next install or refresh-models)" in lines
+    # One convention for sizes everywhere: powers of 1024, labelled KiB, MiB, GiB (status said "GB" for GiB).
+    [disk] = [line for line in lines if line.startswith("disk ")]
+    assert re.fullmatch(r"disk +\d+\.\d [KMGT]iB free of \d+\.\d [KMGT]iB", disk), disk
+    assert "              models/VAE/.sd-vae.safetensors.partial (2.9 KiB)" in lines
+    assert "extras      1 model file(s) not in the lock, 2.0 KiB" in lines
+    assert "              models/Lora/stray.safetensors (2.0 KiB)" in lines
+    assert "prune       `refresh-models --prune` would remove 2 file(s), 2.1 KiB" in lines
     assert "              models/Lora/.gone.safetensors.0a1b2c3d.part (100 B)" in lines
 
     report = json.loads(cli("status", "--json", "--files", volume=locked).stdout)["model_files"]
@@ -227,7 +231,7 @@ def test_status_shows_strays_extras_and_what_prune_would_remove(locked: Path, ho
     assert files["models/Lora/stray.safetensors"] == {"path": "models/Lora/stray.safetensors", "kind": "lora",
                                                       "bytes": 2048, "source": None, "status": "extra"}
     listed = cli("status", "--files", volume=locked).stdout
-    assert "  extra   lora            2.0 KB  models/Lora/stray.safetensors" in listed.splitlines(), listed
+    assert "  extra   lora           2.0 KiB  models/Lora/stray.safetensors" in listed.splitlines(), listed
     assert "  pinned  checkpoint" in listed
 
     # status changed nothing: prune removes exactly what status announced.

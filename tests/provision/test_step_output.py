@@ -98,3 +98,21 @@ def test_quiet_prints_errors_only(installed_volume: Path) -> None:
     assert result.stderr == ""
     assert "installed in" in result.stdout
     assert "Exiting because of --exit argument" in _logs(installed_volume)[-1].read_text()
+
+
+def test_files_this_python_never_imports_are_counted_in_the_log_not_warned_about(installed_volume: Path) -> None:
+    """Third-party packages ship Python 2 files (aenum, torch) that compileall cannot compile: Python never
+    imports them. Install counts them in its log; it says nothing on screen about them."""
+    site = next((installed_volume / "venv").glob("lib/python*/site-packages"))
+    (site / "ext_dep" / "_py2_compat.py").write_text('print "this is Python 2"\n')
+    for pyc in (installed_volume / "stable-diffusion-webui-forge" / "__pycache__").glob("launch.*.pyc"):
+        pyc.unlink()  # the bytecode step's result is gone: it runs again
+
+    result = cli("install")
+
+    assert result.exit_code == 0, result.output
+    assert "ran bytecode, boot" in result.output
+    assert "warning" not in result.output and "did not compile" not in result.output
+    log = Path(result.stdout.split("the steps' whole output: ")[1].split()[0])
+    assert "compileall: 1 file(s) do not compile on this Python (SyntaxError: it never imports them, so they " \
+           f"need no bytecode): {site / 'ext_dep' / '_py2_compat.py'}" in log.read_text()
