@@ -144,13 +144,19 @@ class Sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def discard(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open = [s for s in self._open if s is not sock]
+
     def cut(self) -> None:
         with self._lock:
             self._cut = True
             for sock in self._open:
                 with contextlib.suppress(OSError):
                     # On a socket still connecting (SYN sent), Linux aborts the connect: it fails at once.
-                    sock.shutdown(socket.SHUT_RDWR)
+                    # socket.socket's own shutdown, also for a TLS socket: SSLSocket.shutdown would drop
+                    # its TLS state under the thread reading it.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def connect(self, sock: socket.socket, address: Any, timeout: float | None) -> None:
         """``sock.connect(address)`` within ``timeout`` seconds (None: no limit), ended by ``cut``.

@@ -96,7 +96,29 @@ class _WatchedHTTPConnection(_Watched, HTTPConnection):
 
 
 class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
-    pass
+    """TLS takes over the plain socket's descriptor (urllib3 wraps it, and the plain socket object is
+    detached: shutting it does nothing). So a duplicate of the descriptor stands for the connection in
+    ``sockets`` from the connect until the TLS socket is made (a cut during the handshake shuts the
+    connection through it), then the TLS socket does."""
+
+    _handshake: socket.socket | None = None
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._handshake = sock.dup()
+        self._sockets.add(self._handshake)
+        return sock
+
+    def connect(self) -> None:
+        try:
+            super().connect()
+            if self.sock is not None:
+                self._sockets.add(self.sock)  # before the duplicate goes: no moment when a cut misses it
+        finally:
+            if self._handshake is not None:
+                self._sockets.discard(self._handshake)
+                self._handshake.close()
+                self._handshake = None
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):

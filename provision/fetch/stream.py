@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +27,7 @@ from provision.errors import DiskFullError, DownloadCancelled
 # Measured on loopback: large enough to amortise Python's per-chunk cost, small enough to stay in
 # the CPU's cache across the three stages (socket copy, write, sha256); 1 MiB costs ~40% more CPU.
 CHUNK = 256 << 10
+FILL_SLICE = 0.25  # seconds: a buffer filling slowly is handed on (and counted) at least this often
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 OnBytes = Callable[[int], None]
@@ -96,10 +98,13 @@ class Pipeline:
         return self._hash.hexdigest()
 
 
-def hash_existing(fh: BinaryIO, pipe: Pipeline, length: int) -> None:
+def hash_existing(fh: BinaryIO, pipe: Pipeline, length: int, cancel: threading.Event | None = None) -> None:
+    """Hash the kept part of a resumed download; ``cancel`` stops it between two chunks."""
     fh.seek(0)
     remaining = length
     while remaining > 0:
+        if cancel is not None and cancel.is_set():
+            raise DownloadCancelled("cancelled while checking the kept part of a download")
         buf = pipe.buffer()
         n = fh.readinto(memoryview(buf)[:min(CHUNK, remaining)])  # type: ignore[attr-defined]
         if not n:
@@ -112,10 +117,30 @@ def hash_existing(fh: BinaryIO, pipe: Pipeline, length: int) -> None:
 
 
 def reader(resp: requests.Response) -> Callable[[bytearray], int]:
-    """``readinto`` straight from the socket's HTTP response when urllib3 exposes it, else via raw.read."""
+    """Fill a buffer from the socket's HTTP response (urllib3's, when it exposes it; else raw.read).
+
+    Not ``readinto``: that returns only once the whole buffer is full, so a slow server's bytes would
+    sit uncounted (the stall rule would see none) and the cancel check between two buffers would wait.
+    ``read1`` returns what one socket read got (a TLS record at most, over https); the buffer is handed
+    on once full or after FILL_SLICE seconds, whichever comes first."""
     inner = getattr(resp.raw, "_fp", None)
-    if inner is not None and callable(getattr(inner, "readinto", None)):
-        return inner.readinto
+    if inner is not None and callable(getattr(inner, "read1", None)):
+        read1 = inner.read1
+
+        def fill(buf: bytearray) -> int:
+            view, got, size = memoryview(buf), 0, len(buf)
+            end = time.monotonic() + FILL_SLICE
+            while got < size:
+                data = read1(size - got)
+                if not data:
+                    break
+                view[got:got + len(data)] = data
+                got += len(data)
+                if time.monotonic() >= end:
+                    break
+            return got
+
+        return fill
     raw = resp.raw
 
     def copy_into(buf: bytearray) -> int:
@@ -146,7 +171,11 @@ class Sink:
         self.transferred = 0
         self.on_bytes = on_bytes
         if offset:
-            hash_existing(fh, self.pipe, offset)
+            try:
+                hash_existing(fh, self.pipe, offset, cancel)
+            except BaseException:
+                self.pipe.finish()  # its threads end here: the caller never gets this Sink
+                raise
             self.written = offset
             self._report(offset)
 

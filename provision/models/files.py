@@ -15,7 +15,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from provision.errors import LockError, PathError, StateError
+from provision.errors import DownloadCancelled, LockError, PathError, StateError
+from provision.fetch.cancel import current_cancel
 from provision.fetch.partials import is_download_temp
 from provision.fetch.sources import shown_source
 from provision.forge.files import RULE_FILES, forge_own_files
@@ -28,11 +29,15 @@ READ = 8 << 20
 TARGET_LOCK_WAIT = 4 * 3600.0  # another process may be fetching a big checkpoint over a slow link
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; a cancel (``provision.fetch.cancel``) stops it between two 8 MiB reads."""
     digest = hashlib.sha256()
+    cancel = current_cancel()
     with open(path, "rb", buffering=0) as fh:
         buf = bytearray(READ)
         view = memoryview(buf)
         while n := fh.readinto(buf):
+            if cancel is not None and cancel.is_set():
+                raise DownloadCancelled(f"{path.name}: cancelled while checking its sha256")
             digest.update(view[:n])
             if on_bytes is not None:
                 on_bytes(n)

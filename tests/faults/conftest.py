@@ -36,6 +36,7 @@ from tests.helpers.cli import cli as run_cli
 from tests.helpers.fake_hub import FakeHub
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import PRIVATE_MODEL_HOST, PRIVATE_MODELS_ENV, FileServer
+from tests.helpers.tls import Cert, make_cert
 from tests.worker.conftest import free_port, module_volume, worker_env
 from volume_layout import VolumeLayout
 
@@ -123,6 +124,8 @@ class Hosts:
     hub: FakeHub
     files: FileServer  # plain URLs
     canary: FileServer  # nothing may ever reach it
+    tls_files: FileServer  # https URLs, its certificate trusted by the workers through REQUESTS_CA_BUNDLE
+    cert: Cert
 
 
 PRIVATE_LORA = os.urandom(20_000)
@@ -130,13 +133,15 @@ PAYLOAD_LORA = os.urandom(15_000)
 
 
 @pytest.fixture(scope="package")
-def worker_hosts() -> Iterator[Hosts]:
+def worker_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    cert = make_cert(tmp_path_factory.mktemp("tls"))
     # The canary listens on every address, so a request to any loopback spelling would reach it.
-    with FakeHub() as hub, FileServer(PRIVATE_MODEL_HOST) as files, FileServer("0.0.0.0") as canary:
+    with FakeHub() as hub, FileServer(PRIVATE_MODEL_HOST) as files, FileServer("0.0.0.0") as canary, \
+            FileServer(PRIVATE_MODEL_HOST, tls=cert) as tls_files:
         hub.add_repo("org/private", {"private.safetensors": PRIVATE_LORA}, token=HF_SECRET)
         hub.add_repo("org/payload", {"payload.safetensors": PAYLOAD_LORA}, token=PAYLOAD_SECRET)
         canary.add("/x.bin", b"must never be fetched")
-        yield Hosts(hub, files, canary)
+        yield Hosts(hub, files, canary, tls_files, cert)
 
 
 # --- the fleet ----------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ def fleet(provisioned_world: World, tmp_path_factory: pytest.TempPathFactory, wo
     hub = worker_hosts.hub
     common = {**SECRET_ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
               "HF_HOME": str(root / "hf-home"), "CIVITAI_API_BASE": worker_hosts.files.url("/api/v1"),
-              **PRIVATE_MODELS_ENV}
+              "REQUESTS_CA_BUNDLE": str(worker_hosts.cert.cert), **PRIVATE_MODELS_ENV}
     bucket_env = {"BUCKET_ENDPOINT_URL": s3_endpoint, "BUCKET_NAME": "outputs", "AWS_DEFAULT_REGION": "us-east-1",
                   "FORGE_STANDIN_IMAGE_BYTES": "3000000"}  # 8 images are over RunPod's 20 MB
     scratch = root / "scratch"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from filelock import Timeout
 
 from provision.models.files import target_lock
@@ -189,18 +190,20 @@ def test_sources_carrying_credentials_are_never_echoed(fleet: Fleet, streams: St
     streams.add_file(VolumeLayout(fleet.volume).state)
 
 
-def test_a_cancelled_download_job_stops_and_frees_its_lock(fleet: Fleet, streams: Streams) -> None:
-    """Fault (issue 10, hole 7): RunPod cancels a /v1/download job whose server sent one chunk and then
-    went silent (a read blocked for the 60 s read timeout).
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_cancelled_download_job_stops_and_frees_its_lock(fleet: Fleet, streams: Streams, scheme: str) -> None:
+    """Fault (issue 10, hole 7; over https, issue 19 hole 11): RunPod cancels a /v1/download job whose
+    server sent one chunk and then went silent (a read blocked for the 60 s read timeout).
     Expected: the download stops and lets go of its target's lock within seconds (the deadline here
     only catches a hang: the old worker held it until the read timed out, then went on retrying); the
     bytes so far are kept as the target's partial; the worker posts nothing for the cancelled job.
     Checked after: the same target then downloads from a good source on the same worker."""
-    files, worker = fleet.hosts.files, fleet["main"]
+    files = fleet.hosts.tls_files if scheme == "https" else fleet.hosts.files
+    worker = fleet["main"]
     silent = files.add("/files/silent.safetensors", os.urandom(4 << 20), delay_per_chunk=120)
     files.add("/files/cancel-target.safetensors", MODEL)
     layout = VolumeLayout(fleet.volume)
-    target = fleet.volume / "models" / "Lora" / "cancel-target.safetensors"
+    target = fleet.volume / "models" / "Lora" / f"cancel-target-{scheme}.safetensors"
     record = worker.submit(download({"source": files.url("/files/silent.safetensors"), "kind": "lora",
                                      "name": target.name}))
     deadline = time.monotonic() + 60
