@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.real_forge.conftest import BOOT_TIMEOUT, CLI, INSTALL_TIMEOUT, LAB, ORIGINAL_ENV, SKIP, lab_env, spec_text
+from volume_layout import VolumeLayout
 
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(3 * INSTALL_TIMEOUT)]
 
@@ -91,7 +92,7 @@ def test_the_fix_installs_the_locked_torch_and_verify_names_a_hand_change() -> N
     fixed = run(volume, "install")
     assert fixed.returncode == 0
     assert venv_version(volume, "torch") == "2.13.0"
-    record = json.loads((volume / ".forge-volume" / "state.json").read_text())["venv"]["distributions"]
+    record = json.loads(VolumeLayout(volume).state.read_text())["venv"]["distributions"]
     assert list(record)[:2] == ["torch", "torchvision"] and record["torch"] == "2.13.0"
     assert run(volume, "verify").returncode == 0
 
