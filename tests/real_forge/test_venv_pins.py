@@ -92,8 +92,9 @@ def test_the_fix_installs_the_locked_torch_and_verify_names_a_hand_change() -> N
     fixed = run(volume, "install")
     assert fixed.returncode == 0
     assert venv_version(volume, "torch") == "2.13.0"
-    record = json.loads(VolumeLayout(volume).state.read_text())["venv"]["distributions"]
-    assert list(record)[:2] == ["torch", "torchvision"] and record["torch"] == "2.13.0"
+    record = json.loads(VolumeLayout(volume).state.read_text())["venv"]
+    assert record["torch"] == {"torch": "2.13.0", "torchvision": "0.28.0", "xformers": None}
+    assert record["distributions"]["torch"] == "2.13.0"
     assert run(volume, "verify").returncode == 0
 
     # A hand change of the venv: verify names it, with its fix, and fails.
