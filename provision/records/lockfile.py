@@ -111,6 +111,9 @@ def lock_from_json(text: str, path: Path) -> Lock:
         data = json.loads(text)
     except ValueError as exc:
         raise CorruptLockError(f"{path}: not a forge-volume lock file (not JSON: {exc})") from None
+    # Another lock version is never taken for a corrupt lock (install rebuilds those): check it first.
+    if isinstance(data, dict) and "lock_version" in data and data["lock_version"] != LOCK_VERSION:
+        raise LockError(f"{path}: lock version {data['lock_version']!r} is not {LOCK_VERSION}")
     if not isinstance(data, dict) or "forge" not in data:
         raise CorruptLockError(f"{path}: not a forge-volume lock file (no forge entry)")
     if data.get("lock_version") != LOCK_VERSION:
