@@ -15,7 +15,7 @@ from pathlib import Path
 
 from provision.boot import boot_set
 from provision.errors import CommandError, CorruptLockError, CorruptStateError, VolumeError
-from provision.installer import checkout_links, forge_reqs, gitops, pyenv, recover, venv_record
+from provision.installer import checkout_links, forge_reqs, gitops, hf_cache, pyenv, recover, venv_record
 from provision.installer.steplog import StepLog
 from provision.installer.steps import (
     STEPS,
@@ -305,6 +305,7 @@ def installation_problems(layout: VolumeLayout, lock: Lock) -> list[str]:
                        if e.is_dir() and not e.name.startswith(".") and e.name not in wanted)
         problems += [f"extension {name}: on the volume but not in the lock" for name in extra]
     problems += checkout_links.problems(layout)
+    problems += hf_cache.problems(layout, lock)
     problems += venv_record.problems(layout.venv, state.get("venv"))
     keys = step_keys(lock)
     recorded = state.get("steps") or {}

@@ -20,7 +20,7 @@ the file name it looks for) to ``FEATURES``, and its file to ``CALL_SITES``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +75,28 @@ _CNP = "controlnet-preprocessors:"
 _SUPPORTED = "extensions-builtin/sd_forge_ipadapter/scripts/forge_ipadapter.py"  # the call: supported_preprocessor.py
 _CLIP_CATEGORIES = "https://raw.githubusercontent.com/pharmapsychotic/clip-interrogator/main/clip_interrogator/data/"
 
+# Forge's Hugging Face cache: models/diffusers (Forge's diffusers_dir; modules_forge/initialization.py points
+# HF_HUB_CACHE there, but only after transformers has read it, so the worker sets it from the start).
+HF_HUB_FOLDER = "diffusers"
+# What transformers and diffusers write into the cache at import when missing ("1" each): install writes
+# them, so a worker never writes to the volume.
+HF_CACHE_MARKERS = {"version.txt": "1", "version_diffusers_cache.txt": "1"}
+# bert-base-uncased's revision on the Hub (its refs/main). transformers offline finds a file through
+# refs/main -> snapshots/<revision>/; the files are fetched from resolve/main, pinned by their sha256.
+BERT_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"
+
 _FACEXLIB = (  # facexlib's face detector and parser: Forge points facexlib's downloads at the GFPGAN folder
     _f("https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth", "GFPGAN",
        "modules/face_restoration_utils.py"),
     _f("https://github.com/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth", "GFPGAN",
        "modules/face_restoration_utils.py"),
 )
+
+
+def _hf_cached(repo: str, revision: str, name: str, read_from: str) -> FirstUseFile:
+    """A file transformers loads by repository id, in the Hugging Face cache's layout under HF_HUB_FOLDER."""
+    return _f(f"https://huggingface.co/{repo}/resolve/main/{name}",
+              f"{HF_HUB_FOLDER}/models--{repo.replace('/', '--')}/snapshots/{revision}", read_from)
 
 
 def _resrgan(version: str, name: str) -> tuple[FirstUseFile, ...]:
@@ -133,7 +149,8 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
                          "extensions-builtin/SwinIR/scripts/swinir_model.py", name="SwinIR_4x.pth"),),
     }),
     Feature("interrogate", "POST /sdapi/v1/interrogate with model clip: BLIP's captioner, CLIP ViT-L/14 (in "
-            "models/CLIP, with --clip-models-path) and the CLIP interrogator's category lists", (
+            "models/CLIP, with --clip-models-path), the CLIP interrogator's category lists and BLIP's tokenizer "
+            "(bert-base-uncased, in the Hugging Face cache in models/diffusers)", (
         _f("https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_caption_capfilt_large.pth",
            "BLIP", "modules/interrogate.py"),
         _f("https://openaipublic.azureedge.net/clip/models/"
@@ -143,6 +160,9 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
         # interrogate/ to models/interrogate (INTERROGATE_LINK).
         *(_f(_CLIP_CATEGORIES + f"{c}.txt", "interrogate", "modules/interrogate.py")
           for c in ("artists", "flavors", "mediums", "movements")),
+        # BLIP's tokenizer: BertTokenizer.from_pretrained('bert-base-uncased') reads these from the HF cache.
+        *(_hf_cached("bert-base-uncased", BERT_REVISION, n, "repositories/BLIP/models/blip.py")
+          for n in ("vocab.txt", "tokenizer_config.json", "config.json")),
     )),
     Feature("deepbooru", "POST /sdapi/v1/interrogate with model deepdanbooru", (
         _f("https://github.com/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/model-resnet_custom_v3.pt",
@@ -208,6 +228,28 @@ FLAGS: dict[str, str] = {"--clip-models-path": "CLIP"}
 # Forge reads the interrogator's categories from interrogate/ in its working folder (the checkout):
 # install links it to models/interrogate, so they are the volume's files.
 INTERROGATE_LINK = ("interrogate", "interrogate")  # (name in the checkout, folder under models/)
+
+_SNAPSHOT = re.compile(rf"^models/{HF_HUB_FOLDER}/(models--[^/]+)/snapshots/([0-9a-f]{{40}})/[^/]+$")
+
+
+def hf_cache_files(paths: Iterable[str]) -> dict[str, str]:
+    """The small files install writes beside first-use files in the HF cache (volume-relative path -> text):
+    each repository's ``refs/main`` naming its snapshot, and the libraries' cache markers. Empty when none
+    of ``paths`` is in the cache."""
+    out: dict[str, str] = {}
+    for path in paths:
+        m = _SNAPSHOT.match(path)
+        if m:
+            out[f"models/{HF_HUB_FOLDER}/{m.group(1)}/refs/main"] = m.group(2)
+    if out:
+        out.update({f"models/{HF_HUB_FOLDER}/{name}": text for name, text in HF_CACHE_MARKERS.items()})
+    return out
+
+
+def is_hf_cache_ref(path: str) -> bool:
+    """A volume-relative path that is a repository's ref in the HF cache (install's, not a model)."""
+    return re.match(rf"^models/{HF_HUB_FOLDER}/models--[^/]+/refs/[^/]+$", path) is not None
+
 
 # Every file of Forge's tree (at FORGE_COMMIT, outside repositories/) where scan_forge_source finds a
 # first-use download call: (number of calls, the feature that covers them, or why none needs to).

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from provision.forge.first_use import HF_HUB_FOLDER
 from provision.forge.hashes import seed_hash_cache
 from provision.forge.locked_settings import HIDE_DIRS_SWITCH, fence_settings_file
 from provision.forge.offline import folder_flags, offline_env, prepare_offline
@@ -148,6 +149,10 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         "PATH": f"{code.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
         "HOME": base_env.get("HOME") or str(scratch.root),
         "HF_HOME": str(scratch.cache / "huggingface"),
+        # The Hub cache is Forge's own on the volume (models/diffusers), from the start: Forge sets it only
+        # after transformers has read it. First-use files there (BLIP's tokenizer) are read, never written:
+        # install writes the libraries' markers (provision.installer.hf_cache).
+        "HF_HUB_CACHE": str(layout.models_dir / HF_HUB_FOLDER),
         "TORCH_HOME": str(scratch.cache / "torch"),
         "XDG_CACHE_HOME": str(scratch.cache),
         "MPLCONFIGDIR": str(scratch.cache / "matplotlib"),

@@ -19,7 +19,7 @@ from typing import Any
 
 from provision.boot import boot_set
 from provision.errors import CommandError, SpecError, VolumeError
-from provision.installer import checkout_links, forge_reqs, gitops, pyenv, venv_record
+from provision.installer import checkout_links, forge_reqs, gitops, hf_cache, pyenv, venv_record
 from provision.proc import log_line, run, tail
 from provision.progress import Progress
 from provision.records.atomic import write_atomic
@@ -513,16 +513,23 @@ def _compile_failures(output: str) -> tuple[list[str], list[str]]:
 
 # --- links from the checkout's models/ (the original worker's model paths) ----------------------
 
+def _links_done(ctx: Ctx) -> bool:
+    return not checkout_links.problems(ctx.layout) and not hf_cache.problems(ctx.layout, ctx.lock)
+
+
 def _links_run(ctx: Ctx) -> None:
     for link in checkout_links.make(ctx.layout):
         ctx.notes.append(f"linked {ctx.layout.relative(link)} -> {os.readlink(link)}")
+    # The HF cache's refs and markers for first-use files there (provision.installer.hf_cache).
+    for path in hf_cache.make(ctx.layout, ctx.lock):
+        ctx.notes.append(f"wrote {ctx.layout.relative(path)}")
 
 
 def _links_describe(ctx: Ctx) -> list[str]:
     if not ctx.layout.forge_dir.is_dir():
         return ["link the Forge checkout's models/<Kind> folders to the volume's models/<Kind>"]
     return [f"link {ctx.layout.relative(p)} -> {t}" for p, t in checkout_links.wanted(ctx.layout).items()
-            if not (p.is_symlink() and os.readlink(p) == t)]
+            if not (p.is_symlink() and os.readlink(p) == t)] + hf_cache.problems(ctx.layout, ctx.lock)
 
 
 # --- boot proof ---------------------------------------------------------------------------------
@@ -621,7 +628,7 @@ STEPS: tuple[Step, ...] = (
                                                  "files": {e.name: e.files for e in lock.extensions if e.files}},
          _config_done, _config_run, _config_describe),
     Step("links", "model links in the checkout", (), lambda lock: {},
-         lambda ctx: not checkout_links.problems(ctx.layout), _links_run, _links_describe),
+         _links_done, _links_run, _links_describe),
     Step("bytecode", "bytecode", ("requirements",), lambda lock: {},
          _bytecode_done, _bytecode_run,
          lambda ctx: ["compile bytecode for the venv, the checkout and the extensions"]),

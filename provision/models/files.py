@@ -20,6 +20,7 @@ from provision.fetch.cancel import current_cancel
 from provision.fetch.partials import is_download_temp
 from provision.fetch.sources import shown_source
 from provision.forge.files import RULE_FILES, forge_own_files
+from provision.forge.first_use import is_hf_cache_ref
 from provision.records.lockfile import FIRST_USE_KIND, LockedModel
 from provision.records.model_records import Record, records, trusted
 from provision.records.state import now, read_state, record_model, update_state
@@ -156,7 +157,8 @@ def model_files(layout: VolumeLayout) -> Iterator[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and layout.relative(path) not in own:
+            rel = layout.relative(path)
+            if not name.startswith(".") and rel not in own and not is_hf_cache_ref(rel):
                 yield path
 
 

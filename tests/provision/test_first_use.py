@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from provision.forge.first_use import CALL_SITES, FEATURES, expand, scan_forge_source
+from provision.forge.first_use import BERT_REVISION, CALL_SITES, FEATURES, HF_HUB_FOLDER, expand, scan_forge_source
+from provision.forge.launch import Launch, Scratch, forge_command
+from tests.conftest import snapshot
 from tests.helpers.cli import cli
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
 from tests.models.conftest import sha
+from volume_layout import VolumeLayout
 
 
 @pytest.fixture
@@ -146,6 +151,63 @@ def test_the_interrogators_categories_are_linked_into_the_checkout(installed_vol
     assert cli("verify", volume=installed_volume).exit_code == 0
 
 
+def test_blips_tokenizer_is_installed_in_forges_hf_cache_and_the_worker_reads_it_there(
+        installed_volume: Path, provisioned_world: World, tmp_path: Path) -> None:
+    """BLIP loads bert-base-uncased's tokenizer through transformers from the Hugging Face cache: install puts
+    it in the cache's layout (snapshot, refs/main, the libraries' markers) in models/diffusers, the worker's
+    Forge has HF_HUB_CACHE there, and huggingface_hub offline finds it there without writing a byte."""
+    blobs: dict[str, bytes] = {}
+    with FileServer() as server:
+        for file, _ in expand(("interrogate",)):
+            parts = urlsplit(file.url)
+            blobs[file.path] = os.urandom(500 + len(blobs))
+            server.add(f"/mirror/{parts.netloc}{parts.path}", blobs[file.path])
+        (installed_volume / "forge-volume.toml").write_text(
+            provisioned_world.spec(features=["interrogate"], features_mirror=server.url("/mirror/")))
+        result = cli("lock", volume=installed_volume)
+        assert result.exit_code == 0, result.output
+        # clip.load's URL carries the real file's sha256, which the lock pins: re-pinned to this stand-in's.
+        lock_path = installed_volume / "forge-volume.lock"
+        lock = json.loads(lock_path.read_text())
+        [clip] = [f for f in lock["first_use"] if f["path"] == "models/CLIP/ViT-L-14.pt"]
+        clip["sha256"] = sha(blobs[clip["path"]])
+        lock_path.write_text(json.dumps(lock, indent=2) + "\n")
+        result = cli("install", volume=installed_volume)
+        assert result.exit_code == 0, result.output
+    cache = installed_volume / "models" / "diffusers"
+    bert = cache / "models--bert-base-uncased"
+    for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        rel = f"models/diffusers/models--bert-base-uncased/snapshots/{BERT_REVISION}/{name}"
+        assert (installed_volume / rel).read_bytes() == blobs[rel]
+    assert (bert / "refs" / "main").read_text() == BERT_REVISION
+    # transformers and diffusers write these at import when missing: the worker must find them.
+    assert (cache / "version.txt").read_text() == "1" and (cache / "version_diffusers_cache.txt").read_text() == "1"
+    assert cli("verify", volume=installed_volume).exit_code == 0
+    result = cli("refresh-models", "--prune", "--dry-run", volume=installed_volume)
+    assert result.exit_code == 0 and "refs/main" not in result.output and "version" not in result.output, result.output
+
+    # The worker's Forge: its Hub cache is that folder, and the library finds the tokenizer there offline.
+    env = forge_command(VolumeLayout(installed_volume), Scratch(tmp_path / "scratch"), {}, Launch()).env
+    assert env["HF_HUB_CACHE"] == str(cache) and env["HF_HUB_OFFLINE"] == "1"
+    before = snapshot(installed_volume)
+    hf_env = {k: v for k, v in env.items() if k.startswith(("HF_", "TRANSFORMERS_"))}
+    found = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import hf_hub_download as d; "
+         "print(d('bert-base-uncased', 'vocab.txt'))"],
+        env={"PATH": os.environ["PATH"], **hf_env}, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert Path(found.stdout.strip()) == bert / "snapshots" / BERT_REVISION / "vocab.txt"
+    assert snapshot(installed_volume) == before
+
+    # A ref that is gone is a problem verify names and install writes back.
+    (bert / "refs" / "main").unlink()
+    result = cli("verify", volume=installed_volume)
+    assert result.exit_code == 1 and "hf cache: models/diffusers/models--bert-base-uncased/refs/main is missing" \
+        in result.output, result.output
+    assert cli("install", volume=installed_volume).exit_code == 0
+    assert (bert / "refs" / "main").read_text() == BERT_REVISION
+
+
 LAB = os.environ.get("FORGE_LAB")
 
 
@@ -164,5 +226,9 @@ def test_the_table_knows_every_first_use_download_of_the_lab_forge() -> None:
     for feature in FEATURES.values():
         for file in [*feature.files, *(f for files in feature.choices.values() for f in files)]:
             text = (forge / file.read_from).read_text() + libraries
+            if file.folder.startswith(f"{HF_HUB_FOLDER}/models--"):  # loaded by repository id (transformers)
+                repo = file.url.removeprefix("https://huggingface.co/").split("/resolve/")[0]
+                assert f"from_pretrained('{repo}')" in text, (feature.name, file.url, file.read_from)
+                continue
             folder = file.url.rsplit("/", 1)[0] + "/"
             assert file.url in text or folder in text, (feature.name, file.url, file.read_from)

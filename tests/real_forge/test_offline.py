@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from provision.forge.first_use import BERT_REVISION
 from tests.conftest import snapshot
 from tests.helpers.http_server import FileServer
 from tests.real_forge.conftest import CHECKPOINT, INSTALL_TIMEOUT, SKIP, forge_volume, spec_text
@@ -205,6 +206,13 @@ def test_install_put_every_feature_file_where_forge_looks(offline_volume: Offlin
                 "ControlNetPreprocessor/openpose/body_pose_model.pth"):
         assert f"models/{rel}" in paths
         assert (offline_volume.volume / "models" / rel).stat().st_size == offline_volume.standins["files"][rel]["size"]
+    # BLIP's tokenizer, in the Hugging Face cache's layout in Forge's own Hub cache (models/diffusers).
+    bert = offline_volume.volume / "models" / "diffusers" / "models--bert-base-uncased"
+    for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        assert f"models/diffusers/models--bert-base-uncased/snapshots/{BERT_REVISION}/{name}" in paths
+        size = offline_volume.standins["files"][f"hf/bert-base-uncased/{name}"]["size"]
+        assert (bert / "snapshots" / BERT_REVISION / name).stat().st_size == size
+    assert (bert / "refs" / "main").read_text() == BERT_REVISION
     result, _ = forge_volume(offline_volume.volume, "verify")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -276,7 +284,8 @@ def test_interrogate_with_clip(served: Served) -> None:
     caption = got["caption"]
     assert caption and "<error>" not in caption, caption
     opened = served.opened()
-    assert {"BLIP/model_base_caption_capfilt_large.pth", "CLIP/ViT-L-14.pt"} <= opened, sorted(opened)
+    assert {"BLIP/model_base_caption_capfilt_large.pth", "CLIP/ViT-L-14.pt",
+            f"diffusers/models--bert-base-uncased/snapshots/{BERT_REVISION}/vocab.txt"} <= opened, sorted(opened)
     # Every category list was read from the volume and ranked: one match per category joins the caption.
     assert caption.count(", ") >= 4, caption
 
