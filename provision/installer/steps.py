@@ -365,8 +365,10 @@ def _requirements_describe(ctx: Ctx) -> list[str]:
     except CommandError:
         off = []  # no checkout yet: prepare runs first
     what = f"check the venv against Forge's pins in {path.name}"
+    pinned = {d.name for d in off}  # restored by Forge's rule, named once
     moved = [f"put back {c.name} {c.before} (now {c.after or 'missing'})" if c.before else
-             f"remove {c.name} {c.after} (not in the venv's record)" for c in _recorded_drift(ctx)]
+             f"remove {c.name} {c.after} (not in the venv's record)" for c in _recorded_drift(ctx)
+             if c.name not in pinned]
     return [what] + ([f"restore {', '.join(map(str, off))}"] if off else []) + moved
 
 

@@ -40,7 +40,9 @@ def ordered(names: Iterable[str]) -> list[str]:
 def record(venv: Path, requirements_key: str) -> dict[str, object]:
     """state.json's ``venv``: the distributions, and the requirements step's key they were taken under."""
     found = distributions(venv)
-    return {"requirements_key": requirements_key, "distributions": {n: found[n] for n in ordered(found)}}
+    # "torch": the three that decide whether Forge runs on the GPU, apart (state.json's keys are sorted).
+    return {"requirements_key": requirements_key, "distributions": {n: found[n] for n in ordered(found)},
+            "torch": {n: found.get(n) for n in FIRST}}
 
 
 def headline(dists: Mapping[str, str]) -> str:

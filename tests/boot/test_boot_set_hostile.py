@@ -163,4 +163,5 @@ def test_the_room_check_counts_what_the_lay_out_writes(volume: VolumeLayout, tmp
     assert child.returncode == 0, child.stderr
     first = json.loads(child.stdout.splitlines()[0])
     assert first["ok"] is False
-    assert f"{mirror} has room for 2 MB" in first["reason"] and "the boot set needs 3 MB" in first["reason"], first
+    assert f"{mirror} has room for 2.0 MiB" in first["reason"], first
+    assert "the boot set needs 3.1 MiB" in first["reason"], first

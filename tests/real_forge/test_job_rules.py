@@ -79,7 +79,9 @@ def test_forges_own_locks_hold_behind_the_worker(served: Served, image_host: Fil
 def test_save_images_writes_into_the_scratch(served: Served) -> None:
     volume = Path(served.worker.env["FORGE_VOLUME"])
     before = snapshot(volume)
-    ok(call(served, "POST", "/sdapi/v1/txt2img", {"prompt": "a fox", **SMALL, "save_images": True}))
+    # samples_save is an ordinary setting a job may turn on (the volume's seed has it off): then Forge saves.
+    ok(call(served, "POST", "/sdapi/v1/txt2img", {"prompt": "a fox", **SMALL, "save_images": True,
+                                                  "override_settings": {"samples_save": True}}))
     saved = list(Path(served.worker.env["FORGE_SCRATCH"]).rglob("*.png"))
     assert saved, "Forge saved no image"
     assert snapshot(volume) == before

@@ -158,7 +158,9 @@ def served(offline_volume: OfflineVolume, tmp_path_factory: pytest.TempPathFacto
     before = snapshot(volume)
     scratch = tmp_path_factory.mktemp("offline-worker")
     audit = scratch / "audit.jsonl"
-    env = worker_env(volume, scratch / "scratch", FORGE_BOOT_TIMEOUT="900", FORGE_ARGS="--always-cpu",
+    # --no-half: Forge loads RealESRGAN in fp16 unless told not to (realesrgan_model.py: prefer_half), and fp16
+    # convolutions on a CPU took over 7 minutes for one 64x64 tile here (right on a GPU, wrong for the lab).
+    env = worker_env(volume, scratch / "scratch", FORGE_BOOT_TIMEOUT="900", FORGE_ARGS="--always-cpu --no-half",
                      FORGE_PROGRESS_INTERVAL="1")
     env.update(PYTHONPATH=str(AUDIT_SHIM), FORGE_LAB_AUDIT_LOG=str(audit),
                FORGE_LAB_AUDIT_OPENS=str(volume / "models"),
