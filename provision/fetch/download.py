@@ -25,7 +25,7 @@ import requests
 import urllib3.exceptions
 
 from provision import __version__
-from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadError, NotFoundError
+from provision.errors import AuthError, ChecksumError, DiskFullError, DownloadCancelled, DownloadError, NotFoundError
 from provision.fetch import resume
 from provision.fetch.cancel import Watchdog, connect_timeout, current_cancel, stall_timeout
 from provision.fetch.netguard import AddressGuard, AddressRefused, Sockets
@@ -211,6 +211,8 @@ def download(job: Download, on_bytes: OnBytes | None = None) -> Downloaded:
     http = job.http
     job = replace(job, http=replace(http, timeout=http.timeout or (connect_timeout(), TIMEOUT[1]),
                                     cancel=http.cancel if http.cancel is not None else current_cancel()))
+    if job.http.cancel is not None and job.http.cancel.is_set():  # no connection for work already cancelled
+        raise DownloadCancelled(f"{job.label}: cancelled before it started")
     target = job.target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, held = claim(target)

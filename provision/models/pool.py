@@ -31,7 +31,7 @@ def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
     On an interrupt ``cancel`` is set before the pool is shut down, so the workers stop at their
     next chunk instead of finishing their downloads first. Each item runs in a copy of the caller's
     context with ``cancel`` as its cancel event (``provision.fetch.cancel``): a download blocked on a silent
-    server is cut too.
+    server is cut too, and the items still queued when it is set start nothing.
     """
     context = contextvars.copy_context()
 
@@ -39,6 +39,8 @@ def parallel(items: Sequence[T], work: Callable[[T], R], workers: int,
         try:
             if cancel is None:
                 return work(item)
+            if cancel.is_set():  # the items still queued start nothing (no connection, no lock, no hashing)
+                raise DownloadCancelled("cancelled before it started")
             with cancelling(cancel):
                 return work(item)
         except ForgeVolumeError as exc:

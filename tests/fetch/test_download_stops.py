@@ -154,6 +154,47 @@ def test_a_cancel_stops_a_download_in_its_tls_handshake(tmp_path: Path, monkeypa
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def silent_after_request(cert: Cert, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[socket.socket]]]:
+    """A TLS server that completes the handshake, reads the request and never sends the headers."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert.cert))
+    listener = socket.create_server(("127.0.0.1", 0))
+    context = cert.server_context()
+    requests: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = context.wrap_socket(listener.accept()[0], server_side=True)
+                conn.recv(65536)  # the request; then silence
+                requests.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/m.bin", requests
+    finally:
+        listener.close()
+        for sock in requests:
+            sock.close()
+
+
+def test_a_cancel_stops_a_download_waiting_for_its_headers_over_tls(
+        tmp_path: Path, silent_after_request: tuple[str, list[socket.socket]]) -> None:
+    """Issue 19 hole 11, the headers phase: the TLS session is up, the request sent, and the server never
+    answers; only the cancel ends it before the 60 s read timeout, by cutting the TLS socket."""
+    url, requests = silent_after_request
+    cancel = threading.Event()
+    thread, errors = in_thread(tmp_path / "m.bin", url, cancel=cancel)
+    wait_until(lambda: len(requests) > 0)
+    started = time.monotonic()
+    cancel.set()
+    thread.join(HANG_DEADLINE)
+    assert not thread.is_alive(), "the cancel did not end the wait for the headers"
+    assert time.monotonic() - started < 5.0
+    assert len(errors) == 1 and isinstance(errors[0], DownloadCancelled), errors
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_the_connect_timeout_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FORGE_DOWNLOAD_CONNECT_TIMEOUT bounds each connect; a bad value is named before any connection."""
     monkeypatch.setenv(CONNECT_ENV, "0.3")

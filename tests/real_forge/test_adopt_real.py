@@ -35,6 +35,15 @@ from tests.worker.conftest import free_port, start_worker, worker_env
 
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT + 1800)]
 CHECKOUT = "stable-diffusion-webui-forge"
+# Files Forge's repository tracks under models/ although its .gitignore has /models/**/* (force-added upstream,
+# so a GitHub clone has them). The lab's own git repository of Forge's source was committed through that
+# .gitignore, so a clone of the lab lacks them; lay_out_original copies them from the lab's source tree. The
+# VAE-approx decoder matters: with live previews on (Forge's default) every txt2img loads it
+# (processing.py), and without it Forge downloads it from GitHub: here, a 500 (URLError).
+UPSTREAM_MODEL_FILES = ("VAE-approx/model.pt", "karlo/ViT-L-14_stats.th", "ESRGAN/ESRGAN_here",
+                        "Stable-diffusion/Put Stable Diffusion checkpoints here.txt", "VAE/Put VAE here.txt",
+                        "deepbooru/Put your deepbooru release project folder here.txt",
+                        "text_encoder/put_text_encoders_here.txt", "svd/put svd here.txt", "z123/put zero123 here.txt")
 TXT2IMG = {"prompt": "a red fox in fresh snow", "negative_prompt": "", "seed": 1234, "steps": 2, "width": 64,
            "height": 64, "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1, "n_iter": 1}
 # runpod-worker-forge's start.sh flags, without --xformers (no CUDA here) and with --always-cpu.
@@ -64,6 +73,9 @@ def lay_out_original(lab: Path, volume: Path) -> None:
     subprocess.run(["git", "clone", "-q", "--depth=1", f"file://{lab / 'forge-src'}", CHECKOUT], cwd=volume,
                    check=True)
     checkout = volume / CHECKOUT
+    for rel in UPSTREAM_MODEL_FILES:
+        (checkout / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lab / "forge-src" / "models" / rel, checkout / "models" / rel)
     shutil.copytree(lab / "forge-src" / "repositories", checkout / "repositories", symlinks=True)
     (volume / "venv").symlink_to(lab / "venv")
     target = checkout / "models" / "Stable-diffusion" / CHECKPOINT
@@ -151,7 +163,8 @@ def test_adopt_install_and_the_worker_give_the_original_image(lab: Path, tmp_pat
             print(f"[adopt-real] install after adopt: {seconds:.0f} s\n{installed.stdout}")
             verified, _ = forge_volume(volume, "verify")
             assert verified.returncode == 0, verified.stdout + verified.stderr
-            scratch = tmp_path / "worker"
+            scratch = base / "adopt-worker"  # beside the volume, kept like the original's log
+            shutil.rmtree(scratch, ignore_errors=True)
             env = worker_env(volume, scratch / "scratch", FORGE_BOOT_TIMEOUT="900", FORGE_ARGS="--always-cpu",
                              HF_ENDPOINT=models.url(""), CIVITAI_API_BASE=models.url("/api/v1"))
             worker = start_worker(env, scratch / "logs")
@@ -164,7 +177,7 @@ def test_adopt_install_and_the_worker_give_the_original_image(lab: Path, tmp_pat
             ORIGINAL_ENV.pop("HF_ENDPOINT", None)
             ORIGINAL_ENV.pop("CIVITAI_API_BASE", None)
         assert models.requests == []  # 0 model bytes downloaded: nothing even asked
-    assert out.get("status") == "COMPLETED", out
+    assert out.get("status") == "COMPLETED", f"{out}\n{worker.log_path}: {worker.log()[-4000:]}"
     after = out["output"]["images"][0]
     assert pixels(after) == pixels(before)
     assert (volume / CHECKOUT / "models" / "Stable-diffusion" / CHECKPOINT).is_symlink()
