@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from provision.forge.first_use import HF_HUB_FOLDER
+from provision.forge.first_use import HF_CACHE_MARKERS, HF_HUB_FOLDER
 from provision.forge.hashes import seed_hash_cache
 from provision.forge.locked_settings import HIDE_DIRS_SWITCH, fence_settings_file
 from provision.forge.offline import folder_flags, offline_env, prepare_offline
@@ -108,6 +108,15 @@ def allowed_env(base_env: Mapping[str, str], extra: Iterable[str] = ()) -> dict[
             if (k in ALLOWED_NAMES or k.startswith(ALLOWED_PREFIXES) or k in extra_names) and not secret_name(k)}
 
 
+def _hub_cache(layout: VolumeLayout) -> dict[str, str]:
+    """The Hub cache is Forge's own on the volume (models/diffusers), from the start: Forge sets it only after
+    transformers has read it. First-use files there (BLIP's tokenizer) are read, never written, once install
+    has written the libraries' markers (provision.installer.hf_cache); where they are missing (a volume
+    installed before them), the libraries would write them at import, so the cache stays in the scratch."""
+    hub = layout.models_dir / HF_HUB_FOLDER
+    return {"HF_HUB_CACHE": str(hub)} if all((hub / name).is_file() for name in HF_CACHE_MARKERS) else {}
+
+
 def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str, str], launch: Launch,
                   code: VolumeLayout | None = None) -> ForgeCommand:
     """Forge's argv and environment, API-only on loopback, with scratch for data and models from the volume.
@@ -149,10 +158,7 @@ def forge_command(layout: VolumeLayout, scratch: Scratch, base_env: Mapping[str,
         "PATH": f"{code.venv / 'bin'}{os.pathsep}{base_env.get('PATH', os.defpath)}",
         "HOME": base_env.get("HOME") or str(scratch.root),
         "HF_HOME": str(scratch.cache / "huggingface"),
-        # The Hub cache is Forge's own on the volume (models/diffusers), from the start: Forge sets it only
-        # after transformers has read it. First-use files there (BLIP's tokenizer) are read, never written:
-        # install writes the libraries' markers (provision.installer.hf_cache).
-        "HF_HUB_CACHE": str(layout.models_dir / HF_HUB_FOLDER),
+        **_hub_cache(layout),
         "TORCH_HOME": str(scratch.cache / "torch"),
         "XDG_CACHE_HOME": str(scratch.cache),
         "MPLCONFIGDIR": str(scratch.cache / "matplotlib"),

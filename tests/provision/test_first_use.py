@@ -207,6 +207,14 @@ def test_blips_tokenizer_is_installed_in_forges_hf_cache_and_the_worker_reads_it
     assert cli("install", volume=installed_volume).exit_code == 0
     assert (bert / "refs" / "main").read_text() == BERT_REVISION
 
+    # Without a marker (a volume installed before them), transformers would write it at import onto the
+    # volume: the worker's Forge keeps its Hub cache in the scratch then.
+    (cache / "version.txt").unlink()
+    env = forge_command(VolumeLayout(installed_volume), Scratch(tmp_path / "scratch2"), {}, Launch()).env
+    assert "HF_HUB_CACHE" not in env and env["HF_HOME"].startswith(str(tmp_path / "scratch2")), env
+    assert cli("install", volume=installed_volume).exit_code == 0
+    assert (cache / "version.txt").read_text() == "1"
+
 
 LAB = os.environ.get("FORGE_LAB")
 
