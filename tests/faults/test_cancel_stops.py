@@ -140,12 +140,18 @@ def test_a_cancelled_sync_starts_no_file_after_the_cancel(fleet: Fleet, streams:
         arrived = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         time.sleep(CANCEL_GRACE)
         assert sum(b.gets for b in blobs) == asked_soon, "files were asked for after the cancel"
-        assert asked_soon - asked <= 1
+        # The cancel reaches the worker on its next poll of the platform: until then, a fetch that ends may
+        # start the next one, at most one per slot of the four (before the fix: the 12 still queued).
+        assert asked_soon - asked <= 4, (asked, asked_soon)
         assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == arrived
         assert len(arrived) < len(files) and record.result is None
     finally:
         for blob in blobs:
             blob.delay_per_chunk = 0
+        # The cancelled files' partials are kept to resume, as they should be; they are this test's own, and
+        # the fleet's volume is shared with tests that count leftover temporaries.
+        for partial in folder.glob(".*.partial"):
+            partial.unlink()
     streams.add("sync", str(record))
 
 
