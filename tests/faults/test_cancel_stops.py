@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from provision.records.lockfile import LockedModel, read_lock, write_lock
 from provision.records.model_records import records
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
+from tests.helpers.procs import interrupt
 from tests.helpers.tls import make_cert
 from volume_layout import VolumeLayout
 from worker.helpers import CANCEL_GRACE
@@ -174,13 +174,10 @@ def test_ctrl_c_stops_refresh_models_downloading_from_a_trickling_https_source(
                                 stderr=subprocess.PIPE, text=True)
         try:
             wait_until(lambda: route.bytes_sent > (64 << 10), 30, "the download started")
-            proc.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            out, err = proc.communicate(timeout=30)
-            stopped = time.monotonic() - interrupted
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        except BaseException:
+            proc.kill()
+            raise
+        out, err, stopped = interrupt(proc)
         streams.add("interrupted refresh-models", out + err)
         assert proc.returncode == 1 and "interrupted; re-run the same command to resume" in err, err
         assert stopped < CANCEL_GRACE, f"refresh-models took {stopped:.1f} s to exit after Ctrl-C"

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import pytest
 
 from tests.helpers.forge_world import World
 from tests.helpers.http_server import FileServer
-from tests.helpers.procs import kill_group
+from tests.helpers.procs import interrupt, kill_group
 from tests.helpers.timing import PROMPT
 
 from .conftest import Fleet, ModelHosts, Streams, cli, model_toml, sha, state_models, temporaries
@@ -102,13 +101,10 @@ def test_case10_network_drops_at_30_60_99_percent_then_rerun_completes(
             # The watch's own count too: on a busy machine its 2 ms polls may come far less often.
             wait_until(lambda: all(r.gets >= locked_gets[f] + 2 for f, r in routes.items()) and watch.polls > 100, 30,
                        "every model dropped and retried")
-            proc.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            out, err = proc.communicate(timeout=30)
-            stopped = time.monotonic() - interrupted
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        except BaseException:
+            proc.kill()
+            raise
+        out, err, stopped = interrupt(proc)
     streams.add("interrupted refresh-models", out + err)
     assert watch.polls > 100 and watch.seen == []
     assert proc.returncode == 1 and "interrupted; re-run the same command to resume" in err, err

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 
 
 def kill_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
@@ -32,3 +33,16 @@ def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int =
             kill_group(proc)
             proc.wait(10)
     kill_group(proc)
+
+
+def interrupt(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str, float]:
+    """Ctrl-C to ``proc`` as a user's terminal sends it; its output and the seconds it took to exit.
+    A process still running at ``timeout`` is killed (communicate raises)."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = proc.communicate(timeout=timeout)
+        return out, err, time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
