@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from provision.boot import owner
 from provision.boot.boot_set import changed_since_recorded
@@ -165,7 +166,7 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             if isinstance(said, dict) and "changed" in said:
                 check.answer(None if said["changed"] is None else _printable(str(said["changed"])))
             elif isinstance(said, dict) and "prefetched" in said:
-                say(f"fast boot: prefetched {human_bytes(int(said['prefetched']))} in {said.get('seconds')} s")
+                say(_prefetched(said))
         proc.wait()
         check.answer(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
 
@@ -173,3 +174,13 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
     return check
 
 
+def _prefetched(said: dict[str, Any]) -> str:
+    """The prefetch's log line: the libraries' pages, then the checkpoint, each with its seconds."""
+    try:
+        total, seconds = int(said["prefetched"]), float(said["seconds"])
+        libraries, libraries_seconds = int(said.get("libraries", 0)), float(said.get("libraries_seconds", 0))
+    except (KeyError, TypeError, ValueError):
+        return "fast boot: prefetched (the helper's report is unreadable)"
+    return (f"fast boot: prefetched {human_bytes(total)} in {seconds:.2f} s: the libraries' pages "
+            f"({human_bytes(libraries)}) in {libraries_seconds:.2f} s, then the checkpoint "
+            f"({human_bytes(total - libraries)}) in {seconds - libraries_seconds:.2f} s")

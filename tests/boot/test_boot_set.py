@@ -218,3 +218,12 @@ def test_the_tracer_records_the_pages_the_boot_touched_not_what_readahead_cached
                for offset in range(offset, offset + length, page)}
     assert {3, 200} <= touched
     assert len(touched) <= 2 * 16 and not touched & set(range(40, 180))  # fault-around maps at most 64 KiB
+
+
+def test_the_prefetch_line_gives_the_libraries_and_the_checkpoint_apart() -> None:
+    from provision.boot.layout_driver import _prefetched
+
+    line = _prefetched({"prefetched": 3 << 30, "seconds": 9.5, "libraries": 1 << 30, "libraries_seconds": 2.25})
+    assert line == ("fast boot: prefetched 3.0 GiB in 9.50 s: the libraries' pages (1.0 GiB) in 2.25 s, "
+                    "then the checkpoint (2.0 GiB) in 7.25 s")
+    assert _prefetched({"prefetched": "many"}) == "fast boot: prefetched (the helper's report is unreadable)"
