@@ -22,6 +22,7 @@ from provision.errors import ForgeVolumeError, SourceError
 from provision.fetch.download import USER_AGENT
 from provision.fetch.hub import civitai_api_base, civitai_credential
 from provision.fetch.sources import CivitaiSource, UrlSource, parse_source, shown_source
+from provision.fetch.trust import ca_bundle, untrusted_certificate
 
 TIMEOUT = (3.0, 10.0)  # connect, read
 DEADLINE = 60.0  # seconds for all lookups together
@@ -50,9 +51,10 @@ class Civitai:
         if cred.token and cred.applies_to(url):
             headers["Authorization"] = f"Bearer {cred.token}"
         try:
-            resp = requests.get(url, headers=headers, timeout=TIMEOUT, allow_redirects=False)
+            resp = requests.get(url, headers=headers, timeout=TIMEOUT, allow_redirects=False, verify=ca_bundle())
         except requests.RequestException as exc:
-            raise Unreachable(f"{type(exc).__name__}") from None
+            why = untrusted_certificate(exc)
+            raise Unreachable(f"its certificate is not trusted ({why})" if why else type(exc).__name__) from None
         if resp.status_code == 404:
             return None
         if resp.status_code != 200:

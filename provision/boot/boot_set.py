@@ -37,6 +37,7 @@ from typing import Any
 
 from provision.progress import human_bytes
 from provision.records.atomic import write_atomic
+from provision.records.reading import read_regular
 from volume_layout import VolumeLayout
 
 VERSION = 2  # 2: files.bin in digested chunks, index.json sealed
@@ -162,7 +163,7 @@ def seal(data: dict[str, Any]) -> bytes:
 def load_index(layout: VolumeLayout) -> Index:
     """The recorded index, checked against its seal; BootSetError says why it cannot be used."""
     try:
-        raw = _read_regular(layout.boot_set_index, INDEX_LIMIT)
+        raw = read_regular(layout.boot_set_index, INDEX_LIMIT)
     except FileNotFoundError:
         raise BootSetError("no boot set recorded", "(run `forge-volume install` to record one)") from None
     except OSError as exc:
@@ -174,21 +175,6 @@ def load_index(layout: VolumeLayout) -> Index:
         return Index.from_json(json.loads(raw[:sealed.start()] + b"}"))
     except (ValueError, KeyError, TypeError) as exc:
         raise BootSetError(f"the boot set's index is not valid ({exc})") from None
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, at most ``limit``: never blocks on a FIFO, never reads a device."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{path} is not a regular file")
-        if st.st_size > limit:
-            raise OSError(f"{path} is larger than {limit} bytes")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)[:limit]
-    finally:
-        os.close(fd)
 
 
 def read_index(layout: VolumeLayout) -> Index | None:

@@ -34,6 +34,7 @@ from provision.fetch.session import watch_session
 from provision.fetch.sources import host_problem, shown_source
 from provision.fetch.stream import OnBytes, Sink
 from provision.fetch.tokens import Credential
+from provision.fetch.trust import ca_bundle, not_trusted
 
 TIMEOUT = (15.0, 60.0)  # (connect, between two reads) seconds; a download's connect: FORGE_DOWNLOAD_CONNECT_TIMEOUT
 MAX_REDIRECTS = 10
@@ -136,7 +137,12 @@ def _open(session: requests.Session, url: str, offset: int, credential: Credenti
         if credential and credential.token and credential.applies_to(url) and not downgraded:
             hop["Authorization"] = f"Bearer {credential.token}"
         try:
-            resp = session.get(url, headers=hop, stream=True, timeout=timeout, allow_redirects=False)
+            resp = session.get(url, headers=hop, stream=True, timeout=timeout, allow_redirects=False,
+                               verify=ca_bundle())
+        except requests.exceptions.SSLError as exc:
+            if refused := not_trusted(display_url(url), exc):
+                raise refused from None
+            raise
         except AddressRefused as exc:
             if hop_number:
                 raise AddressRefused(f"refusing to follow a redirect from {display_url(origin)} to "

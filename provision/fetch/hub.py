@@ -26,6 +26,7 @@ from provision.fetch.download import TIMEOUT, USER_AGENT, display_url
 from provision.fetch.names import disposition_name
 from provision.fetch.sources import CivitaiSource, HfSource, Source, UrlSource, VolumeSource
 from provision.fetch.tokens import Credential, clean_token, origin_of
+from provision.fetch.trust import ca_bundle, not_trusted, trust_for_hub
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 CIVITAI_DEFAULT_API = "https://civitai.com/api/v1"
@@ -112,6 +113,7 @@ def _hub_call(what: str, call: Callable[[], T], token_set: bool) -> T:
         RevisionNotFoundError,
     )
 
+    trust_for_hub()
     try:
         return call()
     except GatedRepoError:
@@ -140,6 +142,8 @@ def _hub_call(what: str, call: Callable[[], T], token_set: bool) -> T:
         raise DownloadError(f"{what}: {hf_endpoint()} did not answer like a Hugging Face hub ({exc})".split("\n")[0],
                             "check HF_ENDPOINT, proxies and the network") from None
     except (httpx2.HTTPError, OSError) as exc:
+        if refused := not_trusted(f"{what}: {hf_endpoint()}", exc):
+            raise refused from None
         raise DownloadError(f"{what}: cannot reach {hf_endpoint()} ({type(exc).__name__})",
                             "check the network (and HF_ENDPOINT if you use a mirror), then re-run") from None
 
@@ -184,8 +188,10 @@ def _civitai_get(url: str, cred: Credential, what: str) -> Any:
     if cred.token and cred.applies_to(url):
         headers["Authorization"] = f"Bearer {cred.token}"
     try:
-        resp = requests.get(url, headers=headers, timeout=(TIMEOUT[0], API_TIMEOUT))
+        resp = requests.get(url, headers=headers, timeout=(TIMEOUT[0], API_TIMEOUT), verify=ca_bundle())
     except requests.RequestException as exc:
+        if refused := not_trusted(f"{what}: {display_url(url)}", exc):
+            raise refused from None
         raise DownloadError(f"{what}: cannot reach {display_url(url)} ({type(exc).__name__})") from None
     if resp.status_code in (401, 403):
         raise AuthError(f"{what}: civitai answered {resp.status_code}",
@@ -252,13 +258,15 @@ def probe_url(url: str, tokens: Tokens | None = None) -> Announced:
                 if cred and cred.token and cred.applies_to(url) and not downgraded:
                     hop["Authorization"] = f"Bearer {cred.token}"
                 with session.get(url, headers=hop, timeout=(TIMEOUT[0], API_TIMEOUT), allow_redirects=False,
-                                 stream=True) as resp:  # closed unread: only the headers are wanted
+                                 stream=True, verify=ca_bundle()) as resp:  # closed unread: only the headers are wanted
                     if not resp.is_redirect:
                         break
                 url = requests.compat.urljoin(resp.url, resp.headers["Location"])
                 if urlsplit(url).scheme not in ("http", "https"):
                     return Announced(None, None)
     except requests.RequestException as exc:
+        if refused := not_trusted(display_url(url), exc):
+            raise refused from None
         raise DownloadError(f"{display_url(url)}: cannot reach the server ({type(exc).__name__})") from None
     if resp.status_code in (401, 403):
         name = cred.env_name if cred else None

@@ -6,10 +6,8 @@ Kept apart from the guard's rules so that reading them (a worker's settings) nev
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import requests
@@ -21,6 +19,7 @@ from urllib3.poolmanager import PoolManager
 from urllib3.util.connection import allowed_gai_family
 
 from provision.fetch.netguard import AddressGuard, Sockets
+from provision.fetch.trust import ca_bundle
 
 
 class _Watched:
@@ -153,21 +152,15 @@ class _WatchedAdapter(HTTPAdapter):
                                                **pool_kwargs)
 
 
-def ca_bundle(env: Mapping[str, str]) -> str | bool:
-    """The CA bundle requests takes from the environment (REQUESTS_CA_BUNDLE, then CURL_CA_BUNDLE), or True
-    for its default."""
-    return env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or True
-
-
 def watch_session(session: requests.Session, guard: AddressGuard | None, sockets: Sockets) -> None:
     """Record every socket ``session`` opens in ``sockets`` and, with a guard, make each connection pass it.
 
     A guarded session ignores proxies from the environment: the guard judges the address the bytes
-    come from, which a proxy would hide. It still trusts the CA bundle the environment names, as
-    requests would (a private CA, a TLS-inspecting egress): trust_env=False alone would drop it."""
+    come from, which a proxy would hide. It still trusts the CA bundle the environment names
+    (``provision.fetch.trust``): trust_env=False alone would drop it."""
     if guard is not None:
         session.trust_env = False
-        session.verify = ca_bundle(os.environ)
+        session.verify = ca_bundle()
     adapter = _WatchedAdapter({"guard": guard, "sockets": sockets})
     session.mount("http://", adapter)
     session.mount("https://", adapter)

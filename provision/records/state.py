@@ -16,10 +16,12 @@ from filelock import FileLock, Timeout
 
 from provision.errors import CorruptStateError, StateError, VolumeBusyError
 from provision.records.atomic import write_atomic
+from provision.records.reading import read_regular
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
 State = dict[str, Any]
 STATE_LOCK_TIMEOUT = 120.0
+STATE_LIMIT = 64 << 20  # a volume with ten thousand models records about 5 MB
 
 
 def empty_state(layout: VolumeLayout) -> State:
@@ -37,13 +39,13 @@ def empty_state(layout: VolumeLayout) -> State:
 def read_state(layout: VolumeLayout) -> State | None:
     """The volume's state, or None when it was never provisioned."""
     try:
-        text = layout.state.read_text(encoding="utf-8")
+        raw = read_regular(layout.state, STATE_LIMIT)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot read {layout.state}: {exc}") from None
+        raise StateError(f"cannot read {layout.state}: {exc.strerror or exc}") from None
     try:
-        state = json.loads(text)
+        state = json.loads(raw.decode("utf-8"))
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:

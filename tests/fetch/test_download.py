@@ -18,6 +18,7 @@ from provision.fetch.download import Download, Http, Retry, download
 from provision.fetch.partials import partial_path
 from provision.fetch.tokens import Credential, origin_of
 from tests.helpers.http_server import FileServer
+from tests.helpers.tls import Cert, make_cert
 
 FAST = Retry(attempts=3, base=0.01, cap=0.05)
 DATA = os.urandom(1 << 20)
@@ -149,8 +150,24 @@ def test_persistent_500_gives_up_and_400_is_not_retried(server: FileServer, tmp_
     assert len(server.requests_to("/bad.bin")) == 1
 
 
-def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: Path) -> None:
-    with FileServer() as cdn:
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(params=["http", "https"])
+def either(request: pytest.FixtureRequest, cert: Cert, monkeypatch: pytest.MonkeyPatch) -> Cert | None:
+    """The tests of redirects and stalls run over plain http and over TLS (every real host is https: issue 19
+    found the cancel and the stall rule working over http only); the certificate is trusted through
+    REQUESTS_CA_BUNDLE. Gives the certificate for the test's servers, or None for plain http."""
+    if request.param == "http":
+        return None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert.cert))
+    return cert
+
+
+def test_redirect_keeps_the_token_off_other_hosts(either: Cert | None, tmp_path: Path) -> None:
+    with FileServer(tls=either) as server, FileServer(tls=either) as cdn:
         cdn.add("/blob", DATA)
         # 127.0.0.1 plays civitai.com; the redirect goes to "localhost", another host name.
         server.add("/api/download/1", redirect=cdn.url("/blob", host="localhost"))
@@ -162,11 +179,31 @@ def test_redirect_keeps_the_token_off_other_hosts(server: FileServer, tmp_path: 
     assert (tmp_path / "m.bin").read_bytes() == DATA
 
 
+def test_a_redirect_from_https_to_clear_text_carries_no_token(cert: Cert, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token may go to a configured origin over http (a mirror on a private network), but not after an
+    https URL redirected there: the download started over TLS and must not be downgraded with the token."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert.cert))
+    with FileServer(tls=cert) as secure, FileServer() as clear:
+        clear.add("/blob", DATA)
+        secure.add("/m.bin", redirect=clear.url("/blob"))
+        cred = Credential("HF_TOKEN", ("huggingface.co",), "s3cret", (origin_of(secure.url("/")),
+                                                                      origin_of(clear.url("/"))))
+        download(Download(clear.url("/blob"), tmp_path / "direct.bin", http=Http(credential=cred, retry=FAST)))
+        assert clear.requests_to("/blob")[0].headers.get("authorization") == "Bearer s3cret"  # the control
+        download(Download(secure.url("/m.bin"), tmp_path / "m.bin", sha256=SHA, http=Http(credential=cred, retry=FAST)))
+        assert secure.requests_to("/m.bin")[0].headers.get("authorization") == "Bearer s3cret"
+        assert "authorization" not in clear.requests_to("/blob")[1].headers
+    assert (tmp_path / "m.bin").read_bytes() == DATA
+
+
 @pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/m.bin"])
-def test_redirect_to_another_scheme_is_refused(server: FileServer, tmp_path: Path, location: str) -> None:
-    server.add("/m.bin", redirect=location)
-    with pytest.raises(DownloadError, match="only http and https"):
-        download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
+def test_redirect_to_another_scheme_is_refused(either: Cert | None, tmp_path: Path, location: str) -> None:
+    with FileServer(tls=either) as server:
+        server.add("/m.bin", redirect=location)
+        with pytest.raises(DownloadError, match="only http and https"):
+            download(Download(server.url("/m.bin"), tmp_path / "m.bin", http=Http(retry=FAST)))
+        assert len(server.requests_to("/m.bin")) == 1  # refused, not retried
     assert list(tmp_path.iterdir()) == []
 
 
@@ -176,11 +213,12 @@ def test_unknown_length_is_fine_when_the_body_completes(server: FileServer, tmp_
     assert result.sha256 == SHA and (tmp_path / "m.bin").read_bytes() == DATA
 
 
-def test_stalled_server_times_out(server: FileServer, tmp_path: Path) -> None:
-    server.add("/m.bin", DATA, delay_per_chunk=1.0)
-    with pytest.raises(DownloadError, match="giving up"):
-        download(Download(server.url("/m.bin"), tmp_path / "m.bin",
-                          http=Http(retry=Retry(attempts=1, base=0.01), timeout=(2.0, 0.3))))
+def test_stalled_server_times_out(either: Cert | None, tmp_path: Path) -> None:
+    with FileServer(tls=either) as server:
+        server.add("/m.bin", DATA, delay_per_chunk=1.0)
+        with pytest.raises(DownloadError, match="giving up"):
+            download(Download(server.url("/m.bin"), tmp_path / "m.bin",
+                              http=Http(retry=Retry(attempts=1, base=0.01), timeout=(2.0, 0.3))))
 
 
 def test_not_enough_space_is_refused_before_any_request(server: FileServer, tmp_path: Path) -> None:

@@ -195,6 +195,19 @@ def test_a_cancel_stops_a_download_waiting_for_its_headers_over_tls(
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_a_server_silent_after_the_tls_handshake_fails_as_stalled(
+        tmp_path: Path, silent_after_request: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stall rule in the headers phase over TLS: no byte of an answer within FORGE_DOWNLOAD_STALL_TIMEOUT
+    ends the download long before the 60 s read timeout, with the stall named."""
+    monkeypatch.setenv(STALL_ENV, "1.0")
+    url, requests = silent_after_request
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"stalled: less than 64 KiB arrived in 1 s"):
+        download(Download(url, tmp_path / "m.bin", http=Http(retry=FAST)))
+    assert time.monotonic() - started < HANG_DEADLINE
+    assert len(requests) >= 1 and sorted(tmp_path.iterdir()) == []
+
+
 def test_the_connect_timeout_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FORGE_DOWNLOAD_CONNECT_TIMEOUT bounds each connect; a bad value is named before any connection."""
     monkeypatch.setenv(CONNECT_ENV, "0.3")

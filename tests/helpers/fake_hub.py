@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.helpers.http_server import FileServer, Route, _Handler
+from tests.helpers.tls import Cert
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".onnx", ".ckpt", ".gguf")
 
@@ -47,17 +48,18 @@ def is_lfs(path: str) -> bool:
 
 
 class FakeHub:
-    """``with FakeHub() as hub: hub.add_repo("org/m", {"a.safetensors": b"..."}); HF_ENDPOINT=hub.endpoint``."""
+    """``with FakeHub() as hub: hub.add_repo("org/m", {"a.safetensors": b"..."}); HF_ENDPOINT=hub.endpoint``
+    (``FakeHub(tls=cert)``: the same over https)."""
 
-    def __init__(self) -> None:
-        self.server = FileServer()
-        self.cdn = FileServer()
+    def __init__(self, tls: Cert | None = None) -> None:
+        self.server = FileServer(tls=tls)  # with a certificate, the hub and its CDN answer over https
+        self.cdn = FileServer(tls=tls)
         self.repos: dict[str, FakeRepo] = {}
         self.server.custom = self._answer
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
+        return self.server.url("")
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, token: str | None = None,
                  gated: bool = False) -> str:
