@@ -26,6 +26,7 @@ from provision.forge.launch import ForgeCommand
 
 PROBE_ROUTE = "/sdapi/v1/samplers"  # cheap: no model scan; Forge has no health route in API-only mode
 PROBE_INTERVAL = 0.01
+LOG_DRAIN = 2.0  # seconds the log reader may take to read what an exited Forge wrote last
 LOG_LINES = 200
 
 BOOTING, READY, EXITED, BOOT_TIMEOUT, NOT_STARTED = "booting", "ready", "exited", "boot_timeout", "not_started"
@@ -112,6 +113,7 @@ class ForgeProcess:
         self.boot_timeout = boot_timeout
         self.phase = NOT_STARTED
         self.returncode: int | None = None
+        self._reader: threading.Thread | None = None
         self.started_at = 0.0
         self.ready_at: float | None = None  # time.monotonic() when readiness was noticed
         self.ready_wall: float | None = None  # the same moment by the wall clock, to compare with Forge's log
@@ -153,7 +155,7 @@ class ForgeProcess:
             self._set(NOT_STARTED)
             return False
         self._set(BOOTING)
-        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
+        self._start_reader()
         if watch:
             threading.Thread(target=self._watch, name="forge-watch", daemon=True).start()
         return True
@@ -191,6 +193,17 @@ class ForgeProcess:
         return self._proc.pid if self._proc else None
 
     # -- log ----------------------------------------------------------------------------------
+    def _start_reader(self) -> None:
+        self._reader = threading.Thread(target=self._read, name="forge-log", daemon=True)
+        self._reader.start()
+
+    def _drained(self) -> None:
+        """Let the log reader reach the end of what the exited process wrote (its last lines say why it
+        exited), for at most LOG_DRAIN seconds: a child it left behind may hold the pipe open."""
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(LOG_DRAIN)
+
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for raw in self._proc.stdout:
@@ -247,6 +260,7 @@ class ForgeProcess:
             if proc.poll() is not None and self._restarted(proc):
                 proc = self._current()
         self.returncode = proc.wait()
+        self._drained()  # seen under load: the exit noticed before the line naming its cause was read
         self._set(EXITED)
 
     def _current(self) -> subprocess.Popen[bytes]:
@@ -280,7 +294,7 @@ class ForgeProcess:
         if self._proc is None or self._proc is proc:
             self._proc = proc  # could not start the replacement: what ended is Forge's end
             return False
-        threading.Thread(target=self._read, name="forge-log", daemon=True).start()
+        self._start_reader()
         return True
 
     def failure(self) -> str:

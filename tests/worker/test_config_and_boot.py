@@ -232,6 +232,21 @@ def test_an_exit_during_boot_is_noticed_at_once_with_the_log_tail(tmp_path: Path
     assert time.monotonic() - started < PROMPT  # not at the boot deadline of 60 s
 
 
+def test_an_exit_right_after_much_output_still_names_its_cause(tmp_path: Path) -> None:
+    """The cause is the last line, behind a pipe full of output (a traceback, a long import log): the exit
+    is seen at once, and the reader must be let to the end of the pipe before the error is composed (seen
+    under load: "exited with code 1 while booting" without its cause)."""
+    noisy = ("import fcntl, sys; fcntl.fcntl(1, 1031, 1 << 20)\n"  # F_SETPIPE_SZ: 1 MiB fits the pipe unread
+             "sys.stdout.write('x\\n' * 150_000); sys.stdout.flush(); sys.exit('CUDA error: no kernel image')")
+    forge, _ = process(tmp_path, noisy, boot_timeout=60)
+    forge.start()
+    try:
+        with pytest.raises(ForgeUnavailable, match="exited with code 1 while booting: .*CUDA error: no kernel image"):
+            asyncio.run(forge.wait_ready())
+    finally:
+        forge.stop()
+
+
 def test_a_hung_boot_fails_at_the_deadline_and_is_stopped(tmp_path: Path) -> None:
     forge, _ = process(tmp_path, "import time; time.sleep(60)", boot_timeout=0.5)
     forge.start()
