@@ -57,6 +57,10 @@ Entry = tuple[str, str, str]
 # each holds whole files: the worker checks one piece while it unpacks the files in it, nothing read twice.
 Chunk = tuple[int, str]
 KEYS = frozenset({"version", "key", "root", "checkpoint", "dirs", "files", "ranges", "chunks"})
+OPTIONAL_KEYS = frozenset({"trace"})
+# What the tracer records, by revision (an index without "trace" is revision 1): 2 adds the folders Forge only
+# probed. A worker uses an index of any revision; install records one older than this again.
+TRACE = 2
 SEAL = re.compile(rb',"seal":"([0-9a-f]{64})"\}\s*\Z')
 INDEX_LIMIT = 256 << 20  # an index.json larger than this is not one install wrote
 
@@ -79,6 +83,7 @@ class Index:
     ranges: list[tuple[str, int, int, list[tuple[int, int]]]] = field(default_factory=list)  # rel, size, mtime_ns
     checkpoint: str | None = None  # the checkpoint the warm-up loaded, relative to the volume
     chunks: list[Chunk] = field(default_factory=list)  # files.bin piece by piece, with each piece's sha256
+    trace: int = TRACE  # the tracer's revision it was recorded with
 
     @property
     def archive_size(self) -> int:
@@ -89,7 +94,7 @@ class Index:
                 "dirs": {rel: [mtime, [list(e) for e in entries]] for rel, (mtime, entries) in self.dirs.items()},
                 "files": [list(f) for f in self.files],
                 "ranges": [[rel, size, mtime, [list(r) for r in spans]] for rel, size, mtime, spans in self.ranges],
-                "chunks": [list(c) for c in self.chunks]}
+                "chunks": [list(c) for c in self.chunks], "trace": self.trace}
 
     @classmethod
     def from_json(cls, data: Any) -> Index:
@@ -98,7 +103,7 @@ class Index:
             raise ValueError("boot set index is not a JSON object")
         if data.get("version") != VERSION:
             raise ValueError(f"boot set index version {data.get('version')!r}, this forge-volume reads {VERSION}")
-        if extra := sorted(set(data) - KEYS):
+        if extra := sorted(set(data) - KEYS - OPTIONAL_KEYS):
             raise ValueError(f"boot set index has unknown keys {extra}")
         if missing := sorted(KEYS - set(data)):
             raise ValueError(f"boot set index lacks {missing}")
@@ -115,7 +120,8 @@ class Index:
             ranges=[(_typed(r, str, "ranges"), _typed(s, int, r), _typed(m, int, r),
                      [(_typed(a, int, r), _typed(b, int, r)) for a, b in _rows(spans, 2, r)])
                     for r, s, m, spans in _rows(data["ranges"], 4, "ranges")],
-            chunks=[(_typed(n, int, "chunks"), _digest(d)) for n, d in _rows(data["chunks"], 2, "chunks")])
+            chunks=[(_typed(n, int, "chunks"), _digest(d)) for n, d in _rows(data["chunks"], 2, "chunks")],
+            trace=_typed(data.get("trace", 1), int, "trace"))
         rels = [*index.dirs, *(f[0] for f in index.files), *(r[0] for r in index.ranges),
                 *(f"{d}/{e[0]}" for d, (_, entries) in index.dirs.items() for e in entries)]
         if index.checkpoint is not None:
@@ -415,8 +421,11 @@ def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str,
         while parent and parent not in folders:
             folders.add(parent)
             parent = os.path.dirname(parent)
-    # The interpreter starts from the venv's bin/ (and finds pyvenv.cfg beside it) before any trace.
-    for path in [str(layout.venv_python), *(trace.get("listed") or [])]:
+    # The interpreter starts from the venv's bin/ (and finds pyvenv.cfg beside it) before any trace. A folder
+    # Forge only probed (a stat of a name in it, found or not) is laid out too: on the mirror the answer is
+    # local, where through a link each probe would be a round trip to the volume (800 of them before Forge
+    # answered, with the lab's venv: cv2's stub folders, find_spec of optional packages).
+    for path in [str(layout.venv_python), *(trace.get("listed") or []), *(trace.get("probed") or [])]:
         rel = _in_trees(layout, path)
         if rel is not None and path == str(layout.venv_python):
             rel = os.path.dirname(rel)

@@ -2,7 +2,10 @@
 
 Usage, as Forge's launcher: ``python tracer.py <launch.py> <Forge's args...>`` with
 ``FORGE_VOLUME_BOOT_TRACE=<record path>`` in the environment (removed before Forge starts). An audit
-hook notes every path Forge opens and every folder it lists; when ``<record>.request`` appears, a
+hook notes every path Forge opens and every folder it lists, and a wrapper of ``stat`` every folder it
+looks into without opening anything there (no audit event covers a stat: the import system probes
+``pkg/__init__.so``, ``__init__.py``... for every package a library checks with ``find_spec``, and for
+every stub folder beside an extension module, like cv2's sixty); when ``<record>.request`` appears, a
 thread writes them, with the files mapped into the process (shared libraries loaded by the dynamic
 linker, which no audit hook sees) and the pages of each mapped file this process has touched, to
 ``<record>`` as JSON, atomically. Forge itself runs unchanged:
@@ -18,6 +21,7 @@ import runpy
 import sys
 import threading
 import time
+from typing import Any
 
 RECORD_ENV = "FORGE_VOLUME_BOOT_TRACE"
 POLL = 0.05
@@ -79,6 +83,26 @@ def _touched() -> dict[str, list[list[int]]]:
     return touched
 
 
+def _trace_stats() -> dict[str, None]:
+    """Note the folder of every path stat'd through ``os.stat`` or ``posix.stat`` (the import system calls
+    the latter), whether or not the path exists; returns the notes, filled as Forge runs."""
+    import posix
+
+    probed: dict[str, None] = {}
+    real = posix.stat
+
+    def traced(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if kwargs.get("dir_fd") is None and isinstance(path, (str, bytes, os.PathLike)):
+            full = _absolute(os.fspath(path))
+            if full is not None:
+                probed.setdefault(os.path.dirname(full), None)
+        return real(path, *args, **kwargs)
+
+    posix.stat = traced
+    os.stat = traced
+    return probed
+
+
 def main() -> None:
     record = os.environ.pop(RECORD_ENV)
     opened: dict[str, None] = {}  # insertion-ordered: the order Forge first opened them
@@ -94,6 +118,7 @@ def main() -> None:
             if path is not None:
                 listed.setdefault(path, None)
 
+    probed = _trace_stats()
     mapped: dict[str, None] = {}  # in the order the libraries first appeared: the order the boot needs them
 
     def answer() -> None:
@@ -104,7 +129,8 @@ def main() -> None:
             time.sleep(POLL)
         for path in _mapped():
             mapped.setdefault(path, None)
-        data = {"opened": list(opened), "listed": list(listed), "mapped": list(mapped), "touched": _touched()}
+        data = {"opened": list(opened), "listed": list(listed), "probed": list(probed), "mapped": list(mapped),
+                "touched": _touched()}
         with open(record + ".tmp", "w", encoding="utf-8") as out:
             json.dump(data, out)
         os.replace(record + ".tmp", record)

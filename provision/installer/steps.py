@@ -557,8 +557,9 @@ def _boot_done(ctx: Ctx) -> bool:
     # The boot set must still describe the volume (a `pip install` by hand on a pod changes the venv).
     index = boot_set.read_index(ctx.layout)
     key = ((ctx.state.get("steps") or {}).get("boot") or {}).get("key")
-    return index is not None and index.key == key and boot_set.changed(ctx.layout, index) is None and \
-        boot_checkpoint_problem(ctx.layout, ctx.lock, index) is None
+    # An index an older forge-volume traced is recorded again: the worker gains what the tracer now sees.
+    return index is not None and index.key == key and index.trace >= boot_set.TRACE and \
+        boot_set.changed(ctx.layout, index) is None and boot_checkpoint_problem(ctx.layout, ctx.lock, index) is None
 
 
 def _boot_run(ctx: Ctx) -> Change:

@@ -227,3 +227,54 @@ def test_the_prefetch_line_gives_the_libraries_and_the_checkpoint_apart() -> Non
     assert line == ("fast boot: prefetched 3.0 GiB in 9.50 s: the libraries' pages (1.0 GiB) in 2.25 s, "
                     "then the checkpoint (2.0 GiB) in 7.25 s")
     assert _prefetched({"prefetched": "many"}) == "fast boot: prefetched (the helper's report is unreadable)"
+
+
+PROBING = """
+import importlib.util, os, sys, time
+sys.path.insert(0, sys.argv[1])
+assert importlib.util.find_spec("optional_pkg") is not None  # a library checking what is installed
+import extmod  # an extension module beside a folder of stubs: the import system probes stubs/__init__.*
+os.path.exists(os.path.join(sys.argv[1], "configs", "missing.json"))
+open(sys.argv[2] + ".request", "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.01)
+"""
+
+
+def test_the_tracer_notes_the_folders_forge_only_probed(tmp_path: Path) -> None:
+    """No audit event covers a stat: a folder whose names Forge only probed (found or not) was missing from
+    the record, so a worker answered each probe with a round trip to the volume (800 before the lab's Forge
+    answered). The tracer notes them by wrapping stat."""
+    site = tmp_path / "site"
+    _write(site / "optional_pkg" / "__init__.py", "raise SystemExit('never imported')\n")
+    _write(site / "extmod.py", "VALUE = 1\n")
+    _write(site / "extmod" / "stub.pyi", "VALUE: int\n")  # like cv2/xphoto/: stubs only, no __init__
+    _write(site / "configs" / "other.json", "{}\n")
+    _write(site / "untouched" / "x.py", "\n")
+    launch = _write(tmp_path / "launch.py", PROBING)
+    record = tmp_path / "trace.json"
+    run = subprocess.run([sys.executable, str(boot_set.TRACER), str(launch), str(site), str(record)],
+                         env={**os.environ, RECORD_ENV: str(record)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    trace = json.loads(record.read_text())
+    probed = set(trace["probed"])
+    assert {str(site / "optional_pkg"), str(site / "extmod"), str(site / "configs")} <= probed, sorted(probed)
+    assert str(site / "untouched") not in probed
+    assert str(site / "optional_pkg" / "__init__.py") not in trace["opened"]  # probed, never opened
+
+
+def test_a_probed_folder_is_laid_out_and_its_misses_stay_local(volume: VolumeLayout, tmp_path: Path) -> None:
+    site = volume.venv / "lib" / "site-packages"
+    trace = {"opened": [str(volume.launch_py)], "listed": [],
+             "probed": [str(site / "pkg" / "sub"), str(site / "no-such-folder"), "/etc", str(volume.models_dir)]}
+    index, files = boot_set.build_index(volume, trace, KEY)
+    assert "venv/lib/site-packages/pkg/sub" in index.dirs and "venv/lib/site-packages/pkg" in index.dirs
+    assert not any("no-such-folder" in rel or rel.startswith(("etc", "models")) for rel in index.dirs)
+    assert index.trace == boot_set.TRACE
+    boot_set.write(volume, index, files)
+    mirror = tmp_path / "mirror"
+    assert layout_child.build(volume, mirror)["ok"]
+    sub = mirror / "venv" / "lib" / "site-packages" / "pkg" / "sub"
+    assert sub.is_dir() and not sub.is_symlink()  # a probe of sub/__init__.py is answered by the local disk
+    assert not (sub / "__init__.py").exists() and (sub / "deep.py").is_symlink()
+    assert (sub / "deep.py").read_text() == "never imported\n"

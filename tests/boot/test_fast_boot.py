@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from provision.boot import boot_set
 from tests.conftest import snapshot
+from tests.helpers import boot_sets
 from tests.provision.conftest import cli
 from tests.worker.conftest import CHECKPOINT, WorkerProc, start_worker, worker_env
 from tests.worker.test_forge_env import children
@@ -135,3 +137,23 @@ def test_a_bad_switch_value_is_a_one_line_boot_error(tmp_path: Path) -> None:
                                      "default: when the volume answers over a network), 1 or 0)")
     assert load_settings({"FORGE_VOLUME": str(tmp_path)}).fast_boot == "auto"
     assert load_settings({"FORGE_VOLUME": str(tmp_path), "FORGE_FAST_BOOT": "On"}).fast_boot == "on"
+
+
+def test_a_boot_set_an_older_tracer_recorded_still_boots_and_install_records_it_again(
+        installed_volume: Path, tmp_path: Path) -> None:
+    """A worker uses a boot set of any revision (a volume keeps booting fast after an upgrade); install
+    records it again with what the tracer now sees (revision 2: the folders Forge only probed)."""
+    layout = VolumeLayout(installed_volume)
+    data = boot_sets.load(layout)
+    assert data["trace"] == boot_set.TRACE
+    del data["trace"]  # as forge-volume wrote it before revision 2
+    boot_sets.save(layout, data)
+
+    old = boot(installed_volume, tmp_path, "old")
+    assert not old.argv0.startswith(str(installed_volume)) and "fast boot off" not in old.log
+
+    again = cli("install")
+    assert again.exit_code == 0, again.output
+    assert "ran boot;" in again.stdout
+    assert boot_sets.load(layout)["trace"] == boot_set.TRACE
+    assert "ran boot;" not in cli("install").stdout  # once recorded again, nothing to do
