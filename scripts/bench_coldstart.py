@@ -293,6 +293,29 @@ def child_matching(parent: int, needle: str) -> int | None:
     return None
 
 
+# Where a cold start's time goes, from the lines the worker and Forge print (seconds; each one is optional).
+PHASES = (
+    ("lay-out", re.compile(r"\[worker\] fast boot: .* laid out on local disk in ([\d.]+) s")),
+    ("libraries prefetched",
+     re.compile(r"\[worker\] fast boot: prefetched .* the libraries' pages \(.*?\) in ([\d.]+) s")),
+    ("checkpoint read", re.compile(r"\[worker\] fast boot: prefetched .* then the checkpoint \(.*?\) in ([\d.]+) s")),
+    ("Forge startup", re.compile(r"^Startup time: ([\d.]+)s", re.MULTILINE)),
+    ("import torch", re.compile(r"^Startup time: .*?import torch: ([\d.]+)s", re.MULTILINE)),
+    ("Forge ready", re.compile(r"\[worker\] Forge ready after ([\d.]+) s")),
+    ("model load", re.compile(r"^Model loaded in ([\d.]+)s", re.MULTILINE)),
+    ("hashing", re.compile(r"^Model loaded in .*?calculate hash: ([\d.]+)s", re.MULTILINE)),
+)
+
+
+def phases(log: str) -> dict[str, float]:
+    """The phases a run's log names, in seconds (the first of each: the cold start's)."""
+    found: dict[str, float] = {}
+    for name, pattern in PHASES:
+        if match := pattern.search(log):
+            found[name] = float(match.group(1))
+    return found
+
+
 def median(values: Sequence[float | None]) -> float | None:
     real = [v for v in values if v is not None]
     return statistics.median(real) if real else None
@@ -352,6 +375,7 @@ class Run:
     memory: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # the 1-minute load average at start and end: a busy machine
     run_dir: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # where the time went, from the process's own log
 
 
 class Sampler(threading.Thread):
@@ -581,6 +605,7 @@ class Bench:
         finally:
             run.memory = sampler.result()
             self.cleanup.stop(proc)
+            run.phases = phases(log.read_text(encoding="utf-8", errors="replace"))
 
 
 def runpod_api(port: int) -> bool:
@@ -636,7 +661,7 @@ def schedule(settings: Sequence[Latency], variants: Sequence[str], runs: int) ->
                 yield setting, r + 1, variant
 
 
-def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate(runs: Sequence[Mapping[str, Any]], checkpoint_bytes: int | None = None) -> dict[str, Any]:
     """Medians per setting and variant, and the ratios the issue asks for (first image and first models)."""
     out: dict[str, Any] = {}
     settings = list(dict.fromkeys(r["setting"] for r in runs))
@@ -661,6 +686,8 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 if any(v is not None for v in hwm):
                     entry[f"{proc}_vmhwm_kb"] = median(hwm)
                     entry[f"{proc}_peak_rss_anon_kb"] = median(anon)
+            names = dict.fromkeys(name for r in ok for name in r.get("phases") or {})
+            entry["phases"] = {name: median([(r.get("phases") or {}).get(name) for r in ok]) for name in names}
             shm = [r["memory"].get("shmem_growth_kb") for r in ok]
             if any(v is not None for v in shm):
                 entry["shmem_growth_kb"] = median(shm)
@@ -672,8 +699,25 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 a, b = per.get(num, {}).get(key), per.get(den, {}).get(key)
                 if a is not None and b:
                     ratios[f"{num}/{den} {key[:-2]}"] = round(a / b, 3)
-        out[setting] = {"variants": per, "ratios": ratios}
+        bound = read_bound(setting, per, checkpoint_bytes)
+        if bound is not None and per.get("ours", {}).get("image_s"):
+            ratios["ours/bound image"] = round(per["ours"]["image_s"] / bound, 3)
+        out[setting] = {"variants": per, "ratios": ratios, "bound_s": bound}
     return out
+
+
+def read_bound(setting: str, per: Mapping[str, Any], checkpoint_bytes: int | None) -> float | None:
+    """max(the page-cache limit, the checkpoint's size over the volume's bandwidth + a warm worker's time to
+    Forge's first answer): a cold start cannot beat the page cache, nor reading the checkpoint once."""
+    limit = per.get("limit", {}).get("image_s")
+    warm = per.get("warm", {}).get("forge_s")
+    try:
+        bandwidth = float(setting.split(",")[2]) * 1e6
+    except (IndexError, ValueError):
+        return None
+    if limit is None or warm is None or not checkpoint_bytes or not bandwidth:
+        return None
+    return max(limit, checkpoint_bytes / bandwidth + warm)
 
 
 def fmt(value: float | None, unit: str = "s") -> str:
@@ -705,6 +749,13 @@ def report(summary: Mapping[str, Any]) -> str:
             if top:
                 lines.append(f"  top sources of metadata calls, {variant}: "
                              + ", ".join(f"{path} {n}" for path, n in top[:6]))
+        for variant, e in block["variants"].items():
+            if e.get("phases"):
+                lines.append(f"  where the time goes, {variant} (medians, from its log): "
+                             + ", ".join(f"{name} {fmt(value)}" for name, value in e["phases"].items()))
+        if block.get("bound_s"):
+            lines.append(f"  bound: max(limit, checkpoint / bandwidth + warm worker's Forge answer) = "
+                         f"{block['bound_s']:.1f} s")
         if block["ratios"]:
             lines.append("  ratios (medians): " + ", ".join(f"{k} {v:.2f}" for k, v in block["ratios"].items()))
     lines.append("\n(original: (b) and (c) sent to Forge directly; its handler's relay adds about a millisecond. "
@@ -713,8 +764,22 @@ def report(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def boot_checkpoint(layout: VolumeLayout) -> dict[str, Any]:
+    """The checkpoint the boot set names (the one the first txt2img loads) and its size, when there is one."""
+    from provision.boot.boot_set import read_index
+
+    index = read_index(layout)
+    if index is None or index.checkpoint is None:
+        return {}
+    try:
+        return {"path": index.checkpoint, "bytes": layout.absolute(index.checkpoint).stat().st_size}
+    except OSError:
+        return {"path": index.checkpoint}
+
+
 def write_result(args: argparse.Namespace, bench: Bench, started: str) -> dict[str, Any]:
     runs = [vars(r) for r in bench.runs]
+    checkpoint = boot_checkpoint(bench.layout)
     result = {
         "started": started, "volume": str(args.volume), "lab": str(args.lab),
         "host": {"cpus": os.cpu_count(), "kernel": platform.release()},
@@ -723,7 +788,7 @@ def write_result(args: argparse.Namespace, bench: Bench, started: str) -> dict[s
                      "argv_example": original_argv(bench.layout, Path("<scratch>/data"), 0),
                      "ld_preload": bench.tcmalloc,
                      "source": "ashleykleynhans/runpod-worker-forge start.sh (fork swimmingyoshi@78c185bc)"},
-        "summary": aggregate(runs), "runs": runs,
+        "checkpoint": checkpoint, "summary": aggregate(runs, checkpoint.get("bytes")), "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     netvol.write_json(args.out, result)

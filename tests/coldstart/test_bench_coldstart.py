@@ -138,3 +138,35 @@ def test_aggregate_takes_medians_of_the_runs_that_worked_and_the_ratios() -> Non
     assert "ours/original image" not in out["5,2,200"]["ratios"]  # no original there: no ratio
     text = bench.report(out)
     assert "ours/original image 0.47" in text and "original" in text and "5,2,200" in text
+
+
+LOG = "\n".join([
+    "[worker] fast boot: 12536 files (358.0 MiB) of the boot set laid out on local disk in 1.42 s; prefetching in "
+    "the background",
+    "[worker] starting Forge: /dev/shm/forge-mirror-x/venv/bin/python launch.py --nowebui --api",
+    "[worker] fast boot: prefetched 2.2 GiB in 6.10 s: the libraries' pages (238.9 MiB) in 1.20 s, then the "
+    "checkpoint (2.0 GiB) in 4.90 s",
+    "Startup time: 9.7s (launcher: 0.6s, import torch: 5.9s, initialize shared: 0.4s, other imports: 1.0s).",
+    "[worker] Forge ready after 10.15 s",
+    "Model loaded in 21.7s (unload existing model: 0.5s, calculate hash: 19.2s, forge model load: 2.0s).",
+    "Model loaded in 1.0s (forge model load: 1.0s).",
+]) + "\n"
+
+
+def test_the_phases_come_from_the_workers_and_forges_own_lines() -> None:
+    assert bench.phases(LOG) == {"lay-out": 1.42, "libraries prefetched": 1.2, "checkpoint read": 4.9,
+                                 "Forge startup": 9.7, "import torch": 5.9, "Forge ready": 10.15,
+                                 "model load": 21.7, "hashing": 19.2}
+    assert bench.phases("Startup time: 20.1s (launcher: 1.0s).\n") == {"Forge startup": 20.1}  # the original's
+
+
+def test_the_full_size_bound_is_the_checkpoints_read_plus_a_warm_answer_or_the_limit() -> None:
+    runs = [_run("ours", 40.0, phases={"lay-out": 1.5}), _run("limit", 20.0), _run("warm", 22.0)]  # warm forge_s 11
+    out = bench.aggregate(runs, checkpoint_bytes=6_900_000_000)  # 17.25 s at 400 MB/s
+    assert out["1,1,400"]["bound_s"] == pytest.approx(17.25 + 11.0)
+    assert out["1,1,400"]["ratios"]["ours/bound image"] == pytest.approx(40 / 28.25, abs=1e-3)
+    assert out["1,1,400"]["variants"]["ours"]["phases"] == {"lay-out": 1.5}
+    small = bench.aggregate(runs, checkpoint_bytes=2_000_000_000)["1,1,400"]  # 5 + 11 < the limit's 20
+    assert small["bound_s"] == pytest.approx(20.0)
+    text = bench.report(out)
+    assert "where the time goes, ours (medians, from its log): lay-out 1.5 s" in text and "= 28.2 s" in text

@@ -241,7 +241,7 @@ def test_an_exit_right_after_much_output_still_names_its_cause(tmp_path: Path) -
     forge, _ = process(tmp_path, noisy, boot_timeout=60)
     forge.start()
     try:
-        with pytest.raises(ForgeUnavailable, match="exited with code 1 while booting: .*CUDA error: no kernel image"):
+        with pytest.raises(ForgeUnavailable, match=r"exited with code 1 while booting: .*CUDA error: no kernel image"):
             asyncio.run(forge.wait_ready())
     finally:
         forge.stop()
