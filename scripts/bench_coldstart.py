@@ -316,6 +316,40 @@ def phases(log: str) -> dict[str, float]:
     return found
 
 
+def group_members(pgid: int) -> list[int]:
+    """The processes still in process group ``pgid`` (zombies included: their memory may not be freed yet)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    members.append(int(entry.name))
+    return members
+
+
+def cpu_idle(window: float = 0.5) -> float:
+    """The share of the machine's CPU time that was idle over ``window`` seconds (/proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(window)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def settle(deadline: float = 60.0, idle: float = 0.9) -> float:
+    """Wait until the machine is quiet (what the previous run left, a process freeing its memory, the page
+    cache written back, has ended), at most ``deadline`` seconds; returns the seconds waited. Without it a run
+    could start while the one before still freed 4 GB (seen: 100 % system time for 20 s after a Forge exit),
+    and a variant's figure would depend on which variant ran before it."""
+    started = time.monotonic()
+    while time.monotonic() - started < deadline and cpu_idle() < idle:
+        pass
+    return time.monotonic() - started
+
+
 def median(values: Sequence[float | None]) -> float | None:
     real = [v for v in values if v is not None]
     return statistics.median(real) if real else None
@@ -340,6 +374,9 @@ class Cleanup:
             os.killpg(proc.pid, signal.SIGKILL)  # Forge and anything else left in the group
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+        gone_by = time.monotonic() + 60
+        while group_members(proc.pid) and time.monotonic() < gone_by:
+            time.sleep(0.1)  # a Forge killed with its worker still frees gigabytes for seconds
         if proc in self.procs:
             self.procs.remove(proc)
 
@@ -376,6 +413,7 @@ class Run:
     load: list[float] = field(default_factory=list)  # the 1-minute load average at start and end: a busy machine
     run_dir: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # where the time went, from the process's own log
+    settled_s: float = 0.0  # seconds waited before the run for the machine to be quiet
 
 
 class Sampler(threading.Thread):
@@ -503,13 +541,16 @@ class Bench:
         run_dir = self.args.work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        run = Run(setting=label, variant=variant, round=round_no, run_dir=str(run_dir), load=[os.getloadavg()[0]])
+        settled = settle()
+        run = Run(setting=label, variant=variant, round=round_no, run_dir=str(run_dir), load=[os.getloadavg()[0]],
+                  settled_s=round(settled, 1))
         netvol_proc: subprocess.Popen[bytes] | None = None
         netvol_log, stats = run_dir / "netvol.log", run_dir / "fuse-total.json"
         try:
             if setting is not None:
                 netvol_proc = self.mount(setting, stats, netvol_log)
                 drop_caches()
+                run.settled_s = round(run.settled_s + settle(deadline=20.0), 1)  # the freed cache handed back
             self.boot_and_ask(run, run_dir, variant, fuse=setting is not None)
             run.ok = True
         except BenchError as exc:

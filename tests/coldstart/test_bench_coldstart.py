@@ -170,3 +170,17 @@ def test_the_full_size_bound_is_the_checkpoints_read_plus_a_warm_answer_or_the_l
     assert small["bound_s"] == pytest.approx(20.0)
     text = bench.report(out)
     assert "where the time goes, ours (medians, from its log): lay-out 1.5 s" in text and "= 28.2 s" in text
+
+
+def test_a_run_waits_for_the_last_ones_group_to_be_gone_and_the_machine_to_be_quiet() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert bench.group_members(sleeper.pid) == [sleeper.pid]
+        cleanup = bench.Cleanup()
+        cleanup.stop(sleeper, grace=0.1)
+        assert bench.group_members(sleeper.pid) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert 0.0 <= bench.cpu_idle(0.1) <= 1.0
+    assert bench.settle(deadline=5.0, idle=0.0) < 1.0  # one look (half a second): quiet enough, no more wait
