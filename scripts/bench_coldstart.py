@@ -298,6 +298,7 @@ PHASES = (
     ("lay-out", re.compile(r"\[worker\] fast boot: .* laid out on local disk in ([\d.]+) s")),
     ("libraries prefetched",
      re.compile(r"\[worker\] fast boot: prefetched .* the libraries' pages \(.*?\) in ([\d.]+) s")),
+    ("volume checked", re.compile(r"\[worker\] fast boot: the volume checked \(.*?\) in ([\d.]+) s")),
     ("checkpoint read", re.compile(r"\[worker\] fast boot: prefetched .* then the checkpoint \(.*?\) in ([\d.]+) s")),
     ("Forge startup", re.compile(r"^Startup time: ([\d.]+)s", re.MULTILINE)),
     ("import torch", re.compile(r"^Startup time: .*?import torch: ([\d.]+)s", re.MULTILINE)),

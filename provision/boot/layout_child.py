@@ -261,8 +261,12 @@ def main(argv: list[str]) -> int:
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
     check = None
     if result.get("ok"):
-        check = threading.Thread(target=lambda: _print_line({"changed": changed(layout, index, THREADS, files=False)}),
-                                 name="check")
+        def check_volume() -> None:
+            began = time.monotonic()
+            found = changed(layout, index, THREADS, files=False)
+            _print_line({"changed": found, "folders": len(index.dirs), "seconds": round(time.monotonic() - began, 3)})
+
+        check = threading.Thread(target=check_volume, name="check")
         check.start()
     started = time.monotonic()
     libraries = [0, 0.0]
