@@ -59,8 +59,9 @@ Chunk = tuple[int, str]
 KEYS = frozenset({"version", "key", "root", "checkpoint", "dirs", "files", "ranges", "chunks"})
 OPTIONAL_KEYS = frozenset({"trace"})
 # What the tracer records, by revision (an index without "trace" is revision 1): 2 adds the folders Forge only
-# probed. A worker uses an index of any revision; install records one older than this again.
-TRACE = 2
+# probed, 3 the files the interpreter read before the tracer's hook (site-packages' .pth files, what site
+# imported). A worker uses an index of any revision; install records one older than this again.
+TRACE = 3
 SEAL = re.compile(rb',"seal":"([0-9a-f]{64})"\}\s*\Z')
 INDEX_LIMIT = 256 << 20  # an index.json larger than this is not one install wrote
 

@@ -103,9 +103,30 @@ def _trace_stats() -> dict[str, None]:
     return probed
 
 
+def _read_before_the_hook() -> list[str]:
+    """What the interpreter read before this script ran, which no hook of ours saw: the ``.pth`` files of its
+    site-packages (``site`` reads them all at every start) and the modules loaded by then (``site`` and
+    what those files import, like setuptools' ``_distutils_hack``)."""
+    import site
+
+    paths: list[str] = []
+    for folder in site.getsitepackages():
+        try:
+            paths += [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if name.endswith(".pth")]
+        except OSError:
+            continue
+    for module in list(sys.modules.values()):
+        for attribute in ("__file__", "__cached__"):
+            path = getattr(module, attribute, None)
+            if isinstance(path, str) and path.startswith("/"):
+                paths.append(path)
+    return paths
+
+
 def main() -> None:
     record = os.environ.pop(RECORD_ENV)
-    opened: dict[str, None] = {}  # insertion-ordered: the order Forge first opened them
+    # insertion-ordered: the order Forge first opened them (what the interpreter read at its start first)
+    opened: dict[str, None] = dict.fromkeys(_read_before_the_hook())
     listed: dict[str, None] = {}
 
     def hook(event: str, args: tuple[object, ...]) -> None:

@@ -261,6 +261,12 @@ def test_the_tracer_notes_the_folders_forge_only_probed(tmp_path: Path) -> None:
     assert {str(site / "optional_pkg"), str(site / "extmod"), str(site / "configs")} <= probed, sorted(probed)
     assert str(site / "untouched") not in probed
     assert str(site / "optional_pkg" / "__init__.py") not in trace["opened"]  # probed, never opened
+    # Read at the interpreter's start, before any hook: every .pth of its site-packages, and what site loaded.
+    import site as python_site
+
+    pth = [str(p) for folder in python_site.getsitepackages() for p in sorted(Path(folder).glob("*.pth"))]
+    assert pth and set(pth) <= set(trace["opened"]), pth
+    assert python_site.__file__ in trace["opened"]
 
 
 def test_a_probed_folder_is_laid_out_and_its_misses_stay_local(volume: VolumeLayout, tmp_path: Path) -> None:

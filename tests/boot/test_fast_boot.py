@@ -144,11 +144,11 @@ def test_a_bad_switch_value_is_a_one_line_boot_error(tmp_path: Path) -> None:
 def test_a_boot_set_an_older_tracer_recorded_still_boots_and_install_records_it_again(
         installed_volume: Path, tmp_path: Path) -> None:
     """A worker uses a boot set of any revision (a volume keeps booting fast after an upgrade); install
-    records it again with what the tracer now sees (revision 2: the folders Forge only probed)."""
+    records it again with what the tracer now sees (the folders Forge only probed, the files read at its start)."""
     layout = VolumeLayout(installed_volume)
     data = boot_sets.load(layout)
     assert data["trace"] == boot_set.TRACE
-    del data["trace"]  # as forge-volume wrote it before revision 2
+    del data["trace"]  # as forge-volume wrote it before revisions existed
     boot_sets.save(layout, data)
 
     old = boot(installed_volume, tmp_path, "old")
