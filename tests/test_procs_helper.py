@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.procs import stop_group
 
 # A leader that starts a child which ignores SIGINT and SIGTERM and freezes itself, prints the
@@ -54,3 +56,33 @@ def test_stop_group_leaves_no_child_behind() -> None:
         if leader.poll() is None:
             os.killpg(leader.pid, signal.SIGKILL)
             leader.wait()
+
+
+def test_a_test_servers_error_never_lands_in_the_output_of_a_cli_run_in_process(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """click's CliRunner swaps sys.stderr for the whole process while a command runs: a loopback server
+    thread's traceback became part of the command's output (a soak failure of a "no Traceback" check)."""
+    import urllib.error
+    import urllib.request
+
+    import click
+    from click.testing import CliRunner
+
+    from tests.helpers.http_server import FileServer
+
+    def broken(handler: object, head: bool) -> bool:
+        raise RuntimeError("the server's own bug")
+
+    @click.command()
+    @click.argument("url")
+    def fetch(url: str) -> None:
+        try:
+            urllib.request.urlopen(url, timeout=10).read()
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            click.echo(f"failed: {type(exc).__name__}", err=True)
+
+    with FileServer() as server:
+        server.custom = broken
+        result = CliRunner().invoke(fetch, [server.url("/x")])
+    assert "failed:" in result.output and "Traceback" not in result.output, result.output
+    assert "RuntimeError: the server's own bug" in capfd.readouterr().err  # still shown, on the real stderr

@@ -68,7 +68,11 @@ except (OSError, AttributeError):
     pass
 if os.getppid() != int(sys.argv[1]):
     sys.exit(143)
-os.execvp(sys.argv[2], sys.argv[2:])
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:  # one line, no traceback: e.g. the fast boot's copy removed as Forge was starting from it
+    sys.stderr.write(f"cannot start {sys.argv[2]}: {exc.strerror or exc}\\n")
+    sys.exit(127)
 """
 
 

@@ -350,3 +350,18 @@ def test_confirm_is_asked_once_before_ready_and_can_restart_forge_with_another_c
         assert ("checking Forge's start failed" in "\n".join(lines)) == (verdict == "fails")
     finally:
         forge.stop()
+
+
+def test_a_program_gone_before_its_exec_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Seen in the soak: the check found the volume changed while Forge was starting from the fast boot's copy,
+    the worker removed the copy, and the starter's exec failed with a traceback in the worker's log."""
+    from provision.forge.process import dying_with_parent
+
+    program = tmp_path / "python"
+    program.write_text("#!/bin/sh\necho started\n")
+    program.chmod(0o755)
+    argv = dying_with_parent([str(program), "launch.py"])
+    program.unlink()  # gone between the worker's check and the exec
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 127
+    assert run.stderr == f"cannot start {program}: No such file or directory\n", run.stderr
