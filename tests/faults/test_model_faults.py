@@ -304,12 +304,16 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
     (installed_volume / "forge-volume.toml").write_text(
         provisioned_world.spec(extra=model_toml("checkpoint", url, sha256=sha(data))))
     assert cli(streams, "lock").exit_code == 0
-    probed, probes = route.bytes_sent, route.gets  # the lock asked the size: a GET of the first byte
+    # The lock asked the size (a GET of the first byte). The server counts a byte once its thread has
+    # written it, which under load may be after the lock had its answer: a late count would pass for the
+    # install's download below, and the refresh would then run before the install holds the volume.
+    wait_until(lambda: route.answered == route.gets, 30, "the lock's probe answered")
+    probed, probes = route.bytes_sent, route.gets
     first = subprocess.Popen([sys.executable, "-m", "provision.cli", "install"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     helper = None
     try:
-        wait_until(lambda: route.bytes_sent > probed, 30, "the install's download started")
+        wait_until(lambda: route.gets > probes and route.bytes_sent > probed, 30, "the install's download started")
         helper = subprocess.Popen([sys.executable, "-c", (
             "import json, sys\nfrom pathlib import Path\nfrom provision.models import ModelRequest, fetch_model\n"
             "from provision.progress import QUIET\nfrom volume_layout import VolumeLayout\n"

@@ -47,6 +47,7 @@ class Route:
     no_length: bool = False  # no Content-Length: the body ends when the connection closes
     headers: dict[str, str] = field(default_factory=dict)
     gets: int = 0
+    answered: int = 0  # GETs whose answer was sent whole (bytes_sent counts a chunk once it was written)
     bytes_sent: int = 0
 
     @property
@@ -102,7 +103,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and nth <= route.fail_first:
             self.reply(route.fail_status, b"try again\n")
             return
-        self._send_file(route, head, nth)
+        try:
+            self._send_file(route, head, nth)
+        finally:
+            if not head:
+                with owner.lock:
+                    route.answered += 1
 
     def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
