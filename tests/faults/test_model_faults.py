@@ -307,8 +307,7 @@ def test_case13_install_and_refresh_and_a_second_install_at_once(
     # The lock asked the size (a GET of the first byte). The server counts a byte once its thread has
     # written it, which under load may be after the lock had its answer: a late count would pass for the
     # install's download below, and the refresh would then run before the install holds the volume.
-    wait_until(lambda: route.answered == route.gets, 30, "the lock's probe answered")
-    probed, probes = route.bytes_sent, route.gets
+    probed, probes = route.settled_bytes(), route.gets
     first = subprocess.Popen([sys.executable, "-m", "provision.cli", "install"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     helper = None

@@ -56,6 +56,17 @@ class Route:
             return self.file.stat().st_size
         return len(self.data or b"")
 
+    def settled_bytes(self, timeout: float = 30.0) -> int:
+        """``bytes_sent`` once every GET so far was answered whole or given up: a handler counts a chunk
+        after writing it, and one whose client has gone goes on until a write fails. Read a baseline with
+        this, not ``bytes_sent``, or a late count of the last transfer lands in the next one."""
+        deadline = time.monotonic() + timeout
+        while self.answered < self.gets:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server still answers {self.gets - self.answered} GET(s) after {timeout} s")
+            time.sleep(0.01)
+        return self.bytes_sent
+
 
 @dataclass(frozen=True)
 class Seen:

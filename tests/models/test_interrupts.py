@@ -111,7 +111,7 @@ def test_an_interrupted_download_resumes_on_the_next_run(with_model: Path, serve
     if signals == [signal.SIGTERM]:  # a clean stop hands its bytes over under the stable name
         assert kept[0].name == f".{NAME}.partial"
 
-    sent_before = route.bytes_sent
+    sent_before = route.settled_bytes()
     route.delay_per_chunk = 0  # the rest at full speed: what is counted is bytes, not time
     again = subprocess.run([FORGE_VOLUME, "--volume", str(with_model), command], env=cli_env,
                            capture_output=True, text=True, timeout=DEADLINE)
@@ -151,7 +151,7 @@ def test_ctrl_c_during_add_then_the_same_add_again_finishes_it(installed_volume:
     # The message names the command that finishes the job.
     assert "error: interrupted; re-run the same command to resume (`forge-volume --volume " \
            f"{installed_volume} add lora {server.url('/' + NAME)} --sha256 " in err, err
-    sent_before = route.bytes_sent
+    sent_before = route.settled_bytes()
     route.delay_per_chunk = 0
 
     again = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=DEADLINE)

@@ -396,7 +396,7 @@ def test_interrupted_refresh_stops_promptly_and_resumes(installed_volume: Path, 
         assert proc.returncode == 1 and "interrupted" in err
         kept = partial.stat().st_size
         assert 0 < kept < len(data)
-        sent = route.bytes_sent
+        sent = route.settled_bytes()
         route.delay_per_chunk = 0
         result = cli("refresh-models", volume=installed_volume)
         assert result.exit_code == 0, result.output

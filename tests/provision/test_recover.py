@@ -38,7 +38,7 @@ def test_install_rebuilds_a_corrupt_state_from_the_volume(installed_volume: Path
         assert cli("lock").exit_code == 0
         assert cli("install").exit_code == 0
         route = server.routes["/style.safetensors"]
-        sent = route.bytes_sent
+        sent = route.settled_bytes()
         state = VolumeLayout(installed_volume).state
         text = state.read_text()
         state.write_text({"truncated": text[: len(text) // 2], "empty": "", "not-an-object": "[]"}[damage])
