@@ -317,6 +317,15 @@ def phases(log: str) -> dict[str, float]:
     return found
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """A live process's user and system CPU seconds (all its threads), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def group_members(pgid: int) -> list[int]:
     """The processes still in process group ``pgid`` (zombies included: their memory may not be freed yet)."""
     members = []
@@ -415,6 +424,8 @@ class Run:
     run_dir: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # where the time went, from the process's own log
     settled_s: float = 0.0  # seconds waited before the run for the machine to be quiet
+    netvol_cpu: dict[str, float] = field(default_factory=dict)  # the FUSE daemon's CPU seconds (this machine's
+    # cost of the instrument: a network volume's client runs in the kernel or on another host)
 
 
 class Sampler(threading.Thread):
@@ -459,6 +470,7 @@ class Bench:
         self.args = args
         self.cleanup = cleanup
         self.layout = VolumeLayout(args.volume)
+        self.netvol_pid: int | None = None  # the mounted FUSE daemon's, while a run has one
         self.lab_env = lab_env(args.lab)
         self.tcmalloc = tcmalloc_like_start_sh()
         self.mnt = args.work / "mnt"
@@ -550,6 +562,7 @@ class Bench:
         try:
             if setting is not None:
                 netvol_proc = self.mount(setting, stats, netvol_log)
+                self.netvol_pid = netvol_proc.pid
                 drop_caches()
                 run.settled_s = round(run.settled_s + settle(deadline=20.0), 1)  # the freed cache handed back
             self.boot_and_ask(run, run_dir, variant, fuse=setting is not None)
@@ -558,6 +571,7 @@ class Bench:
             run.error = str(exc)
         finally:
             if netvol_proc is not None:
+                self.netvol_pid = None
                 try:
                     self.unmount(netvol_proc, netvol_log)
                 except BenchError as exc:
@@ -603,6 +617,9 @@ class Bench:
                 wait_until("Forge's API", lambda: answers(forge_port), deadline, gone)
                 run.forge_s = time.monotonic() - started
                 if fuse:
+                    daemon_cpu = cpu_seconds(self.netvol_pid) if self.netvol_pid else None
+                    if daemon_cpu is not None:
+                        run.netvol_cpu["FUSE daemon CPU to answer"] = round(daemon_cpu, 1)
                     before = run_dir / "fuse-at-answer.json"
                     netvol.dump(self.mnt, before)
                     run.fuse_before = netvol.summarize(json.loads(before.read_text()))
@@ -629,6 +646,9 @@ class Bench:
                                          timeout=deadline)
                 check_image(status, body, log)
                 run.image_s = time.monotonic() - started
+                daemon_cpu = cpu_seconds(self.netvol_pid) if fuse and self.netvol_pid else None
+                if daemon_cpu is not None:
+                    run.netvol_cpu["FUSE daemon CPU to image"] = round(daemon_cpu, 1)
             else:
                 wait_until("RunPod's local API", lambda: runpod_api(api_port), deadline, gone)
                 job: dict[str, Any] = {"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}}
@@ -639,6 +659,9 @@ class Bench:
                 status, body = http_call(api_port, "POST", "/runsync", {"input": job}, timeout=deadline)
                 check_image(status, job_output(status, body, log), log)
                 run.image_s = time.monotonic() - started
+                daemon_cpu = cpu_seconds(self.netvol_pid) if fuse and self.netvol_pid else None
+                if daemon_cpu is not None:
+                    run.netvol_cpu["FUSE daemon CPU to image"] = round(daemon_cpu, 1)
                 forge_seen.wait(30)
                 if forge_error:
                     raise BenchError(forge_error[0])
@@ -647,7 +670,7 @@ class Bench:
         finally:
             run.memory = sampler.result()
             self.cleanup.stop(proc)
-            run.phases = phases(log.read_text(encoding="utf-8", errors="replace"))
+            run.phases = {**phases(log.read_text(encoding="utf-8", errors="replace")), **run.netvol_cpu}
 
 
 def runpod_api(port: int) -> bool:

@@ -186,3 +186,17 @@ def test_a_run_waits_for_the_last_ones_group_to_be_gone_and_the_machine_to_be_qu
         sleeper.wait()
     assert 0.0 <= bench.cpu_idle(0.1) <= 1.0
     assert bench.settle(deadline=5.0, idle=0.0) < 1.0  # one look (half a second): quiet enough, no more wait
+
+
+def test_the_fuse_daemons_cpu_seconds_are_read_from_proc_and_none_once_it_is_gone() -> None:
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+                                "while time.process_time() < end: pass\nprint(flush=True)\ntime.sleep(60)"],
+                               stdout=subprocess.PIPE)
+    try:
+        assert spinner.stdout is not None and spinner.stdout.readline() == b"\n"  # 0.3 s of CPU spent
+        spent = bench.cpu_seconds(spinner.pid)
+        assert spent is not None and 0.25 <= spent < 30  # ticks of 10 ms, rounded down
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert bench.cpu_seconds(spinner.pid) is None
