@@ -90,6 +90,7 @@ def test_case14_install_killed_at_each_step_then_rerun_completes_and_verifies(
     assert cli(streams, "lock").exit_code == 0
     layout = VolumeLayout(volume)
     landed: dict[str, str | None] = {}
+    finished: dict[str, bool] = {}  # a step with no process of its own: did it end before the kill?
     for name, title, needle in STEPS:
         run = Install()
         deadline = time.monotonic() + 60
@@ -107,7 +108,14 @@ def test_case14_install_killed_at_each_step_then_rerun_completes_and_verifies(
         streams.add(f"install killed in {name}", "\n".join(run.lines))
         assert run.proc.returncode == -signal.SIGKILL, (name, run.lines[-5:])
         state = read_state(layout) or {}
-        assert name not in (state.get("steps") or {}), f"{name} is recorded as done though it was killed"
+        if name in landed and needle is None:
+            # No process of its own to be caught in: the kill at its "==>" line may land after the step
+            # ended (seen under load with the settings step, a few small atomic writes). Then its record is
+            # right; what must never be is a record of a step whose work is not whole, which the re-runs,
+            # the final verify --deep and the "nothing to do" install below check.
+            finished[name] = name in (state.get("steps") or {})
+        else:
+            assert name not in (state.get("steps") or {}), f"{name} is recorded as done though it was killed"
         forge = layout.forge_dir
         assert not forge.exists() or head_commit(forge) is not None, "a half-made Forge checkout is in place"
     # Steps that start a process were each killed while that process ran; the three that run none
@@ -115,6 +123,7 @@ def test_case14_install_killed_at_each_step_then_rerun_completes_and_verifies(
     assert {n: t for n, t in landed.items() if dict((s[0], s[2]) for s in STEPS)[n]} == \
         {n: t for n, t, needle in STEPS if needle}, landed
 
+    streams.add("steps that ended before their kill", repr(finished))
     final = cli(streams, "install")
     assert final.exit_code == 0, final.output
     for args in (("verify",), ("verify", "--deep")):
