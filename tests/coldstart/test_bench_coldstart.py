@@ -200,3 +200,32 @@ def test_the_fuse_daemons_cpu_seconds_are_read_from_proc_and_none_once_it_is_gon
         spinner.kill()
         spinner.wait()
     assert bench.cpu_seconds(spinner.pid) is None
+
+
+def test_host_memory_turns_page_reporting_off_for_the_bench_and_back(tmp_path: Path) -> None:
+    knob = tmp_path / "page_reporting_order"
+    knob.write_text("9\n")
+    touched: list[int] = []
+    memory = bench.HostMemory(knob)
+    held = memory.hold(touch=touched.append)
+    assert knob.read_text() == f"{bench.NO_REPORTING_ORDER}\n"
+    assert held["page_reporting"] == "off for the bench (was order 9)"
+    assert len(touched) == 1 and touched[0] >= 0 and held["pretouched_mib"] == touched[0] >> 20
+    memory.release()
+    assert knob.read_text() == "9\n"
+    memory.release()  # once only: a second release writes nothing
+    assert knob.read_text() == "9\n"
+
+
+def test_host_memory_leaves_a_machine_without_the_knob_as_it_is(tmp_path: Path) -> None:
+    touched: list[int] = []
+    memory = bench.HostMemory(tmp_path / "absent")
+    assert memory.hold(touch=touched.append) == {"page_reporting": "absent"}
+    memory.release()
+    assert touched == [] and not (tmp_path / "absent").exists()
+
+
+def test_pretouch_faults_in_the_memory_it_is_given_and_frees_it() -> None:
+    bench.pretouch(64 << 20)  # a child that maps, populates and exits; a failure would raise BenchError
+    with pytest.raises(bench.BenchError, match="free memory failed"):
+        bench.pretouch(-1)
