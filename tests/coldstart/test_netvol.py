@@ -7,8 +7,10 @@ The mounted file system is checked by the opt-in ``test_netvol_mount.py``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -167,3 +169,39 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
     nobody = run("dump", str(tmp_path), str(tmp_path / "x.json"))
     assert nobody.returncode == 1 and nobody.stderr.strip().count("\n") == 0
     assert "no netvol mount answers" in nobody.stderr
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of ``path``'s pages are in the page cache (mincore over a read-only map of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(addr, size)
+
+
+def test_a_read_leaves_no_second_copy_of_the_source_in_the_page_cache(tree: Path) -> None:
+    lat = netvol.Latency(0, 0, 0)
+    ops = netvol.NetVolOps(tree, lat, netvol.Counters(lat), context=threading.get_native_id, sleep=lambda s: None)
+    source = tree / "a" / "b" / "f.bin"
+    with open(source, "rb") as f:
+        os.fsync(f.fileno())  # clean pages: only those can be dropped
+        expected = f.read()
+    assert _resident_pages(source) > 0  # cached by the plain read above
+    fh = ops.open("/a/b/f.bin", os.O_RDONLY)
+    try:
+        assert ops.read("/a/b/f.bin", 300_000, 0, fh) == expected
+    finally:
+        ops.release("/a/b/f.bin", fh)
+    assert _resident_pages(source) == 0
