@@ -12,10 +12,10 @@ one after another. ``mount`` serves SRC at MNT and sleeps ``--meta-ms`` in every
 (``--max-threads``), so parallel calls overlap as requests in flight do on a network client (but
 lookups of names in one directory arrive one at a time: see ``NetVolOps.init_with_config``). The
 kernel caches as such a client does: attributes, entries and missing names for ``--timeout`` s
-(1 s), file pages for as long as the mount lives; the pages of SRC it read are dropped from the cache
-again (a client's machine holds one copy of a file, not its server's too). libfuse's high-level API
-turns a kernel LOOKUP into getattr, so the getattr count is the lookups plus the stats that missed the
-attribute cache.
+(1 s), file pages for as long as the mount lives; SRC's files are read around the page cache (O_DIRECT,
+where SRC's file system has it): a client's machine holds one copy of a file, not its server's too.
+libfuse's high-level API turns a kernel LOOKUP into getattr, so the getattr count is the lookups plus
+the stats that missed the attribute cache.
 
 Every call is counted by kind, path and process (a thread is resolved to its process): per path the
 metadata calls (a lookup of a missing name counts as ``missing``), per file the opens, reads and
@@ -33,9 +33,11 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import socket
 import sys
@@ -251,6 +253,28 @@ class Processes:
 
 
 # -- the file system -------------------------------------------------------------------------------
+_DIRECT_ALIGN = 4096  # what O_DIRECT asks of an offset, a length and a buffer (a page covers every disk's block)
+_buffers = threading.local()
+
+
+def _read(fd: int, size: int, offset: int) -> bytes:
+    """``pread``, around the page cache when ``fd`` was opened with O_DIRECT (the kernel's reads of a mount are
+    whole pages; anything else is read through a second descriptor without O_DIRECT)."""
+    if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        return os.pread(fd, size, offset)
+    if offset % _DIRECT_ALIGN or size % _DIRECT_ALIGN:
+        plain = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            return os.pread(plain, size, offset)
+        finally:
+            os.close(plain)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = mmap.mmap(-1, size)  # anonymous maps are page-aligned
+    got = os.preadv(fd, [memoryview(buf)[:size]], offset)
+    return buf[:got]
+
+
 class NetVolOps:
     """The pass-through's operations, in mfusepy's calling convention (paths relative to the mount, ``/``-led).
 
@@ -263,8 +287,10 @@ class NetVolOps:
     use_ns = True  # mfusepy: times in nanoseconds
 
     def __init__(self, src: Path, latency: Latency, counters: Counters, context: Callable[[], int] = os.getpid,
-                 sleep: Callable[[float], None] = time.sleep, processes: Processes | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, processes: Processes | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.src = str(src.resolve())
+        self._clock = clock
         self.latency = latency
         self.counters = counters
         self._context = context
@@ -329,19 +355,20 @@ class NetVolOps:
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         self._meta("open", path)
-        fd = os.open(self._real(path), os.O_RDONLY)
+        try:  # around the page cache: a network client's machine holds one copy of a file, not its server's too
+            fd = os.open(self._real(path), os.O_RDONLY | os.O_DIRECT)
+        except OSError:  # a file system without direct I/O (tmpfs)
+            fd = os.open(self._real(path), os.O_RDONLY)
         self.counters.opened(path, os.fstat(fd).st_size, self._pid(), self._procs.cmd)
         return fd
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        data = os.pread(fh, size, offset)
-        # The bytes now sit in the kernel's cache of the mount; a network client's machine would not also
-        # cache its server's copy. Left cached, a 6.9 GB checkpoint took 14 GB of a 23 GB machine, and
-        # the pages Forge had read were evicted and read again through the mount.
-        os.posix_fadvise(fh, offset, len(data), os.POSIX_FADV_DONTNEED)
+        began = self._clock()
+        data = _read(fh, size, offset)
+        spent = self._clock() - began  # the source's own time (a disk read, around the cache) is part of the call's
         self.counters.read(path, size, len(data), self._pid(), self._procs.cmd)
-        delay = self.latency.read_delay(len(data))
-        if delay:
+        delay = self.latency.read_delay(len(data)) - spent
+        if delay > 0:
             self._sleep(delay)
         return data
 

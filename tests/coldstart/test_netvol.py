@@ -55,7 +55,8 @@ def test_operations_count_every_call_and_ask_for_the_modelled_delay(tree: Path) 
     slept: list[float] = []
     lat = netvol.Latency(2, 1, 100)
     counters = netvol.Counters(lat)
-    ops = netvol.NetVolOps(tree, lat, counters, context=threading.get_native_id, sleep=slept.append)
+    ops = netvol.NetVolOps(tree, lat, counters, context=threading.get_native_id, sleep=slept.append,
+                           clock=lambda: 0.0)
 
     assert ops.getattr("/")["st_mode"] == os.stat(tree).st_mode
     assert ops.getattr("/a/b/f.bin")["st_size"] == 300_000
@@ -192,16 +193,39 @@ def _resident_pages(path: Path) -> int:
 
 
 def test_a_read_leaves_no_second_copy_of_the_source_in_the_page_cache(tree: Path) -> None:
+    try:
+        os.close(os.open(tree / "x.txt", os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip(f"{tree}'s file system has no direct I/O (tmpfs): its files are all in memory anyway")
     lat = netvol.Latency(0, 0, 0)
     ops = netvol.NetVolOps(tree, lat, netvol.Counters(lat), context=threading.get_native_id, sleep=lambda s: None)
     source = tree / "a" / "b" / "f.bin"
     with open(source, "rb") as f:
         os.fsync(f.fileno())  # clean pages: only those can be dropped
         expected = f.read()
-    assert _resident_pages(source) > 0  # cached by the plain read above
+    os.posix_fadvise(os.open(source, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert _resident_pages(source) == 0  # nothing cached before the mount's read
     fh = ops.open("/a/b/f.bin", os.O_RDONLY)
     try:
-        assert ops.read("/a/b/f.bin", 300_000, 0, fh) == expected
+        assert ops.read("/a/b/f.bin", 74 * 4096, 0, fh) == expected  # the kernel asks for whole pages, past EOF too
+        assert ops.read("/a/b/f.bin", 8192, 8192, fh) == expected[8192:16384]
+        assert _resident_pages(source) == 0
+        assert ops.read("/a/b/f.bin", 1000, 5, fh) == expected[5:1005]  # not page-aligned: read without O_DIRECT
     finally:
         ops.release("/a/b/f.bin", fh)
-    assert _resident_pages(source) == 0
+
+
+def test_a_reads_own_time_counts_toward_its_modelled_delay(tree: Path) -> None:
+    """A read costs what the model says, not that plus the source's own time (a disk read around the cache)."""
+    slept: list[float] = []
+    ticks = iter([10.0, 10.0004, 20.0, 20.5])  # the first read took 0.4 ms of the source's time, the second 0.5 s
+    lat = netvol.Latency(0, 1, 100)
+    ops = netvol.NetVolOps(tree, lat, netvol.Counters(lat), context=threading.get_native_id, sleep=slept.append,
+                           clock=lambda: next(ticks))
+    fh = ops.open("/a/b/f.bin", os.O_RDONLY)
+    try:
+        ops.read("/a/b/f.bin", 131072, 0, fh)
+        ops.read("/a/b/f.bin", 131072, 131072, fh)  # slower than the model: no sleep on top
+    finally:
+        ops.release("/a/b/f.bin", fh)
+    assert slept == pytest.approx([0.001 + 131072 / 1e8 - 0.0004])
