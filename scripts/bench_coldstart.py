@@ -128,8 +128,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, help="logs and counters (default bench-out/coldstart/<time>)")
     ap.add_argument("--out", type=Path, help="result JSON (default WORK/result.json)")
     ap.add_argument("--page-reporting", choices=("off", "host"), default="off",
-                    help="a VM's free page reporting to its host: off for the bench (default; see HostMemory) "
-                         "or as the host set it")
+                    help="a VM's free page reporting to its host and DAMON's paging out: off for the bench "
+                         "(default; see HostMemory) or as the host set them")
     args = ap.parse_args(list(argv))
     if args.deadline <= 0:
         ap.error("--deadline must be > 0")
@@ -365,6 +365,7 @@ def settle(deadline: float = 60.0, idle: float = 0.9) -> float:
 
 # -- the machine's memory ---------------------------------------------------------------------------
 PAGE_REPORTING = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+KDAMONDS = Path("/sys/kernel/mm/damon/admin/kdamonds")
 NO_REPORTING_ORDER = 11  # above the buddy allocator's highest order (10): no free block is large enough to report
 MADV_POPULATE_WRITE = 23  # linux/mman.h (5.14+): fault in every page of a range at once
 PRETOUCH_MARGIN = 1 << 30  # left untouched: the machine's own needs while the toucher runs
@@ -397,40 +398,67 @@ def mem_free(meminfo: Path = Path("/proc/meminfo")) -> int:
 
 
 class HostMemory:
-    """A virtual machine's free memory handed back to its host, held for the bench.
+    """A virtual machine's memory machinery held still for the bench: free pages handed back to the host, and
+    the page cache paged out behind the runs' backs.
 
     A guest with virtio-balloon's free page reporting (Firecracker's, this machine's) reports free 2 MiB
     blocks to the host, which discards them; the next touch of such a page costs a fault in the host and a
     zeroed page. The cold runs start with ``drop_caches``, which frees gigabytes, and then pay for every page
     they fill again: measured on this machine, copying the lab's 2.1 GB checkpoint out of a freshly filled
-    page cache took 3.4 s (3.9 s of system time) with reporting on and 0.8-1.3 s with it off, and
-    Forge's model load 5.7 s in a cold run against 2.1 s in the limit's. The page-cache limit's run
-    drops nothing, so the reporting taxed the cold variants alone. ``hold`` stops the reporting for the
-    bench and touches the free memory once (so what was handed back before is the guest's again);
-    ``release`` restores the setting. A machine without the knob (bare metal, most hosts) is left as it is."""
+    page cache took 3.4 s (3.9 s of system time) with reporting on and 0.8-1.3 s with it off, and Forge's
+    model load 5.7 s in a cold run against 2.1 s in the limit's, whose run drops nothing. ``hold`` stops
+    the reporting and touches the free memory once (so what was handed back before is the guest's again).
 
-    def __init__(self, knob: Path = PAGE_REPORTING) -> None:
+    The same machine runs DAMON (``kdamond``) with a scheme that pages out file pages no process maps once
+    they have gone unused for a minute: between a warm-up and its timed run, and more so with SDXL's longer
+    runs, it took pages of the "warm" page cache away (the limit's SDXL runs measured 19 to 32 s). ``hold``
+    turns the kdamonds off too.
+
+    ``release`` restores both. A machine without these knobs (bare metal, most hosts) is left as it is."""
+
+    def __init__(self, knob: Path = PAGE_REPORTING, kdamonds: Path = KDAMONDS) -> None:
         self.knob = knob
+        self.kdamonds = kdamonds
         self.was: str | None = None
+        self.stopped: list[Path] = []  # the state files of the kdamonds this bench turned off
 
     def hold(self, touch: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Reporting off and the free memory touched once (``touch``, default ``pretouch``); what was done."""
+        """Reporting and DAMON off, the free memory touched once (``touch``, default ``pretouch``); what was
+        done."""
+        held: dict[str, Any] = {"damon": self._stop_damon()}
         try:
             was = self.knob.read_text().strip()
         except OSError:
-            return {"page_reporting": "absent"}
+            return {"page_reporting": "absent", **held}
         try:
             self.knob.write_text(f"{NO_REPORTING_ORDER}\n")
         except OSError as exc:
-            return {"page_reporting": f"order {was}, left on: {exc.strerror or exc}"}
+            return {"page_reporting": f"order {was}, left on: {exc.strerror or exc}", **held}
         self.was = was
         size = max(0, mem_free() - PRETOUCH_MARGIN)
         started = time.monotonic()
         (touch or pretouch)(size)
         return {"page_reporting": f"off for the bench (was order {was})", "pretouched_mib": size >> 20,
-                "pretouch_s": round(time.monotonic() - started, 1)}
+                "pretouch_s": round(time.monotonic() - started, 1), **held}
+
+    def _stop_damon(self) -> str:
+        states = sorted(self.kdamonds.glob("*/state"))
+        for state in states:
+            try:
+                if state.read_text().strip() == "on":
+                    state.write_text("off\n")
+                    self.stopped.append(state)
+            except OSError:
+                continue
+        if not states:
+            return "absent"
+        return f"{len(self.stopped)} kdamond(s) off for the bench" if self.stopped else "no kdamond running"
 
     def release(self) -> None:
+        for state in self.stopped:
+            with contextlib.suppress(OSError):
+                state.write_text("on\n")
+        self.stopped = []
         if self.was is not None:
             with contextlib.suppress(OSError):
                 self.knob.write_text(f"{self.was}\n")

@@ -206,21 +206,28 @@ def test_host_memory_turns_page_reporting_off_for_the_bench_and_back(tmp_path: P
     knob = tmp_path / "page_reporting_order"
     knob.write_text("9\n")
     touched: list[int] = []
-    memory = bench.HostMemory(knob)
+    kdamonds = tmp_path / "kdamonds"
+    for n, state in (("0", "on"), ("1", "off")):
+        (kdamonds / n).mkdir(parents=True)
+        (kdamonds / n / "state").write_text(f"{state}\n")
+    memory = bench.HostMemory(knob, kdamonds)
     held = memory.hold(touch=touched.append)
     assert knob.read_text() == f"{bench.NO_REPORTING_ORDER}\n"
     assert held["page_reporting"] == "off for the bench (was order 9)"
+    assert held["damon"] == "1 kdamond(s) off for the bench"
+    assert [(kdamonds / n / "state").read_text() for n in "01"] == ["off\n", "off\n"]
     assert len(touched) == 1 and touched[0] >= 0 and held["pretouched_mib"] == touched[0] >> 20
     memory.release()
     assert knob.read_text() == "9\n"
+    assert [(kdamonds / n / "state").read_text() for n in "01"] == ["on\n", "off\n"]  # only the one it stopped
     memory.release()  # once only: a second release writes nothing
     assert knob.read_text() == "9\n"
 
 
 def test_host_memory_leaves_a_machine_without_the_knob_as_it_is(tmp_path: Path) -> None:
     touched: list[int] = []
-    memory = bench.HostMemory(tmp_path / "absent")
-    assert memory.hold(touch=touched.append) == {"page_reporting": "absent"}
+    memory = bench.HostMemory(tmp_path / "absent", tmp_path / "no-kdamonds")
+    assert memory.hold(touch=touched.append) == {"page_reporting": "absent", "damon": "absent"}
     memory.release()
     assert touched == [] and not (tmp_path / "absent").exists()
 
