@@ -261,8 +261,9 @@ def _read(fd: int, size: int, offset: int) -> bytes:
     CPU; dropping the read range itself leaves every page a larger folio around it still holds.)"""
     data = os.pread(fd, size, offset)
     end = offset // FOLIO * FOLIO
-    if end:
-        os.posix_fadvise(fd, max(0, end - DROP_LAG), end - max(0, end - DROP_LAG), os.POSIX_FADV_DONTNEED)
+    start = max(0, end - DROP_LAG)
+    if end > start:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
     return data
 
 
@@ -353,7 +354,7 @@ class NetVolOps:
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         began = self._clock()
         data = _read(fh, size, offset)
-        spent = self._clock() - began  # the source's own time (a disk read, around the cache) is part of the call's
+        spent = self._clock() - began  # the source's own time (a disk read after a cache drop) is part of the call's
         self.counters.read(path, size, len(data), self._pid(), self._procs.cmd)
         delay = self.latency.read_delay(len(data)) - spent
         if delay > 0:
