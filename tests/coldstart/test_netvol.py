@@ -7,7 +7,6 @@ The mounted file system is checked by the opt-in ``test_netvol_mount.py``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import mmap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from provision.boot.boot_set import resident_ranges
 from tests.coldstart.conftest import SCRIPTS, load_script
 
 netvol = load_script("netvol")
@@ -173,23 +173,8 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def _resident_pages(path: Path) -> int:
-    """How many of ``path``'s pages are in the page cache (mincore over a read-only map of it)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    with open(path, "rb") as f:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            vec = ctypes.create_string_buffer(pages)
-            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
-            return sum(b & 1 for b in vec.raw)
-        finally:
-            libc.munmap(addr, size)
+    """How many of ``path``'s pages are in the page cache (the boot set's own mincore reader)."""
+    return sum(-(-length // mmap.PAGESIZE) for _, length in resident_ranges(path))
 
 
 def test_reads_leave_no_second_copy_of_the_source_in_the_page_cache(tmp_path: Path) -> None:
@@ -223,7 +208,7 @@ def test_reads_leave_no_second_copy_of_the_source_in_the_page_cache(tmp_path: Pa
 
 
 def test_a_reads_own_time_counts_toward_its_modelled_delay(tree: Path) -> None:
-    """A read costs what the model says, not that plus the source's own time (a disk read around the cache)."""
+    """A read costs what the model says, not that plus the source's own time (a disk read after a cache drop)."""
     slept: list[float] = []
     ticks = iter([10.0, 10.0004, 20.0, 20.5])  # the first read took 0.4 ms of the source's time, the second 0.5 s
     lat = netvol.Latency(0, 1, 100)
