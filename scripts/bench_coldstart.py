@@ -370,7 +370,7 @@ NO_REPORTING_ORDER = 11  # above the buddy allocator's highest order (10): no fr
 MADV_POPULATE_WRITE = 23  # linux/mman.h (5.14+): fault in every page of a range at once
 PRETOUCH_MARGIN = 1 << 30  # left untouched: the machine's own needs while the toucher runs
 PRETOUCH = """
-import mmap, sys
+import mmap, resource, sys
 size = int(sys.argv[1])
 m = mmap.mmap(-1, size)
 try:
@@ -378,15 +378,18 @@ try:
 except OSError:  # a kernel before 5.14: one write per page
     for offset in range(0, size, mmap.PAGESIZE):
         m[offset] = 1
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """.replace("POPULATE_WRITE", str(MADV_POPULATE_WRITE))
 
 
-def pretouch(size: int) -> None:
-    """Fault in ``size`` bytes of anonymous memory in a child, which then exits and frees them."""
+def pretouch(size: int) -> int:
+    """Fault in ``size`` bytes of anonymous memory in a child, which then exits and frees them; the child's peak
+    resident memory in bytes (``size`` and the interpreter's own)."""
     done = subprocess.run([sys.executable, "-c", PRETOUCH, str(size)], capture_output=True, text=True, timeout=600,
                           check=False)
     if done.returncode != 0:
         raise BenchError(f"touching {size >> 20} MiB of free memory failed: {done.stderr.strip()[-500:]}")
+    return int(done.stdout.split()[-1])
 
 
 def mem_free(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -422,7 +425,7 @@ class HostMemory:
         self.was: str | None = None
         self.stopped: list[Path] = []  # the state files of the kdamonds this bench turned off
 
-    def hold(self, touch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def hold(self, touch: Callable[[int], object] | None = None) -> dict[str, Any]:
         """Reporting and DAMON off, the free memory touched once (``touch``, default ``pretouch``); what was
         done."""
         held: dict[str, Any] = {"damon": self._stop_damon()}

@@ -233,6 +233,6 @@ def test_host_memory_leaves_a_machine_without_the_knob_as_it_is(tmp_path: Path) 
 
 
 def test_pretouch_faults_in_the_memory_it_is_given_and_frees_it() -> None:
-    bench.pretouch(64 << 20)  # a child that maps, populates and exits; a failure would raise BenchError
+    assert bench.pretouch(64 << 20) >= 64 << 20  # the child held every page of it at once
     with pytest.raises(bench.BenchError, match="free memory failed"):
         bench.pretouch(-1)
