@@ -20,6 +20,9 @@ variant once, timed from process start to (a) Forge answering on its API port, (
 - ``limit``: the page-cache limit: our worker (fast boot off) on the volume directly, no FUSE, right
   after an untimed warm-up run, caches not dropped.
 - ``warm``: the same with fast boot on: ``warm`` against ``limit`` is "a warm worker's first answer".
+- ``--candidate NAME=DIR`` (repeatable): ``ours`` with the worker's code from DIR (another checkout, a git
+  worktree of a change) first on its ``PYTHONPATH``: a change and main measured interleaved in one run, the
+  only comparison this machine's drift allows (the same code measured 18 s and 24 s twenty minutes apart).
 
 A FUSE variant's run is cold: a fresh ``netvol`` mount of the volume, ``sync; echo 3 >
 /proc/sys/vm/drop_caches``, then the process in ``unshare -m`` with the mount bind-mounted over the
@@ -108,6 +111,17 @@ def _variants(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _candidate(text: str) -> tuple[str, Path]:
+    name, eq, where = text.partition("=")
+    if not eq or not re.fullmatch(r"[a-z][a-z0-9-]*", name) or name in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=DIR, NAME in lowercase letters, digits and '-' and "
+                                         f"none of {', '.join(VARIANTS)}")
+    root = Path(where).absolute()
+    if not all((root / package / "__init__.py").is_file() for package in ("worker", "provision")):
+        raise argparse.ArgumentTypeError(f"{root} is not a checkout of forge-volume (no worker/ and provision/)")
+    return name, root
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -123,6 +137,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     metavar="META_MS,READ_MS,BW_MBPS", help="latency settings (default: 1,1,400 5,2,200)")
     ap.add_argument("--runs", type=_positive, default=3, help="rounds per setting (default 3)")
     ap.add_argument("--variants", type=_variants, default=VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--candidate", type=_candidate, action="append", default=[], metavar="NAME=DIR",
+                    help="one more variant, NAME: ours with the worker's code from DIR, another checkout (a git "
+                         "worktree), run interleaved with the rest; repeatable")
     ap.add_argument("--no-install", action="store_true", help="skip `forge-volume install` on the volume")
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds each wait may take (default 900)")
     ap.add_argument("--work", type=Path, help="logs and counters (default bench-out/coldstart/<time>)")
@@ -133,6 +150,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = ap.parse_args(list(argv))
     if args.deadline <= 0:
         ap.error("--deadline must be > 0")
+    args.candidates = dict(args.candidate)
+    if len(args.candidates) < len(args.candidate):
+        ap.error("--candidate names must differ")
+    args.variants = (*args.variants, *args.candidates)
     args.volume = args.volume.absolute()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.work = (args.work or ROOT / "bench-out" / "coldstart" / stamp).absolute()
@@ -608,6 +629,8 @@ class Bench:
                    FORGE_ARGS="--always-cpu", UVICORN_LOG_LEVEL="warning")
         if variant in ("ours-off", "limit"):
             env["FORGE_FAST_BOOT"] = "0"
+        if variant in self.args.candidates:  # its packages come before the ones this bench was installed with
+            env["PYTHONPATH"] = str(self.args.candidates[variant])
         return [sys.executable, "-m", "worker", "--rp_serve_api", "--rp_api_port", str(api_port)], env
 
     # -- the volume ----------------------------------------------------------------------------
@@ -835,7 +858,8 @@ def schedule(settings: Sequence[Latency], variants: Sequence[str], runs: int) ->
                 yield setting, r + 1, variant
 
 
-def aggregate(runs: Sequence[Mapping[str, Any]], checkpoint_bytes: int | None = None) -> dict[str, Any]:
+def aggregate(runs: Sequence[Mapping[str, Any]], checkpoint_bytes: int | None = None,
+              candidates: Sequence[str] = ()) -> dict[str, Any]:
     """Medians per setting and variant, and the ratios the issue asks for (first image and first models)."""
     out: dict[str, Any] = {}
     settings = list(dict.fromkeys(r["setting"] for r in runs))
@@ -867,8 +891,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]], checkpoint_bytes: int | None = 
                 entry["shmem_growth_kb"] = median(shm)
             per[variant] = entry
         ratios: dict[str, float] = {}
-        for num, den in (("ours", "original"), ("ours-off", "original"), ("ours", "limit"), ("ours", "ours-off"),
-                         ("warm", "limit")):
+        pairs = [("ours", "original"), ("ours-off", "original"), ("ours", "limit"), ("ours", "ours-off"),
+                 ("warm", "limit"), *((c, other) for c in candidates for other in ("ours", "limit"))]
+        for num, den in pairs:
             for key in ("image_s", "models_s"):
                 a, b = per.get(num, {}).get(key), per.get(den, {}).get(key)
                 if a is not None and b:
@@ -963,11 +988,25 @@ def write_result(args: argparse.Namespace, bench: Bench, started: str) -> dict[s
                      "ld_preload": bench.tcmalloc,
                      "source": "ashleykleynhans/runpod-worker-forge start.sh (fork swimmingyoshi@78c185bc)"},
         "host_memory": bench.host_memory, "checkpoint": checkpoint,
-        "summary": aggregate(runs, checkpoint.get("bytes")), "runs": runs,
+        "candidates": {name: {"dir": str(root), "commit": checkout_commit(root)}
+                       for name, root in args.candidates.items()},
+        "summary": aggregate(runs, checkpoint.get("bytes"), list(args.candidates)), "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     netvol.write_json(args.out, result)
     return result
+
+
+def checkout_commit(root: Path) -> str:
+    """The commit a candidate's checkout is at, with "+changes" when its files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return head + ("+changes" if dirty else "")
 
 
 # -- setup -----------------------------------------------------------------------------------------
@@ -1018,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = list(schedule(args.settings, args.variants, args.runs))
         print(f"{len(plan)} timed runs; work folder {args.work}; results {args.out}", flush=True)
         for setting, round_no, variant in plan:
-            fuse_setting = setting if variant in FUSE_VARIANTS else None
+            fuse_setting = setting if variant in FUSE_VARIANTS or variant in args.candidates else None
             if fuse_setting is None:  # page cache warm: an untimed run of the same variant first
                 warm = bench.run_once(None, variant, round_no, timed=False)
                 if not warm.ok:

@@ -44,6 +44,49 @@ def test_bad_arguments_are_refused_with_what_is_wrong(argv: list[str], message: 
     assert message in capsys.readouterr().err
 
 
+def _checkout(root: Path) -> Path:
+    for package in ("worker", "provision"):
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+    return root
+
+
+def test_a_candidate_is_one_more_fuse_variant_with_the_workers_code_from_its_checkout(tmp_path: Path) -> None:
+    other = _checkout(tmp_path / "other")
+    args = _args(tmp_path, candidate=[])
+    args = bench.parse_args(["--work", str(tmp_path / "w"), "--variants", "ours,limit", "--candidate",
+                             f"wide={other}", "--volume", str(args.volume), "--lab", str(args.lab)])
+    assert args.variants == ("ours", "limit", "wide") and args.candidates == {"wide": other}
+    assert [v for _, _, v in bench.schedule(args.settings[:1], args.variants, 2)] == [
+        "ours", "limit", "wide", "limit", "wide", "ours"]
+    run = bench.Bench(args, bench.Cleanup())
+    argv, env = run.worker_command(tmp_path, "wide", 1, 2)
+    assert env["PYTHONPATH"] == str(other) and argv[1:3] == ["-m", "worker"] and "FORGE_FAST_BOOT" not in env
+    assert "PYTHONPATH" not in run.worker_command(tmp_path, "ours", 1, 2)[1]
+    out = bench.aggregate([_run("ours", 20.0), _run("limit", 16.0), _run("wide", 18.0)], candidates=["wide"])
+    ratios = out["1,1,400"]["ratios"]
+    assert ratios["wide/ours image"] == pytest.approx(0.9) and ratios["wide/limit image"] == pytest.approx(1.125)
+    assert bench.checkout_commit(other) == "unknown (not a git checkout)"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("wide", "give NAME=DIR"), ("ours=.", "none of original"), ("Wide=.", "give NAME=DIR"),
+    ("wide=/nonexistent", "is not a checkout of forge-volume"),
+])
+def test_a_bad_candidate_is_refused_with_what_to_give(value: str, message: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--candidate", value])
+    assert message in capsys.readouterr().err
+
+
+def test_two_candidates_of_one_name_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = _checkout(tmp_path / "other")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--candidate", f"a={other}", "--candidate", f"a={other}"])
+    assert "--candidate names must differ" in capsys.readouterr().err
+
+
 def _args(tmp_path: Path, **kw: Any) -> argparse.Namespace:
     lab = tmp_path / "lab"
     volume = tmp_path / "volume"
