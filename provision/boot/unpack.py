@@ -5,6 +5,10 @@ descriptor (``mkdirat``, ``openat`` with ``O_CREAT|O_EXCL|O_NOFOLLOW``, ``symlin
 ever followed on the way, whatever the index says, so nothing is written outside the mirror. Each
 chunk of files.bin is read once, in pieces, hashed and written to its files as it is read: a chunk
 whose digest differs fails the lay-out (the worker then boots from the volume and removes the copy).
+
+files.bin is read around the page cache (``O_DIRECT``) where the volume allows it: its bytes are wanted
+once, in the copy, not a second time in memory, and a network file system then fetches a whole piece
+per round trip (FUSE: 1 MiB) instead of its readahead's 128 KiB.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import mmap
 import os
 import resource
 from collections.abc import Iterator
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 from provision.boot.plan import Chunk, Plan
 
 PIECE = 1 << 20
+ALIGN = 4096  # O_DIRECT reads start and end on this (a disk's logical block; page-sized buffers)
 LINK_BATCH = 2000
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -50,10 +56,31 @@ def folders(plan: Plan, mirror_fd: int) -> Iterator[dict[str, int]]:
                 os.close(fd)
 
 
-def carry_out(plan: Plan, fds: dict[str, int], archive_fd: int, threads: int, cfg: str | None) -> int:
-    """Write the files and make the links (many at once); the bytes written. Raises OSError (Corrupt)."""
+def open_direct(path: str, like_fd: int) -> int | None:
+    """A descriptor reading ``path`` around the page cache, when it is the file ``like_fd`` has open and its
+    file system reads it so; else None (read through the page cache then)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return None
+    try:
+        mine, theirs = os.fstat(fd), os.fstat(like_fd)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            with mmap.mmap(-1, ALIGN) as probe:
+                os.preadv(fd, [probe], 0)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def carry_out(plan: Plan, fds: dict[str, int], archive_fd: int, threads: int, cfg: str | None,
+              direct: bool = False) -> int:
+    """Write the files and make the links (many at once); the bytes written. Raises OSError (Corrupt).
+    ``direct``: ``archive_fd`` was opened ``O_DIRECT`` (``open_direct``): its reads are aligned."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        unpacked = [pool.submit(_unpack, chunk, fds, archive_fd) for chunk in plan.chunks]
+        unpacked = [pool.submit(_unpack, chunk, fds, archive_fd, direct) for chunk in plan.chunks]
         linked = [pool.submit(_make_links, plan.links[i:i + LINK_BATCH], fds)
                   for i in range(0, len(plan.links), LINK_BATCH)]
         try:
@@ -70,10 +97,29 @@ def carry_out(plan: Plan, fds: dict[str, int], archive_fd: int, threads: int, cf
     return written
 
 
-def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int) -> int:
+class _Pieces:
+    """files.bin's bytes from ``position`` on, a piece at a time (aligned reads for an ``O_DIRECT`` descriptor)."""
+
+    def __init__(self, fd: int, length: int, direct: bool) -> None:
+        self.fd, self.direct = fd, direct
+        # page-aligned, as O_DIRECT wants; unmapped with the last view of it, when the chunk is done
+        self.buffer = memoryview(mmap.mmap(-1, PIECE) if direct else bytearray(min(PIECE, max(length, 1))))
+
+    def read(self, position: int, end: int) -> memoryview:
+        """The bytes from ``position`` (at most up to ``end``); empty at the end of the file."""
+        if not self.direct:
+            return self.buffer[:os.preadv(self.fd, [self.buffer[:min(len(self.buffer), end - position)]], position)]
+        base = position - position % ALIGN
+        want = min(PIECE, -(-(end - base) // ALIGN) * ALIGN)
+        got = os.preadv(self.fd, [self.buffer[:want]], base)
+        skip = position - base
+        return self.buffer[skip:skip + max(0, min(got - skip, end - position))]
+
+
+def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int, direct: bool = False) -> int:
     """One chunk: read in pieces, each piece hashed and written to the files it holds; the bytes written."""
     sha = hashlib.sha256()
-    buffer = memoryview(bytearray(min(PIECE, max(chunk.length, 1))))
+    pieces = _Pieces(archive_fd, chunk.length, direct)
     files = iter(chunk.files)
     current = next(files, None)
     fd = -1
@@ -91,10 +137,10 @@ def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int) -> int:
                 current = next(files, None)
             if position >= end:
                 break
-            got = os.preadv(archive_fd, [buffer[:min(len(buffer), end - position)]], position)
+            piece = pieces.read(position, end)
+            got = len(piece)
             if not got:
                 raise Corrupt(f"files.bin ends at {position}, inside its chunk at {chunk.offset}")
-            piece = buffer[:got]
             sha.update(piece)
             start = position
             position += got

@@ -144,3 +144,36 @@ def test_counters_and_delays_match_a_real_workload(mount: tuple[Path, Path, Path
     summary = netvol.summarize(snap)
     assert summary["bytes"] == 2_000_000 and summary["opens"] == 2
     assert summary["top_missing"][0] == ["/nope", nope["missing"]]
+
+
+def test_the_lay_out_reads_files_bin_a_piece_per_call_and_the_prefetch_twice_the_readahead(
+        mount: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Through a real FUSE mount: files.bin's reads around the page cache reach the volume as 1 MiB calls, and the
+    prefetch's sequential reads as 256 KiB calls (the kernel's 128 KiB readahead doubled)."""
+    from provision.boot import layout_child, unpack
+    from volume_layout import VolumeLayout
+
+    src, mnt, _stats = mount
+    data = (src / "big.bin").read_bytes()
+    regular = os.open(mnt / "big.bin", os.O_RDONLY)
+    try:
+        direct = unpack.open_direct(str(mnt / "big.bin"), regular)
+        assert direct is not None, "the FUSE mount refused O_DIRECT"
+        try:
+            piece = unpack._Pieces(direct, len(data), direct=True).read(0, len(data))
+            assert bytes(piece) == data[:unpack.PIECE]
+        finally:
+            os.close(direct)
+    finally:
+        os.close(regular)
+    lay_out = tmp_path / "lay-out.json"
+    netvol.dump(mnt, lay_out)
+    sizes = {int(k): v for k, v in json.loads(lay_out.read_text())["read_sizes"].items()}
+    assert sizes == {unpack.ALIGN: 1, unpack.PIECE: 1}, sizes  # open_direct's probe, then the piece in one call
+
+    assert layout_child._read_plan(VolumeLayout(mnt), [("big.bin", None, [(0, None)])], 1) == len(data)
+    prefetch = tmp_path / "prefetch.json"
+    netvol.dump(mnt, prefetch)
+    after = {int(k): v for k, v in json.loads(prefetch.read_text())["read_sizes"].items()}
+    grown = {size: count - sizes.get(size, 0) for size, count in after.items() if count > sizes.get(size, 0)}
+    assert max(grown) == 2 * 128 * 1024 and sum(size * n for size, n in grown.items()) >= len(data), grown
