@@ -5,8 +5,8 @@ is a round trip: a boot makes about 40,000 of them, one after another. Install's
 Forge under ``tracer.py`` and a warm-up txt2img, then records here (``.forge-volume/boot-set/``):
 
 - ``files.bin``: the content of every file of the code trees (``VolumeLayout.code_trees``: the
-  Python, the venv, the checkout, the extensions) that Forge opened, and the shared libraries it
-  mapped that are smaller than ``BIG``, one after another;
+  Python, the venv, the checkout, the extensions) that Forge opened, the small ones it only stat'ed,
+  and the shared libraries it mapped that are smaller than ``BIG``, one after another;
 - ``index.json``: where each of them is in ``files.bin`` with its size and mtime; every folder on
   the way to them (and every folder Forge listed) with its mtime and complete listing; for the
   large libraries, the byte ranges Forge touched (the pages mapped in its process, from the tracer;
@@ -23,6 +23,7 @@ pod) makes the worker boot from the volume as before, and ``install`` records th
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -60,8 +61,11 @@ KEYS = frozenset({"version", "key", "root", "checkpoint", "dirs", "files", "rang
 OPTIONAL_KEYS = frozenset({"trace"})
 # What the tracer records, by revision (an index without "trace" is revision 1): 2 adds the folders Forge only
 # probed, 3 the files the interpreter read before the tracer's hook (site-packages' .pth files, what site
-# imported). A worker uses an index of any revision; install records one older than this again.
-TRACE = 3
+# imported), 4 the small files Forge only stat'ed (its UI's scripts and styles, each extension's forge_app.py,
+# checked for their mtimes even with --nowebui: each stat a round trip through a link to the volume). A worker
+# uses an index of any revision; install records one older than this again.
+TRACE = 4
+STATED_LIMIT = 1 << 20  # a file Forge only stat'ed is copied when it is this small (its size and mtime are local)
 SEAL = re.compile(rb',"seal":"([0-9a-f]{64})"\}\s*\Z')
 INDEX_LIMIT = 256 << 20  # an index.json larger than this is not one install wrote
 
@@ -408,6 +412,14 @@ def build_index(layout: VolumeLayout, trace: dict[str, Any], key: str,
             copy[rel] = None
         else:
             big[rel] = None
+    for path in trace.get("stated") or []:
+        rel = _in_trees(layout, path)
+        if rel is None or rel in copy or rel in big:
+            continue
+        with contextlib.suppress(OSError):
+            st = layout.absolute(rel).lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_size <= STATED_LIMIT:
+                copy[rel] = None
     for rel in big:
         copy.pop(rel, None)
     for rel in list(copy):

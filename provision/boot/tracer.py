@@ -83,12 +83,13 @@ def _touched() -> dict[str, list[list[int]]]:
     return touched
 
 
-def _trace_stats() -> dict[str, None]:
-    """Note the folder of every path stat'd through ``os.stat`` or ``posix.stat`` (the import system calls
-    the latter), whether or not the path exists; returns the notes, filled as Forge runs."""
+def _trace_stats() -> tuple[dict[str, None], dict[str, None]]:
+    """Note every path stat'd through ``os.stat`` or ``posix.stat`` (the import system calls the latter), and
+    its folder, whether or not the path exists; returns (folders, paths), filled as Forge runs."""
     import posix
 
     probed: dict[str, None] = {}
+    stated: dict[str, None] = {}
     real = posix.stat
 
     def traced(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
@@ -96,11 +97,12 @@ def _trace_stats() -> dict[str, None]:
             full = _absolute(os.fspath(path))
             if full is not None:
                 probed.setdefault(os.path.dirname(full), None)
+                stated.setdefault(full, None)
         return real(path, *args, **kwargs)
 
     posix.stat = traced
     os.stat = traced
-    return probed
+    return probed, stated
 
 
 def _read_before_the_hook() -> list[str]:
@@ -139,7 +141,7 @@ def main() -> None:
             if path is not None:
                 listed.setdefault(path, None)
 
-    probed = _trace_stats()
+    probed, stated = _trace_stats()
     mapped: dict[str, None] = {}  # in the order the libraries first appeared: the order the boot needs them
 
     def answer() -> None:
@@ -150,8 +152,8 @@ def main() -> None:
             time.sleep(POLL)
         for path in _mapped():
             mapped.setdefault(path, None)
-        data = {"opened": list(opened), "listed": list(listed), "probed": list(probed), "mapped": list(mapped),
-                "touched": _touched()}
+        data = {"opened": list(opened), "listed": list(listed), "probed": list(probed), "stated": list(stated),
+                "mapped": list(mapped), "touched": _touched()}
         with open(record + ".tmp", "w", encoding="utf-8") as out:
             json.dump(data, out)
         os.replace(record + ".tmp", record)

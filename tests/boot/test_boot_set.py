@@ -241,6 +241,7 @@ sys.path.insert(0, sys.argv[1])
 assert importlib.util.find_spec("optional_pkg") is not None  # a library checking what is installed
 import extmod  # an extension module beside a folder of stubs: the import system probes stubs/__init__.*
 os.path.exists(os.path.join(sys.argv[1], "configs", "missing.json"))
+os.path.getmtime(os.path.join(sys.argv[1], "configs", "other.json"))  # like Forge's UI scripts, only stat'ed
 open(sys.argv[2] + ".request", "w").close()
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.01)
@@ -267,6 +268,9 @@ def test_the_tracer_notes_the_folders_forge_only_probed(tmp_path: Path) -> None:
     assert {str(site / "optional_pkg"), str(site / "extmod"), str(site / "configs")} <= probed, sorted(probed)
     assert str(site / "untouched") not in probed
     assert str(site / "optional_pkg" / "__init__.py") not in trace["opened"]  # probed, never opened
+    stated = set(trace["stated"])
+    assert {str(site / "configs" / "other.json"), str(site / "configs" / "missing.json")} <= stated
+    assert str(site / "configs" / "other.json") not in trace["opened"]
     # Read at the interpreter's start, before any hook: every .pth of its site-packages, and what site loaded.
     import site as python_site
 
@@ -290,3 +294,29 @@ def test_a_probed_folder_is_laid_out_and_its_misses_stay_local(volume: VolumeLay
     assert sub.is_dir() and not sub.is_symlink()  # a probe of sub/__init__.py is answered by the local disk
     assert not (sub / "__init__.py").exists() and (sub / "deep.py").is_symlink()
     assert (sub / "deep.py").read_text() == "never imported\n"
+
+
+def test_a_small_file_forge_only_stated_is_copied_and_a_large_one_stays_a_link(volume: VolumeLayout,
+                                                                               tmp_path: Path) -> None:
+    """Forge stats its UI's scripts (for their mtimes) and each extension's forge_app.py even with --nowebui: each
+    a round trip to the volume through a link, unless the file is in the copy with its size and mtime."""
+    forge = volume.forge_dir
+    _write(forge / "javascript" / "ui.js", "// ui\n")
+    large = forge / "javascript" / "large.js"
+    _write(large, "x" * (boot_set.STATED_LIMIT + 1))
+    os.utime(forge / "javascript" / "ui.js", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    trace = {"opened": [str(volume.launch_py)], "listed": [],
+             "stated": [str(forge / "javascript" / "ui.js"), str(large), str(forge / "javascript" / "gone.js"),
+                        str(volume.models_dir / "Lora" / "a.safetensors"), "/etc/hostname"]}
+    index, files = boot_set.build_index(volume, trace, KEY)
+    copied = {rel for rel, *_ in index.files}
+    assert "stable-diffusion-webui-forge/javascript/ui.js" in copied
+    assert not copied & {"stable-diffusion-webui-forge/javascript/large.js",
+                         "stable-diffusion-webui-forge/javascript/gone.js"}
+    assert not any(rel.startswith("models") for rel in copied)
+    boot_set.write(volume, index, files)
+    mirror = tmp_path / "mirror"
+    assert layout_child.build(volume, mirror)["ok"]
+    ui, big = mirror / volume.relative(forge / "javascript" / "ui.js"), mirror / volume.relative(large)
+    assert not ui.is_symlink() and ui.lstat().st_mtime_ns == 1_600_000_000_000_000_000 and ui.read_text() == "// ui\n"
+    assert big.is_symlink() and big.stat().st_size == boot_set.STATED_LIMIT + 1
