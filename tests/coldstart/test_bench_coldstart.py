@@ -53,9 +53,9 @@ def _checkout(root: Path) -> Path:
 
 def test_a_candidate_is_one_more_fuse_variant_with_the_workers_code_from_its_checkout(tmp_path: Path) -> None:
     other = _checkout(tmp_path / "other")
-    args = _args(tmp_path, candidate=[])
+    lab = _args(tmp_path).lab  # a lab and a volume the bench accepts
     args = bench.parse_args(["--work", str(tmp_path / "w"), "--variants", "ours,limit", "--candidate",
-                             f"wide={other}", "--volume", str(args.volume), "--lab", str(args.lab)])
+                             f"wide={other}", "--volume", str(tmp_path / "volume"), "--lab", str(lab)])
     assert args.variants == ("ours", "limit", "wide") and args.candidates == {"wide": other}
     assert [v for _, _, v in bench.schedule(args.settings[:1], args.variants, 2)] == [
         "ours", "limit", "wide", "limit", "wide", "ours"]
@@ -181,6 +181,19 @@ def test_aggregate_takes_medians_of_the_runs_that_worked_and_the_ratios() -> Non
     assert "ours/original image" not in out["5,2,200"]["ratios"]  # no original there: no ratio
     text = bench.report(out)
     assert "ours/original image 0.47" in text and "original" in text and "5,2,200" in text
+
+
+def test_the_same_round_ratio_pairs_each_round_with_itself() -> None:
+    """Medians of different rounds can pair a fast limit with a slow ours: 20/10 and 12/12 give medians 16 and 11
+    (1.45) where the rounds say 2.0 and 1.0."""
+    runs = [_run("ours", 20.0, round=1), _run("limit", 10.0, round=1), _run("ours", 12.0, round=2),
+            _run("limit", 12.0, round=2), _run("ours", 30.0, round=3), _run("limit", None, round=3),
+            _run("ours", 14.0, round=3, setting="5,2,200"), _run("limit", 7.0, round=3, setting="5,2,200")]
+    assert sorted(bench.same_round(runs, "1,1,400", "ours", "limit")) == [1.0, 2.0]  # round 3's limit failed
+    ratios = bench.aggregate(runs)["1,1,400"]["ratios"]
+    assert ratios["ours/limit image, same-round median"] == pytest.approx(1.5)
+    assert ratios["ours/limit image"] == pytest.approx(20 / 11, abs=1e-3)
+    assert bench.aggregate(runs)["5,2,200"]["ratios"]["ours/limit image, same-round median"] == pytest.approx(2.0)
 
 
 LOG = "\n".join([
