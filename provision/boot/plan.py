@@ -7,9 +7,10 @@ ever leaving it, and says why not otherwise (the worker then boots Forge from th
 - every recorded folder is a code tree (``venv``, ``python``, the checkout, ``extensions``) or a
   folder its recorded parent lists as a folder; every entry of a listing is one plain name (no ``/``,
   not ``.`` or ``..``), once, of a known kind;
-- every copied file lies in a recorded folder that lists it as a file; the files tile ``files.bin``
-  (offsets and sizes non-negative, one after another from 0, nothing shared, nothing past its end),
-  and each lies whole in one digested chunk;
+- every copied file lies in a recorded folder that lists it as a file; the files tile what ``files.bin``
+  unpacks to (offsets and sizes non-negative, one after another from 0, nothing shared, nothing past
+  its end), and each lies whole in one digested chunk; a compressed chunk unpacks to exactly the
+  bytes its files need, or the lay-out fails (``provision.boot.unpack``);
 - modes are reduced to permission bits (no setuid, setgid or sticky bit reaches the mirror).
 
 Links are made where the listing has a link (led into the mirror when they stay in the code trees),
@@ -48,10 +49,20 @@ class File:
 
 @dataclass
 class Chunk:
-    offset: int
-    length: int
-    digest: str
-    files: list[File] = field(default_factory=list)
+    offset: int  # where its bytes are in files.bin
+    length: int  # how many
+    digest: str  # their sha256
+    files: list[File] = field(default_factory=list)  # their offsets count in the unpacked bytes
+    raw: int | None = None  # a zstd frame that unpacks to this many bytes; None: the files' bytes as they are
+    start: int = -1  # where its files' bytes begin, unpacked (-1: at ``offset``, a chunk stored as it is)
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.offset
+
+    @property
+    def unpacked(self) -> int:
+        return self.length if self.raw is None else self.raw
 
 
 @dataclass
@@ -103,12 +114,13 @@ def plan(layout: VolumeLayout, index: Index, mirror: Path, *, cfg: bool) -> Plan
 
 
 def _chunks(index: Index, listings: dict[str, dict[str, tuple[str, str]]]) -> list[Chunk]:
-    chunks, offset = [], 0
-    for length, digest in index.chunks:
-        if length < 0:
-            raise Refused(f"a chunk of files.bin has length {length}")
-        chunks.append(Chunk(offset, length, digest))
+    chunks, offset, unpacked = [], 0, 0
+    for length, digest, raw in index.chunks:
+        if length < 0 or (raw is not None and raw < 0):
+            raise Refused(f"a chunk of files.bin has length {length} and unpacks to {raw}")
+        chunks.append(Chunk(offset, length, digest, raw=raw, start=unpacked))
         offset += length
+        unpacked += chunks[-1].unpacked
     seen: set[str] = set()
     at, which = 0, 0
     for rel, start, size, mtime, mode in sorted(index.files, key=lambda f: (f[1], f[2])):
@@ -120,15 +132,15 @@ def _chunks(index: Index, listings: dict[str, dict[str, tuple[str, str]]]) -> li
         seen.add(rel)
         if start != at or size < 0:
             raise Refused(f"{rel} has offset {start} and size {size} in files.bin; the files before it end at {at}")
-        while which < len(chunks) and start + size > chunks[which].offset + chunks[which].length:
+        while which < len(chunks) and start + size > chunks[which].start + chunks[which].unpacked:
             which += 1
-        if which == len(chunks) or start < chunks[which].offset:
+        if which == len(chunks) or start < chunks[which].start:
             raise Refused(f"{rel} (bytes {start}-{start + size}) is not inside one chunk of files.bin")
         # Permission bits only: a setuid, setgid or sticky bit never reaches the mirror.
         chunks[which].files.append(File(folder, name, start, size, mtime, (mode & 0o777) or 0o644))
         at = start + size
-    if at != offset:
-        raise Refused(f"files.bin holds {offset} bytes by its chunks, its files {at}")
+    if at != unpacked:
+        raise Refused(f"files.bin unpacks to {unpacked} bytes by its chunks, its files {at}")
     return chunks
 
 

@@ -3,8 +3,9 @@
 Every folder, file and link is made by name in a folder this process made, through that folder's file
 descriptor (``mkdirat``, ``openat`` with ``O_CREAT|O_EXCL|O_NOFOLLOW``, ``symlinkat``): no link is
 ever followed on the way, whatever the index says, so nothing is written outside the mirror. Each
-chunk of files.bin is read once, in pieces, hashed and written to its files as it is read: a chunk
-whose digest differs fails the lay-out (the worker then boots from the volume and removes the copy).
+chunk of files.bin is read once, in pieces, hashed, unpacked (a zstd frame, its window bounded) and written
+to its files as it is read: a chunk whose digest differs, or that unpacks to other than the bytes its files
+were recorded with, fails the lay-out (the worker then boots from the volume and removes the copy).
 
 files.bin is read around the page cache (``O_DIRECT``) where the volume allows it: its bytes are wanted
 once, in the copy, not a second time in memory, and a network file system then fetches a whole piece
@@ -20,7 +21,11 @@ import mmap
 import os
 import resource
 from collections.abc import Iterator
+from typing import IO, cast
 
+import zstandard
+
+from provision.boot.boot_set import WINDOW
 from provision.boot.plan import Chunk, Plan
 
 PIECE = 1 << 20
@@ -117,17 +122,82 @@ class _Pieces:
 
 
 def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int, direct: bool = False) -> int:
-    """One chunk: read in pieces, each piece hashed and written to the files it holds; the bytes written."""
-    sha = hashlib.sha256()
-    pieces = _Pieces(archive_fd, chunk.length, direct)
+    """One chunk: read in pieces, each piece hashed, unpacked (a zstd frame) and written to the files it holds; the
+    bytes written. The files get at most the bytes the chunk's files were recorded with, whatever files.bin holds."""
+    stored = _Stored(_Pieces(archive_fd, chunk.length, direct), chunk)
+    damaged = Corrupt(f"files.bin does not match its digest (bytes {chunk.offset}-{chunk.offset + chunk.length})")
+    try:
+        _write_files(chunk, fds, stored.pieces() if chunk.raw is None else _inflate(stored, chunk))
+    except (Corrupt, zstandard.ZstdError) as exc:
+        # A damaged byte usually stops the frame first: the digest says which it is, a damaged files.bin or one
+        # whose index lies about it.
+        stored.drain()
+        if stored.sha.hexdigest() != chunk.digest:
+            raise damaged from None
+        raise exc if isinstance(exc, Corrupt) else Corrupt(f"files.bin's chunk at {chunk.offset} does not unpack "
+                                                           f"({exc})") from None
+    stored.drain()  # what the frame did not need is hashed too: it must match as recorded
+    if stored.sha.hexdigest() != chunk.digest:
+        raise damaged
+    return chunk.unpacked
+
+
+class _Stored:
+    """A chunk's bytes in files.bin, piece by piece, each hashed as it is read (``read`` is the file object a zstd
+    reader takes)."""
+
+    def __init__(self, pieces: _Pieces, chunk: Chunk) -> None:
+        self._pieces, self._chunk = pieces, chunk
+        self.position, self.end = chunk.offset, chunk.offset + chunk.length
+        self.sha = hashlib.sha256()
+
+    def _next(self) -> memoryview:
+        if self.position >= self.end:
+            return memoryview(b"")
+        piece = self._pieces.read(self.position, self.end)
+        if not piece:
+            raise Corrupt(f"files.bin ends at {self.position}, inside its chunk at {self._chunk.offset}")
+        self.sha.update(piece)
+        self.position += len(piece)
+        return piece
+
+    def pieces(self) -> Iterator[memoryview]:
+        while piece := self._next():
+            yield piece
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self._next())  # a copy: the buffer is read into again for the next piece
+
+    def drain(self) -> None:
+        for _ in self.pieces():
+            pass
+
+
+def _inflate(stored: _Stored, chunk: Chunk) -> Iterator[memoryview]:
+    """The bytes of a chunk's zstd frame, a piece at a time; Corrupt when it holds fewer or more than recorded."""
+    source = cast(IO[bytes], stored)  # a zstd reader asks only ``read`` of it
+    reader = zstandard.ZstdDecompressor(max_window_size=WINDOW).stream_reader(source, read_size=PIECE)
+    left = chunk.unpacked
+    while left:
+        data = reader.read(min(PIECE, left))
+        if not data:
+            raise Corrupt(f"files.bin's chunk at {chunk.offset} unpacks to {chunk.unpacked - left} bytes, "
+                          f"not {chunk.unpacked}")
+        left -= len(data)
+        yield memoryview(data)
+    if reader.read(1):
+        raise Corrupt(f"files.bin's chunk at {chunk.offset} unpacks to more than {chunk.unpacked} bytes")
+
+
+def _write_files(chunk: Chunk, fds: dict[str, int], pieces: Iterator[memoryview]) -> None:
+    """Write the chunk's files from its unpacked bytes, which begin at ``chunk.start``."""
     files = iter(chunk.files)
     current = next(files, None)
     fd = -1
-    position = chunk.offset
-    end = chunk.offset + chunk.length
+    position = chunk.start
     try:
         while True:
-            # Files that end where the bytes read so far end (the empty ones too) are complete.
+            # Files that end where the bytes so far end (the empty ones too) are complete.
             while current is not None and current.offset + current.size <= position:
                 if fd < 0:
                     fd = os.open(current.name, _NEW, current.mode, dir_fd=fds[current.folder])
@@ -135,15 +205,13 @@ def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int, direct: bool = F
                 os.close(fd)
                 fd = -1
                 current = next(files, None)
-            if position >= end:
+            piece = next(pieces, None)
+            if piece is None:
+                if current is not None:
+                    raise Corrupt(f"files.bin's chunk at {chunk.offset} ends inside {current.name}")
                 break
-            piece = pieces.read(position, end)
-            got = len(piece)
-            if not got:
-                raise Corrupt(f"files.bin ends at {position}, inside its chunk at {chunk.offset}")
-            sha.update(piece)
             start = position
-            position += got
+            position += len(piece)
             while current is not None and current.offset < position:
                 if fd < 0:
                     fd = os.open(current.name, _NEW, current.mode, dir_fd=fds[current.folder])
@@ -160,9 +228,6 @@ def _unpack(chunk: Chunk, fds: dict[str, int], archive_fd: int, direct: bool = F
     finally:
         if fd >= 0:
             os.close(fd)
-    if sha.hexdigest() != chunk.digest:
-        raise Corrupt(f"files.bin does not match its digest (bytes {chunk.offset}-{end})")
-    return chunk.length
 
 
 def _make_links(links: list[tuple[str, str, str]], fds: dict[str, int]) -> None:

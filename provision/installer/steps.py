@@ -557,8 +557,10 @@ def _boot_done(ctx: Ctx) -> bool:
     # The boot set must still describe the volume (a `pip install` by hand on a pod changes the venv).
     index = boot_set.read_index(ctx.layout)
     key = ((ctx.state.get("steps") or {}).get("boot") or {}).get("key")
-    # An index an older forge-volume traced is recorded again: the worker gains what the tracer now sees.
+    # An index an older forge-volume traced or wrote is recorded again: the worker gains what the tracer now sees,
+    # and a files.bin of zstd frames.
     return index is not None and index.key == key and index.trace >= boot_set.TRACE and \
+        index.version >= boot_set.VERSION and \
         boot_set.changed(ctx.layout, index) is None and boot_checkpoint_problem(ctx.layout, ctx.lock, index) is None
 
 

@@ -159,3 +159,28 @@ def test_a_boot_set_an_older_tracer_recorded_still_boots_and_install_records_it_
     assert "ran boot;" in again.stdout
     assert boot_sets.load(layout)["trace"] == boot_set.TRACE
     assert "ran boot;" not in cli("install").stdout  # once recorded again, nothing to do
+
+
+def test_a_boot_set_written_before_files_bin_was_compressed_still_boots_and_install_compresses_it(
+        installed_volume: Path, tmp_path: Path) -> None:
+    """A version 2 boot set (files.bin the files' bytes as they are) is laid out as it is; install records it
+    again as version 3, a zstd frame per chunk."""
+    layout = VolumeLayout(installed_volume)
+    data = boot_sets.load(layout)
+    boot_sets.as_version_2(layout, data)
+    boot_sets.save(layout, data)
+    raw = layout.boot_set_archive.stat().st_size
+
+    old = boot(installed_volume, tmp_path, "old")
+    assert not old.argv0.startswith(str(installed_volume)) and "fast boot off" not in old.log
+
+    again = cli("install")
+    assert again.exit_code == 0, again.output
+    assert "ran boot;" in again.stdout
+    data = boot_sets.load(layout)
+    assert data["version"] == boot_set.VERSION == 3
+    assert sum(unpacked for _, _, unpacked in data["chunks"]) == raw
+    assert layout.boot_set_archive.stat().st_size < raw / 2  # Python's sources and bytecode
+    assert "ran boot;" not in cli("install").stdout
+    new = boot(installed_volume, tmp_path, "new")
+    assert not new.argv0.startswith(str(installed_volume)) and "fast boot off" not in new.log

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from provision.boot import unpack
-from provision.boot.boot_set import resident_ranges
+from provision.boot.boot_set import WINDOW, resident_ranges
 from provision.boot.plan import Chunk, File
 
 SIZE = 3 * unpack.PIECE + 12345  # pieces, and a tail that is not a whole block
@@ -106,3 +108,91 @@ def test_o_direct_is_used_only_on_the_very_file_the_lay_out_checked(archive: tup
     other.write_bytes(b"x" * 8192)
     assert unpack.open_direct(str(other), fd) is None  # swapped between the two opens: not this one
     assert unpack.open_direct(str(tmp_path / "missing.bin"), fd) is None
+
+
+def _frame_chunk(tmp_path: Path, content: bytes, stored: bytes, sizes: list[int]) -> tuple[Chunk, Path]:
+    """files.bin holding ``stored`` after 777 bytes of another chunk, recorded as one chunk of files of ``sizes``
+    (their bytes: ``content``'s), which begin at 5000 in the unpacked bytes."""
+    path = tmp_path / "files.bin"
+    path.write_bytes(b"p" * 777 + stored)
+    files, at = [], 5000
+    for i, size in enumerate(sizes):
+        files.append(File(folder="", name=f"f{i}", offset=at, size=size, mtime=1_700_000_000_000_000_000, mode=0o644))
+        at += size
+    return Chunk(offset=777, length=len(stored), digest=hashlib.sha256(stored).hexdigest(), files=files,
+                 raw=len(content), start=5000), path
+
+
+def _unpack_into(tmp_path: Path, chunk: Chunk, path: Path, direct: bool) -> int:
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY)
+    reader = _direct(path, fd) if direct else fd
+    try:
+        return unpack._unpack(chunk, {"": folder}, reader, direct=direct)
+    finally:
+        os.close(folder)
+        os.close(fd)
+        if reader != fd:
+            os.close(reader)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_compressed_chunk_unpacks_to_its_files(tmp_path: Path, direct: bool) -> None:
+    sizes = [5, unpack.PIECE, 0, 3 * unpack.PIECE - 1000, 4096]  # across the pieces' edges, read and unpacked
+    content = b"".join(os.urandom(64) * (size // 64) + os.urandom(size % 64) for size in sizes)
+    stored = zstandard.ZstdCompressor(level=6).compress(content)
+    chunk, path = _frame_chunk(tmp_path, content, stored, sizes)
+
+    assert _unpack_into(tmp_path, chunk, path, direct) == len(content)
+
+    at = 0
+    for f, size in zip(chunk.files, sizes, strict=True):
+        assert (tmp_path / "out" / f.name).read_bytes() == content[at:at + size]
+        assert (tmp_path / "out" / f.name).stat().st_mtime_ns == f.mtime
+        at += size
+
+
+@pytest.mark.parametrize(("case", "why"), [
+    ("more than recorded", "unpacks to more than 100 bytes"),
+    ("fewer than recorded", "unpacks to 50 bytes, not 100"),
+    ("a window larger than a chunk's", "does not unpack (zstd decompress error: Frame requires too much memory"),
+    ("not a frame", "does not unpack"),
+])
+def test_a_frame_that_lies_about_its_files_fails_with_nothing_larger_than_recorded(tmp_path: Path, case: str,
+                                                                                      why: str) -> None:
+    """files.bin and its index are written by whoever writes the volume: the digests match here (a consistent
+    lie), so only the frame's own bytes say what is wrong."""
+    recorded = [40, 60]
+    content = bytes(100)
+    if case == "more than recorded":
+        stored = zstandard.ZstdCompressor().compress(bytes(unpack.PIECE + 1))
+    elif case == "fewer than recorded":
+        stored = zstandard.ZstdCompressor().compress(bytes(50))
+    elif case == "a window larger than a chunk's":  # it would take 32 MiB in each of the lay-out's threads
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=WINDOW.bit_length() + 2)
+        stored = zstandard.ZstdCompressor(compression_params=params).compress(bytes(WINDOW * 4))
+    else:
+        stored = b"not zstd at all" * 10
+    chunk, path = _frame_chunk(tmp_path, content, stored, recorded)
+
+    with pytest.raises(unpack.Corrupt, match="files.bin's chunk at 777 " + re.escape(why)):
+        _unpack_into(tmp_path, chunk, path, direct=False)
+
+    for f, size in zip(chunk.files, recorded, strict=True):
+        written = tmp_path / "out" / f.name
+        assert not written.exists() or written.stat().st_size <= size
+
+
+def test_a_damaged_frame_is_named_by_its_digest(tmp_path: Path) -> None:
+    content = os.urandom(1000) * 300
+    stored = bytearray(zstandard.ZstdCompressor().compress(content))
+    digest = hashlib.sha256(stored).hexdigest()
+    stored[len(stored) // 2] ^= 0x55  # a disk error: the frame usually stops there, before the digest is known
+    chunk, path = _frame_chunk(tmp_path, content, bytes(stored), [len(content)])
+    chunk.digest = digest
+
+    damaged = f"files.bin does not match its digest (bytes 777-{777 + len(stored)})"
+    with pytest.raises(unpack.Corrupt, match=re.escape(damaged)):
+        _unpack_into(tmp_path, chunk, path, direct=False)
