@@ -7,7 +7,8 @@ own setup installs Debian's ``fuse3 libfuse3-3`` and ``mfusepy`` when they are m
 
 It first runs ``forge-volume install`` on the volume (nothing to do unless something changed;
 ``--no-install`` skips it). Then, for each latency setting (``--settings``: META_MS,READ_MS,BW_MBPS
-of ``scripts/netvol.py``; ``0,0,0`` is FUSE without delays), round by round (``--runs``), each
+of ``scripts/netvol.py``, ``,shared`` appended for a bandwidth the reads in flight share; ``0,0,0`` is FUSE
+without delays), round by round (``--runs``), each
 variant once, timed from process start to (a) Forge answering on its API port, (b) the first
 ``GET /sdapi/v1/sd-models`` answered, (c) the first txt2img (64x64, 2 steps) answered:
 
@@ -658,7 +659,8 @@ class Bench:
             proc = subprocess.Popen(
                 [sys.executable, str(SCRIPTS / "netvol.py"), "mount", str(self.layout.root), str(self.mnt),
                  "--meta-ms", f"{latency.meta_ms:g}", "--read-ms", f"{latency.read_ms:g}",
-                 "--bw-mbps", f"{latency.bw_mbps:g}", "--stats", str(stats)],
+                 "--bw-mbps", f"{latency.bw_mbps:g}", *(["--bw-shared"] if latency.shared else []),
+                 "--stats", str(stats)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.cleanup.procs.append(proc)
         self.cleanup.mounts.append(self.mnt)

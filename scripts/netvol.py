@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """netvol: a simulated network volume, a read-only FUSE pass-through with a network's round trips.
 
-    netvol.py mount SRC MNT [--meta-ms 1] [--read-ms 1] [--bw-mbps 400] [--stats FILE] [--timeout 1]
+    netvol.py mount SRC MNT [--meta-ms 1] [--read-ms 1] [--bw-mbps 400] [--bw-shared] [--stats FILE] [--timeout 1]
     netvol.py dump MNT FILE        # write the counters so far (the mount keeps serving)
 
 A network volume (RunPod's, NFS, any distributed file system) turns every lookup, stat, open and
 directory read into a round trip, and that is what a cold Forge pays for: tens of thousands of them
 one after another. ``mount`` serves SRC at MNT and sleeps ``--meta-ms`` in every metadata call
 (lookup/getattr, open, opendir, readdir, readlink, statfs) and ``--read-ms`` plus size over
-``--bw-mbps`` (MB/s of 1e6 bytes; 0 = unlimited) in every read. Calls are served on many threads
+``--bw-mbps`` (MB/s of 1e6 bytes; 0 = unlimited) in every read; with ``--bw-shared``, the reads in flight
+share that bandwidth (a volume's link: 8 reads at once take 8 times as long), else each read has all of
+it (reads in flight together may exceed it: the issue's figures were measured so). Calls are served on many threads
 (``--max-threads``), so parallel calls overlap as requests in flight do on a network client (but
 lookups of names in one directory arrive one at a time: see ``NetVolOps.init_with_config``). The
 kernel caches as such a client does: attributes, entries and missing names for ``--timeout`` s
@@ -63,6 +65,7 @@ class Latency:
     meta_ms: float = 0.0
     read_ms: float = 0.0
     bw_mbps: float = 0.0  # MB/s (1e6 bytes); 0 = unlimited
+    shared: bool = False  # the bandwidth is the volume's, shared by the reads in flight (``Link``); else per read
 
     def __post_init__(self) -> None:
         for name in ("meta_ms", "read_ms", "bw_mbps"):
@@ -72,19 +75,23 @@ class Latency:
 
     @classmethod
     def parse(cls, text: str) -> Latency:
-        """``META_MS,READ_MS,BW_MBPS``, e.g. ``1,1,400``; ``0,0,0`` is FUSE without delays."""
+        """``META_MS,READ_MS,BW_MBPS[,shared]``, e.g. ``1,1,400`` or ``5,2,200,shared`` (``Link``); ``0,0,0`` is
+        FUSE without delays."""
         parts = [p.strip() for p in text.split(",")]
-        if len(parts) != 3:
-            raise ValueError(f"{text!r} is not META_MS,READ_MS,BW_MBPS (three numbers, e.g. 1,1,400)")
+        shared = parts[3:] == ["shared"]
+        wrong = f"{text!r} is not META_MS,READ_MS,BW_MBPS[,shared] (three numbers, e.g. 1,1,400)"
+        if len(parts) != 3 + shared:
+            raise ValueError(wrong)
+        parts = parts[:3]
         try:
             meta, read, bw = (float(p) for p in parts)
         except ValueError:
-            raise ValueError(f"{text!r} is not META_MS,READ_MS,BW_MBPS (three numbers, e.g. 1,1,400)") from None
-        return cls(meta, read, bw)
+            raise ValueError(wrong) from None
+        return cls(meta, read, bw, shared)
 
     @property
     def label(self) -> str:
-        return f"{self.meta_ms:g},{self.read_ms:g},{self.bw_mbps:g}"
+        return f"{self.meta_ms:g},{self.read_ms:g},{self.bw_mbps:g}" + (",shared" if self.shared else "")
 
     def meta_delay(self) -> float:
         return self.meta_ms / 1000.0
@@ -92,6 +99,21 @@ class Latency:
     def read_delay(self, nbytes: int) -> float:
         transfer = nbytes / (self.bw_mbps * 1e6) if self.bw_mbps else 0.0
         return self.read_ms / 1000.0 + transfer
+
+
+class Link:
+    """A volume's bandwidth shared by every read in flight: each read's bytes wait for those before them."""
+
+    def __init__(self, mbps: float) -> None:
+        self._seconds_per_byte = 1 / (mbps * 1e6)
+        self._free = -math.inf  # when the bytes of the reads so far are through
+        self._mu = threading.Lock()
+
+    def through(self, began: float, nbytes: int) -> float:
+        """When a read asked at ``began`` (clock seconds) has its ``nbytes`` through."""
+        with self._mu:
+            self._free = max(self._free, began) + nbytes * self._seconds_per_byte
+            return self._free
 
 
 # -- the counters ----------------------------------------------------------------------------------
@@ -288,6 +310,7 @@ class NetVolOps:
         self._context = context
         self._sleep = sleep
         self._procs = processes or Processes()
+        self._link = Link(latency.bw_mbps) if latency.shared and latency.bw_mbps else None
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         """Ask for parallel directory operations (libfuse3 asks by default; said here because it matters).
@@ -356,7 +379,10 @@ class NetVolOps:
         data = _read(fh, size, offset)
         spent = self._clock() - began  # the source's own time (a disk read after a cache drop) is part of the call's
         self.counters.read(path, size, len(data), self._pid(), self._procs.cmd)
-        delay = self.latency.read_delay(len(data)) - spent
+        if self._link is None:
+            delay = self.latency.read_delay(len(data)) - spent
+        else:  # the round trip, after this read's turn on the volume's link
+            delay = self._link.through(began, len(data)) + self.latency.read_ms / 1000.0 - self._clock()
         if delay > 0:
             self._sleep(delay)
         return data
@@ -434,6 +460,7 @@ def parse_args(argv: Iterable[str]) -> argparse.Namespace:
     m.add_argument("--meta-ms", type=float, default=0.0, help="delay per metadata call, ms")
     m.add_argument("--read-ms", type=float, default=0.0, help="fixed delay per read call, ms")
     m.add_argument("--bw-mbps", type=float, default=0.0, help="bandwidth per read call, MB/s (0 = unlimited)")
+    m.add_argument("--bw-shared", action="store_true", help="the bandwidth is shared by the reads in flight")
     m.add_argument("--timeout", type=float, default=1.0, help="attribute/entry/negative cache timeout, s")
     m.add_argument("--max-threads", type=int, default=64, help="threads serving calls (requests in flight)")
     m.add_argument("--stats", type=Path, help="write the counters here at unmount")
@@ -443,7 +470,7 @@ def parse_args(argv: Iterable[str]) -> argparse.Namespace:
     args = ap.parse_args(list(argv))
     if args.command == "mount":
         try:
-            args.latency = Latency(args.meta_ms, args.read_ms, args.bw_mbps)
+            args.latency = Latency(args.meta_ms, args.read_ms, args.bw_mbps, args.bw_shared)
         except ValueError as exc:
             ap.error(str(exc))
         if not args.src.is_dir():

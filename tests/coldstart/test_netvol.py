@@ -35,7 +35,8 @@ def test_latency_model_is_a_round_trip_per_call_plus_transfer() -> None:
     assert netvol.Latency(0, 1, 0).read_delay(10**9) == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("text", ["1,1", "1,1,400,5", "a,b,c", "-1,0,0", "inf,0,0", "nan,1,1"])
+@pytest.mark.parametrize("text", ["1,1", "1,1,400,5", "1,1,400,shared,x", "shared", "a,b,c", "-1,0,0", "inf,0,0",
+                                  "nan,1,1"])
 def test_latency_rejects_what_is_not_three_finite_numbers(text: str) -> None:
     with pytest.raises(ValueError, match=r"META_MS|finite"):
         netvol.Latency.parse(text)
@@ -221,3 +222,27 @@ def test_a_reads_own_time_counts_toward_its_modelled_delay(tree: Path) -> None:
     finally:
         ops.release("/a/b/f.bin", fh)
     assert slept == pytest.approx([0.001 + 131072 / 1e8 - 0.0004])
+
+
+def test_a_shared_bandwidth_is_the_volumes_not_each_reads() -> None:
+    """``5,2,200,shared``: reads in flight together get the 200 MB/s; each read still pays its round trip."""
+    lat = netvol.Latency.parse("5,2,200,shared")
+    assert lat.shared and lat.label == "5,2,200,shared" and not netvol.Latency.parse("5,2,200").shared
+    link = netvol.Link(lat.bw_mbps)
+    # Four reads of 2 MB asked at once: each 10 ms on the link, one after another (per read: all at 10 ms).
+    assert [link.through(1.0, 2_000_000) for _ in range(4)] == pytest.approx([1.01, 1.02, 1.03, 1.04])
+    assert link.through(5.0, 200_000) == pytest.approx(5.001)  # an idle link: from when it was asked
+
+
+def test_a_read_on_a_shared_link_waits_for_the_reads_before_it(tree: Path) -> None:
+    slept: list[float] = []
+    lat = netvol.Latency(0, 1, 100, shared=True)
+    ops = netvol.NetVolOps(tree, lat, netvol.Counters(lat), context=threading.get_native_id, sleep=slept.append,
+                           clock=lambda: 10.0)  # both reads asked at the same instant, in flight together
+    fh = ops.open("/a/b/f.bin", os.O_RDONLY)
+    try:
+        ops.read("/a/b/f.bin", 100_000, 0, fh)
+        ops.read("/a/b/f.bin", 100_000, 100_000, fh)
+    finally:
+        ops.release("/a/b/f.bin", fh)
+    assert slept == pytest.approx([0.001 + 0.001, 0.002 + 0.001])  # 1 ms each on the link, then the round trip
