@@ -24,6 +24,9 @@ variant once, timed from process start to (a) Forge answering on its API port, (
 - ``--candidate NAME=DIR`` (repeatable): ``ours`` with the worker's code from DIR (another checkout, a git
   worktree of a change) first on its ``PYTHONPATH``: a change and main measured interleaved in one run, the
   only comparison this machine's drift allows (the same code measured 18 s and 24 s twenty minutes apart).
+- ``--source NAME=PATH`` (repeatable): the FUSE runs of variant NAME serve PATH, a copy of the volume (a tree
+  of hard links with its own ``.forge-volume``: a boot set another forge-volume recorded), over the volume's
+  path; so main's code boots from the boot set main writes while a candidate boots from its own.
 
 A FUSE variant's run is cold: a fresh ``netvol`` mount of the volume, ``sync; echo 3 >
 /proc/sys/vm/drop_caches``, then the process in ``unshare -m`` with the mount bind-mounted over the
@@ -123,6 +126,14 @@ def _candidate(text: str) -> tuple[str, Path]:
     return name, root
 
 
+def _source(text: str) -> tuple[str, Path]:
+    name, eq, where = text.partition("=")
+    root = Path(where).absolute()
+    if not eq or not name or not (root / "venv").is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=PATH, PATH a copy of the volume (with its venv/)")
+    return name, root
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -141,6 +152,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--candidate", type=_candidate, action="append", default=[], metavar="NAME=DIR",
                     help="one more variant, NAME: ours with the worker's code from DIR, another checkout (a git "
                          "worktree), run interleaved with the rest; repeatable")
+    ap.add_argument("--source", type=_source, action="append", default=[], metavar="NAME=PATH",
+                    help="variant NAME's FUSE runs serve PATH, a copy of the volume, over the volume's path")
     ap.add_argument("--no-install", action="store_true", help="skip `forge-volume install` on the volume")
     ap.add_argument("--deadline", type=float, default=900.0, help="seconds each wait may take (default 900)")
     ap.add_argument("--work", type=Path, help="logs and counters (default bench-out/coldstart/<time>)")
@@ -155,6 +168,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if len(args.candidates) < len(args.candidate):
         ap.error("--candidate names must differ")
     args.variants = (*args.variants, *args.candidates)
+    args.sources = dict(args.source)
+    if bad := [name for name in args.sources if name not in args.variants or name not in (*FUSE_VARIANTS,
+                                                                                          *args.candidates)]:
+        ap.error(f"--source for {', '.join(bad)}: only a variant run through FUSE (ours, ours-off, original, a "
+                 "candidate) serves a copy")
     args.volume = args.volume.absolute()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.work = (args.work or ROOT / "bench-out" / "coldstart" / stamp).absolute()
@@ -651,13 +669,13 @@ class Bench:
             raise BenchError(f"forge-volume install failed (exit {result.returncode}):\n{tail(log)}")
         print(f"  done in {time.monotonic() - started:.1f} s", flush=True)
 
-    def mount(self, latency: Latency, stats: Path, log: Path) -> subprocess.Popen[bytes]:
+    def mount(self, latency: Latency, stats: Path, log: Path, src: Path | None = None) -> subprocess.Popen[bytes]:
         self.mnt.mkdir(parents=True, exist_ok=True)
         if mounted(self.mnt):
             self.cleanup.unmount(self.mnt)
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, str(SCRIPTS / "netvol.py"), "mount", str(self.layout.root), str(self.mnt),
+                [sys.executable, str(SCRIPTS / "netvol.py"), "mount", str(src or self.layout.root), str(self.mnt),
                  "--meta-ms", f"{latency.meta_ms:g}", "--read-ms", f"{latency.read_ms:g}",
                  "--bw-mbps", f"{latency.bw_mbps:g}", *(["--bw-shared"] if latency.shared else []),
                  "--stats", str(stats)],
@@ -695,7 +713,7 @@ class Bench:
         netvol_log, stats = run_dir / "netvol.log", run_dir / "fuse-total.json"
         try:
             if setting is not None:
-                netvol_proc = self.mount(setting, stats, netvol_log)
+                netvol_proc = self.mount(setting, stats, netvol_log, self.args.sources.get(variant))
                 self.netvol_pid = netvol_proc.pid
                 drop_caches()
                 run.settled_s = round(run.settled_s + settle(deadline=20.0), 1)  # the freed cache handed back
@@ -1004,6 +1022,7 @@ def write_result(args: argparse.Namespace, bench: Bench, started: str) -> dict[s
         "host_memory": bench.host_memory, "checkpoint": checkpoint,
         "candidates": {name: {"dir": str(root), "commit": checkout_commit(root)}
                        for name, root in args.candidates.items()},
+        "sources": {name: str(path) for name, path in args.sources.items()},
         "summary": aggregate(runs, checkpoint.get("bytes"), list(args.candidates)), "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

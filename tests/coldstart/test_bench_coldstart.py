@@ -292,3 +292,16 @@ def test_pretouch_faults_in_the_memory_it_is_given_and_frees_it() -> None:
     assert bench.pretouch(64 << 20) >= 64 << 20  # the child held every page of it at once
     with pytest.raises(bench.BenchError, match="free memory failed"):
         bench.pretouch(-1)
+
+
+def test_a_source_serves_a_copy_of_the_volume_to_one_fuse_variant(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "copy"
+    (copy / "venv").mkdir(parents=True)
+    args = bench.parse_args(["--work", str(tmp_path / "w"), "--variants", "ours,limit", "--source", f"ours={copy}"])
+    assert args.sources == {"ours": copy}
+    for value, message in ((f"limit={copy}", "--source for limit: only a variant run through FUSE"),
+                           (f"ours={tmp_path}", "PATH a copy of the volume (with its venv/)")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--work", str(tmp_path / "w"), "--variants", "ours,limit", "--source", value])
+        assert message in capsys.readouterr().err
