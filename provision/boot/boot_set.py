@@ -207,7 +207,17 @@ def load_index(layout: VolumeLayout) -> Index:
     if sealed is None or hashlib.sha256(raw[:sealed.start()] + b"}").hexdigest() != sealed.group(1).decode():
         raise BootSetError(f"{layout.relative(layout.boot_set_index)} does not match its digest")
     try:
-        return Index.from_json(json.loads(raw[:sealed.start()] + b"}"))
+        data = json.loads(raw[:sealed.start()] + b"}")
+    except ValueError as exc:
+        raise BootSetError(f"the boot set's index is not valid ({exc})") from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        # Install ran a newer forge-volume than this worker's image: recording again here would undo it.
+        raise BootSetError(f"the boot set was recorded by a newer forge-volume (index version {version}; this one "
+                           f"reads {' and '.join(map(str, sorted(READS)))})",
+                           "(update the worker's image to the forge-volume that ran `install`)")
+    try:
+        return Index.from_json(data)
     except (ValueError, KeyError, TypeError) as exc:
         raise BootSetError(f"the boot set's index is not valid ({exc})") from None
 

@@ -166,3 +166,19 @@ def test_the_room_check_counts_what_the_lay_out_writes(volume: VolumeLayout, tmp
     assert first["ok"] is False
     assert f"{mirror} has room for 2.0 MiB" in first["reason"], first
     assert "the boot set needs 3.1 MiB" in first["reason"], first
+
+
+def test_a_boot_set_a_newer_forge_volume_recorded_asks_for_the_newer_worker_image(volume: VolumeLayout,
+                                                                                  tmp_path: Path) -> None:
+    """Install ran a newer forge-volume than the endpoint's image: `install` with this one would only record the
+    older format again, so the line names the image, not install."""
+    data = boot_sets.load(volume)
+    data["version"] = 99
+    boot_sets.save(volume, data)
+
+    check, said = lay(volume, tmp_path / "mirror")
+
+    assert check is None
+    assert said == ["fast boot off: the boot set was recorded by a newer forge-volume (index version 99; this one "
+                    "reads 2 and 3) (update the worker's image to the forge-volume that ran `install`); booting "
+                    "from the volume"]
