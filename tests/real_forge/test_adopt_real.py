@@ -35,6 +35,7 @@ from tests.worker.conftest import free_port, start_worker, worker_env
 
 pytestmark = [pytest.mark.slow, SKIP, pytest.mark.timeout(INSTALL_TIMEOUT + 1800)]
 CHECKOUT = "stable-diffusion-webui-forge"
+REPO = Path(__file__).resolve().parents[2]
 # Files Forge's repository tracks under models/ although its .gitignore has /models/**/* (force-added upstream,
 # so a GitHub clone has them). The lab's own git repository of Forge's source was committed through that
 # .gitignore, so a clone of the lab lacks them; lay_out_original copies them from the lab's source tree. The
@@ -73,9 +74,11 @@ def lay_out_original(lab: Path, volume: Path) -> None:
     subprocess.run(["git", "clone", "-q", "--depth=1", f"file://{lab / 'forge-src'}", CHECKOUT], cwd=volume,
                    check=True)
     checkout = volume / CHECKOUT
+    missing = [rel for rel in UPSTREAM_MODEL_FILES if not (lab / "forge-src" / "models" / rel).is_file()]
+    standins = upstream_standins(lab, volume.parent / "upstream-standins", missing)
     for rel in UPSTREAM_MODEL_FILES:
         (checkout / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(lab / "forge-src" / "models" / rel, checkout / "models" / rel)
+        shutil.copy2(standins.get(rel, lab / "forge-src" / "models" / rel), checkout / "models" / rel)
     shutil.copytree(lab / "forge-src" / "repositories", checkout / "repositories", symlinks=True)
     (volume / "venv").symlink_to(lab / "venv")
     target = checkout / "models" / "Stable-diffusion" / CHECKPOINT
@@ -85,6 +88,28 @@ def lay_out_original(lab: Path, volume: Path) -> None:
     except OSError:
         shutil.copy2(lab / "models" / "Stable-diffusion" / CHECKPOINT, target)
     (volume / "logs").mkdir()
+
+
+def upstream_standins(lab: Path, out: Path, missing: list[str]) -> dict[str, Path]:
+    """Stand-ins for the force-added files a lab's source lacks (``../shared/forge-lab/build.sh`` commits Forge's
+    tree through its .gitignore): the VAE-approx decoder as ``scripts/make_first_use_standins.py`` writes it
+    (random weights, Forge's own VAEApprox, loaded back by it); the others are placeholders Forge never reads
+    on this test's path (karlo's stats are for unCLIP checkpoints only), kept for their names."""
+    out.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    if "VAE-approx/model.pt" in missing:
+        script = REPO / "scripts" / "make_first_use_standins.py"
+        result = subprocess.run([str(lab / "venv" / "bin" / "python"), str(script), "--forge", str(lab / "forge-src"),
+                                 "--blip", str(lab / "blip"), "--out", str(out), "--only", "vae-approx"],
+                                capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        made["VAE-approx/model.pt"] = out / "VAE-approx" / "model.pt"
+    for rel in missing:
+        if rel not in made:
+            made[rel] = out / rel
+            made[rel].parent.mkdir(parents=True, exist_ok=True)
+            made[rel].write_bytes(b"")
+    return made
 
 
 def post(url: str, body: dict[str, Any], timeout: float) -> Any:
