@@ -52,13 +52,9 @@ class Chunk:
     offset: int  # where its bytes are in files.bin
     length: int  # how many
     digest: str  # their sha256
-    files: list[File] = field(default_factory=list)  # their offsets count in the unpacked bytes
+    start: int  # where its files' bytes begin in the unpacked bytes (``offset`` in a version 2 set)
     raw: int | None = None  # a zstd frame that unpacks to this many bytes; None: the files' bytes as they are
-    start: int = -1  # where its files' bytes begin, unpacked (-1: at ``offset``, a chunk stored as it is)
-
-    def __post_init__(self) -> None:
-        if self.start < 0:
-            self.start = self.offset
+    files: list[File] = field(default_factory=list)  # their offsets count in the unpacked bytes
 
     @property
     def unpacked(self) -> int:
@@ -118,7 +114,7 @@ def _chunks(index: Index, listings: dict[str, dict[str, tuple[str, str]]]) -> li
     for length, digest, raw in index.chunks:
         if length < 0 or (raw is not None and raw < 0):
             raise Refused(f"a chunk of files.bin has length {length} and unpacks to {raw}")
-        chunks.append(Chunk(offset, length, digest, raw=raw, start=unpacked))
+        chunks.append(Chunk(offset, length, digest, start=unpacked, raw=raw))
         offset += length
         unpacked += chunks[-1].unpacked
     seen: set[str] = set()

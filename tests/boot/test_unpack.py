@@ -72,7 +72,8 @@ def test_a_chunk_unpacked_around_the_page_cache_leaves_none_of_files_bin_in_it(
     for i, size in enumerate(sizes):
         files.append(File(folder="", name=f"f{i}", offset=at, size=size, mtime=1_700_000_000_000_000_000, mode=0o644))
         at += size
-    chunk = Chunk(offset=offset, length=at - offset, digest=hashlib.sha256(data[offset:at]).hexdigest(), files=files)
+    chunk = Chunk(offset=offset, length=at - offset, digest=hashlib.sha256(data[offset:at]).hexdigest(), start=offset,
+                  files=files)
     out = tmp_path / "out"
     out.mkdir()
     folder = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
@@ -90,7 +91,7 @@ def test_a_chunk_whose_bytes_differ_fails_read_around_the_cache_too(archive: tup
                                                                     tmp_path: Path) -> None:
     path, _data, fd = archive
     direct = _direct(path, fd)
-    chunk = Chunk(offset=10, length=5000, digest=hashlib.sha256(b"not these").hexdigest(),
+    chunk = Chunk(offset=10, length=5000, digest=hashlib.sha256(b"not these").hexdigest(), start=10,
                   files=[File(folder="", name="f", offset=10, size=5000, mtime=0, mode=0o644)])
     folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
