@@ -1,16 +1,21 @@
-"""A thin aiohttp client to Forge on loopback: one session per event loop, kept alive between jobs."""
+"""A thin aiohttp client to Forge on loopback: one session per event loop, kept alive between jobs.
+
+aiohttp is imported with the first session, not with this module: its 0.13 s of imports would otherwise come
+before the worker starts the fast boot's lay-out (``worker.boot``), a step of every cold start.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
-from yarl import URL
+from typing import TYPE_CHECKING, Any
 
 from worker import jsonio
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
 
 CONNECT_TIMEOUT = 5.0
 SIDE_TIMEOUT = 5.0  # progress and interrupt: small requests that must not hold a job up
@@ -61,12 +66,13 @@ class Proxy:
         # Parsed once per route, not per job (aiohttp parses a URL string on every request: with a new
         # timeout object, about 25 us of the relay's CPU per job). Routes come from ``worker.routes``' fixed set.
         self._urls: dict[str, URL] = {}
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=CONNECT_TIMEOUT)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closer: asyncio.Task[None] | None = None  # a strong reference: the loop keeps tasks weakly
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         loop = asyncio.get_running_loop()
         if self._session is None or self._loop is not loop or self._session.closed:
             # A session belongs to the loop it was made in; RunPod's local API and its job loop differ.
@@ -76,7 +82,7 @@ class Proxy:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=8), auto_decompress=False,
                 headers={"Accept-Encoding": "identity"},
-                timeout=self._timeout,
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=CONNECT_TIMEOUT),
             )
             self._loop = loop
             # Closed when its loop shuts down (asyncio.run cancels every task, also after the SDK's
@@ -86,15 +92,19 @@ class Proxy:
 
     async def request(self, method: str, route: str, payload: dict[str, Any] | None = None, *,
                       timeout: float | None = None, query: Sequence[tuple[str, str]] = ()) -> ForgeResponse:
+        import aiohttp  # imported by ``_client`` already: a lookup
+        from yarl import URL
+
         data = None if payload is None else jsonio.dumps(payload)
         headers = {"content-type": "application/json"} if data is not None else None
-        limit = self._timeout if not timeout else aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
+        session = self._client()
+        limit = session.timeout if not timeout else aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
         url = self._urls.get(route)
         if url is None:
             url = self._urls[route] = URL(self.base_url + route)
         try:
-            async with self._client().request(method, url, data=data, headers=headers, params=list(query) or None,
-                                              timeout=limit) as resp:
+            async with session.request(method, url, data=data, headers=headers, params=list(query) or None,
+                                       timeout=limit) as resp:
                 body = await resp.read()
                 return ForgeResponse(resp.status, body, resp.content_type)
         except asyncio.TimeoutError:
