@@ -1,7 +1,7 @@
 """The worker's side of a fast boot: whether and where to lay out the boot set, and the lay-out child run.
 
-``lay_out`` starts ``python -m provision.boot.layout_child <volume> <mirror>`` and waits (with a deadline)
-for its first line; the child then checks the volume behind the mirror and prefetches while Forge
+``start_lay_out`` starts ``python -m provision.boot.layout_child <volume> <mirror>`` and ``LayOut.wait`` waits
+(with a deadline) for its first line; the child then checks the volume behind the mirror and prefetches while Forge
 starts, and ``VolumeCheck`` carries the check's answer to the worker. Kept apart from the child so the
 worker's own process never loads the lay-out's code.
 """
@@ -99,12 +99,19 @@ def _printable(text: str) -> str:
 
 def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[str], None],
             started_child: Callable[[subprocess.Popen[str]], None] | None = None) -> VolumeCheck | None:
-    """Run the child that lays out the mirror; when Forge may start from ``mirror``, the child's check of
-    the volume behind it (still running); None when the lay-out failed.
+    """``start_lay_out`` and wait for it: the child's check of the volume when Forge may start from ``mirror``,
+    else None."""
+    started = start_lay_out(layout, mirror, say, started_child)
+    return None if started is None else started.wait(timeout)
 
-    Waits at most ``timeout`` for the lay-out; the child then checks the volume and prefetches in the
-    background, and dies with the worker (``started_child`` is given it, to stop it sooner). Any failure is
-    one line in the log and a boot from the volume.
+
+def start_lay_out(layout: VolumeLayout, mirror: Path, say: Callable[[str], None],
+                  started_child: Callable[[subprocess.Popen[str]], None] | None = None) -> LayOut | None:
+    """Start the child that lays out the mirror; None (said why) when it cannot start.
+
+    The child dies with the thread that calls this (its parent-death signal): call it from one that lives as long
+    as the worker. It checks the volume and prefetches in the background after the lay-out; ``started_child`` is
+    given it, to stop it sooner.
     """
     from provision.forge.process import dying_with_parent
 
@@ -118,47 +125,61 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
         return None
     if started_child is not None:
         started_child(proc)  # the worker stops it before it removes the copy
-    lines: queue.Queue[str | None] = queue.Queue()
-    errors: collections.deque[str] = collections.deque(maxlen=5)
+    return LayOut(proc, started, say)
 
-    def read_out() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
 
-    def read_err() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            errors.append(_printable(line.rstrip()))
+class LayOut:
+    """A lay-out child running (``start_lay_out``): its lines read as they come, ``wait`` for the lay-out."""
 
-    threading.Thread(target=read_out, name="boot-mirror-out", daemon=True).start()
-    threading.Thread(target=read_err, name="boot-mirror-err", daemon=True).start()
-    try:
-        first = lines.get(timeout=max(timeout, 0.1))
-    except queue.Empty:
-        proc.kill()
-        say(f"fast boot off: the boot set was not laid out within {timeout:g} s; booting from the volume")
-        return None
-    try:
-        result = json.loads(first) if first else None
-    except ValueError:
-        result = None
-    if not isinstance(result, dict):
-        proc.wait(10)
-        say(f"fast boot off: its helper failed ({' | '.join(errors) or f'exit code {proc.returncode}'}); "
-            "booting from the volume")
-        return None
-    if not result.get("ok"):
-        say(f"fast boot off: {_printable(str(result.get('reason')))}; booting from the volume")
-        return None
-    say(f"fast boot: {result.get('files')} files ({human_bytes(int(result.get('bytes') or 0))}) of the boot set "
-        f"laid out on local disk in {time.monotonic() - started:.2f} s; prefetching in the background")
+    def __init__(self, proc: subprocess.Popen[str], started: float, say: Callable[[str], None]) -> None:
+        self.proc, self.started, self.say = proc, started, say
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.errors: collections.deque[str] = collections.deque(maxlen=5)
+        threading.Thread(target=self._read_out, name="boot-mirror-out", daemon=True).start()
+        threading.Thread(target=self._read_err, name="boot-mirror-err", daemon=True).start()
 
-    check = VolumeCheck()
+    def _read_out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
 
-    def follow() -> None:
-        while (line := lines.get()) is not None:
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.errors.append(_printable(line.rstrip()))
+
+    def wait(self, timeout: float) -> VolumeCheck | None:
+        """The child's check of the volume behind the mirror (still running) when Forge may start from the mirror;
+        None when the lay-out failed or did not end within ``timeout`` of the child's start (said why: the worker
+        then boots from the volume)."""
+        proc, errors, say = self.proc, self.errors, self.say
+        try:
+            first = self.lines.get(timeout=max(self.started + timeout - time.monotonic(), 0.1))
+        except queue.Empty:
+            proc.kill()
+            say(f"fast boot off: the boot set was not laid out within {timeout:g} s; booting from the volume")
+            return None
+        try:
+            result = json.loads(first) if first else None
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            proc.wait(10)
+            say(f"fast boot off: its helper failed ({' | '.join(errors) or f'exit code {proc.returncode}'}); "
+                "booting from the volume")
+            return None
+        if not result.get("ok"):
+            say(f"fast boot off: {_printable(str(result.get('reason')))}; booting from the volume")
+            return None
+        say(f"fast boot: {result.get('files')} files ({human_bytes(int(result.get('bytes') or 0))}) of the boot set "
+            f"laid out on local disk in {time.monotonic() - self.started:.2f} s; prefetching in the background")
+        check = VolumeCheck()
+        threading.Thread(target=self._follow, args=(check,), name="boot-mirror-follow", daemon=True).start()
+        return check
+
+    def _follow(self, check: VolumeCheck) -> None:
+        while (line := self.lines.get()) is not None:
             try:
                 said = json.loads(line)
             except ValueError:
@@ -166,16 +187,14 @@ def lay_out(layout: VolumeLayout, mirror: Path, timeout: float, say: Callable[[s
             if isinstance(said, dict) and "changed" in said:
                 if said["changed"] is None and isinstance(said.get("seconds"), (int, float)):
                     # Forge's first answer waits for this: on a slow volume, part of the cold start.
-                    say(f"fast boot: the volume checked ({said.get('folders')} folders unchanged) in "
-                        f"{float(said['seconds']):.2f} s")
+                    self.say(f"fast boot: the volume checked ({said.get('folders')} folders unchanged) in "
+                             f"{float(said['seconds']):.2f} s")
                 check.answer(None if said["changed"] is None else _printable(str(said["changed"])))
             elif isinstance(said, dict) and "prefetched" in said:
-                say(_prefetched(said))
-        proc.wait()
-        check.answer(f"its helper ended before it checked the volume ({' | '.join(errors) or proc.returncode})")
-
-    threading.Thread(target=follow, name="boot-mirror-follow", daemon=True).start()
-    return check
+                self.say(_prefetched(said))
+        self.proc.wait()
+        ended = " | ".join(self.errors) or self.proc.returncode
+        check.answer(f"its helper ended before it checked the volume ({ended})")
 
 
 def _prefetched(said: dict[str, Any]) -> str:
