@@ -23,16 +23,6 @@ from worker.config import ConfigError, load_settings
 from worker.volume import Volume, check_volume, link_mount_point
 
 
-def test_the_worker_imports_neither_the_sdk_nor_aiohttp_before_its_lay_out_starts() -> None:
-    """``python -m worker`` imports these two modules, then ``build_worker`` starts the fast boot's lay-out. The relay's
-    HTTP client (aiohttp: 0.13 s of imports) and the SDK come after it, while the lay-out runs."""
-    code = "import sys, worker.boot, worker.handler; print(sorted({'aiohttp', 'yarl', 'runpod'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
-
-
 def test_defaults_follow_the_design(tmp_path: Path) -> None:
     settings = load_settings({}, serverless_mount=tmp_path / "absent")
     assert settings.volume == Path("/workspace")
