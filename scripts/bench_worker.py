@@ -1,6 +1,7 @@
 """Benchmark the worker's relay against the Forge stand-in, on a volume installed by forge-volume.
 
-Prints: added latency of a small GET through the handler over a direct aiohttp call (median);
+Prints: the worker's start (to its start of Forge, after the fast boot's lay-out; to its local API; to a
+/v1/volume answer); added latency of a small GET through the handler over a direct aiohttp call (median);
 a 16 MB-of-base64 txt2img through the handler vs direct (time ratio); peak extra memory while
 relaying it (the handler alone, by tracemalloc, and the whole worker process behind RunPod's
 local API, by its peak RSS) vs the payload; time from worker start to a /v1/volume answer while
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
@@ -185,30 +189,53 @@ def worker_sources(rev: str, into: Path) -> Path:
     return into
 
 
-def worker_start(volume: Path, scratch: Path, logs: Path, source: Path | None) -> tuple[float, float]:
-    """Seconds from launching ``python -m worker --rp_serve_api`` to its local API accepting a connection, and
-    to a /v1/volume answer, while Forge boots (15 s); ``source``: the worker's packages from another revision."""
+def compile_bytecode(*trees: Path) -> None:
+    """Bytecode for ``trees`` and this interpreter's site-packages, as the image's ``pip install`` leaves them: a
+    worker run with PYTHONDONTWRITEBYTECODE (the image sets it) would otherwise compile them at every start,
+    today's and the baseline's unevenly."""
+    done = subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *map(str, trees),
+                           sysconfig.get_paths()["purelib"]], capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode:  # a file that does not compile (a test fixture in site-packages): noted, not fatal
+        print(f"compileall: {done.stdout.strip().splitlines()[-1:] or done.returncode}", file=sys.stderr)
+
+
+def worker_start(volume: Path, scratch: Path, logs: Path, source: Path | None) -> tuple[float, float, float]:
+    """Seconds from launching ``python -m worker --rp_serve_api`` to its start of Forge (its log's ``starting Forge``:
+    after the fast boot's lay-out of the volume's boot set), to its local API accepting a connection, and to a
+    /v1/volume answer, while Forge boots (15 s); ``source``: the worker's packages from another revision."""
     extra = {"PYTHONPATH": str(source)} if source is not None else {}
     env = worker_env(volume, scratch, FORGE_STANDIN_BOOT_SECONDS="15", **extra)
     started = time.monotonic()
     proc = start_worker(env, logs, wait=False)
     try:
-        proc.wait_api(60)
-        listening = time.monotonic() - started
+        launched = listening = None
+        deadline = started + 60
+        while launched is None or listening is None:  # both watched at once: either may come first
+            now = time.monotonic()
+            if now > deadline or proc.proc.poll() is not None:
+                raise SystemExit(f"the worker did not start Forge and its API within 60 s:\n{proc.log()[-3000:]}")
+            if launched is None and "[worker] starting Forge: " in proc.log():
+                launched = now - started
+            if listening is None:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", proc.port), timeout=0.2):
+                    listening = now - started
+            time.sleep(0.005)
         out = proc.runsync({"api": {"method": "GET", "endpoint": "/v1/volume"}})
         if out.get("status") != "COMPLETED":
             raise SystemExit(f"/v1/volume failed: {out}\n{proc.log()[-3000:]}")
-        return listening, time.monotonic() - started
+        return launched, listening, time.monotonic() - started
     finally:
         proc.stop()
 
 
-def starts(volume: Path, tmp: Path, rounds: int, baseline: str | None) -> dict[str, list[tuple[float, float]]]:
+def starts(volume: Path, tmp: Path, rounds: int, baseline: str | None) -> dict[str, list[tuple[float, float, float]]]:
     """``worker_start`` ``rounds`` times for today's worker (and the baseline's), alternating which goes first."""
     ways: dict[str, Path | None] = {"today": None}
     if baseline:
         ways[f"@{baseline}"] = worker_sources(baseline, tmp / "baseline")
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    compile_bytecode(*(ROOT / name for name in ("worker", "provision", "volume_layout")),
+                     *(tree for tree in ways.values() if tree is not None))
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in ways}
     for i in range(rounds):
         order = list(ways) if i % 2 == 0 else list(reversed(ways))
         for name in order:
@@ -241,12 +268,12 @@ def main() -> None:
         print("installing a test volume ...", file=sys.stderr)
         with installed_volume(tmp) as volume:
             start_times = starts(volume, tmp, args.starts, args.baseline)
-            for way, pairs in start_times.items():
-                api, answered = [p[0] for p in pairs], [p[1] for p in pairs]
-                print(f"worker {way}: start -> local API accepting: median {statistics.median(api):.3f} s "
-                      f"(min {min(api):.3f}, max {max(api):.3f}); -> /v1/volume answered: median "
-                      f"{statistics.median(answered):.3f} s (min {min(answered):.3f}, max {max(answered):.3f}), "
-                      f"{len(pairs)} starts", flush=True)
+            for way, runs in start_times.items():
+                columns = zip(*runs, strict=True)
+                spans = [f"-> {what}: median {statistics.median(seconds):.3f} s (min {min(seconds):.3f}, "
+                         f"max {max(seconds):.3f})" for what, seconds in
+                         zip(("Forge started", "local API accepting", "/v1/volume answered"), columns, strict=True)]
+                print(f"worker {way}: start {'; '.join(spans)}, {len(runs)} starts", flush=True)
             if args.start_only:
                 return
             quiet = {"FORGE_STANDIN_STEP_SECONDS": "0.001", "FORGE_PROGRESS_INTERVAL": "1"}
