@@ -1074,17 +1074,16 @@ def ensure_fuse() -> None:
             raise BenchError(f"pip install mfusepy failed:\n{result.stderr[-2000:]}")
 
 
-def compile_bytecode(candidates: dict[str, Path]) -> None:
-    """The worker's bytecode, as the image's ``pip install`` leaves it: the bench's own packages, each candidate's,
-    and the bench interpreter's site-packages. Without it a worker run with PYTHONDONTWRITEBYTECODE (the image sets
-    it) compiles 220 modules at every start, 0.25 s before it starts booting Forge that no worker on RunPod spends."""
-    trees = [ROOT / name for name in ("volume_layout", "provision", "worker")]
-    trees += [tree / name for tree in candidates.values() for name in ("volume_layout", "provision", "worker")]
-    trees.append(Path(sysconfig.get_paths()["purelib"]))
-    result = subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *map(str, trees)],
-                            capture_output=True, text=True, timeout=900, check=False)
+def compile_bytecode(*trees: Path) -> None:
+    """Bytecode for ``trees`` and this interpreter's site-packages, as the image's ``pip install`` leaves them.
+    Without it a worker run with PYTHONDONTWRITEBYTECODE (the image sets it) from a venv without bytecode compiles
+    220 modules at every start, 0.25 s before it starts booting Forge that no worker on RunPod spends (and a
+    candidate's packages, or a baseline's, unevenly). ``bench_worker`` calls it too."""
+    argv = [sys.executable, "-m", "compileall", "-q", "-j", "0", *map(str, trees), sysconfig.get_paths()["purelib"]]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     if result.returncode != 0:  # a file that does not compile (a test fixture in site-packages): noted, not fatal
-        print(f"compileall: {result.stdout.strip().splitlines()[-1:] or result.returncode}", flush=True)
+        print(f"compileall: {result.stdout.strip().splitlines()[-1:] or result.returncode}", file=sys.stderr,
+              flush=True)
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -1106,7 +1105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory = HostMemory()
     try:
         ensure_fuse()
-        compile_bytecode(args.candidates)
+        compile_bytecode(*(tree / name for tree in (ROOT, *args.candidates.values())
+                           for name in ("volume_layout", "provision", "worker")))
         if args.page_reporting == "off":
             bench.host_memory = memory.hold()
         else:

@@ -29,7 +29,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import time
@@ -44,6 +43,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_coldstart import compile_bytecode  # noqa: E402
 from tests.helpers.forge_world import build_world, make_wheelhouse, offline_pip_env  # noqa: E402
 from tests.worker.conftest import module_volume, start_worker, worker_env  # noqa: E402
 from worker.boot import build_worker  # noqa: E402
@@ -187,16 +187,6 @@ def worker_sources(rev: str, into: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
     return into
-
-
-def compile_bytecode(*trees: Path) -> None:
-    """Bytecode for ``trees`` and this interpreter's site-packages, as the image's ``pip install`` leaves them: a
-    worker run with PYTHONDONTWRITEBYTECODE (the image sets it) would otherwise compile them at every start,
-    today's and the baseline's unevenly."""
-    done = subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *map(str, trees),
-                           sysconfig.get_paths()["purelib"]], capture_output=True, text=True, timeout=900, check=False)
-    if done.returncode:  # a file that does not compile (a test fixture in site-packages): noted, not fatal
-        print(f"compileall: {done.stdout.strip().splitlines()[-1:] or done.returncode}", file=sys.stderr)
 
 
 def worker_start(volume: Path, scratch: Path, logs: Path, source: Path | None) -> tuple[float, float, float]:
