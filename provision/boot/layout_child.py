@@ -14,11 +14,11 @@ memory or event loop. It:
    folder descriptors, never following a link (``provision.boot.unpack``);
 3. prints one JSON line: ``{"ok": true, ...}`` (start Forge from ``<mirror>``) or ``{"ok": false,
    "reason": ...}`` (boot from the volume as before: nothing is lost, only time);
-4. then, while Forge imports: stats every recorded folder on the volume (many in flight) and prints
-   ``{"changed": null}`` or what changed (the worker lets Forge's first answer through only after
-   that line, and restarts Forge from the volume on a change); and reads into the page cache the
-   pages of the large libraries Forge touched at install, then the checkpoint its first txt2img
-   loads, ahead of Forge needing them.
+4. then, while Forge imports, at a lower priority than Forge (``BACKGROUND_NICE``): stats every
+   recorded folder on the volume (many in flight) and prints ``{"changed": null}`` or what changed
+   (the worker lets Forge's first answer through only after that line, and restarts Forge from the
+   volume on a change); and reads into the page cache the pages of the large libraries Forge touched
+   at install, then the checkpoint its first txt2img loads, ahead of Forge needing them.
 
 Nothing is written to the volume. ``FORGE_FAST_BOOT=0`` on the worker skips all of it.
 """
@@ -51,6 +51,10 @@ PREFETCH_THREADS = 8
 # Reads of the checkpoint in flight: one per core, 2 to 8. Each costs CPU in the volume's client; on 2 cores,
 # 8 slowed Forge's imports by seconds, and 2 still read the lab's 2.1 GB (at 1 ms) before Forge answered.
 CHECKPOINT_THREADS = min(8, max(2, os.cpu_count() or 2))
+# The check and the prefetch after the lay-out run this much nicer than Forge, whose start is one thread and
+# bound by the CPU: on 2 cores they took up to half its core in its first seconds. At a lower priority they
+# use what Forge leaves (a whole core on 2; on a larger worker they are never short of one).
+BACKGROUND_NICE = 10
 CFG_LIMIT = 64 << 10  # a pyvenv.cfg is a few lines
 SHORT_LINK = 127  # tmpfs keeps a link target this short in its inode; a longer one takes a page
 _READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # never blocks on a FIFO on the volume
@@ -261,6 +265,8 @@ def main(argv: list[str]) -> int:
     _print_line(result)
     if index is None:
         return 0
+    with contextlib.suppress(OSError):  # this thread, and the threads it starts from here on
+        os.nice(BACKGROUND_NICE)
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
     # from the volume if one changed), and the prefetch of the library pages torch maps in its first
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.

@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,6 +188,37 @@ def test_the_prefetch_reads_the_touched_ranges_and_the_checkpoint(volume: Volume
     assert index is not None
     spans = sum(length for _, _, _, ranges in index.ranges for _, length in ranges)
     assert layout_child.prefetch(volume, index) == spans + len(b"weights")
+
+
+def test_the_check_and_the_prefetch_yield_the_cpu_to_forge_and_the_lay_out_does_not(
+        volume: VolumeLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Forge's start is one thread bound by the CPU: what the child does beside it runs nicer; the lay-out, which
+    Forge waits for, does not. Each of the child's steps runs as it would (the spies only note their priority)."""
+    seen: dict[str, int] = {}
+
+    def noting(name: str, step: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            seen[name] = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling thread's
+            return step(*args, **kwargs)
+        return run
+
+    for name in ("build", "changed", "prefetch"):
+        monkeypatch.setattr(layout_child, name, noting(name, getattr(layout_child, name)))
+    before: list[int] = []
+
+    def child() -> None:  # a thread of its own: a thread's nice value cannot be lowered again
+        before.append(os.getpriority(os.PRIO_PROCESS, 0))
+        layout_child.main([str(volume.root), str(tmp_path / "mirror")])
+
+    thread = threading.Thread(target=child)
+    thread.start()
+    thread.join(60)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["ok"] and [line["changed"] for line in lines if "changed" in line] == [None]
+    nicer = min(19, before[0] + layout_child.BACKGROUND_NICE)
+    assert seen == {"build": before[0], "changed": nicer, "prefetch": nicer}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before[0]  # the caller's thread kept its own
 
 
 TOUCHING = """
