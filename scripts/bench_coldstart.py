@@ -83,6 +83,7 @@ FUSE_VARIANTS = ("original", "ours-off", "ours")
 DEFAULT_SETTINGS = ("1,1,400", "5,2,200")
 DEFAULT_VOLUME = Path("/work/realvol/volume")
 DEFAULT_LAB = Path("/work/lab")
+FORGE_SCRIPTS = ("launch.py", "webui.py")  # how a Forge process shows in netvol's per-process counters
 PROBE_ROUTE = "/sdapi/v1/samplers"  # the worker's own readiness probe: cheap, no model scan
 TXT2IMG: dict[str, Any] = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 1}
 # runpod-worker-forge's start.sh (ashleykleynhans/runpod-worker-forge; read from the fork
@@ -350,6 +351,17 @@ PHASES = (
     ("model load", re.compile(r"^Model loaded in ([\d.]+)s", re.MULTILINE)),
     ("hashing", re.compile(r"^Model loaded in .*?calculate hash: ([\d.]+)s", re.MULTILINE)),
 )
+
+
+def forge_calls(snapshot: Mapping[str, Any]) -> dict[str, int]:
+    """Forge's own calls to the volume in a netvol snapshot (its processes: those running ``launch.py`` or
+    ``webui.py``): what Forge itself waited for, apart from the worker's and the lay-out child's."""
+    out = {"meta": 0, "reads": 0, "bytes": 0}
+    for proc in (snapshot.get("procs") or {}).values():
+        if any(name in str(proc.get("cmd", "")) for name in FORGE_SCRIPTS):
+            for key in out:
+                out[key] += int(proc.get(key, 0))
+    return out
 
 
 def phases(log: str) -> dict[str, float]:
@@ -776,7 +788,8 @@ class Bench:
                         run.netvol_cpu["FUSE daemon CPU to answer"] = round(daemon_cpu, 1)
                     before = run_dir / "fuse-at-answer.json"
                     netvol.dump(self.mnt, before)
-                    run.fuse_before = netvol.summarize(json.loads(before.read_text()))
+                    snapshot = json.loads(before.read_text())
+                    run.fuse_before = {**netvol.summarize(snapshot), "forge": forge_calls(snapshot)}
             except (BenchError, RuntimeError, OSError, ValueError) as exc:
                 forge_error.append(str(exc))
             finally:
@@ -911,6 +924,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]], checkpoint_bytes: int | None = 
                     entry[part] = {k: median([f[k] for f in found]) for k in ("meta", "missing", "opens",
                                                                                "files_opened", "bytes")}
                     entry[part]["top_sources"] = found[-1]["top_sources"]
+                    own = [f["forge"] for f in found if "forge" in f]
+                    if own:
+                        entry[part]["forge"] = {k: median([f[k] for f in own]) for k in ("meta", "reads", "bytes")}
             for proc in ("worker", "forge"):
                 hwm = [r["memory"].get(proc, {}).get("vmhwm_kb") for r in ok]
                 anon = [r["memory"].get(proc, {}).get("peak_rss_anon_kb") for r in ok]
@@ -993,6 +1009,12 @@ def report(summary: Mapping[str, Any]) -> str:
             if top:
                 lines.append(f"  top sources of metadata calls, {variant}: "
                              + ", ".join(f"{path} {n}" for path, n in top[:6]))
+        for variant, e in block["variants"].items():
+            own = (e.get("fuse_before") or {}).get("forge")
+            if own:
+                lines.append(f"  Forge's own calls to the volume before it answered, {variant} (medians): "
+                             f"{own['meta']:.0f} metadata calls, {own['reads']:.0f} reads "
+                             f"({own['bytes'] / (1 << 20):.1f} MiB)")
         for variant, e in block["variants"].items():
             if e.get("phases"):
                 lines.append(f"  where the time goes, {variant} (medians, from its log): "

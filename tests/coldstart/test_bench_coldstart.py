@@ -183,6 +183,25 @@ def test_aggregate_takes_medians_of_the_runs_that_worked_and_the_ratios() -> Non
     assert "ours/original image 0.47" in text and "original" in text and "5,2,200" in text
 
 
+def test_forges_own_calls_to_the_volume_are_told_apart_from_the_workers_and_the_lay_outs() -> None:
+    """What Forge itself waited for on the volume before it answered: the processes running its launcher, not the
+    worker's nor the lay-out child's (which reads gigabytes beside it)."""
+    snapshot = {"procs": {
+        "1": {"meta": 40, "reads": 4, "bytes": 100, "cmd": "python -m worker --rp_serve_api"},
+        "2": {"meta": 2750, "reads": 12344, "bytes": 2690808453, "cmd": "python -m provision.boot.layout_child /v /m"},
+        "3": {"meta": 260, "reads": 110, "bytes": 9531517, "cmd": "/m/venv/bin/python /m/forge/launch.py --api"}}}
+    assert bench.forge_calls(snapshot) == {"meta": 260, "reads": 110, "bytes": 9531517}
+    assert bench.forge_calls({}) == {"meta": 0, "reads": 0, "bytes": 0}
+    fuse = {"meta": 3000, "missing": 1, "opens": 10, "files_opened": 9, "bytes": 1000, "top_sources": []}
+    runs = [_run("ours", 20.0, fuse_before={**fuse, "forge": {"meta": 230, "reads": 190, "bytes": 16 << 20}}),
+            _run("ours", 22.0, fuse_before={**fuse, "forge": {"meta": 250, "reads": 170, "bytes": 14 << 20}}),
+            _run("limit", 15.0, fuse_before=None)]
+    text = bench.report(bench.aggregate(runs))
+    assert ("Forge's own calls to the volume before it answered, ours (medians): 240 metadata calls, 180 reads "
+            "(15.0 MiB)") in text
+    assert "answered, limit" not in text
+
+
 def test_the_same_round_ratio_pairs_each_round_with_itself() -> None:
     """Medians of different rounds can pair a fast limit with a slow ours: 20/10 and 12/12 give medians 16 and 11
     (1.45) where the rounds say 2.0 and 1.0."""
