@@ -18,7 +18,8 @@ memory or event loop. It:
    recorded folder on the volume (many in flight) and prints ``{"changed": null}`` or what changed
    (the worker lets Forge's first answer through only after that line, and restarts Forge from the
    volume on a change); and reads into the page cache the pages of the large libraries Forge touched
-   at install, then the checkpoint its first txt2img loads, ahead of Forge needing them.
+   at install, then the checkpoint its first txt2img loads, ahead of Forge needing them (their files
+   opened first, many at once, before the check's lookups can queue ahead of them).
 
 Nothing is written to the volume. ``FORGE_FAST_BOOT=0`` on the worker skips all of it.
 """
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from volume_layout import VolumeLayout
 THREADS = 16
 PREFETCH_CHUNK = 4 << 20
 PREFETCH_THREADS = 8
+OPEN_THREADS = 8  # the prefetch's files opened at once (a few lookups and an open each)
 # Reads of the checkpoint in flight: one per core, 2 to 8. Each costs CPU in the volume's client; on 2 cores,
 # 8 slowed Forge's imports by seconds, and 2 still read the lab's 2.1 GB (at 1 ms) before Forge answered.
 CHECKPOINT_THREADS = min(8, max(2, os.cpu_count() or 2))
@@ -178,7 +181,11 @@ def _read_range(fd: int, offset: int, length: int) -> int:
         return done
 
 
-def _spans(spans: list[tuple[int, int | None]], size: int) -> list[tuple[int, int]]:
+Spans = list[tuple[int, int | None]]  # (offset, length; None: to the end)
+Piece = tuple[int, int, int]  # an open file's descriptor, an offset, a length
+
+
+def _spans(spans: Spans, size: int) -> list[tuple[int, int]]:
     """(start, end) of ``spans`` (offset, length; None: to the end) clamped to a file of ``size`` bytes, merged."""
     clamped = sorted((max(o, 0), size if n is None else min(o + n, size)) for o, n in spans if n is None or n > 0)
     merged: list[tuple[int, int]] = []
@@ -192,47 +199,102 @@ def _spans(spans: list[tuple[int, int | None]], size: int) -> list[tuple[int, in
     return merged
 
 
-def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS,
-             checkpoint_threads: int = CHECKPOINT_THREADS,
-             libraries_done: Callable[[int], None] | None = None) -> int:
-    """Read the libraries' touched ranges, then the checkpoint, into the page cache; the bytes read
-    (``libraries_done`` is told the libraries' share when they are in).
+@dataclass
+class Opened:
+    """The prefetch's files, open, and the pieces (fd, offset, length) to read of them: the libraries' touched
+    ranges, then the checkpoint (``open_prefetch``)."""
 
-    The libraries come first and with many reads in flight: torch maps them in its first seconds. The
-    checkpoint is needed only once Forge answers, so fewer reads in flight leave the volume's client
-    (and the CPU) to Forge's own imports meanwhile. Every span is clamped to the file it names."""
-    libraries: dict[str, tuple[int, list[tuple[int, int | None]]]] = {}
+    fds: list[int] = field(default_factory=list)
+    libraries: list[Piece] = field(default_factory=list)
+    checkpoint: list[Piece] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def open_prefetch(layout: VolumeLayout, index: Index) -> Opened:
+    """Open the files ``prefetch`` reads, in the order it reads them: the libraries Forge maps first (their ranges
+    merged per file), then the checkpoint. Every span is clamped to the file it names; a file that cannot be
+    opened is left out."""
+    libraries: dict[str, tuple[int, Spans]] = {}
     for rel, size, _, spans in index.ranges:
         known, listed = libraries.get(rel, (size, []))
         libraries[rel] = (min(known, size), listed + list(spans))
-    got = _read_plan(layout, [(rel, size, spans) for rel, (size, spans) in libraries.items()], threads)
-    if libraries_done is not None:
-        libraries_done(got)
-    if index.checkpoint:
-        got += _read_plan(layout, [(index.checkpoint, None, [(0, None)])], checkpoint_threads)
-    return got
-
-
-def _read_plan(layout: VolumeLayout, files: list[tuple[str, int | None, list[tuple[int, int | None]]]],
-               threads: int) -> int:
-    fds: list[int] = []
-    pieces: list[tuple[int, int, int]] = []
+    opened = Opened()
     try:
-        for rel, recorded, spans in files:
-            fd = _open_regular(layout.absolute(rel))
-            if fd is None:
-                continue
-            fds.append(fd)
-            with contextlib.suppress(OSError):  # the kernel's readahead doubled: half the round trips
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            size = os.fstat(fd).st_size if recorded is None else min(os.fstat(fd).st_size, recorded)
-            for start, end in _spans(spans, size):
-                pieces += [(fd, p, min(PREFETCH_CHUNK, end - p)) for p in range(start, end, PREFETCH_CHUNK)]
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            return sum(pool.map(lambda piece: _safe(_read_range, *piece), pieces))
+        opened.libraries = _open_pieces(layout, [(rel, size, spans) for rel, (size, spans) in libraries.items()],
+                                        opened.fds)
+        if index.checkpoint:
+            opened.checkpoint = _open_pieces(layout, [(index.checkpoint, None, [(0, None)])], opened.fds)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS,
+             checkpoint_threads: int = CHECKPOINT_THREADS,
+             libraries_done: Callable[[int], None] | None = None, opened: Opened | None = None) -> int:
+    """Read the libraries' touched ranges, then the checkpoint, into the page cache (from ``opened`` when the
+    caller opened them already); the bytes read (``libraries_done`` is told the libraries' share when they are in).
+
+    The libraries come first and with many reads in flight: torch maps them in its first seconds. The
+    checkpoint is needed only once Forge answers, so fewer reads in flight leave the volume's client
+    (and the CPU) to Forge's own imports meanwhile."""
+    opened = opened or open_prefetch(layout, index)
+    try:
+        got = _read_pieces(opened.libraries, threads)
+        if libraries_done is not None:
+            libraries_done(got)
+        return got + _read_pieces(opened.checkpoint, checkpoint_threads)
+    finally:
+        opened.close()
+
+
+def _read_plan(layout: VolumeLayout, files: list[tuple[str, int | None, Spans]], threads: int) -> int:
+    fds: list[int] = []
+    try:
+        return _read_pieces(_open_pieces(layout, files, fds), threads)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _open_pieces(layout: VolumeLayout, files: list[tuple[str, int | None, Spans]],
+                 fds: list[int]) -> list[Piece]:
+    """Open the files (many at once; their descriptors added to ``fds``) and cut their spans into (fd, offset,
+    length) pieces, in the order of ``files``."""
+    def one(rel: str, recorded: int | None, spans: Spans) -> tuple[int | None, list[Piece]]:
+        fd = _open_regular(layout.absolute(rel))
+        if fd is None:
+            return None, []
+        with contextlib.suppress(OSError):  # the kernel's readahead doubled: half the round trips
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            return fd, []
+        size = size if recorded is None else min(size, recorded)
+        return fd, [(fd, p, min(PREFETCH_CHUNK, end - p)) for start, end in _spans(spans, size)
+                    for p in range(start, end, PREFETCH_CHUNK)]
+
+    pieces: list[Piece] = []
+    with concurrent.futures.ThreadPoolExecutor(OPEN_THREADS) as pool:
+        for fd, mine in pool.map(lambda file: one(*file), files):
+            if fd is not None:
+                fds.append(fd)
+            pieces += mine
+    return pieces
+
+
+def _read_pieces(pieces: list[Piece], threads: int) -> int:
+    if not pieces:
+        return 0
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda piece: _safe(_read_range, *piece), pieces))
 
 
 def _safe(read: Callable[[int, int, int], int], fd: int, offset: int, length: int) -> int:
@@ -240,6 +302,14 @@ def _safe(read: Callable[[int, int, int], int], fd: int, offset: int, length: in
         return read(fd, offset, length)
     except OSError:
         return 0
+
+
+def _opened(layout: VolumeLayout, index: Index) -> Opened | None:
+    """``open_prefetch``, or None when it failed (``prefetch`` opens the files itself then)."""
+    try:
+        return open_prefetch(layout, index)
+    except Exception:  # a failed speed-up: the prefetch opens them itself, as before
+        return None
 
 
 _stdout_lock = threading.Lock()
@@ -267,6 +337,9 @@ def main(argv: list[str]) -> int:
         return 0
     with contextlib.suppress(OSError):  # this thread, and the threads it starts from here on
         os.nice(BACKGROUND_NICE)
+    # The prefetch's files first, many at once, before the check's thousands of lookups queue ahead of them:
+    # Forge maps the first of those libraries within a second.
+    opened = _opened(layout, index)
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
     # from the volume if one changed), and the prefetch of the library pages torch maps in its first
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
@@ -285,7 +358,7 @@ def main(argv: list[str]) -> int:
     def libraries_done(got: int) -> None:
         libraries[:] = [got, time.monotonic() - started]
 
-    got = prefetch(layout, index, libraries_done=libraries_done)
+    got = prefetch(layout, index, libraries_done=libraries_done, opened=opened)
     seconds = time.monotonic() - started
     # The two shares apart: on a slow volume a large checkpoint's read is the cold start's longest part.
     _print_line({"prefetched": got, "seconds": round(seconds, 3), "libraries": libraries[0],

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,83 @@ def test_the_check_and_the_prefetch_yield_the_cpu_to_forge_and_the_lay_out_does_
     nicer = min(19, before[0] + layout_child.BACKGROUND_NICE)
     assert seen == {"build": before[0], "changed": nicer, "prefetch": nicer}
     assert os.getpriority(os.PRIO_PROCESS, 0) == before[0]  # the caller's thread kept its own
+
+
+def test_the_prefetch_s_files_are_open_before_the_check_begins_and_read_through_what_was_opened(
+        volume: VolumeLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Forge maps the first of the prefetched libraries within a second of its start: their files are opened
+    before the check's thousands of lookups can queue ahead of them, and the prefetch reads through those
+    descriptors (each file opened once)."""
+    opened_all = threading.Event()
+    check_after_opening: list[bool] = []
+    opened_files: list[str] = []
+    real_open, real_changed, real_open_regular = (layout_child.open_prefetch, layout_child.changed,
+                                                  layout_child._open_regular)
+
+    def open_prefetch(layout: VolumeLayout, index: boot_set.Index) -> layout_child.Opened:
+        opened = real_open(layout, index)
+        opened_all.set()
+        return opened
+
+    def changed(*args: Any, **kwargs: Any) -> str | None:
+        check_after_opening.append(opened_all.is_set())
+        return real_changed(*args, **kwargs)
+
+    def open_regular(path: Path) -> int | None:
+        opened_files.append(volume.relative(path))
+        return real_open_regular(path)
+
+    monkeypatch.setattr(layout_child, "open_prefetch", open_prefetch)
+    monkeypatch.setattr(layout_child, "changed", changed)
+    monkeypatch.setattr(layout_child, "_open_regular", open_regular)
+    ended: list[int] = []  # a thread of its own: the child raises its nice value for good
+    thread = threading.Thread(target=lambda: ended.append(layout_child.main([str(volume.root), str(tmp_path / "m")])))
+    thread.start()
+    thread.join(60)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert ended == [0] and lines[0]["ok"] and [line["changed"] for line in lines if "changed" in line] == [None]
+    assert check_after_opening == [True]
+    index = boot_set.read_index(volume)
+    assert index is not None
+    spans = sum(length for _, _, _, ranges in index.ranges for _, length in ranges)
+    assert [line["prefetched"] for line in lines if "prefetched" in line] == [spans + len(b"weights")]
+    assert index.checkpoint is not None
+    prefetched = list(dict.fromkeys([rel for rel, _, _, _ in index.ranges] + [index.checkpoint]))
+    assert sorted(rel for rel in opened_files if rel in prefetched) == sorted(prefetched)  # each once
+
+
+def test_the_prefetch_opens_its_files_many_at_once_and_reads_them_in_their_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a slow volume each open is a few round trips: 45 files one after another took 0.74 s at 5 ms per call,
+    many at once 0.26 s. The pieces still come in the files' order (the first library Forge maps, first)."""
+    layout = VolumeLayout(tmp_path / "vol")
+    names = [f"venv/lib/lib{i}.so" for i in range(6)]
+    for i, name in enumerate(names):
+        _write(layout.absolute(name), bytes([i]) * (i + 1))
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    real_open_regular = layout_child._open_regular
+
+    def open_regular(path: Path) -> int | None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.1)  # a round trip
+        with lock:
+            in_flight[0] -= 1
+        return real_open_regular(path)
+
+    monkeypatch.setattr(layout_child, "_open_regular", open_regular)
+    fds: list[int] = []
+    try:
+        pieces = layout_child._open_pieces(layout, [(name, None, [(0, None)]) for name in names], fds)
+        assert most[0] > 1
+        assert [os.pread(fd, length, offset) for fd, offset, length in pieces] == \
+            [bytes([i]) * (i + 1) for i in range(6)]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 TOUCHING = """
