@@ -338,7 +338,8 @@ def main(argv: list[str]) -> int:
     with contextlib.suppress(OSError):  # this thread, and the threads it starts from here on
         os.nice(BACKGROUND_NICE)
     # The prefetch's files first, many at once, before the check's thousands of lookups queue ahead of them:
-    # Forge maps the first of those libraries within a second.
+    # Forge maps the first of those libraries within a second. The prefetch's seconds count from here.
+    started = time.monotonic()
     opened = _opened(layout, index)
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
     # from the volume if one changed), and the prefetch of the library pages torch maps in its first
@@ -352,7 +353,6 @@ def main(argv: list[str]) -> int:
 
         check = threading.Thread(target=check_volume, name="check")
         check.start()
-    started = time.monotonic()
     libraries = [0, 0.0]
 
     def libraries_done(got: int) -> None:
