@@ -254,15 +254,6 @@ def prefetch(layout: VolumeLayout, index: Index, threads: int = PREFETCH_THREADS
         opened.close()
 
 
-def _read_plan(layout: VolumeLayout, files: list[tuple[str, int | None, Spans]], threads: int) -> int:
-    fds: list[int] = []
-    try:
-        return _read_pieces(_open_pieces(layout, files, fds), threads)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 def _open_pieces(layout: VolumeLayout, files: list[tuple[str, int | None, Spans]],
                  fds: list[int]) -> list[Piece]:
     """Open the files (many at once; their descriptors added to ``fds``) and cut their spans into (fd, offset,

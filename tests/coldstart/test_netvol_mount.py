@@ -171,7 +171,12 @@ def test_the_lay_out_reads_files_bin_a_piece_per_call_and_the_prefetch_twice_the
     sizes = {int(k): v for k, v in json.loads(lay_out.read_text())["read_sizes"].items()}
     assert sizes == {unpack.ALIGN: 1, unpack.PIECE: 1}, sizes  # open_direct's probe, then the piece in one call
 
-    assert layout_child._read_plan(VolumeLayout(mnt), [("big.bin", None, [(0, None)])], 1) == len(data)
+    opened = layout_child.Opened()
+    try:
+        opened.libraries = layout_child._open_pieces(VolumeLayout(mnt), [("big.bin", None, [(0, None)])], opened.fds)
+        assert layout_child._read_pieces(opened.libraries, 1) == len(data)
+    finally:
+        opened.close()
     prefetch = tmp_path / "prefetch.json"
     netvol.dump(mnt, prefetch)
     after = {int(k): v for k, v in json.loads(prefetch.read_text())["read_sizes"].items()}
