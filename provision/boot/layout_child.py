@@ -295,14 +295,6 @@ def _safe(read: Callable[[int, int, int], int], fd: int, offset: int, length: in
         return 0
 
 
-def _opened(layout: VolumeLayout, index: Index) -> Opened | None:
-    """``open_prefetch``, or None when it failed (``prefetch`` opens the files itself then)."""
-    try:
-        return open_prefetch(layout, index)
-    except Exception:  # a failed speed-up: the prefetch opens them itself, as before
-        return None
-
-
 _stdout_lock = threading.Lock()
 
 
@@ -331,7 +323,7 @@ def main(argv: list[str]) -> int:
     # The prefetch's files first, many at once, before the check's thousands of lookups queue ahead of them:
     # Forge maps the first of those libraries within a second. The prefetch's seconds count from here.
     started = time.monotonic()
-    opened = _opened(layout, index)
+    opened = open_prefetch(layout, index)  # a file that cannot be opened is left out, not an error
     # Forge starts now. Beside its imports: the check of every recorded folder (the worker restarts Forge
     # from the volume if one changed), and the prefetch of the library pages torch maps in its first
     # seconds, then the checkpoint. Also after a failure: a boot from the volume needs the same pages.
