@@ -33,6 +33,7 @@ import mmap
 import os
 import re
 import stat
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,9 +261,19 @@ def archive_problem(layout: VolumeLayout, index: Index) -> str | None:
     return None
 
 
+def spread_key(rel: str) -> int:
+    """Where ``rel`` comes in ``changed``'s stats: a digest of its path, which scatters each folder's entries over
+    the whole check. Some clients of a network volume serve the lookups of names in one folder one at a time (the
+    FUSE client netvol measures with does); in the index's order, which lists a folder's entries together, the
+    check's threads would queue on one folder after another (site-packages alone holds hundreds). Measured by
+    ``scripts/bench_check.py``."""
+    return zlib.crc32(rel.encode())
+
+
 def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, files: bool = True) -> str | None:
-    """The first file or folder of the boot set that differs on the volume from the index (one stat each, in
-    parallel: a network volume answers them concurrently), or None when the set still describes the volume.
+    """A file or folder of the boot set that differs on the volume from the index (one stat each, in parallel: a
+    network volume answers them concurrently; in ``spread_key``'s order), or None when the set still describes
+    the volume.
 
     ``files=False`` checks the folders only (a worker's boot: a fifth of the round trips). Whatever adds,
     removes or replaces a file changes its folder's mtime (pip, git, editors that save by renaming); only
@@ -274,6 +285,7 @@ def changed(layout: VolumeLayout, index: Index, threads: int = STAT_THREADS, *, 
         checks += [(rel, mtime, size) for rel, _, size, mtime, _ in index.files]
         checks += [(rel, mtime, size) for rel, size, mtime, _ in index.ranges]
     checks.append((layout.relative(layout.boot_set_archive), -1, index.archive_size))
+    checks.sort(key=lambda item: spread_key(item[0]))
 
     def check(item: tuple[str, int, int | None]) -> str | None:
         rel, mtime, size = item

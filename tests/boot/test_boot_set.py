@@ -174,6 +174,39 @@ def test_install_side_check_also_sees_a_file_edited_in_place(volume: VolumeLayou
     assert boot_set.changed(volume, index) == "stable-diffusion-webui-forge/launch.py changed size"
 
 
+def test_the_check_spreads_each_folder_s_entries_over_the_whole_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some clients of a network volume look up the names of one folder one at a time: the check's threads must
+    not all wait on one folder (site-packages holds hundreds of recorded folders, listed together in the index)."""
+    layout = VolumeLayout(tmp_path / "vol")
+    site = layout.venv / "lib" / "site-packages"
+    crowded = [f"{layout.relative(site)}/pkg{i:03}" for i in range(200)]
+    others = [f"{layout.relative(layout.forge_dir)}/m{i:03}" for i in range(200)]
+    dirs = {}
+    for rel in [*crowded, *others]:  # the index's order: a folder's entries together
+        (layout.root / rel).mkdir(parents=True)
+        dirs[rel] = ((layout.root / rel).stat().st_mtime_ns, [])
+    _write(layout.boot_set_archive, b"")
+    index = boot_set.Index(key=KEY, root=str(layout.root), dirs=dirs)
+    paths: list[Any] = []
+    real_stat = os.stat
+
+    def recording_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        paths.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(boot_set.os, "stat", recording_stat)  # the real stat, its order recorded
+        found = boot_set.changed(layout, index, threads=1, files=False)
+    assert found is None
+    stated = [layout.relative(Path(path)) for path in paths]
+    assert sorted(stated) == sorted([*dirs, layout.relative(layout.boot_set_archive)])
+    in_crowded = [rel in set(crowded) for rel in stated]
+    assert 60 <= sum(in_crowded[:200]) <= 140  # in the index's order: all 200
+    longest = max(len(run) for run in "".join("c" if c else "." for c in in_crowded).split("."))
+    assert longest < 16  # never a thread pool's worth of lookups queued on the one folder
+
+
 def test_a_corrupt_index_counts_as_none(volume: VolumeLayout) -> None:
     volume.boot_set_index.write_text(json.dumps({"version": 99}))
     assert boot_set.read_index(volume) is None

@@ -324,3 +324,21 @@ def test_a_source_serves_a_copy_of_the_volume_to_one_fuse_variant(tmp_path: Path
         with pytest.raises(SystemExit):
             bench.parse_args(["--work", str(tmp_path / "w"), "--variants", "ours,limit", "--source", value])
         assert message in capsys.readouterr().err
+
+
+check_bench = load_script("bench_check")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--volume", "v", "--settings", "1,1"], "META_MS,READ_MS,BW_MBPS"),
+    (["--volume", "v", "--runs", "0"], "whole number >= 1"),
+    (["--volume", "v", "--threads", "x"], "whole number >= 1"),
+    ([], "--volume"),
+])
+def test_the_check_bench_refuses_bad_arguments_with_what_is_wrong(argv: list[str], message: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        check_bench.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    args = check_bench.parse_args(["--volume", "v"])
+    assert [s.label for s in args.settings] == ["1,1,400", "5,2,200"] and (args.runs, args.threads) == (3, 16)
