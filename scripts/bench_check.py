@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -48,6 +49,7 @@ from provision.boot import boot_set, layout_child  # noqa: E402
 from volume_layout import VolumeLayout  # noqa: E402
 
 ORDERS = ("index", "spread")
+T = TypeVar("T")
 
 
 def index_order(layout: VolumeLayout, index: boot_set.Index, threads: int) -> None:
@@ -71,6 +73,15 @@ CHECKS: dict[str, Callable[[VolumeLayout, boot_set.Index, int], None]] = {"index
 def timed_check(volume: Path, mnt: Path, latency: Latency, order: str, threads: int, cleanup: Cleanup,
                 log: Path) -> tuple[float, float]:
     """One check through a fresh netvol mount of ``volume``: its seconds and the daemon's CPU seconds."""
+    seconds, daemon, _ = through_netvol(volume, mnt, latency, cleanup, log,
+                                        lambda layout, index: CHECKS[order](layout, index, threads))
+    return seconds, daemon
+
+
+def through_netvol(volume: Path, mnt: Path, latency: Latency, cleanup: Cleanup, log: Path,
+                   work: Callable[[VolumeLayout, boot_set.Index], T]) -> tuple[float, float, T]:
+    """``work`` on a fresh netvol mount of ``volume`` (its boot set's index read before the clock, as the worker's
+    lay-out child holds it already): its seconds, the daemon's CPU seconds meanwhile, and what ``work`` returned."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPTS / "netvol.py"), "mount", str(volume), str(mnt), "--meta-ms",
@@ -82,14 +93,15 @@ def timed_check(volume: Path, mnt: Path, latency: Latency, order: str, threads: 
         wait_until("netvol mount", lambda: mounted(mnt), 60.0,
                    lambda: None if proc.poll() is None else f"netvol exited with {proc.returncode}:\n{tail(log)}")
         layout = VolumeLayout(mnt)
-        index = boot_set.load_index(layout)  # read before the clock: the worker's child has it already
+        index = boot_set.load_index(layout)
+        before = cpu_seconds(proc.pid)
         began = time.monotonic()
-        CHECKS[order](layout, index, threads)
+        value = work(layout, index)
         seconds = time.monotonic() - began
         daemon = cpu_seconds(proc.pid)
-        if daemon is None:
-            raise BenchError(f"netvol exited during the check:\n{tail(log)}")
-        return seconds, daemon
+        if before is None or daemon is None:
+            raise BenchError(f"netvol exited during the run:\n{tail(log)}")
+        return seconds, daemon - before, value
     finally:
         cleanup.unmount(mnt)
         cleanup.stop(proc, grace=30.0)
@@ -101,8 +113,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--settings", nargs="+", type=_latency, default=[_latency("1,1,400"), _latency("5,2,200")],
                     help="netvol settings META_MS,READ_MS,BW_MBPS (default: 1,1,400 5,2,200)")
     ap.add_argument("--runs", type=_positive, default=3, help="rounds per setting (default 3)")
-    ap.add_argument("--threads", type=_positive, default=layout_child.THREADS,
-                    help=f"stats in flight (default {layout_child.THREADS}, as the worker's lay-out child)")
+    ap.add_argument("--threads", type=_positive, default=layout_child.CHECK_THREADS,
+                    help=f"stats in flight (default {layout_child.CHECK_THREADS}, as the worker's lay-out child)")
     args = ap.parse_args(list(argv))
     return args
 

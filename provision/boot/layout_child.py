@@ -47,7 +47,11 @@ from provision.progress import human_bytes
 from provision.records.state import read_state
 from volume_layout import VolumeLayout
 
-THREADS = 16
+# The lay-out's chunks in flight (each read, unpacked and written by one thread). It is bound by the CPU: on 2
+# cores, through scripts/netvol.py, 16 at once took 1.22x the time of 4 at 1 ms per call and 1.19x at 5 ms, 8 took
+# 1.12x and 1.07x, 2 took 1.14x and 1.36x (scripts/bench_layout.py, same-round medians of 5).
+LAYOUT_THREADS = 4
+CHECK_THREADS = 16  # the check's stats in flight: each waits on the volume, not the CPU
 PREFETCH_CHUNK = 4 << 20
 PREFETCH_THREADS = 8
 OPEN_THREADS = 8  # the prefetch's files opened at once (a few lookups and an open each)
@@ -93,7 +97,8 @@ def _pyvenv_cfg(layout: VolumeLayout, index: Index, mirror: Path) -> str | None:
     return new if new != text else None
 
 
-def build(layout: VolumeLayout, mirror: Path, threads: int = THREADS, index: Index | None = None) -> dict[str, Any]:
+def build(layout: VolumeLayout, mirror: Path, threads: int = LAYOUT_THREADS,
+          index: Index | None = None) -> dict[str, Any]:
     """Lay out the mirror (from ``index`` when the caller read it); raise BootSetUnusable when the boot set cannot
     be used. Returns what was done. The stat of every recorded folder (``changed``) is not part of it: ``main`` runs
     it while Forge starts, and the worker restarts Forge from the volume if it finds a change."""
@@ -331,7 +336,7 @@ def main(argv: list[str]) -> int:
     if result.get("ok"):
         def check_volume() -> None:
             began = time.monotonic()
-            found = changed(layout, index, THREADS, files=False)
+            found = changed(layout, index, CHECK_THREADS, files=False)
             _print_line({"changed": found, "folders": len(index.dirs), "seconds": round(time.monotonic() - began, 3)})
 
         check = threading.Thread(target=check_volume, name="check")

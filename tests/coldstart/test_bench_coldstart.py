@@ -342,3 +342,23 @@ def test_the_check_bench_refuses_bad_arguments_with_what_is_wrong(argv: list[str
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     args = check_bench.parse_args(["--volume", "v"])
     assert [s.label for s in args.settings] == ["1,1,400", "5,2,200"] and (args.runs, args.threads) == (3, 16)
+
+
+layout_bench = load_script("bench_layout")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--volume", "v", "--threads", "4,x"], "distinct whole numbers >= 1"),
+    (["--volume", "v", "--threads", "4,4"], "distinct whole numbers >= 1"),
+    (["--volume", "v", "--threads", "0,4"], "distinct whole numbers >= 1"),
+    (["--volume", "v", "--runs", "0"], "whole number >= 1"),
+    (["--threads", "4"], "--volume"),
+])
+def test_the_lay_out_bench_refuses_bad_arguments_with_what_is_wrong(argv: list[str], message: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        layout_bench.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    args = layout_bench.parse_args(["--volume", "v", "--threads", "16,2,4"])
+    assert args.threads == (16, 2, 4) and [s.label for s in args.settings] == ["1,1,400", "5,2,200"]
+    assert layout_bench.parse_args(["--volume", "v"]).threads == (4, 16)
