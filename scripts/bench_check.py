@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -107,57 +108,78 @@ def through_netvol(volume: Path, mnt: Path, latency: Latency, cleanup: Cleanup, 
         cleanup.stop(proc, grace=30.0)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def netvol_arguments(doc: str) -> argparse.ArgumentParser:
+    """A parser with the arguments of every bench through netvol: the volume, the settings, the rounds."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--volume", type=Path, required=True, help="a volume with a recorded boot set")
     ap.add_argument("--settings", nargs="+", type=_latency, default=[_latency("1,1,400"), _latency("5,2,200")],
                     help="netvol settings META_MS,READ_MS,BW_MBPS (default: 1,1,400 5,2,200)")
     ap.add_argument("--runs", type=_positive, default=3, help="rounds per setting (default 3)")
+    return ap
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = netvol_arguments(__doc__)
     ap.add_argument("--threads", type=_positive, default=layout_child.CHECK_THREADS,
                     help=f"stats in flight (default {layout_child.CHECK_THREADS}, as the worker's lay-out child)")
-    args = ap.parse_args(list(argv))
-    return args
+    return ap.parse_args(list(argv))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def refusal(name: str, volume: Path) -> str | None:
+    """Why a bench through netvol cannot run on ``volume`` here (it needs root, FUSE and a recorded boot set)."""
     if os.geteuid() != 0 or not Path("/dev/fuse").exists():
-        print("bench_check: needs root and /dev/fuse (FUSE mounts): run it with sudo", file=sys.stderr)
-        return 2
+        return f"{name}: needs root and /dev/fuse (FUSE mounts): run it with sudo"
     try:
-        boot_set.load_index(VolumeLayout(args.volume))
+        boot_set.load_index(VolumeLayout(volume))
     except boot_set.BootSetError as exc:
-        print(f"bench_check: {args.volume}: {exc}", file=sys.stderr)
-        return 2
+        return f"{name}: {volume}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def netvol_scratch(prefix: str) -> Iterator[tuple[Cleanup, Path, Path]]:
+    """FUSE and mfusepy installed, a scratch folder with an empty mount point in it, and the Cleanup that unmounts
+    and stops whatever a run left behind; the folder is removed after, unless something is still mounted on it."""
     ensure_fuse()
     cleanup = Cleanup()
-    work = Path(tempfile.mkdtemp(prefix="bench-check-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     mnt = work / "mnt"
     mnt.mkdir()
     try:
-        for latency in args.settings:
-            seconds: dict[str, list[float]] = {order: [] for order in ORDERS}
-            cpu: dict[str, list[float]] = {order: [] for order in ORDERS}
-            for round_no in range(args.runs):
-                for order in ORDERS if round_no % 2 == 0 else ORDERS[::-1]:  # neither always first
-                    took, daemon = timed_check(args.volume, mnt, latency, order, args.threads, cleanup,
-                                               work / "netvol.log")
-                    seconds[order].append(took)
-                    cpu[order].append(daemon)
-                    print(f"[{latency.label} round {round_no + 1}] {order}: {took:.2f} s, FUSE daemon CPU "
-                          f"{daemon:.2f} s", flush=True)
-            ratios = [s / i for s, i in zip(seconds["spread"], seconds["index"], strict=True)]
-            print(f"== {latency.label}: check of the volume, medians of {args.runs}: index order "
-                  f"{median(seconds['index']):.2f} s (daemon CPU {median(cpu['index']):.2f} s), spread "
-                  f"{median(seconds['spread']):.2f} s (daemon CPU {median(cpu['spread']):.2f} s); spread/index, "
-                  f"same-round median {median(ratios):.2f}", flush=True)
-    except (BenchError, OSError) as exc:
-        print(f"bench_check: {exc}", file=sys.stderr)
-        return 1
+        yield cleanup, work, mnt
     finally:
         cleanup.close()
         if not mounted(mnt):  # never a removal through a mount that is still there
             shutil.rmtree(work)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    problem = refusal("bench_check", args.volume)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    with netvol_scratch("bench-check-") as (cleanup, work, mnt):
+        try:
+            for latency in args.settings:
+                seconds: dict[str, list[float]] = {order: [] for order in ORDERS}
+                cpu: dict[str, list[float]] = {order: [] for order in ORDERS}
+                for round_no in range(args.runs):
+                    for order in ORDERS if round_no % 2 == 0 else ORDERS[::-1]:  # neither always first
+                        took, daemon = timed_check(args.volume, mnt, latency, order, args.threads, cleanup,
+                                                   work / "netvol.log")
+                        seconds[order].append(took)
+                        cpu[order].append(daemon)
+                        print(f"[{latency.label} round {round_no + 1}] {order}: {took:.2f} s, FUSE daemon CPU "
+                              f"{daemon:.2f} s", flush=True)
+                ratios = [s / i for s, i in zip(seconds["spread"], seconds["index"], strict=True)]
+                print(f"== {latency.label}: check of the volume, medians of {args.runs}: index order "
+                      f"{median(seconds['index']):.2f} s (daemon CPU {median(cpu['index']):.2f} s), spread "
+                      f"{median(seconds['spread']):.2f} s (daemon CPU {median(cpu['spread']):.2f} s); spread/index, "
+                      f"same-round median {median(ratios):.2f}", flush=True)
+        except (BenchError, OSError) as exc:
+            print(f"bench_check: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

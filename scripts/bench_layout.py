@@ -15,7 +15,7 @@ recorded boot set (``forge-volume install``).
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import resource
 import shutil
 import sys
@@ -27,8 +27,8 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(SCRIPTS.parent))
 
-from bench_check import through_netvol  # noqa: E402
-from bench_coldstart import BenchError, Cleanup, _latency, _positive, ensure_fuse, median, mounted  # noqa: E402
+from bench_check import netvol_arguments, netvol_scratch, refusal, through_netvol  # noqa: E402
+from bench_coldstart import BenchError, median  # noqa: E402
 
 from provision.boot import boot_set, layout_child  # noqa: E402
 from volume_layout import VolumeLayout  # noqa: E402
@@ -47,11 +47,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--volume", type=Path, required=True, help="a volume with a recorded boot set")
-    ap.add_argument("--settings", nargs="+", type=_latency, default=[_latency("1,1,400"), _latency("5,2,200")],
-                    help="netvol settings META_MS,READ_MS,BW_MBPS (default: 1,1,400 5,2,200)")
-    ap.add_argument("--runs", type=_positive, default=3, help="rounds per setting (default 3)")
+    ap = netvol_arguments(__doc__)
     ap.add_argument("--threads", type=_counts, default=(layout_child.LAYOUT_THREADS, 16),
                     help=f"chunks unpacked at once, one variant each (default {layout_child.LAYOUT_THREADS},16; "
                          f"the worker's is {layout_child.LAYOUT_THREADS})")
@@ -67,56 +63,45 @@ def cpu() -> float:
 def lay_out(layout: VolumeLayout, index: boot_set.Index, threads: int, mirror: Path) -> float:
     """One lay-out into ``mirror`` (which must not exist); the CPU seconds it took this process."""
     before = cpu()
-    result = layout_child.build(layout, mirror, threads=threads, index=index)
-    if not result.get("ok"):
-        raise BenchError(f"the lay-out failed: {result}")
+    try:
+        layout_child.build(layout, mirror, threads=threads, index=index)
+    except layout_child.BootSetUnusable as exc:
+        raise BenchError(f"the boot set cannot be laid out: {exc}") from None
     return cpu() - before
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
-        print("bench_layout: needs root and /dev/fuse (FUSE mounts): run it with sudo", file=sys.stderr)
+    problem = refusal("bench_layout", args.volume)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    try:
-        boot_set.load_index(VolumeLayout(args.volume))
-    except boot_set.BootSetError as exc:
-        print(f"bench_layout: {args.volume}: {exc}", file=sys.stderr)
-        return 2
-    ensure_fuse()
-    cleanup = Cleanup()
-    work = Path(tempfile.mkdtemp(prefix="bench-layout-"))
     mirror = Path(tempfile.mkdtemp(prefix="bench-layout-", dir=SHM if SHM.is_dir() else None)) / "mirror"
-    mnt = work / "mnt"
-    mnt.mkdir()
-    try:
-        for latency in args.settings:
-            seconds: dict[int, list[float]] = {t: [] for t in args.threads}
-            for round_no in range(args.runs):
-                for threads in args.threads if round_no % 2 == 0 else args.threads[::-1]:  # none always first
-                    took, daemon, own = through_netvol(
-                        args.volume, mnt, latency, cleanup, work / "netvol.log",
-                        lambda layout, index, threads=threads: lay_out(layout, index, threads, mirror))
-                    shutil.rmtree(mirror)
-                    seconds[threads].append(took)
-                    print(f"[{latency.label} round {round_no + 1}] {threads} at once: {took:.2f} s, its CPU "
-                          f"{own:.2f} s, FUSE daemon CPU {daemon:.2f} s", flush=True)
-            first = args.threads[0]
-            ratios = "; ".join(
-                f"{t}/{first}, same-round median "
-                f"{median([a / b for a, b in zip(seconds[t], seconds[first], strict=True)]):.2f}"
-                for t in args.threads[1:])
-            medians = ", ".join(f"{t} at once {median(seconds[t]):.2f} s" for t in args.threads)
-            print(f"== {latency.label}: lay-out, medians of {args.runs}: {medians}" + (f"; {ratios}" if ratios else ""),
-                  flush=True)
-    except (BenchError, OSError) as exc:
-        print(f"bench_layout: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup.close()
-        shutil.rmtree(mirror.parent, ignore_errors=True)
-        if not mounted(mnt):  # never a removal through a mount that is still there
-            shutil.rmtree(work)
+    with netvol_scratch("bench-layout-") as (cleanup, work, mnt):
+        try:
+            for latency in args.settings:
+                seconds: dict[int, list[float]] = {t: [] for t in args.threads}
+                for round_no in range(args.runs):
+                    for threads in args.threads if round_no % 2 == 0 else args.threads[::-1]:  # none always first
+                        took, daemon, own = through_netvol(
+                            args.volume, mnt, latency, cleanup, work / "netvol.log",
+                            functools.partial(lay_out, threads=threads, mirror=mirror))
+                        shutil.rmtree(mirror)
+                        seconds[threads].append(took)
+                        print(f"[{latency.label} round {round_no + 1}] {threads} at once: {took:.2f} s, its CPU "
+                              f"{own:.2f} s, FUSE daemon CPU {daemon:.2f} s", flush=True)
+                first = args.threads[0]
+                ratios = "".join(
+                    f"; {t}/{first}, same-round median "
+                    f"{median([a / b for a, b in zip(seconds[t], seconds[first], strict=True)]):.2f}"
+                    for t in args.threads[1:])
+                medians = ", ".join(f"{t} at once {median(seconds[t]):.2f} s" for t in args.threads)
+                print(f"== {latency.label}: lay-out, medians of {args.runs}: {medians}{ratios}", flush=True)
+        except (BenchError, OSError) as exc:
+            print(f"bench_layout: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(mirror.parent, ignore_errors=True)
     return 0
 
 
