@@ -42,6 +42,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,7 +66,10 @@ LEGACY = os.path.join(FORGE, "extensions-builtin", "forge_legacy_preprocessors")
 sys.path[:0] = [FORGE, os.path.join(FORGE, "packages_3rdparty"), LEGACY, BLIP]
 # Forge's modules parse sys.argv on import: give them only what they know.
 sys.argv = [sys.argv[0], "--always-cpu", "--skip-torch-cuda-test"]
-os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# A throwaway Hugging Face cache, named before anything imports huggingface_hub or transformers: both read
+# HF_HOME once, at import, and the makers before BLIP's import them (Forge's modules do). BLIP's maker fills it.
+HF_CACHE = Path(tempfile.mkdtemp(prefix="hf-standins-"))
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(HF_CACHE))
 
 import torch  # noqa: E402
 
@@ -267,24 +271,21 @@ def bert_tokenizer() -> list[str]:
     return [f"{base}/{n}" for n in ("vocab.txt", "tokenizer_config.json", "config.json")]
 
 
-def hf_cache_with_bert() -> str:
-    """A throwaway Hugging Face cache holding the BERT stand-in, for building and checking BLIP here."""
-    cache = Path(tempfile.mkdtemp(prefix="hf-standins-"))
+def hf_cache_with_bert() -> None:
+    """The BERT stand-in in the throwaway Hugging Face cache (HF_HOME), for building and checking BLIP here."""
     revision = "0" * 40
-    snap = cache / "hub" / "models--bert-base-uncased" / "snapshots" / revision
-    snap.mkdir(parents=True)
+    snap = HF_CACHE / "hub" / "models--bert-base-uncased" / "snapshots" / revision
+    snap.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
         (snap / name).write_bytes((OUT / "hf/bert-base-uncased" / name).read_bytes())
-    (cache / "hub" / "models--bert-base-uncased" / "refs").mkdir()
-    (cache / "hub" / "models--bert-base-uncased" / "refs" / "main").write_text(revision)
-    return str(cache)
+    (HF_CACHE / "hub" / "models--bert-base-uncased" / "refs").mkdir(exist_ok=True)
+    (HF_CACHE / "hub" / "models--bert-base-uncased" / "refs" / "main").write_text(revision)
 
 
 def blip(gen: torch.Generator) -> list[str]:
     if not (OUT / "hf/bert-base-uncased/vocab.txt").is_file():
         bert_tokenizer()
-    os.environ["HF_HOME"] = hf_cache_with_bert()
-    import transformers.utils.hub  # noqa: F401  (reads HF_HOME at import)
+    hf_cache_with_bert()
 
     class FakeFairscale:  # as Forge's interrogate.create_fake_fairscale: BLIP imports it, never uses it
         def checkpoint_wrapper(self) -> None:
@@ -412,4 +413,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(HF_CACHE, ignore_errors=True)
