@@ -22,6 +22,7 @@ import pytest
 from provision.boot import boot_set, layout_child, layout_driver
 from provision.boot.tracer import RECORD_ENV
 from provision.records.state import read_state, write_state
+from tests.coldstart.conftest import load_script
 from tests.conftest import snapshot
 from volume_layout import LAYOUT_VERSION, VolumeLayout
 
@@ -468,3 +469,18 @@ def test_a_small_file_forge_only_stated_is_copied_and_a_large_one_stays_a_link(v
     ui, big = mirror / volume.relative(forge / "javascript" / "ui.js"), mirror / volume.relative(large)
     assert not ui.is_symlink() and ui.lstat().st_mtime_ns == 1_600_000_000_000_000_000 and ui.read_text() == "// ui\n"
     assert big.is_symlink() and big.stat().st_size == boot_set.STATED_LIMIT + 1
+
+
+def test_the_lay_out_bench_lays_out_the_set_and_turns_a_damaged_one_into_one_line(volume: VolumeLayout,
+                                                                                   tmp_path: Path) -> None:
+    layout_bench = load_script("bench_layout")  # scripts/bench_layout.py: its lay-out is the worker's
+    index = boot_set.load_index(volume)
+    own = layout_bench.lay_out(volume, index, 2, tmp_path / "mirror")
+    launch = tmp_path / "mirror" / volume.relative(volume.launch_py)
+    assert own >= 0 and launch.read_text() == "print('forge')\n" and not launch.is_symlink()
+    with open(volume.boot_set_archive, "r+b") as archive:
+        archive.truncate(10)
+    with pytest.raises(layout_bench.BenchError) as refused:
+        layout_bench.lay_out(volume, index, 2, tmp_path / "again")
+    assert "the boot set cannot be laid out" in str(refused.value) and "files.bin changed size" in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -362,3 +362,4 @@ def test_the_lay_out_bench_refuses_bad_arguments_with_what_is_wrong(argv: list[s
     args = layout_bench.parse_args(["--volume", "v", "--threads", "16,2,4"])
     assert args.threads == (16, 2, 4) and [s.label for s in args.settings] == ["1,1,400", "5,2,200"]
     assert layout_bench.parse_args(["--volume", "v"]).threads == (4, 16)
+
